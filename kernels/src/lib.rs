@@ -1,0 +1,1 @@
+//! culprit-kernels: reserved for GPU kernels.

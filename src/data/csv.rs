@@ -1,0 +1,67 @@
+//! CSV tables: a header row, numeric feature columns and one integer `label` column.
+//!
+//! Every non-label column is a feature, in file order. Rows are numbered from 1 for the first
+//! data row (the header is row 0) in error messages, and from 0 as example ids.
+
+use std::path::Path;
+
+use super::{read_file, RawData};
+use crate::error::{Error, Result};
+
+/// Parses a label cell: a non-negative integer (`3` or `3.0`).
+pub(super) fn parse_label(cell: &str) -> Option<u32> {
+    let v: f64 = cell.trim().parse().ok()?;
+    (v >= 0.0 && v.fract() == 0.0 && v <= u32::MAX as f64).then_some(v as u32)
+}
+
+/// Loads a CSV file. Features stay raw; the caller normalises.
+pub fn load(path: &Path) -> Result<RawData> {
+    let (bytes, sha) = read_file(path)?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes.as_slice());
+    let headers = reader.headers().map_err(|e| Error::data(path, Some(0), format!("unreadable header: {e}")))?.clone();
+    let label_col = headers.iter().position(|h| h.trim() == "label").ok_or_else(|| {
+        Error::data(path, Some(0), format!("no `label` column in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(",")))
+    })?;
+    let width = headers.len();
+    let dim = width - 1;
+    if dim == 0 {
+        return Err(Error::data(path, Some(0), "no feature columns besides `label`"));
+    }
+    let mut features = Vec::new();
+    let mut labels = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let row = i + 1;
+        let record = record.map_err(|e| Error::data(path, Some(row), format!("unreadable: {e}")))?;
+        if record.len() != width {
+            return Err(Error::data(path, Some(row), format!("{} fields, the header has {width}", record.len())));
+        }
+        for (c, cell) in record.iter().enumerate() {
+            if c == label_col {
+                let y = parse_label(cell).ok_or_else(|| {
+                    Error::data(path, Some(row), format!("label `{cell}` is not a non-negative integer"))
+                })?;
+                labels.push(y);
+            } else {
+                let v: f32 = cell.trim().parse().map_err(|_| {
+                    Error::data(path, Some(row), format!("column `{}`: `{cell}` is not a number", &headers[c]))
+                })?;
+                if !v.is_finite() {
+                    return Err(Error::data(path, Some(row), format!("column `{}`: `{cell}` is not finite", &headers[c])));
+                }
+                features.push(v);
+            }
+        }
+    }
+    if labels.is_empty() {
+        return Err(Error::data(path, None, "no data rows"));
+    }
+    let rows = labels.len();
+    Ok(RawData {
+        features,
+        labels,
+        shape: culprit_models::InputShape::flat(dim),
+        texts: None,
+        files: vec![(path.to_path_buf(), sha)],
+        rows,
+    })
+}

@@ -1,0 +1,115 @@
+//! IDX image sets (MNIST, Fashion-MNIST), raw or gzip-compressed.
+//!
+//! Format (LeCun et al.): a big-endian header `0x00 0x00 type ndims`, then `ndims` u32 sizes, then
+//! the values. Images are `type = 0x08` (u8), `ndims = 3` (count, rows, columns); labels are u8
+//! with `ndims = 1`. A folder holds `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
+
+use std::path::{Path, PathBuf};
+
+use super::{read_file, RawData};
+use crate::error::{Error, Result};
+
+/// The split of an IDX folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// `train-*` files.
+    Train,
+    /// `t10k-*` files.
+    Test,
+}
+
+impl Split {
+    /// Parses `train` or `test`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "train" => Ok(Self::Train),
+            "test" => Ok(Self::Test),
+            other => Err(Error::Usage(format!("unknown split `{other}` (expected train or test)"))),
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "t10k",
+        }
+    }
+}
+
+/// Finds `{prefix}-{stem}` or `{prefix}-{stem}.gz` in `dir`.
+fn find(dir: &Path, split: Split, stem: &str) -> Result<PathBuf> {
+    let name = format!("{}-{stem}", split.prefix());
+    for candidate in [dir.join(&name), dir.join(format!("{name}.gz"))] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::data(dir, None, format!("no {name} or {name}.gz in this folder (expected MNIST's file names)")))
+}
+
+/// Parses an IDX header; returns the dimension sizes and the offset of the data.
+fn header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
+    if bytes.len() < 4 {
+        return Err(Error::data(path, None, format!("truncated IDX file: {} bytes, no header", bytes.len())));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+        return Err(Error::data(
+            path,
+            None,
+            format!("not an IDX u8 file: magic {:02x}{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2], bytes[3]),
+        ));
+    }
+    if bytes[3] != ndims {
+        return Err(Error::data(path, None, format!("IDX file has {} dimensions, expected {ndims}", bytes[3])));
+    }
+    let start = 4 + 4 * ndims as usize;
+    if bytes.len() < start {
+        return Err(Error::data(path, None, "truncated IDX header"));
+    }
+    let dims: Vec<usize> = (0..ndims as usize)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .collect();
+    let expected = start + dims.iter().product::<usize>();
+    if bytes.len() != expected {
+        return Err(Error::data(
+            path,
+            None,
+            format!(
+                "IDX header promises {} bytes of data ({}) but the file holds {}",
+                expected - start,
+                dims.iter().map(ToString::to_string).collect::<Vec<_>>().join("x"),
+                bytes.len() - start
+            ),
+        ));
+    }
+    Ok((dims, start))
+}
+
+/// Loads one split of an IDX folder. Pixels stay raw (0..255); the caller normalises.
+pub fn load(dir: &Path, split: Split) -> Result<RawData> {
+    let images_path = find(dir, split, "images-idx3-ubyte")?;
+    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
+    let (images, images_sha) = read_file(&images_path)?;
+    let (labels, labels_sha) = read_file(&labels_path)?;
+    let (idims, ioff) = header(&images_path, &images, 3)?;
+    let (ldims, loff) = header(&labels_path, &labels, 1)?;
+    if idims[0] != ldims[0] {
+        return Err(Error::data(
+            &labels_path,
+            None,
+            format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display()),
+        ));
+    }
+    let (n, h, w) = (idims[0], idims[1], idims[2]);
+    let features: Vec<f32> = images[ioff..].iter().map(|&p| f32::from(p)).collect();
+    let labels: Vec<u32> = labels[loff..].iter().map(|&l| u32::from(l)).collect();
+    Ok(RawData {
+        features,
+        labels,
+        shape: culprit_models::InputShape { channels: 1, height: h, width: w },
+        texts: None,
+        files: vec![(images_path, images_sha), (labels_path, labels_sha)],
+        rows: n,
+    })
+}

@@ -1,0 +1,360 @@
+//! Data in: loaders for IDX image folders, CSV tables and JSONL text, with stable example ids.
+//!
+//! `--data` is a folder of IDX files in MNIST's naming, a `.csv` file, or a `.jsonl[.gz]` file.
+//! Every example keeps a stable id, its row index in the source file (0-based), and the run's
+//! [`DataManifest`] records each source file's SHA-256, so an id always names the same example.
+//! `--skip S --limit N` select rows `S..S+N` of the source (ids keep their source numbering).
+//!
+//! Preprocessing, fitted on the training rows and stored in the manifest so every later command
+//! (predict, trace, …) applies exactly the same transformation:
+//! - IDX pixels are divided by 255, into [0, 1].
+//! - CSV features are divided by the largest absolute feature value of the training rows
+//!   (`--normalize max`, the default: integer pixel-like features land in [0, 1]) or standardised
+//!   per column, x ↦ (x − mean) / std (`--normalize standard`, for columns of different scales).
+//! - JSONL text becomes a hashed bag of words (see [`text`]).
+
+pub mod csv;
+pub mod idx;
+pub mod text;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use culprit_models::InputShape;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use idx::Split;
+
+use crate::error::{Error, Result};
+
+/// A source as loaded, before selection and normalisation.
+pub struct RawData {
+    /// `rows × shape.len()` raw features.
+    pub features: Vec<f32>,
+    /// `rows` labels.
+    pub labels: Vec<u32>,
+    /// Shape of one example.
+    pub shape: InputShape,
+    /// The raw texts, for text sources.
+    pub texts: Option<Vec<String>>,
+    /// Each file read, with its SHA-256 (hex).
+    pub files: Vec<(PathBuf, String)>,
+    /// Number of examples.
+    pub rows: usize,
+}
+
+/// Reads a whole file, gunzipping it when it starts with the gzip magic; returns the
+/// (decompressed) bytes and the SHA-256 of the file as stored.
+pub fn read_file(path: &Path) -> Result<(Vec<u8>, String)> {
+    let stored = std::fs::read(path).map_err(Error::io(path))?;
+    let sha = hex(&Sha256::digest(&stored));
+    if stored.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(stored.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| Error::data(path, None, format!("corrupt or truncated gzip stream: {e}")))?;
+        Ok((out, sha))
+    } else {
+        Ok((stored, sha))
+    }
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The kind of a data source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A folder of IDX files.
+    Idx,
+    /// A CSV table.
+    Csv,
+    /// JSON lines with `text` and `label`.
+    Jsonl,
+}
+
+impl SourceKind {
+    /// Tells the kind from the path: a folder is IDX, else the file name's ending.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Ok(Self::Idx);
+        }
+        if !path.exists() {
+            return Err(Error::data(path, None, "no such file or folder"));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
+        if name.ends_with(".csv") {
+            Ok(Self::Csv)
+        } else if name.ends_with(".jsonl") || name.ends_with(".json") {
+            Ok(Self::Jsonl)
+        } else {
+            Err(Error::data(path, None, "unknown data format: expected an IDX folder, a .csv or a .jsonl[.gz] file"))
+        }
+    }
+}
+
+/// How CSV features are normalised (`--normalize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NormalizeMode {
+    /// Divide by the largest absolute value in the training rows.
+    #[default]
+    Max,
+    /// Standardise each column with the training rows' mean and standard deviation.
+    Standard,
+}
+
+impl NormalizeMode {
+    /// Parses `max` or `standard`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "max" => Ok(Self::Max),
+            "standard" => Ok(Self::Standard),
+            other => Err(Error::Usage(format!("unknown normalization `{other}` (expected max or standard)"))),
+        }
+    }
+}
+
+/// The transformation applied to raw features; fitted once on the training rows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Normalization {
+    /// Features used as loaded.
+    None,
+    /// x ↦ x / divisor.
+    Scale {
+        /// The divisor.
+        divisor: f32,
+    },
+    /// x ↦ (x − mean) / std, per column (std 1 for constant columns).
+    Standard {
+        /// Column means.
+        mean: Vec<f32>,
+        /// Column standard deviations.
+        std: Vec<f32>,
+    },
+}
+
+impl Normalization {
+    fn fit(kind: SourceKind, mode: NormalizeMode, features: &[f32], dim: usize) -> Self {
+        match (kind, mode) {
+            (SourceKind::Idx, _) => Self::Scale { divisor: 255.0 },
+            (SourceKind::Jsonl, _) => Self::None,
+            (SourceKind::Csv, NormalizeMode::Max) => {
+                let m = features.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                Self::Scale { divisor: if m > 0.0 { m } else { 1.0 } }
+            }
+            (SourceKind::Csv, NormalizeMode::Standard) => {
+                let n = (features.len() / dim).max(1) as f64;
+                let mut mean = vec![0.0f64; dim];
+                let mut sq = vec![0.0f64; dim];
+                for row in features.chunks(dim) {
+                    for (j, &v) in row.iter().enumerate() {
+                        mean[j] += f64::from(v);
+                        sq[j] += f64::from(v) * f64::from(v);
+                    }
+                }
+                let mean: Vec<f64> = mean.iter().map(|s| s / n).collect();
+                let std = sq
+                    .iter()
+                    .zip(&mean)
+                    .map(|(s, m)| {
+                        let var = (s / n - m * m).max(0.0);
+                        if var > 1e-12 { var.sqrt() as f32 } else { 1.0 }
+                    })
+                    .collect();
+                Self::Standard { mean: mean.into_iter().map(|m| m as f32).collect(), std }
+            }
+        }
+    }
+
+    fn apply(&self, features: &mut [f32], dim: usize) {
+        match self {
+            Self::None => {}
+            Self::Scale { divisor } => features.iter_mut().for_each(|v| *v /= divisor),
+            Self::Standard { mean, std } => {
+                for row in features.chunks_mut(dim) {
+                    for ((v, m), s) in row.iter_mut().zip(mean).zip(std) {
+                        *v = (*v - m) / s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One source file and its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// The path as given.
+    pub path: PathBuf,
+    /// SHA-256 of the file as stored (hex).
+    pub sha256: String,
+}
+
+/// Which data a run was trained on and how it was preprocessed; saved as `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataManifest {
+    /// Source kind.
+    pub kind: SourceKind,
+    /// `--data` as given.
+    pub path: PathBuf,
+    /// Each file read, with its hash.
+    pub files: Vec<FileDigest>,
+    /// IDX split.
+    pub split: Split,
+    /// Rows skipped at the start of the source.
+    pub skip: usize,
+    /// Row limit, if any.
+    pub limit: Option<usize>,
+    /// Number of examples selected.
+    pub count: usize,
+    /// Shape of one example after featurisation.
+    pub shape: InputShape,
+    /// Number of classes (largest training label + 1).
+    pub num_classes: usize,
+    /// Feature normalisation.
+    pub normalization: Normalization,
+    /// Hash buckets, for text.
+    pub buckets: Option<usize>,
+}
+
+/// Where to read data from (`--data --split --skip --limit`).
+#[derive(Clone, Debug)]
+pub struct DataSpec {
+    /// File or folder.
+    pub path: PathBuf,
+    /// IDX split (ignored for single files).
+    pub split: Split,
+    /// Rows to skip.
+    pub skip: usize,
+    /// Rows to keep after skipping.
+    pub limit: Option<usize>,
+}
+
+/// How to preprocess: fit on these rows (training), or reuse a run's manifest (everything else).
+#[derive(Clone, Copy, Debug)]
+pub enum Preprocessing<'a> {
+    /// Fit the normalisation on the loaded rows.
+    Fit {
+        /// CSV normalisation.
+        normalize: NormalizeMode,
+        /// Text hash buckets.
+        buckets: usize,
+    },
+    /// Apply a run's normalisation and check the data fits its model.
+    Reuse(&'a DataManifest),
+}
+
+/// Examples ready for a model.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// `len × dim` normalised features, row-major.
+    pub features: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<u32>,
+    /// Stable ids: row index in the source.
+    pub ids: Vec<usize>,
+    /// Raw texts for text sources (for reports).
+    pub texts: Option<Vec<String>>,
+    /// What was loaded, and how.
+    pub manifest: DataManifest,
+}
+
+impl Dataset {
+    /// Loads, selects and preprocesses a source.
+    pub fn load(spec: &DataSpec, preprocessing: Preprocessing<'_>) -> Result<Self> {
+        let kind = SourceKind::detect(&spec.path)?;
+        let buckets = match preprocessing {
+            Preprocessing::Fit { buckets, .. } => buckets,
+            Preprocessing::Reuse(m) => m.buckets.unwrap_or(text::DEFAULT_BUCKETS),
+        };
+        let raw = match kind {
+            SourceKind::Idx => idx::load(&spec.path, spec.split)?,
+            SourceKind::Csv => csv::load(&spec.path)?,
+            SourceKind::Jsonl => text::load(&spec.path, buckets)?,
+        };
+        let dim = raw.shape.len();
+        let start = spec.skip.min(raw.rows);
+        let end = match spec.limit {
+            Some(l) => (start + l).min(raw.rows),
+            None => raw.rows,
+        };
+        if start >= end {
+            return Err(Error::data(
+                &spec.path,
+                None,
+                format!("no examples selected: the source has {} rows, --skip {} --limit {:?}", raw.rows, spec.skip, spec.limit),
+            ));
+        }
+        let mut features = raw.features[start * dim..end * dim].to_vec();
+        let labels = raw.labels[start..end].to_vec();
+        let texts = raw.texts.map(|t| t[start..end].to_vec());
+        let files = raw.files.into_iter().map(|(path, sha256)| FileDigest { path, sha256 }).collect();
+        let (normalization, num_classes) = match preprocessing {
+            Preprocessing::Fit { normalize, .. } => {
+                let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+                if classes < 2 {
+                    return Err(Error::data(&spec.path, None, "the selected rows hold a single class; a classifier needs two"));
+                }
+                (Normalization::fit(kind, normalize, &features, dim), classes)
+            }
+            Preprocessing::Reuse(m) => {
+                if m.shape.len() != dim {
+                    return Err(Error::data(
+                        &spec.path,
+                        None,
+                        format!("examples have {dim} features but the model takes {}", m.shape.len()),
+                    ));
+                }
+                if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y as usize >= m.num_classes) {
+                    return Err(Error::data(
+                        &spec.path,
+                        Some(start + i + 1),
+                        format!("label {y} is outside the model's {} classes", m.num_classes),
+                    ));
+                }
+                (m.normalization.clone(), m.num_classes)
+            }
+        };
+        normalization.apply(&mut features, dim);
+        let manifest = DataManifest {
+            kind,
+            path: spec.path.clone(),
+            files,
+            split: spec.split,
+            skip: spec.skip,
+            limit: spec.limit,
+            count: end - start,
+            shape: raw.shape,
+            num_classes,
+            normalization,
+            buckets: (kind == SourceKind::Jsonl).then_some(buckets),
+        };
+        Ok(Self { features, labels, ids: (start..end).collect(), texts, manifest })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Features per example.
+    pub fn dim(&self) -> usize {
+        self.manifest.shape.len()
+    }
+
+    /// The examples as the model crate takes them.
+    pub fn examples(&self) -> culprit_models::Examples<'_> {
+        culprit_models::Examples { features: &self.features, labels: &self.labels, dim: self.dim() }
+    }
+}

@@ -1,0 +1,66 @@
+//! The library's error type. Every variant names the file (and row, where one applies) and the
+//! problem, so the CLI can print it as one line and exit with code 2.
+
+use std::path::{Path, PathBuf};
+
+/// What can go wrong in culprit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A data file is missing, malformed or does not fit the run.
+    #[error("{}: {message}", path.display())]
+    Data {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong, with the row where it applies.
+        message: String,
+    },
+    /// A run directory is missing, incomplete or corrupted.
+    #[error("{}: {message}", path.display())]
+    Run {
+        /// The offending file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The model does not fit the data, or training failed.
+    #[error(transparent)]
+    Model(#[from] culprit_models::ModelError),
+    /// The command line asks for something inconsistent.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// A data error at `path`, optionally at a 1-based `row` (or record) of it.
+    pub fn data(path: &Path, row: Option<usize>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::Data {
+            path: path.to_path_buf(),
+            message: match row {
+                Some(r) => format!("row {r}: {message}"),
+                None => message,
+            },
+        }
+    }
+
+    /// A run-directory error.
+    pub fn run(path: &Path, message: impl Into<String>) -> Self {
+        Self::Run { path: path.to_path_buf(), message: message.into() }
+    }
+
+    /// Wraps an I/O error with the file it concerns.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// culprit's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

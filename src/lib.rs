@@ -1,0 +1,29 @@
+//! # culprit: which training examples made the model do this?
+//!
+//! culprit is a training-data attribution engine. Given a trained model and an output it got
+//! wrong (a backdoored input, a leaked string, a mislabelled face), it ranks the training examples
+//! by their influence on that output, then helps act on the answer: purge and retrain, audit
+//! memorisation.
+//!
+//! The pipeline, and where each step lives:
+//!
+//! | step | what | module |
+//! |---|---|---|
+//! | 0. data and models | loaders with stable example ids; reference models trained to a documented objective | [`data`], [`training`], [`run`], `culprit-models` |
+//! | 1. gradient cache | per-example gradients, projected, in a checksummed store | (next) |
+//! | 2. curvature | inverse-Hessian-vector products | (next) |
+//! | 3. query | top proponents and opponents of an output | (next) |
+//! | 4. act | trace, purge and retrain, audit | (next) |
+//!
+//! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
+//! included (see [`culprit_models::train`]).
+
+pub mod data;
+pub mod demo;
+pub mod error;
+pub mod predict;
+pub mod progress;
+pub mod run;
+pub mod training;
+
+pub use error::{Error, Result};

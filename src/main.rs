@@ -1,0 +1,209 @@
+//! The `culprit` command line: thin glue over the library. Errors print as one line on standard
+//! error and exit with code 2; a closed standard output (e.g. `| head`) exits 0.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use culprit::data::{text::DEFAULT_BUCKETS, DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use culprit::error::{Error, Result};
+use culprit::predict::{accuracy, mean_loss, predict, to_csv};
+use culprit::run::{write_atomic, Run};
+use culprit::training::{train, TrainOptions};
+use culprit_models::{Activation, Architecture, Backend, OptimizerKind};
+
+#[derive(Parser)]
+#[command(name = "culprit", version, about = "Which training examples made the model do this?")]
+struct Cli {
+    /// Compute backend: flex (default, pure-Rust CPU), ndarray (CPU), wgpu (needs --features gpu).
+    #[arg(long, global = true, default_value = "flex")]
+    backend: String,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where data comes from (shared by every command that reads data).
+#[derive(clap::Args, Clone)]
+struct DataArgs {
+    /// A folder of IDX files (MNIST naming), a .csv file with a `label` column, or a .jsonl[.gz] file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split of an IDX folder: train or test.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Skip the first N examples (ids keep their row numbers in the source).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Use at most N examples (after --skip).
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl DataArgs {
+    fn spec(&self) -> Result<DataSpec> {
+        Ok(DataSpec { path: self.data.clone(), split: Split::parse(&self.split)?, skip: self.skip, limit: self.limit })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a reference model and write a run directory.
+    Train {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Architecture: logreg, mlp, cnn or text.
+        #[arg(long)]
+        model: String,
+        /// Run directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Hidden widths, e.g. 512,256 (mlp), the dense head (cnn), the embedding size (text).
+        #[arg(long, value_delimiter = ',')]
+        hidden: Option<Vec<usize>>,
+        /// Nonlinearity: relu, tanh or gelu.
+        #[arg(long, default_value = "relu")]
+        activation: String,
+        /// lbfgs (convex models, the default there), adam (default otherwise) or sgd.
+        #[arg(long)]
+        optimizer: Option<String>,
+        /// Passes over the data (adam, sgd). Default 10.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Mini-batch size (adam, sgd). Default 128.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Peak learning rate, decayed by a cosine to 0 (adam, sgd). Default 1e-3.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// λ of the (λ/2)‖θ‖² term. Default 1e-3 for logreg, 1e-4 otherwise.
+        #[arg(long)]
+        l2: Option<f64>,
+        /// Seed for initialisation and shuffling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CSV normalisation: max (divide by the largest |value|) or standard (per-column z-score).
+        #[arg(long, default_value = "max")]
+        normalize: String,
+        /// Hash buckets of the text featurizer.
+        #[arg(long, default_value_t = DEFAULT_BUCKETS)]
+        buckets: usize,
+    },
+    /// Predict with a trained run: CSV of index,label,predicted,loss,p0,p1,...
+    Predict {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Write the CSV here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The end-to-end demo on data shipped in the binary.
+    Demo {
+        /// Working directory to create (default: a fresh one under the temp directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    let backend = Backend::parse(&cli.backend)?;
+    let stdout = &mut std::io::stdout().lock();
+    match cli.command {
+        Command::Train {
+            data,
+            model,
+            out,
+            hidden,
+            activation,
+            optimizer,
+            epochs,
+            batch,
+            lr,
+            l2,
+            seed,
+            normalize,
+            buckets,
+        } => {
+            if buckets == 0 {
+                return Err(Error::Usage("--buckets must be positive".into()));
+            }
+            let options = TrainOptions {
+                data: data.spec()?,
+                normalize: NormalizeMode::parse(&normalize)?,
+                buckets,
+                architecture: Architecture::parse(&model)?,
+                hidden,
+                activation: Activation::parse(&activation)?,
+                optimizer: optimizer.as_deref().map(OptimizerKind::parse).transpose()?,
+                epochs,
+                batch_size: batch,
+                learning_rate: lr,
+                l2,
+                seed,
+                backend,
+                out,
+                quiet: cli.quiet,
+            };
+            let (run, data) = train(&options)?;
+            let r = &run.config.report;
+            writeln!(
+                stdout,
+                "trained {} on {} examples in {:.1} s: training accuracy {:.4}, objective {:.8}, gradient norm {:.3e}; run written to {}",
+                run.config.model.architecture.name(),
+                data.len(),
+                r.seconds,
+                r.train_accuracy,
+                r.objective,
+                r.gradient_norm,
+                run.dir.display()
+            )
+            .map_err(Error::io(std::path::Path::new("<stdout>")))?;
+        }
+        Command::Predict { run, data, out } => {
+            let run = Run::open(&run)?;
+            let device = backend.device();
+            let network = run.network(&device)?;
+            let dataset = Dataset::load(&data.spec()?, Preprocessing::Reuse(&run.manifest))?;
+            let predictions = predict(&network, &dataset, 1024, &device);
+            let csv = to_csv(&predictions, run.config.model.num_classes);
+            match out {
+                Some(path) => {
+                    write_atomic(&path, csv.as_bytes())?;
+                    eprintln!(
+                        "{} examples: accuracy {:.4}, mean loss {:.6}; written to {}",
+                        predictions.len(),
+                        accuracy(&predictions),
+                        mean_loss(&predictions),
+                        path.display()
+                    );
+                }
+                None => {
+                    stdout.write_all(csv.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
+                    eprintln!("{} examples: accuracy {:.4}", predictions.len(), accuracy(&predictions));
+                }
+            }
+        }
+        Command::Demo { out } => {
+            culprit::demo::run(&culprit::demo::DemoOptions { out, backend, quiet: cli.quiet }, stdout)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("culprit: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
