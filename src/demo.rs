@@ -12,7 +12,7 @@ use culprit_models::{Activation, Architecture, Backend};
 use crate::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
 use crate::error::{Error, Result};
 use crate::predict::{accuracy, predict};
-use crate::training::{train, TrainOptions};
+use crate::training::{TrainOptions, train};
 
 /// scikit-learn's digits (1797 8×8 images, features 0..16, column `label`), embedded.
 pub const DIGITS_CSV: &str = include_str!("../data/digits.csv");
@@ -74,7 +74,10 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
         quiet: options.quiet,
     };
     let models = [
-        (base.clone(), "2. Logistic regression, trained by L-BFGS in f64 to the exact optimum (influence functions assume one):"),
+        (
+            base.clone(),
+            "2. Logistic regression, trained by L-BFGS in f64 to the exact optimum (influence functions assume one):",
+        ),
         (
             TrainOptions {
                 architecture: Architecture::Mlp,

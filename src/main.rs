@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use culprit::data::{text::DEFAULT_BUCKETS, DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split, text::DEFAULT_BUCKETS};
 use culprit::error::{Error, Result};
 use culprit::predict::{accuracy, mean_loss, predict, to_csv};
-use culprit::run::{write_atomic, Run};
-use culprit::training::{train, TrainOptions};
+use culprit::run::{Run, write_atomic};
+use culprit::training::{TrainOptions, train};
 use culprit_models::{Activation, Architecture, Backend, OptimizerKind};
 
 #[derive(Parser)]

@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use burn::tensor::Device;
-use culprit_models::network::{cross_entropy, input_batch, one_hot, probabilities, read_f64};
 use culprit_models::Network;
+use culprit_models::network::{cross_entropy, input_batch, one_hot, probabilities, read_f64};
 
 use crate::data::Dataset;
 

@@ -79,11 +79,17 @@ pub fn decode_weights(path: &Path, bytes: &[u8]) -> Result<Vec<f64>> {
     let stored = u32::from_le_bytes(footer.try_into().expect("4 bytes"));
     let actual = crc32fast::hash(body);
     if stored != actual {
-        return Err(Error::run(path, format!("checksum mismatch (stored {stored:08x}, computed {actual:08x}): the file is corrupted")));
+        return Err(Error::run(
+            path,
+            format!("checksum mismatch (stored {stored:08x}, computed {actual:08x}): the file is corrupted"),
+        ));
     }
     let version = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
     if version != WEIGHTS_VERSION {
-        return Err(Error::run(path, format!("weights format version {version}; this culprit reads version {WEIGHTS_VERSION}")));
+        return Err(Error::run(
+            path,
+            format!("weights format version {version}; this culprit reads version {WEIGHTS_VERSION}"),
+        ));
     }
     let dtype = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes"));
     if dtype != DTYPE_F64 {
@@ -91,7 +97,10 @@ pub fn decode_weights(path: &Path, bytes: &[u8]) -> Result<Vec<f64>> {
     }
     let count = u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")) as usize;
     if body.len() != 24 + 8 * count {
-        return Err(Error::run(path, format!("header promises {count} parameters, the file holds {} bytes of them", body.len() - 24)));
+        return Err(Error::run(
+            path,
+            format!("header promises {count} parameters, the file holds {} bytes of them", body.len() - 24),
+        ));
     }
     Ok(body[24..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
 }
@@ -172,7 +181,10 @@ impl Run {
         let theta = decode_weights(&wpath, &std::fs::read(&wpath).map_err(Error::io(&wpath))?)?;
         let expected = config.model.num_params()?;
         if theta.len() != expected {
-            return Err(Error::run(&wpath, format!("{} parameters, the model in config.json has {expected}", theta.len())));
+            return Err(Error::run(
+                &wpath,
+                format!("{} parameters, the model in config.json has {expected}", theta.len()),
+            ));
         }
         Ok(Run { dir: dir.to_path_buf(), config, manifest, theta })
     }

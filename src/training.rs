@@ -50,10 +50,8 @@ pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
     if options.out.exists() {
         return Err(crate::Error::run(&options.out, "already exists; choose another --out or remove it"));
     }
-    let data = Dataset::load(
-        &options.data,
-        Preprocessing::Fit { normalize: options.normalize, buckets: options.buckets },
-    )?;
+    let data =
+        Dataset::load(&options.data, Preprocessing::Fit { normalize: options.normalize, buckets: options.buckets })?;
     let model = ModelConfig {
         architecture: options.architecture,
         input: data.manifest.shape,

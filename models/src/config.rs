@@ -34,9 +34,7 @@ impl Architecture {
             "mlp" => Ok(Self::Mlp),
             "cnn" => Ok(Self::Cnn),
             "text" => Ok(Self::Text),
-            other => Err(ModelError::Config(format!(
-                "unknown model `{other}` (expected logreg, mlp, cnn or text)"
-            ))),
+            other => Err(ModelError::Config(format!("unknown model `{other}` (expected logreg, mlp, cnn or text)"))),
         }
     }
 
@@ -85,9 +83,7 @@ impl Activation {
             "relu" => Ok(Self::Relu),
             "tanh" => Ok(Self::Tanh),
             "gelu" => Ok(Self::Gelu),
-            other => Err(ModelError::Config(format!(
-                "unknown activation `{other}` (expected relu, tanh or gelu)"
-            ))),
+            other => Err(ModelError::Config(format!("unknown activation `{other}` (expected relu, tanh or gelu)"))),
         }
     }
 }
@@ -267,18 +263,14 @@ impl ModelConfig {
         Ok(match self.architecture {
             Architecture::LogReg => {
                 if !self.hidden.is_empty() {
-                    return Err(ModelError::Config(
-                        "logreg has no hidden layers; drop --hidden".into(),
-                    ));
+                    return Err(ModelError::Config("logreg has no hidden layers; drop --hidden".into()));
                 }
                 head(d, &[])
             }
             Architecture::Mlp => head(d, &self.hidden),
             Architecture::Text => {
                 if self.hidden.len() != 1 {
-                    return Err(ModelError::Config(
-                        "the text model takes one hidden width: its embedding size".into(),
-                    ));
+                    return Err(ModelError::Config("the text model takes one hidden width: its embedding size".into()));
                 }
                 vec![
                     dense("embedding".into(), d, self.hidden[0], false),
@@ -287,9 +279,7 @@ impl ModelConfig {
             }
             Architecture::Cnn => {
                 let image = self.input.as_image().ok_or_else(|| {
-                    ModelError::Config(format!(
-                        "cnn needs image input; {d} features are neither an image nor a square"
-                    ))
+                    ModelError::Config(format!("cnn needs image input; {d} features are neither an image nor a square"))
                 })?;
                 if image.height < 4 || image.width < 4 {
                     return Err(ModelError::Config(format!(
@@ -310,10 +300,7 @@ impl ModelConfig {
                     },
                 };
                 let (h, w) = (image.height, image.width);
-                let mut layers = vec![
-                    conv("conv0", image.channels, c1, h, w),
-                    conv("conv1", c1, c2, h / 2, w / 2),
-                ];
+                let mut layers = vec![conv("conv0", image.channels, c1, h, w), conv("conv1", c1, c2, h / 2, w / 2)];
                 layers.extend(head(c2 * (h / 4) * (w / 4), &self.hidden));
                 layers
             }

@@ -31,12 +31,8 @@ impl Backend {
             #[cfg(feature = "gpu")]
             "wgpu" => Ok(Self::Wgpu),
             #[cfg(not(feature = "gpu"))]
-            "wgpu" => Err(ModelError::Config(
-                "backend wgpu needs a build with `--features gpu`".into(),
-            )),
-            other => Err(ModelError::Config(format!(
-                "unknown backend `{other}` (expected flex, ndarray or wgpu)"
-            ))),
+            "wgpu" => Err(ModelError::Config("backend wgpu needs a build with `--features gpu`".into())),
+            other => Err(ModelError::Config(format!("unknown backend `{other}` (expected flex, ndarray or wgpu)"))),
         }
     }
 

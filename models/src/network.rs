@@ -19,8 +19,8 @@ use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{Activation, Architecture, LayerKind, LayerSpec, ModelConfig};
 use crate::ModelError;
+use crate::config::{Activation, Architecture, LayerKind, LayerSpec, ModelConfig};
 
 /// One trainable layer's parameters as flat tensors.
 #[derive(Clone, Debug)]
@@ -256,10 +256,7 @@ impl Network {
                     if tapped {
                         let probe = Tensor::zeros(z.dims(), (&z.device(), z.dtype())).require_grad();
                         z = z + probe.clone();
-                        taps.push(LayerTap {
-                            input: Activations::Conv(a.detach()),
-                            probe: Activations::Conv(probe),
-                        });
+                        taps.push(LayerTap { input: Activations::Conv(a.detach()), probe: Activations::Conv(probe) });
                     }
                     let pooled = max_pool2d(self.activate(z), MaxPoolOptions::new([2, 2]));
                     let next_is_dense = matches!(self.layers[i + 1].kind, LayerKind::Dense { .. });
@@ -280,10 +277,7 @@ impl Network {
                     if tapped {
                         let probe = Tensor::zeros(z.dims(), (&z.device(), z.dtype())).require_grad();
                         z = z + probe.clone();
-                        taps.push(LayerTap {
-                            input: Activations::Dense(a.detach()),
-                            probe: Activations::Dense(probe),
-                        });
+                        taps.push(LayerTap { input: Activations::Dense(a.detach()), probe: Activations::Dense(probe) });
                     }
                     // The embedding bag feeds the linear layer directly; hidden MLP/CNN layers
                     // go through the activation; the last layer's output is the logits.

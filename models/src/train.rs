@@ -24,10 +24,10 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::ModelError;
 use crate::config::ModelConfig;
 use crate::lbfgs::Lbfgs;
-use crate::network::{cross_entropy, input_batch, one_hot, Network};
-use crate::ModelError;
+use crate::network::{Network, cross_entropy, input_batch, one_hot};
 
 /// Row-major training features and labels.
 #[derive(Clone, Copy, Debug)]
@@ -178,12 +178,7 @@ pub struct TrainReport {
 ///
 /// Evaluated in chunks of `chunk` rows (one forward and backward each) so memory stays bounded;
 /// the result is the same as one full batch up to floating-point summation order.
-pub fn full_objective(
-    network: &Network,
-    data: Examples<'_>,
-    l2: f64,
-    chunk: usize,
-) -> (f64, Vec<f64>, f64) {
+pub fn full_objective(network: &Network, data: Examples<'_>, l2: f64, chunk: usize) -> (f64, Vec<f64>, f64) {
     let device = network.device();
     let dtype = network.dtype();
     let n = data.len();
@@ -255,13 +250,8 @@ pub fn train(
     };
     let (objective, gradient, train_accuracy) = full_objective(&network, data, train.l2, 4096);
     let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
-    let report = TrainReport {
-        objective,
-        gradient_norm,
-        train_accuracy,
-        iterations,
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let report =
+        TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() };
     Ok((network.without_grad(), report))
 }
 
@@ -343,7 +333,8 @@ fn train_stochastic<O: Optimizer>(
             let grads = loss.backward();
             loss_sum += ce.into_scalar::<f64>() * chunk.len() as f64;
             // Cosine decay from the peak rate to zero over all steps.
-            let lr = train.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let lr =
+                train.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
             let mut updated = Vec::with_capacity(states.len());
             for (param, state) in network.param_tensors().into_iter().zip(states.iter_mut()) {
                 let grad = param.grad(&grads).expect("every parameter reaches the loss");

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::{read_file, RawData};
+use super::{RawData, read_file};
 use crate::error::{Error, Result};
 
 /// Parses a label cell: a non-negative integer (`3` or `3.0`).
@@ -20,7 +20,11 @@ pub fn load(path: &Path) -> Result<RawData> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes.as_slice());
     let headers = reader.headers().map_err(|e| Error::data(path, Some(0), format!("unreadable header: {e}")))?.clone();
     let label_col = headers.iter().position(|h| h.trim() == "label").ok_or_else(|| {
-        Error::data(path, Some(0), format!("no `label` column in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(",")))
+        Error::data(
+            path,
+            Some(0),
+            format!("no `label` column in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(",")),
+        )
     })?;
     let width = headers.len();
     let dim = width - 1;
@@ -46,7 +50,11 @@ pub fn load(path: &Path) -> Result<RawData> {
                     Error::data(path, Some(row), format!("column `{}`: `{cell}` is not a number", &headers[c]))
                 })?;
                 if !v.is_finite() {
-                    return Err(Error::data(path, Some(row), format!("column `{}`: `{cell}` is not finite", &headers[c])));
+                    return Err(Error::data(
+                        path,
+                        Some(row),
+                        format!("column `{}`: `{cell}` is not finite", &headers[c]),
+                    ));
                 }
                 features.push(v);
             }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{read_file, RawData};
+use super::{RawData, read_file};
 use crate::error::{Error, Result};
 
 /// The split of an IDX folder.

@@ -288,7 +288,10 @@ impl Dataset {
             return Err(Error::data(
                 &spec.path,
                 None,
-                format!("no examples selected: the source has {} rows, --skip {} --limit {:?}", raw.rows, spec.skip, spec.limit),
+                format!(
+                    "no examples selected: the source has {} rows, --skip {} --limit {:?}",
+                    raw.rows, spec.skip, spec.limit
+                ),
             ));
         }
         let mut features = raw.features[start * dim..end * dim].to_vec();
@@ -299,7 +302,11 @@ impl Dataset {
             Preprocessing::Fit { normalize, .. } => {
                 let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
                 if classes < 2 {
-                    return Err(Error::data(&spec.path, None, "the selected rows hold a single class; a classifier needs two"));
+                    return Err(Error::data(
+                        &spec.path,
+                        None,
+                        "the selected rows hold a single class; a classifier needs two",
+                    ));
                 }
                 (Normalization::fit(kind, normalize, &features, dim), classes)
             }

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use super::{read_file, RawData};
+use super::{RawData, read_file};
 use crate::error::{Error, Result};
 
 /// Default number of hash buckets.
@@ -61,7 +61,8 @@ pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: Line = serde_json::from_str(line).map_err(|e| Error::data(path, Some(row), format!("not a JSON object: {e}")))?;
+        let parsed: Line =
+            serde_json::from_str(line).map_err(|e| Error::data(path, Some(row), format!("not a JSON object: {e}")))?;
         let text = match parsed.text {
             Some(serde_json::Value::String(s)) => s,
             Some(_) => return Err(Error::data(path, Some(row), "`text` is not a string")),

@@ -1,0 +1,9 @@
+//! culprit's integration tests: one binary, one module per pipeline step.
+//!
+//! Tests that need the larger data sets in `../shared` skip with a printed reason when it is
+//! absent. Run them with `cargo test --release` (the README's test command).
+
+mod cli;
+mod common;
+mod loaders;
+mod training;
