@@ -10,7 +10,7 @@
 //! | step | what | module |
 //! |---|---|---|
 //! | 0. data and models | loaders with stable example ids; reference models trained to a documented objective | [`data`], [`training`], [`run`], `culprit-models` |
-//! | 1. gradient cache | per-example gradients, projected, in a checksummed store | (next) |
+//! | 1. gradient cache | exact per-example gradients from layer taps, random projections, a checksummed sharded store | [`gradients`], [`store`], [`cache`] |
 //! | 2. curvature | inverse-Hessian-vector products | (next) |
 //! | 3. query | top proponents and opponents of an output | (next) |
 //! | 4. act | trace, purge and retrain, audit | (next) |
@@ -18,12 +18,15 @@
 //! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
 //! included (see [`culprit_models::train`]).
 
+pub mod cache;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod gradients;
 pub mod predict;
 pub mod progress;
 pub mod run;
+pub mod store;
 pub mod training;
 
 pub use error::{Error, Result};

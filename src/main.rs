@@ -103,6 +103,33 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Compute every training example's loss gradient into a checksummed, sharded store.
+    Cache {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Projection: none (exact), jl:K (dense Gaussian JL), jl:K:rademacher, kron:KINxKOUT (per layer).
+        #[arg(long, default_value = "none")]
+        project: String,
+        /// Seed of the projection matrices.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stored element type: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Examples per backward pass.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Compute only shard I of N (I/N), for building one store on N machines.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Rows per shard file (default: about 256 MiB per shard).
+        #[arg(long)]
+        rows_per_shard: Option<usize>,
+        /// Store directory (default: RUN/gradients).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
         /// Working directory to create (default: a fresh one under the temp directory).
@@ -188,6 +215,36 @@ fn execute(cli: Cli) -> Result<()> {
                     eprintln!("{} examples: accuracy {:.4}", predictions.len(), accuracy(&predictions));
                 }
             }
+        }
+        Command::Cache { run, project, seed, dtype, batch, shard, rows_per_shard, store } => {
+            let options = culprit::cache::CacheOptions {
+                run,
+                store,
+                projection: culprit::gradients::projection::ProjectionSpec::parse(&project)?,
+                seed,
+                dtype: culprit::store::Dtype::parse(&dtype)?,
+                batch,
+                part: shard.as_deref().map(culprit::cache::parse_part).transpose()?,
+                rows_per_shard,
+                backend,
+                quiet: cli.quiet,
+            };
+            let r = culprit::cache::build(&options)?;
+            let secs = r.seconds.max(1e-9);
+            writeln!(
+                stdout,
+                "{} rows of {} values in {} new shards ({} already complete) in {:.2} s: {:.0} examples/s, {:.1} MB/s written; store {} {}",
+                r.rows_computed,
+                r.row_len,
+                r.shards_written,
+                r.shards_kept,
+                r.seconds,
+                r.rows_computed as f64 / secs,
+                r.bytes_written as f64 / 1e6 / secs,
+                r.store.display(),
+                if r.complete { "is complete" } else { "still has shards to compute (other --shard parts)" }
+            )
+            .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
         Command::Demo { out } => {
             culprit::demo::run(&culprit::demo::DemoOptions { out, backend, quiet: cli.quiet }, stdout)?;

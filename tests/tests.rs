@@ -5,5 +5,7 @@
 
 mod cli;
 mod common;
+mod gradients;
 mod loaders;
+mod store;
 mod training;
