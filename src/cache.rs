@@ -19,9 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::data::{DataSpec, Dataset, Preprocessing, hex, read_file};
 use crate::error::{Error, Result};
 use crate::gradients::projection::{ProjectionSpec, Projector};
-use crate::gradients::{Measurement, gradient_rows_from_blocks, layer_factors};
-use crate::run::{Run, write_atomic};
-use crate::store::{Dtype, GradientStore, Shard, StoreKey, StoreManifest, encode_shard};
+use crate::gradients::{Measurement, layer_factors};
+use crate::run::Run;
+use crate::store::{Dtype, GradientStore, Shard, StoreKey, StoreManifest, write_shard};
 
 /// Target size of one shard file.
 pub const SHARD_BYTES: usize = 256 << 20;
@@ -196,14 +196,13 @@ pub fn build(options: &CacheOptions) -> Result<CacheReport> {
                 Measurement::TRAINING_LOSS,
                 &device,
             );
-            rows.extend(gradient_rows_from_blocks(projector.project(&factors, &network)));
+            rows.extend(projector.project_rows(&factors, &network));
             done += stop - start;
             bar.advance(done as u64, &format!("shard {}/{}", j + 1, manifest.shards.len()));
             start = stop;
         }
-        let bytes = encode_shard(&GradientStore::expected_header(&manifest, j), &rows);
-        write_atomic(&store_dir.join(&info.file), &bytes)?;
-        bytes_written += bytes.len();
+        bytes_written +=
+            write_shard(&store_dir.join(&info.file), &GradientStore::expected_header(&manifest, j), &rows)?;
     }
     bar.finish();
     let complete = manifest.shards.iter().all(|s| store_dir.join(&s.file).is_file());

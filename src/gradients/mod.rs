@@ -229,6 +229,80 @@ pub fn gradient_rows_from_blocks(blocks: Vec<Tensor<2>>) -> Vec<f32> {
     rows
 }
 
+/// One layer's contribution to exact host rows.
+enum HostBlock {
+    /// A dense layer: the outer products aᵢ ⊗ δᵢ (and δᵢ for the bias) are formed on the host.
+    Outer { input: Vec<f32>, output_grad: Vec<f32>, inputs: usize, outputs: usize, bias: bool },
+    /// Blocks already computed on the device (convolutions), `[batch, width]` each.
+    Computed(Vec<(Vec<f32>, usize)>),
+}
+
+/// Exact per-example gradient rows (`batch × num_params`, θ order) from a batch's factors.
+///
+/// Dense layers' outer products are written straight into the rows on the host, in parallel
+/// over examples (rayon): the rows are the output, so this is one pass over memory, where forming
+/// `[batch, in, out]` on the device and copying it out would be three. Convolutions (Δᵢ Uᵢᵀ, a
+/// real product over positions) are computed on the device. Cost: B·#θ multiplies and writes.
+pub fn exact_rows(factors: &[LayerFactors], network: &Network) -> Vec<f32> {
+    use rayon::prelude::*;
+    let batch = factors[0].input.dims()[0];
+    let blocks: Vec<HostBlock> = factors
+        .iter()
+        .zip(network.layers())
+        .map(|(f, spec)| match spec.kind {
+            LayerKind::Dense { inputs, outputs, bias } => HostBlock::Outer {
+                input: read_f32(f.input.clone()),
+                output_grad: read_f32(f.output_grad.clone()),
+                inputs,
+                outputs,
+                bias,
+            },
+            LayerKind::Conv2d { .. } => {
+                let g = f.gradient(&spec.kind);
+                HostBlock::Computed(
+                    std::iter::once(g.weight)
+                        .chain(g.bias)
+                        .map(|t| {
+                            let width = t.dims()[1];
+                            (read_f32(t), width)
+                        })
+                        .collect(),
+                )
+            }
+        })
+        .collect();
+    let row_len = network.num_params();
+    let mut rows = vec![0.0f32; batch * row_len];
+    rows.par_chunks_mut(row_len).enumerate().for_each(|(i, row)| {
+        let mut offset = 0;
+        for block in &blocks {
+            match block {
+                HostBlock::Outer { input, output_grad, inputs, outputs, bias } => {
+                    let a = &input[i * inputs..(i + 1) * inputs];
+                    let d = &output_grad[i * outputs..(i + 1) * outputs];
+                    for (dst, &aj) in row[offset..offset + inputs * outputs].chunks_exact_mut(*outputs).zip(a) {
+                        if aj != 0.0 {
+                            dst.iter_mut().zip(d).for_each(|(x, &dk)| *x = aj * dk);
+                        }
+                    }
+                    offset += inputs * outputs;
+                    if *bias {
+                        row[offset..offset + outputs].copy_from_slice(d);
+                        offset += outputs;
+                    }
+                }
+                HostBlock::Computed(parts) => {
+                    for (values, width) in parts {
+                        row[offset..offset + width].copy_from_slice(&values[i * width..(i + 1) * width]);
+                        offset += width;
+                    }
+                }
+            }
+        }
+    });
+    rows
+}
+
 /// Reads a tensor as f32 on the host.
 pub fn read_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert_dtype(burn::tensor::DType::F32).try_into_vec::<f32>().expect("float tensor data")

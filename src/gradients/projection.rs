@@ -230,6 +230,14 @@ impl Projector {
         &self.layout
     }
 
+    /// Projects a batch's per-layer factors into host rows `batch × row_len`.
+    pub fn project_rows(&self, factors: &[LayerFactors], network: &Network) -> Vec<f32> {
+        match self.spec {
+            ProjectionSpec::None => super::exact_rows(factors, network),
+            _ => super::gradient_rows_from_blocks(self.project(factors, network)),
+        }
+    }
+
     /// Projects a batch's per-layer factors; returns one `[batch, len]` block per layout entry.
     pub fn project(&self, factors: &[LayerFactors], network: &Network) -> Vec<Tensor<2>> {
         let specs = network.layers();

@@ -9,6 +9,7 @@
 //! error that names what differs, so a stale cache is never read silently. Every shard's header
 //! and CRC are verified when the store is opened; a corrupted or truncated shard is named.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -225,20 +226,55 @@ pub struct ShardHeader {
     pub row_len: usize,
 }
 
-/// Encodes a whole shard file: header, padding, rows, CRC-32.
-pub fn encode_shard(header: &ShardHeader, rows: &[f32]) -> Vec<u8> {
+/// Streams a whole shard (header, padding, rows, CRC-32) into `out`; returns the bytes written.
+///
+/// The CRC is computed while writing, and f32 rows on a little-endian machine are written
+/// straight from memory, so writing costs one pass over the rows.
+pub fn write_shard_to(out: &mut impl Write, header: &ShardHeader, rows: &[f32]) -> std::io::Result<usize> {
     assert_eq!(rows.len(), header.rows * header.row_len, "rows do not match the header");
+    let mut crc = crc32fast::Hasher::new();
+    let mut written = 0;
+    let mut put = |bytes: &[u8], crc: &mut crc32fast::Hasher| -> std::io::Result<()> {
+        crc.update(bytes);
+        written += bytes.len();
+        out.write_all(bytes)
+    };
     let json = serde_json::to_vec(header).expect("plain data");
-    let mut out = Vec::with_capacity(16 + json.len() + ALIGN + rows.len() * header.dtype.size() + 4);
-    out.extend_from_slice(SHARD_MAGIC);
-    out.extend_from_slice(&STORE_VERSION.to_le_bytes());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.resize(out.len().next_multiple_of(ALIGN), 0);
-    header.dtype.encode(rows, &mut out);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    let mut head = Vec::with_capacity(16 + json.len() + ALIGN);
+    head.extend_from_slice(SHARD_MAGIC);
+    head.extend_from_slice(&STORE_VERSION.to_le_bytes());
+    head.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    head.extend_from_slice(&json);
+    head.resize(head.len().next_multiple_of(ALIGN), 0);
+    put(&head, &mut crc)?;
+    const CHUNK: usize = 1 << 20;
+    if header.dtype == Dtype::F32 && cfg!(target_endian = "little") {
+        for chunk in rows.chunks(CHUNK) {
+            put(bytemuck::cast_slice(chunk), &mut crc)?;
+        }
+    } else {
+        let mut buffer = Vec::with_capacity(CHUNK * header.dtype.size());
+        for chunk in rows.chunks(CHUNK) {
+            buffer.clear();
+            header.dtype.encode(chunk, &mut buffer);
+            put(&buffer, &mut crc)?;
+        }
+    }
+    let footer = crc.finalize().to_le_bytes();
+    out.write_all(&footer)?;
+    Ok(written + footer.len())
+}
+
+/// Writes a shard file atomically (temporary file beside it, `fsync`, rename); returns its size.
+pub fn write_shard(path: &Path, header: &ShardHeader, rows: &[f32]) -> Result<usize> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let file = std::fs::File::create(&tmp).map_err(Error::io(&tmp))?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let size = write_shard_to(&mut writer, header, rows).map_err(Error::io(&tmp))?;
+    let file = writer.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+    file.sync_all().map_err(Error::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+    Ok(size)
 }
 
 /// A verified, memory-mapped shard.

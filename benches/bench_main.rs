@@ -1,0 +1,111 @@
+//! culprit's benchmarks (criterion). Run with `cargo bench --bench bench_main [-- FILTER]`.
+//!
+//! - `per_example_gradients`: gradients/s for the MLP 784-512-256-10 at batch 256 on MNIST-shaped
+//!   inputs: layer taps (exact, JL, Kronecker projections; flex and ndarray backends) against the
+//!   naive one-backward-per-example loop, all measured in the same run.
+//! - `store`: gradient-store write and read throughput (GB/s) against plain file write and
+//!   memory read baselines of the same bytes.
+
+use std::time::Duration;
+
+use burn::tensor::DType;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use culprit::gradients::projection::{ProjectionSpec, Projector};
+use culprit::gradients::{Measurement, layer_factors, per_example_loop};
+use culprit::store::{Dtype, GradientStore, StoreKey, StoreManifest, write_shard};
+use culprit_models::{Activation, Architecture, Backend, InputShape, ModelConfig, Network};
+use rand::{Rng, SeedableRng};
+
+const BATCH: usize = 256;
+
+fn mnist_like(n: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let x = (0..n * 784).map(|_| if rng.random::<f32>() < 0.8 { 0.0 } else { rng.random::<f32>() }).collect();
+    let y = (0..n).map(|_| rng.random_range(0..10)).collect();
+    (x, y)
+}
+
+fn mlp() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Mlp,
+        input: InputShape { channels: 1, height: 28, width: 28 },
+        num_classes: 10,
+        hidden: vec![512, 256],
+        activation: Activation::Relu,
+    }
+}
+
+fn per_example_gradients(c: &mut Criterion) {
+    let (x, y) = mnist_like(BATCH);
+    let mut group = c.benchmark_group("per_example_gradients");
+    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for backend in [Backend::Flex, Backend::NdArray] {
+        let device = backend.autodiff_device();
+        let net = Network::init(&mlp(), 0, &device, DType::F32).unwrap();
+        let specs: &[&str] = if backend == Backend::Flex { &["none", "jl:512", "kron:32x32"] } else { &["none"] };
+        for spec in specs {
+            let projector = Projector::new(ProjectionSpec::parse(spec).unwrap(), 0, &net, &device).unwrap();
+            group.bench_function(BenchmarkId::new(format!("taps/{}", backend.name()), spec), |b| {
+                b.iter(|| {
+                    let factors = layer_factors(&net, &x, &y, Measurement::TRAINING_LOSS, &device);
+                    projector.project_rows(&factors, &net)
+                })
+            });
+        }
+        group.bench_function(BenchmarkId::new(format!("naive_loop/{}", backend.name()), "none"), |b| {
+            b.iter(|| per_example_loop(&net, &x, &y, Measurement::TRAINING_LOSS, &device))
+        });
+    }
+    group.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let rows = 4096;
+    let row_len = 8192; // 128 MiB of f32 in 4 shards
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let data: Vec<f32> = (0..rows * row_len).map(|_| rng.random::<f32>() - 0.5).collect();
+    let key = StoreKey { weights_sha256: "w".into(), data_sha256: "d".into(), projection: "none".into(), seed: 0 };
+    let manifest = StoreManifest::new(key.clone(), Dtype::F32, rows, row_len, vec![], 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = (rows * row_len * 4) as u64;
+    let mut group = c.benchmark_group("store");
+    group.sample_size(10).measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Bytes(bytes));
+    // Baseline: the same bytes written to plain files and synced, as the store syncs its shards.
+    group.bench_function("write/baseline_plain_files_synced", |b| {
+        b.iter(|| {
+            for (i, chunk) in data.chunks(1024 * row_len).enumerate() {
+                let path = dir.path().join(format!("plain-{i}"));
+                std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(chunk)).unwrap();
+                std::fs::File::open(&path).unwrap().sync_all().unwrap();
+            }
+        })
+    });
+    group.bench_function("write/shards", |b| {
+        b.iter(|| {
+            manifest.write(dir.path()).unwrap();
+            for (i, chunk) in data.chunks(1024 * row_len).enumerate() {
+                write_shard(
+                    &dir.path().join(&manifest.shards[i].file),
+                    &GradientStore::expected_header(&manifest, i),
+                    chunk,
+                )
+                .unwrap();
+            }
+        })
+    });
+    group.bench_function("read/baseline_memory_sum", |b| b.iter(|| data.iter().sum::<f32>()));
+    group.bench_function("read/open_verify_and_sum", |b| {
+        b.iter(|| {
+            let store = GradientStore::open(dir.path(), &key).unwrap();
+            let mut total = 0.0f32;
+            store.for_each_block(1024, |_, block| total += block.iter().sum::<f32>());
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, per_example_gradients, store);
+criterion_main!(benches);
