@@ -33,6 +33,9 @@ pub enum Error {
     /// The model does not fit the data, or training failed.
     #[error(transparent)]
     Model(#[from] culprit_models::ModelError),
+    /// A curvature method failed numerically.
+    #[error(transparent)]
+    Curvature(#[from] crate::curvature::CurvatureError),
     /// The command line asks for something inconsistent.
     #[error("{0}")]
     Usage(String),

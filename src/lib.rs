@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | 0. data and models | loaders with stable example ids; reference models trained to a documented objective | [`data`], [`training`], [`run`], `culprit-models` |
 //! | 1. gradient cache | exact per-example gradients from layer taps, random projections, a checksummed sharded store | [`gradients`], [`store`], [`cache`] |
-//! | 2. curvature | inverse-Hessian-vector products | (next) |
+//! | 2. curvature | inverse-Hessian-vector products: dense, CG, LiSSA, Arnoldi, K-FAC, EK-FAC | [`curvature`] |
 //! | 3. query | top proponents and opponents of an output | (next) |
 //! | 4. act | trace, purge and retrain, audit | (next) |
 //!
@@ -19,9 +19,11 @@
 //! included (see [`culprit_models::train`]).
 
 pub mod cache;
+pub mod curvature;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod fit;
 pub mod gradients;
 pub mod predict;
 pub mod progress;

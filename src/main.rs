@@ -130,6 +130,45 @@ enum Command {
         #[arg(long)]
         store: Option<PathBuf>,
     },
+    /// Fit a curvature method (inverse-Hessian approximation) and store its factors in RUN/curvature.
+    Fit {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// exact, ggn, cg, lissa, arnoldi, kfac, ekfac or identity.
+        #[arg(long, default_value = "cg")]
+        curvature: String,
+        /// Extra damping δ added to the curvature (on top of the objective's own λ).
+        #[arg(long, default_value_t = 0.0)]
+        damping: f64,
+        /// Relative-residual tolerance of cg and lissa.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// Iteration limit of cg.
+        #[arg(long, default_value_t = 1000)]
+        max_iterations: usize,
+        /// Precondition cg with EK-FAC.
+        #[arg(long)]
+        precondition: bool,
+        /// lissa: recursion depth.
+        #[arg(long, default_value_t = 5000)]
+        lissa_depth: usize,
+        /// lissa: scale s (default 1.1 × the top eigenvalue).
+        #[arg(long, default_value_t = 0.0)]
+        lissa_scale: f64,
+        /// lissa: examples per stochastic product (default: full batch).
+        #[arg(long)]
+        lissa_batch: Option<usize>,
+        /// lissa: recursions averaged.
+        #[arg(long, default_value_t = 1)]
+        lissa_repeats: usize,
+        /// arnoldi: Krylov dimension.
+        #[arg(long, default_value_t = 100)]
+        arnoldi_iterations: usize,
+        /// arnoldi: eigenpairs kept.
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+    },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
         /// Working directory to create (default: a fresh one under the temp directory).
@@ -243,6 +282,52 @@ fn execute(cli: Cli) -> Result<()> {
                 r.bytes_written as f64 / 1e6 / secs,
                 r.store.display(),
                 if r.complete { "is complete" } else { "still has shards to compute (other --shard parts)" }
+            )
+            .map_err(Error::io(std::path::Path::new("<stdout>")))?;
+        }
+        Command::Fit {
+            run,
+            curvature,
+            damping,
+            tolerance,
+            max_iterations,
+            precondition,
+            lissa_depth,
+            lissa_scale,
+            lissa_batch,
+            lissa_repeats,
+            arnoldi_iterations,
+            top_k,
+        } => {
+            use culprit::curvature::iterative::{Arnoldi, ConjugateGradient, Lissa};
+            let options = culprit::curvature::FitOptions {
+                method: culprit::curvature::Method::parse(&curvature)?,
+                damping,
+                cg: ConjugateGradient { tolerance: tolerance.unwrap_or(1e-8), max_iterations },
+                precondition,
+                lissa: Lissa {
+                    scale: lissa_scale,
+                    depth: lissa_depth,
+                    repeats: lissa_repeats,
+                    batch: lissa_batch.unwrap_or(usize::MAX),
+                    tolerance: tolerance.unwrap_or(1e-3),
+                    seed: 0,
+                },
+                arnoldi: Arnoldi { iterations: arnoldi_iterations, top_k, seed: 0 },
+                chunk: 1024,
+            };
+            let r = culprit::fit::fit(&run, &options, backend)?;
+            writeln!(
+                stdout,
+                "fitted {} on {} parameters in {:.3} s (damping {:e}); written to {}\ncheck: solved (H + δI)x = ∇ℓ(z₀) in {:.4} s{}, relative residual against the exact GGN {:.3e}",
+                curvature,
+                r.params,
+                r.fit_seconds,
+                damping,
+                r.path.display(),
+                r.solve_seconds,
+                r.iterations.map(|i| format!(" ({i} iterations)")).unwrap_or_default(),
+                r.relative_residual
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }

@@ -81,3 +81,15 @@ pub fn to_csv(predictions: &[Prediction], classes: usize) -> String {
     }
     s
 }
+
+/// Row-wise softmax of `rows × classes` logits (max-shifted, f64).
+pub fn softmax_rows(logits: &[f64], classes: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(classes) {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = row.iter().map(|z| (z - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        out.extend(e.into_iter().map(|v| v / s));
+    }
+    out
+}

@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod curvature;
 mod gradients;
 mod loaders;
 mod store;

@@ -162,12 +162,22 @@ pub fn layer_factors(
     let x = input_batch(features, dim, device, network.dtype());
     let (logits, taps) = network.forward_tapped(x);
     let grads = measurement.values(logits, targets).sum().backward();
+    factors_from_taps(network, &taps, &grads)
+}
+
+/// Turns the taps of a forward pass and the gradients of a backward pass into layer factors
+/// (convolution inputs unfolded into patches).
+pub fn factors_from_taps(
+    network: &Network,
+    taps: &[culprit_models::LayerTap],
+    grads: &burn::tensor::Gradients,
+) -> Vec<LayerFactors> {
     network
         .layers()
         .iter()
-        .zip(&taps)
+        .zip(taps)
         .map(|(spec, tap)| {
-            let delta = tap.output_gradient(&grads).expect("every layer reaches the output");
+            let delta = tap.output_gradient(grads).expect("every layer reaches the output");
             match (&spec.kind, tap.input.clone(), delta) {
                 (LayerKind::Dense { bias, .. }, Activations::Dense(a), Activations::Dense(d)) => {
                     LayerFactors { input: a.unsqueeze_dim(2), output_grad: d.unsqueeze_dim(2), bias: *bias }

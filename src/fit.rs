@@ -1,0 +1,75 @@
+//! `culprit fit`: fit a curvature method to a run and store its factors.
+//!
+//! After fitting, a self-check solves (H + δI)x = q for one query, q = ∇ℓ of the first training
+//! example, and reports the solve's time and its relative residual against the exact GGN
+//! operator (for approximate methods, how far they are from exact).
+
+use std::path::PathBuf;
+
+use culprit_models::Backend;
+
+use crate::cache::{store_key, training_data};
+use crate::curvature::iterative::residual_of;
+use crate::curvature::operators::{Damped, GaussNewton, Objective};
+use crate::curvature::{Curvature, FitOptions, curvature_path};
+use crate::error::Result;
+use crate::gradients::projection::ProjectionSpec;
+use crate::gradients::{Measurement, per_example_gradients};
+use crate::run::Run;
+
+/// What `culprit fit` reports.
+#[derive(Clone, Debug)]
+pub struct FitReport {
+    /// Where the factors were written.
+    pub path: PathBuf,
+    /// Seconds to fit.
+    pub fit_seconds: f64,
+    /// Seconds for the self-check solve.
+    pub solve_seconds: f64,
+    /// Iterations of the self-check solve (iterative methods).
+    pub iterations: Option<usize>,
+    /// Relative residual of the self-check against the exact GGN (+ damping).
+    pub relative_residual: f64,
+    /// Parameters.
+    pub params: usize,
+}
+
+/// The objective of a run in f64, on `backend`.
+pub fn objective(run: &Run, backend: Backend) -> Result<Objective> {
+    let device = backend.autodiff_device();
+    let data = training_data(run)?;
+    let network = run.network(&device)?;
+    Ok(Objective::new(&network, data, run.config.training.l2, &device))
+}
+
+/// Fits, stores and self-checks a curvature method.
+pub fn fit(run_dir: &std::path::Path, options: &FitOptions, backend: Backend) -> Result<FitReport> {
+    let run = Run::open(run_dir)?;
+    let objective = objective(&run, backend)?;
+    let curvature = Curvature::fit(&objective, options)?;
+    let key = store_key(&run, ProjectionSpec::None, 0)?;
+    let path = curvature_path(&run.dir, options.method);
+    curvature.save(&path, &key.weights_sha256, &key.data_sha256, objective.l2)?;
+    let first = per_example_gradients(
+        &objective.network,
+        &objective.data.features[..objective.data.dim()],
+        &objective.data.labels[..1],
+        Measurement::TRAINING_LOSS,
+        &objective.device,
+    );
+    let q = crate::curvature::dense::rows_f64(&first);
+    let started = std::time::Instant::now();
+    let solved = curvature.solve(&objective, std::slice::from_ref(&q))?;
+    let solve_seconds = started.elapsed().as_secs_f64();
+    let (x, info) = &solved[0];
+    let ggn = GaussNewton::new(&objective, options.chunk);
+    let residual = residual_of(&Damped { inner: &ggn, damping: options.damping }, x, &q);
+    Ok(FitReport {
+        path,
+        fit_seconds: curvature.fit_seconds,
+        solve_seconds,
+        iterations: info.as_ref().map(|i| i.iterations),
+        relative_residual: residual,
+        params: objective.network.num_params(),
+    })
+}
