@@ -172,22 +172,20 @@ pub fn fit(objective: &Objective, refit: bool, chunk: usize) -> Result<Kronecker
     };
     for_each_class_factors(objective, chunk, |p, c, factors| {
         let b = p.len();
-        let w = Tensor::<1>::from_data(
-            TensorData::new(p.iter().map(|v| (v / n).sqrt()).collect::<Vec<_>>(), [b]),
-            (device, DType::F64),
-        )
-        .reshape([b, 1, 1]);
         for (l, f) in factors.iter().enumerate() {
+            let a = augmented_inputs(f); // [b, L, m]
+            let [_, positions, m] = a.dims();
             if c == 0 {
-                let a = augmented_inputs(f);
-                let [_, positions, m] = a.dims();
-                let gram =
-                    a.clone().swap_dims(1, 2).matmul(a).sum_dim(0).reshape([m, m]).div_scalar(n * positions as f64);
-                add(&mut a_sum[l], gram);
+                let x = a.reshape([b * positions, m]);
+                add(&mut a_sum[l], x.clone().transpose().matmul(x).div_scalar(n * positions as f64));
             }
-            let d = f.output_grad.clone() * w.clone();
-            let [_, o, _] = d.dims();
-            add(&mut s_sum[l], d.clone().matmul(d.swap_dims(1, 2)).sum_dim(0).reshape([o, o]));
+            // Rows (example, position) of the output gradient, weighted by √(p_ic / n).
+            let weights: Vec<f64> = p.iter().flat_map(|v| std::iter::repeat_n((v / n).sqrt(), positions)).collect();
+            let w = Tensor::<1>::from_data(TensorData::new(weights, [b * positions]), (device, DType::F64))
+                .reshape([b * positions, 1]);
+            let [_, o, _] = f.output_grad.dims();
+            let d = f.output_grad.clone().swap_dims(1, 2).reshape([b * positions, o]) * w;
+            add(&mut s_sum[l], d.clone().transpose().matmul(d));
         }
     });
     let mut layers = Vec::with_capacity(specs.len());
@@ -216,16 +214,27 @@ pub fn fit(objective: &Objective, refit: bool, chunk: usize) -> Result<Kronecker
             let w = Tensor::<1>::from_data(
                 TensorData::new(p.iter().map(|v| v / n).collect::<Vec<_>>(), [b]),
                 (device, DType::F64),
-            )
-            .reshape([b, 1, 1]);
+            );
             for (l, f) in factors.iter().enumerate() {
                 let (qa, qs) = &bases[l];
                 let [m, _] = qa.dims();
                 let [o, _] = qs.dims();
-                let pa = augmented_inputs(f).matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
-                let pd = f.output_grad.clone().swap_dims(1, 2).matmul(qs.clone().reshape([1, o, o])); // [b, L, o]
-                let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
-                add(&mut sums[l], (g.square() * w.clone()).sum_dim(0).reshape([m, o]));
+                let a = augmented_inputs(f); // [b, L, m]
+                let positions = a.dims()[1];
+                let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
+                let term = if positions == 1 {
+                    // Dense: the gradient in the eigenbasis is rank one, (Q_Aᵀã) ⊗ (Q_Sᵀδ), so its
+                    // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product.
+                    let pa = a.reshape([b, m]).matmul(qa.clone()).square() * w.clone().reshape([b, 1]);
+                    let pd = d.reshape([b, o]).matmul(qs.clone()).square();
+                    pa.transpose().matmul(pd)
+                } else {
+                    let pa = a.matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
+                    let pd = d.matmul(qs.clone().reshape([1, o, o])); // [b, L, o]
+                    let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
+                    (g.square() * w.clone().reshape([b, 1, 1])).sum_dim(0).reshape([m, o])
+                };
+                add(&mut sums[l], term);
             }
         });
         for (layer, sum) in layers.iter_mut().zip(sums) {

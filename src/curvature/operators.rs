@@ -132,15 +132,28 @@ impl LinearOperator for HessianFd<'_> {
     }
 }
 
-/// Per chunk of examples: each layer's inputs and, per class, the logit gradients at its output.
+/// One layer's factors for a chunk, flattened so that every contraction is one matrix product.
+struct LayerChunk {
+    /// Inputs, one row per (example, position): `[b·L, in]`.
+    inputs: Tensor<2>,
+    /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: `[C, b·L, out]`.
+    logit_grads: Tensor<3>,
+    /// Positions per example (1 for dense layers).
+    positions: usize,
+}
+
+/// Per chunk of examples: predicted probabilities and each layer's factors.
 struct ChunkFactors {
     rows: usize,
     probabilities: Vec<f64>,
-    /// `layers[l].0`: inputs `[b, in, L]`; `layers[l].1[c]`: ∂z_c/∂(output) `[b, out, L]`.
-    layers: Vec<(Tensor<3>, Vec<Tensor<3>>)>,
+    layers: Vec<LayerChunk>,
 }
 
 /// The exact Gauss–Newton operator of the objective (see the module docs).
+///
+/// Per product and layer: Jv is one product `inputs · V` (`[b·L, out]`) and one elementwise
+/// product with the stacked logit gradients; Jᵀu is one weighted sum over classes and one product
+/// `inputsᵀ · Δ`. No per-example gradient is ever formed.
 pub struct GaussNewton<'a> {
     objective: &'a Objective,
     chunk: usize,
@@ -149,6 +162,12 @@ pub struct GaussNewton<'a> {
 
 /// Bytes of per-class factors the GGN keeps in memory across products.
 const GGN_CACHE_BYTES: usize = 3 << 30;
+
+/// `[b, rest…]` inputs or output gradients → rows per (example, position): `[b·L, features]`.
+fn flatten_positions(t: Tensor<3>) -> Tensor<2> {
+    let [b, f, l] = t.dims();
+    t.swap_dims(1, 2).reshape([b * l, f])
+}
 
 impl<'a> GaussNewton<'a> {
     /// The GGN of `objective`, evaluated in chunks of `chunk` examples. Per-class factors are
@@ -181,17 +200,28 @@ impl<'a> GaussNewton<'a> {
         let b = features.len() / dim;
         let logits = net.forward(input_batch(features, dim, &o.device, DType::F64));
         let probabilities = crate::predict::softmax_rows(&culprit_models::network::read_f64(logits), classes);
-        let mut layers: Vec<(Tensor<3>, Vec<Tensor<3>>)> = Vec::new();
+        let mut inputs: Vec<Option<(Tensor<2>, usize)>> = vec![None; net.layers().len()];
+        let mut grads: Vec<Vec<Tensor<3>>> = vec![Vec::with_capacity(classes); net.layers().len()];
         for c in 0..classes {
-            // m_i = z_ic: the "class logit" measurement, via taps.
-            let factors = logit_factors(net, features, c, &o.device);
-            for (l, f) in factors.into_iter().enumerate() {
+            // m_i = z_ic: the class-logit measurement, via taps.
+            for (l, f) in logit_factors(net, features, c, &o.device).into_iter().enumerate() {
                 if c == 0 {
-                    layers.push((f.input, Vec::with_capacity(classes)));
+                    let positions = f.input.dims()[2];
+                    inputs[l] = Some((flatten_positions(f.input), positions));
                 }
-                layers[l].1.push(f.output_grad);
+                let g = flatten_positions(f.output_grad);
+                let [r, out] = g.dims();
+                grads[l].push(g.reshape([1, r, out]));
             }
         }
+        let layers = inputs
+            .into_iter()
+            .zip(grads)
+            .map(|(input, g)| {
+                let (inputs, positions) = input.expect("every layer");
+                LayerChunk { inputs, logit_grads: Tensor::cat(g, 0), positions }
+            })
+            .collect();
         ChunkFactors { rows: b, probabilities, layers }
     }
 
@@ -222,79 +252,87 @@ impl<'a> GaussNewton<'a> {
     fn apply_chunk(&self, f: &ChunkFactors, v_layers: &[(Tensor<2>, Option<Tensor<1>>)], out: &mut [f64], scale: f64) {
         let net = &self.objective.network;
         let classes = net.config().num_classes;
+        let device = &self.objective.device;
         let b = f.rows;
-        // Jv: [b, C].
-        let mut jv = vec![0.0; b * classes];
-        for ((input, grads), (vw, vb)) in f.layers.iter().zip(v_layers) {
-            // (V a): [b, out, L] = Vᵀ-contraction of the inputs, plus the bias direction.
-            let va = project_inputs(input, vw, vb.as_ref());
-            for (c, g) in grads.iter().enumerate() {
-                let s = crate::curvature::operators::read_f64_3(va.clone() * g.clone());
-                for i in 0..b {
-                    jv[i * classes + c] += s[i];
-                }
+        // Jv: [C, b] summed over layers.
+        let mut jv: Option<Tensor<2>> = None;
+        for (layer, (vw, vb)) in f.layers.iter().zip(v_layers) {
+            let mut xv = layer.inputs.clone().matmul(vw.clone()); // [b·L, out]
+            if let Some(bias) = vb {
+                let o = bias.dims()[0];
+                xv = xv + bias.clone().reshape([1, o]);
             }
+            let [r, o] = xv.dims();
+            let per_row = (layer.logit_grads.clone() * xv.reshape([1, r, o])).sum_dim(2); // [C, b·L, 1]
+            let per_example = per_row.reshape([classes, b, layer.positions]).sum_dim(2).reshape([classes, b]);
+            jv = Some(match jv {
+                Some(j) => j + per_example,
+                None => per_example,
+            });
         }
-        // u = (diag p − p pᵀ) Jv · scale.
-        let mut u = vec![0.0; b * classes];
+        let jv = culprit_models::network::read_f64(jv.expect("a model has layers")); // [C, b]
+        // u = (diag p − p pᵀ) Jv · scale, laid out [C, b].
+        let mut u = vec![0.0; classes * b];
         for i in 0..b {
             let p = &f.probabilities[i * classes..(i + 1) * classes];
-            let j = &jv[i * classes..(i + 1) * classes];
-            let pj: f64 = dot(p, j);
+            let pj: f64 = (0..classes).map(|c| p[c] * jv[c * b + i]).sum();
             for c in 0..classes {
-                u[i * classes + c] = p[c] * (j[c] - pj) * scale;
+                u[c * b + i] = p[c] * (jv[c * b + i] - pj) * scale;
             }
         }
-        // Jᵀu per layer: Σ_c u_c δ⁽ᶜ⁾ is the output-side factor; contract with the inputs.
-        let device = &self.objective.device;
+        let u =
+            Tensor::<1>::from_data(TensorData::new(u, [classes * b]), (device, DType::F64)).reshape([classes, b, 1]);
+        // Jᵀu: Δ = Σ_c u_c ∂z_c/∂out per row, then inputsᵀ Δ.
         let mut offset = 0;
-        for ((input, grads), spec) in f.layers.iter().zip(net.layers()) {
-            let mut delta: Option<Tensor<3>> = None;
-            for (c, g) in grads.iter().enumerate() {
-                let uc: Vec<f64> = (0..b).map(|i| u[i * classes + c]).collect();
-                let w = Tensor::<1>::from_data(TensorData::new(uc, [b]), (device, DType::F64)).reshape([b, 1, 1]);
-                let term = g.clone() * w;
-                delta = Some(match delta {
-                    Some(d) => d + term,
-                    None => term,
-                });
-            }
-            let delta = delta.expect("at least two classes");
-            let factors = LayerFactors { input: input.clone(), output_grad: delta, bias: spec.bias_len() > 0 };
-            let g = factors.gradient(&spec.kind);
-            let summed = g.weight.sum_dim(0);
-            let w = culprit_models::network::read_f64(summed);
-            for (o, x) in out[offset..offset + w.len()].iter_mut().zip(&w) {
-                *o += x;
-            }
+        for (layer, spec) in f.layers.iter().zip(net.layers()) {
+            let [_, r, o] = layer.logit_grads.dims();
+            let weights = u.clone().expand([classes, b, layer.positions]).reshape([classes, r, 1]);
+            let delta = (layer.logit_grads.clone() * weights).sum_dim(0).reshape([r, o]);
+            let gw = layer.inputs.clone().transpose().matmul(delta.clone()); // [in, out]
+            let gw = match spec.kind {
+                LayerKind::Dense { .. } => gw,
+                LayerKind::Conv2d { .. } => gw.transpose(), // θ layout [out, C·k·k]
+            };
+            let w = culprit_models::network::read_f64(gw);
+            out[offset..offset + w.len()].iter_mut().zip(&w).for_each(|(a, x)| *a += x);
             offset += w.len();
-            if let Some(bias) = g.bias {
-                let bv = culprit_models::network::read_f64(bias.sum_dim(0));
-                for (o, x) in out[offset..offset + bv.len()].iter_mut().zip(&bv) {
-                    *o += x;
-                }
+            if spec.bias_len() > 0 {
+                let bv = culprit_models::network::read_f64(delta.sum_dim(0));
+                out[offset..offset + bv.len()].iter_mut().zip(&bv).for_each(|(a, x)| *a += x);
                 offset += bv.len();
             }
         }
     }
-}
 
-/// Reads a 3-D tensor summed over its last two dimensions: `[b]`.
-pub(crate) fn read_f64_3(t: Tensor<3>) -> Vec<f64> {
-    let [b, _, _] = t.dims();
-    culprit_models::network::read_f64(t.sum_dim(2).sum_dim(1).reshape([b]))
-}
-
-/// Each layer's input contracted with a direction V (+ bias direction): `[b, out, L]`, the change
-/// of the layer's output along V.
-fn project_inputs(input: &Tensor<3>, vw: &Tensor<2>, vb: Option<&Tensor<1>>) -> Tensor<3> {
-    // vw is [out, in] (the transpose of a dense weight, or a conv weight as [out, C·k·k]).
-    let [o, i] = vw.dims();
-    let mut va = vw.clone().reshape([1, o, i]).matmul(input.clone());
-    if let Some(bias) = vb {
-        va = va + bias.clone().reshape([1, o, 1]);
+    /// Splits a direction by layer: weights as `[in, out]` tensors (conv: `[C·k·k, out]`) so that
+    /// `inputs · V` is the change of the layer's output, and biases as vectors.
+    fn split(&self, v: &[f64]) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
+        let net = &self.objective.network;
+        let device = &self.objective.device;
+        let mut v_layers = Vec::new();
+        let mut offset = 0;
+        for spec in net.layers() {
+            let w = &v[offset..offset + spec.weight_len()];
+            offset += spec.weight_len();
+            let tw = match spec.kind {
+                LayerKind::Dense { inputs, outputs, .. } => {
+                    Tensor::<2>::from_data(TensorData::new(w.to_vec(), [inputs, outputs]), (device, DType::F64))
+                }
+                LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => Tensor::<2>::from_data(
+                    TensorData::new(w.to_vec(), [out_channels, in_channels * kernel * kernel]),
+                    (device, DType::F64),
+                )
+                .transpose(),
+            };
+            let b = spec.bias_len();
+            let tb = (b > 0).then(|| {
+                Tensor::<1>::from_data(TensorData::new(v[offset..offset + b].to_vec(), [b]), (device, DType::F64))
+            });
+            offset += b;
+            v_layers.push((tw, tb));
+        }
+        v_layers
     }
-    va
 }
 
 /// Layer factors of the class-`c` logit measurement mᵢ = z_ic.
@@ -321,37 +359,5 @@ impl LinearOperator for GaussNewton<'_> {
             None => self.chunks().for_each(|c| self.apply_chunk(&c, &v_layers, &mut out, scale)),
         }
         out
-    }
-}
-
-impl GaussNewton<'_> {
-    /// Splits a direction by layer: weights as `[out, in]` tensors, biases as vectors.
-    fn split(&self, v: &[f64]) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
-        let net = &self.objective.network;
-        let device = &self.objective.device;
-        // Split v by layer, weights as [out, in] so that V a is a plain product.
-        let mut v_layers = Vec::new();
-        let mut offset = 0;
-        for spec in net.layers() {
-            let w = &v[offset..offset + spec.weight_len()];
-            offset += spec.weight_len();
-            let tw = match spec.kind {
-                LayerKind::Dense { inputs, outputs, .. } => {
-                    Tensor::<2>::from_data(TensorData::new(w.to_vec(), [inputs, outputs]), (device, DType::F64))
-                        .transpose()
-                }
-                LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => Tensor::<2>::from_data(
-                    TensorData::new(w.to_vec(), [out_channels, in_channels * kernel * kernel]),
-                    (device, DType::F64),
-                ),
-            };
-            let b = spec.bias_len();
-            let tb = (b > 0).then(|| {
-                Tensor::<1>::from_data(TensorData::new(v[offset..offset + b].to_vec(), [b]), (device, DType::F64))
-            });
-            offset += b;
-            v_layers.push((tw, tb));
-        }
-        v_layers
     }
 }
