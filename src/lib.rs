@@ -12,7 +12,7 @@
 //! | 0. data and models | loaders with stable example ids; reference models trained to a documented objective | [`data`], [`training`], [`run`], `culprit-models` |
 //! | 1. gradient cache | exact per-example gradients from layer taps, random projections, a checksummed sharded store | [`gradients`], [`store`], [`cache`] |
 //! | 2. curvature | inverse-Hessian-vector products: dense, CG, LiSSA, Arnoldi, K-FAC, EK-FAC | [`curvature`] |
-//! | 3. query | top proponents and opponents of an output | (next) |
+//! | 3. query | top proponents and opponents of an output, streamed against the store | [`query`], [`trace`] |
 //! | 4. act | trace, purge and retrain, audit | (next) |
 //!
 //! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
@@ -27,8 +27,10 @@ pub mod fit;
 pub mod gradients;
 pub mod predict;
 pub mod progress;
+pub mod query;
 pub mod run;
 pub mod store;
+pub mod trace;
 pub mod training;
 
 pub use error::{Error, Result};

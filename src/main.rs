@@ -169,6 +169,35 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         top_k: usize,
     },
+    /// Rank the training examples by their influence on chosen test outputs.
+    Trace {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
+        #[arg(long, value_delimiter = ',', required = true)]
+        index: Vec<usize>,
+        /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C.
+        #[arg(long, default_value = "predicted")]
+        measure: String,
+        /// Fitted curvature to use (see `culprit fit`).
+        #[arg(long, default_value = "cg")]
+        curvature: String,
+        /// Proponents and opponents to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write every training example's score here (CSV: query_index,train_index,score).
+        #[arg(long)]
+        scores_out: Option<PathBuf>,
+        /// Gradient store (default RUN/gradients).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
         /// Working directory to create (default: a fresh one under the temp directory).
@@ -330,6 +359,38 @@ fn execute(cli: Cli) -> Result<()> {
                 r.relative_residual
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
+        }
+        Command::Trace { run, data, index, measure, curvature, top, format, scores_out, store } => {
+            if !matches!(format.as_str(), "table" | "json") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+            }
+            let options = culprit::trace::TraceOptions {
+                run,
+                store,
+                data: data.spec()?,
+                indices: index,
+                measurement: culprit::gradients::Measurement::parse(&measure)?,
+                curvature: culprit::curvature::Method::parse(&curvature)?,
+                top,
+                keep_all: scores_out.is_some(),
+                backend,
+            };
+            let report = culprit::trace::trace(&options)?;
+            if let (Some(path), Some(all)) = (&scores_out, &report.all_scores) {
+                use std::fmt::Write as _;
+                let mut csv = String::from("query_index,train_index,score\n");
+                for (q, scores) in report.queries.iter().zip(all) {
+                    for (id, s) in report.train_ids.iter().zip(scores) {
+                        let _ = writeln!(csv, "{},{},{:e}", q.index, id, s);
+                    }
+                }
+                write_atomic(path, csv.as_bytes())?;
+            }
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+                _ => culprit::trace::to_table(&report),
+            };
+            stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
         Command::Demo { out } => {
             culprit::demo::run(&culprit::demo::DemoOptions { out, backend, quiet: cli.quiet }, stdout)?;

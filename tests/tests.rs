@@ -8,5 +8,6 @@ mod common;
 mod curvature;
 mod gradients;
 mod loaders;
+mod query;
 mod store;
 mod training;

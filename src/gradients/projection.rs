@@ -230,6 +230,70 @@ impl Projector {
         &self.layout
     }
 
+    /// Projects a vector of θ's space (a preconditioned query, say) the way rows are projected, so
+    /// that ⟨project_vector(x), row(g)⟩ estimates ⟨x, g⟩ without bias. For Kronecker blocks the
+    /// layer's view X (m×o, see [`crate::curvature::kronecker::to_view`]) becomes P_inᵀ X P_out,
+    /// which for a rank-one gradient ã ⊗ δ is exactly (P_inᵀã) ⊗ (P_outᵀδ).
+    pub fn project_vector(&self, x: &[f64], network: &Network) -> Vec<f32> {
+        let specs = network.layers();
+        match self.spec {
+            ProjectionSpec::None => x.iter().map(|v| *v as f32).collect(),
+            ProjectionSpec::Jl { dim, .. } => {
+                let mut total = vec![0.0f32; dim];
+                let mut offset = 0;
+                for (spec, p) in specs.iter().zip(&self.layers) {
+                    let LayerProjection::Jl { weight, bias } = p else { unreachable!("jl layers") };
+                    for (len, matrix) in [(spec.weight_len(), Some(weight)), (spec.bias_len(), bias.as_ref())] {
+                        if let Some(m) = matrix.filter(|_| len > 0) {
+                            let v: Vec<f32> = x[offset..offset + len].iter().map(|v| *v as f32).collect();
+                            let row = Tensor::<2>::from_data(TensorData::new(v, [1, len]), (&m.device(), DType::F32));
+                            let projected = super::read_f32(row.matmul(m.clone()));
+                            total.iter_mut().zip(projected).for_each(|(t, v)| *t += v);
+                        }
+                        offset += len;
+                    }
+                }
+                total
+            }
+            ProjectionSpec::Kron { .. } => {
+                let mut out = Vec::with_capacity(self.row_len());
+                let mut offset = 0;
+                for (spec, p) in specs.iter().zip(&self.layers) {
+                    let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
+                    let len = spec.num_params();
+                    let view = crate::curvature::kronecker::to_view(spec, &x[offset..offset + len]);
+                    offset += len;
+                    let o = factor_dims(spec).1;
+                    let m = view.len() / o;
+                    let device = Device::default();
+                    let xv = Tensor::<2>::from_data(
+                        TensorData::new(view.iter().map(|v| *v as f32).collect::<Vec<_>>(), [m, o]),
+                        (&device, DType::F32),
+                    );
+                    let left = match p_in {
+                        Some((w, b)) => {
+                            let (w, b) = (w.clone().to_device(&device), b.clone().map(|b| b.to_device(&device)));
+                            let inputs = w.dims()[0];
+                            let mut t = w.transpose().matmul(xv.clone().slice([0..inputs, 0..o]));
+                            if let Some(b) = b {
+                                t = t + b.transpose().matmul(xv.slice([inputs..m, 0..o]));
+                            }
+                            t
+                        }
+                        None => xv,
+                    };
+                    let both = match p_out {
+                        Some(po) => left.matmul(po.clone().to_device(&device)),
+                        None => left,
+                    };
+                    debug_assert_eq!(both.dims(), [*k_in, *k_out]);
+                    out.extend(super::read_f32(both));
+                }
+                out
+            }
+        }
+    }
+
     /// Projects a batch's per-layer factors into host rows `batch × row_len`.
     pub fn project_rows(&self, factors: &[LayerFactors], network: &Network) -> Vec<f32> {
         match self.spec {

@@ -21,7 +21,7 @@ fn digits(rows: usize) -> Dataset {
     .unwrap()
 }
 
-fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective {
+pub(crate) fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective {
     let data = digits(rows);
     let config = ModelConfig {
         architecture,
@@ -38,7 +38,7 @@ fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64)
 }
 
 /// The logistic-regression Hessian by its closed form, by hand (θ layout `[(d+1), C]`).
-fn hand_hessian(o: &Objective) -> Vec<Vec<f64>> {
+pub(crate) fn hand_hessian(o: &Objective) -> Vec<Vec<f64>> {
     let theta = o.theta();
     let (n, d) = (o.data.len(), o.data.dim());
     let c = 10;

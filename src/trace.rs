@@ -1,0 +1,312 @@
+//! `culprit trace`: for chosen test outputs, the training examples most responsible.
+//!
+//! Loads the run, its gradient store and a fitted curvature, computes each query's measurement
+//! gradient, preconditions and projects it, and scores it against the store
+//! ([`crate::query::score_store`]). The score's meaning is in [`crate::query`] and
+//! `docs/OUTPUT.md`.
+
+use std::path::PathBuf;
+
+use culprit_models::Backend;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::store_key;
+use crate::curvature::{Curvature, Method, curvature_path};
+use crate::data::{DataSpec, Dataset, Preprocessing};
+use crate::error::{Error, Result};
+use crate::gradients::projection::{ProjectionSpec, Projector};
+use crate::gradients::{Measurement, Target, per_example_gradients};
+use crate::query::score_store;
+use crate::run::Run;
+use crate::store::{GradientStore, StoreManifest};
+
+/// Version of the JSON output schema (`docs/OUTPUT.md`).
+pub const OUTPUT_SCHEMA_VERSION: u32 = 1;
+
+/// Options of `culprit trace`.
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    /// The run.
+    pub run: PathBuf,
+    /// Gradient store (default `RUN/gradients`).
+    pub store: Option<PathBuf>,
+    /// Where the test inputs are.
+    pub data: DataSpec,
+    /// Source row ids of the queries in `data`.
+    pub indices: Vec<usize>,
+    /// What is measured.
+    pub measurement: Measurement,
+    /// Which fitted curvature.
+    pub curvature: Method,
+    /// How many proponents and opponents.
+    pub top: usize,
+    /// Keep every score (for `--scores-out`).
+    pub keep_all: bool,
+    /// Backend.
+    pub backend: Backend,
+}
+
+/// A query as the model sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueryInfo {
+    /// Source row id.
+    pub index: usize,
+    /// Its label.
+    pub label: u32,
+    /// The model's prediction.
+    pub predicted: u32,
+    /// Class probabilities.
+    pub probabilities: Vec<f64>,
+    /// The class the measurement refers to.
+    pub target: u32,
+    /// The measurement's value.
+    pub measurement_value: f64,
+    /// Iterations of the curvature solve (iterative methods).
+    pub solve_iterations: Option<usize>,
+    /// Relative residual of the curvature solve (iterative methods).
+    pub solve_residual: Option<f64>,
+}
+
+/// One training example's influence.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Influence {
+    /// Training example id (source row).
+    pub train_index: usize,
+    /// Its label.
+    pub label: u32,
+    /// The score.
+    pub score: f64,
+}
+
+/// Everything `trace` found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceReport {
+    /// Schema version.
+    pub schema_version: u32,
+    /// What a score is.
+    pub score_definition: String,
+    /// +1 if a positive score marks a proponent of the target class, −1 if a negative one does.
+    pub proponent_sign: i8,
+    /// The measurement.
+    pub measurement: Measurement,
+    /// Curvature method.
+    pub curvature: String,
+    /// Extra damping δ.
+    pub damping: f64,
+    /// The objective's λ.
+    pub l2: f64,
+    /// Number of training examples n.
+    pub n: usize,
+    /// The store's projection.
+    pub projection: String,
+    /// The queries.
+    pub queries: Vec<QueryInfo>,
+    /// Per query, the proponents (strongest first).
+    pub proponents: Vec<Vec<Influence>>,
+    /// Per query, the opponents (strongest first).
+    pub opponents: Vec<Vec<Influence>>,
+    /// Seconds spent scoring (one pass over the store).
+    pub scoring_seconds: f64,
+    /// Every score, per query, in training-data order (only with `--scores-out`).
+    #[serde(skip)]
+    pub all_scores: Option<Vec<Vec<f32>>>,
+    /// Training ids in store-row order (for `all_scores`).
+    #[serde(skip)]
+    pub train_ids: Vec<usize>,
+}
+
+/// Opens the store of a run, whatever projection it was built with.
+pub fn open_store(run: &Run, store: Option<PathBuf>) -> Result<(GradientStore, ProjectionSpec)> {
+    let dir = store.unwrap_or_else(|| run.dir.join("gradients"));
+    if !dir.join("manifest.json").is_file() {
+        return Err(Error::run(
+            &dir,
+            format!("no gradient store here; build it with `culprit cache --run {}`", run.dir.display()),
+        ));
+    }
+    let manifest = StoreManifest::read(&dir)?;
+    let spec = ProjectionSpec::parse(&manifest.key.projection)?;
+    let key = store_key(run, spec, manifest.key.seed)?;
+    Ok((GradientStore::open(&dir, &key)?, spec))
+}
+
+/// Runs a trace.
+pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
+    let run = Run::open(&options.run)?;
+    let (store, spec) = open_store(&run, options.store.clone())?;
+    let objective = crate::fit::objective(&run, options.backend)?;
+    let key = store_key(&run, ProjectionSpec::None, 0)?;
+    let cpath = curvature_path(&run.dir, options.curvature);
+    let curvature = if cpath.is_file() {
+        Curvature::load(&cpath, &key.weights_sha256, &key.data_sha256, objective.network.layers())?
+    } else if options.curvature == Method::Identity {
+        Curvature::fit(&objective, &crate::curvature::FitOptions { method: Method::Identity, ..Default::default() })?
+    } else {
+        return Err(Error::run(
+            &cpath,
+            format!(
+                "no fitted {} curvature; run `culprit fit --run {} --curvature {}` first",
+                options.curvature.name(),
+                run.dir.display(),
+                options.curvature.name()
+            ),
+        ));
+    };
+    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?;
+    let mut rows = Vec::with_capacity(options.indices.len());
+    for &index in &options.indices {
+        let row = queries.ids.iter().position(|&id| id == index).ok_or_else(|| {
+            Error::data(
+                &options.data.path,
+                None,
+                format!(
+                    "no example with index {index} in the selected rows ({}..{})",
+                    queries.ids[0],
+                    queries.ids[queries.len() - 1] + 1
+                ),
+            )
+        })?;
+        rows.push(row);
+    }
+    let net = &objective.network;
+    let classes = net.config().num_classes;
+    let dim = queries.dim();
+    let mut features = Vec::with_capacity(rows.len() * dim);
+    let mut labels = Vec::with_capacity(rows.len());
+    for &r in &rows {
+        features.extend_from_slice(&queries.features[r * dim..(r + 1) * dim]);
+        labels.push(queries.labels[r]);
+    }
+    let subset = Dataset {
+        features: features.clone(),
+        labels: labels.clone(),
+        ids: options.indices.clone(),
+        texts: None,
+        manifest: queries.manifest.clone(),
+    };
+    let predictions = crate::predict::predict(net, &subset, 256, &objective.device);
+    let predicted: Vec<u32> = predictions.iter().map(|p| p.predicted).collect();
+    let targets = options.measurement.targets(&labels, &predicted, classes)?;
+    let blocks = per_example_gradients(net, &features, &targets, options.measurement, &objective.device);
+    let grads = crate::curvature::dense::rows_f64(&blocks);
+    let d = net.num_params();
+    let q: Vec<Vec<f64>> = grads.chunks(d).map(<[f64]>::to_vec).collect();
+    let values = crate::gradients::read_f32(options.measurement.values(
+        net.forward(culprit_models::network::input_batch(&features, dim, &objective.device, net.dtype())),
+        &targets,
+    ));
+    let solved = curvature.solve(&objective, &q)?;
+    let projector = Projector::new(spec, store.manifest.key.seed, net, &objective.device)?;
+    let projected: Vec<Vec<f32>> = solved.iter().map(|(x, _)| projector.project_vector(x, net)).collect();
+    let n = objective.len();
+    let started = std::time::Instant::now();
+    let scores = score_store(&store, &projected, 1.0 / n as f64, options.top, options.keep_all);
+    let scoring_seconds = started.elapsed().as_secs_f64();
+    let proponent_sign: i8 = match options.measurement {
+        Measurement::Loss(_) => 1,
+        Measurement::Margin(_) => -1,
+    };
+    let influence = |s: &crate::query::Scored| Influence {
+        train_index: objective.data.ids[s.row],
+        label: objective.data.labels[s.row],
+        score: s.score,
+    };
+    let (mut proponents, mut opponents): (Vec<Vec<Influence>>, Vec<Vec<Influence>>) = scores
+        .largest
+        .iter()
+        .zip(&scores.smallest)
+        .map(|(hi, lo)| {
+            let hi: Vec<Influence> = hi.iter().filter(|s| s.score > 0.0).map(influence).collect();
+            let lo: Vec<Influence> = lo.iter().filter(|s| s.score < 0.0).map(influence).collect();
+            (hi, lo)
+        })
+        .unzip();
+    if proponent_sign < 0 {
+        std::mem::swap(&mut proponents, &mut opponents);
+    }
+    let query_infos = predictions
+        .iter()
+        .zip(&targets)
+        .zip(&values)
+        .zip(&solved)
+        .map(|(((p, t), v), (_, info))| QueryInfo {
+            index: p.id,
+            label: p.label,
+            predicted: p.predicted,
+            probabilities: p.probabilities.clone(),
+            target: *t,
+            measurement_value: f64::from(*v),
+            solve_iterations: info.as_ref().map(|i| i.iterations),
+            solve_residual: info.as_ref().map(|i| i.relative_residual),
+        })
+        .collect();
+    Ok(TraceReport {
+        schema_version: OUTPUT_SCHEMA_VERSION,
+        score_definition: "score(i) = (1/n) ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i): the predicted change of the measurement m if training example i were removed and the model retrained".into(),
+        proponent_sign,
+        measurement: options.measurement,
+        curvature: options.curvature.name().into(),
+        damping: curvature.options.damping,
+        l2: objective.l2,
+        n,
+        projection: spec.to_string(),
+        queries: query_infos,
+        proponents,
+        opponents,
+        scoring_seconds,
+        all_scores: scores.all,
+        train_ids: objective.data.ids.clone(),
+    })
+}
+
+/// A one-line description of a measurement for people.
+pub fn describe(measurement: Measurement, target: u32) -> String {
+    let t = |t: Target| match t {
+        Target::Label => format!("the label (class {target})"),
+        Target::Predicted => format!("the predicted class {target}"),
+        Target::Class(c) => format!("class {c}"),
+    };
+    match measurement {
+        Measurement::Loss(x) => format!("loss against {}", t(x)),
+        Measurement::Margin(x) => format!("margin of {}", t(x)),
+    }
+}
+
+/// The report as a plain-text table.
+pub fn to_table(report: &TraceReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "curvature {} (damping {:e}, λ {:e}), store projection {}, n = {}; score = predicted change of the measurement if the example were removed",
+        report.curvature, report.damping, report.l2, report.projection, report.n
+    );
+    for (k, q) in report.queries.iter().enumerate() {
+        let p = q.probabilities[q.predicted as usize];
+        let _ = writeln!(
+            s,
+            "\nquery {}: label {}, predicted {} (p = {:.3}); measurement: {} = {:.6}{}",
+            q.index,
+            q.label,
+            q.predicted,
+            p,
+            describe(report.measurement, q.target),
+            q.measurement_value,
+            match (q.solve_iterations, q.solve_residual) {
+                (Some(i), Some(r)) => format!(" [solve: {i} iterations, residual {r:.1e}]"),
+                _ => String::new(),
+            }
+        );
+        for (title, list) in [
+            ("proponents (pushed the model toward the target class)", &report.proponents[k]),
+            ("opponents (pushed it away)", &report.opponents[k]),
+        ] {
+            let _ = writeln!(s, "  top {title}:");
+            let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
+            for (r, i) in list.iter().enumerate() {
+                let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}", r + 1, i.train_index, i.label, i.score);
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,235 @@
+//! Query: scores against a brute-force f64 computation with an explicit inverse Hessian, against
+//! actual leave-one-out retraining (fixture), and their sign by removing examples and retraining.
+
+use std::path::{Path, PathBuf};
+
+use culprit::cache::CacheOptions;
+use culprit::curvature::{FitOptions, Method};
+use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use culprit::gradients::projection::ProjectionSpec;
+use culprit::gradients::{Measurement, Target};
+use culprit::store::Dtype;
+use culprit::trace::{TraceOptions, trace};
+use culprit::training::{TrainOptions, train};
+use culprit_models::{Activation, Architecture, Backend, Silent, TrainConfig};
+use faer::{Mat, Side};
+
+use crate::common::{digits_csv, shared};
+
+/// A logreg run on the first `rows` digits with a store and fitted curvatures.
+fn logreg_run(dir: &Path, rows: usize, project: &str, methods: &[Method]) -> PathBuf {
+    let out = dir.join("run");
+    let options = TrainOptions {
+        data: DataSpec { path: digits_csv(), split: Split::Train, skip: 0, limit: Some(rows) },
+        normalize: NormalizeMode::Max,
+        buckets: 64,
+        architecture: Architecture::LogReg,
+        hidden: None,
+        activation: Activation::Relu,
+        optimizer: None,
+        epochs: None,
+        batch_size: None,
+        learning_rate: None,
+        l2: Some(1e-3),
+        seed: 0,
+        backend: Backend::default(),
+        out: out.clone(),
+        quiet: true,
+    };
+    train(&options).unwrap();
+    culprit::cache::build(&CacheOptions {
+        run: out.clone(),
+        store: None,
+        projection: ProjectionSpec::parse(project).unwrap(),
+        seed: 3,
+        dtype: Dtype::F32,
+        batch: 128,
+        part: None,
+        rows_per_shard: Some(100),
+        backend: Backend::default(),
+        quiet: true,
+    })
+    .unwrap();
+    for &method in methods {
+        culprit::fit::fit(&out, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
+    }
+    out
+}
+
+fn trace_all(
+    run: &Path,
+    indices: Vec<usize>,
+    measurement: Measurement,
+    curvature: Method,
+) -> culprit::trace::TraceReport {
+    trace(&TraceOptions {
+        run: run.to_path_buf(),
+        store: None,
+        data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+        indices,
+        measurement,
+        curvature,
+        top: 10,
+        keep_all: true,
+        backend: Backend::default(),
+    })
+    .unwrap()
+}
+
+/// Softmax probabilities and the CE gradient of logreg by hand: ∂/∂θ at (x, c) is x̃ ⊗ (p − e_c).
+fn hand_gradient(theta: &[f64], x: &[f32], c: usize) -> Vec<f64> {
+    let (d, k) = (x.len(), 10);
+    let xt: Vec<f64> = x.iter().map(|v| f64::from(*v)).chain([1.0]).collect();
+    let z: Vec<f64> = (0..k).map(|j| (0..=d).map(|i| xt[i] * theta[i * k + j]).sum()).collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    let mut g = vec![0.0; (d + 1) * k];
+    for i in 0..=d {
+        for j in 0..k {
+            g[i * k + j] = xt[i] * (e[j] / s - if j == c { 1.0 } else { 0.0 });
+        }
+    }
+    g
+}
+
+#[test]
+fn every_score_equals_a_brute_force_inverse_hessian_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = logreg_run(dir.path(), 400, "none", &[Method::Exact, Method::Cg]);
+    let r = culprit::run::Run::open(&run).unwrap();
+    let objective = culprit::fit::objective(&r, Backend::default()).unwrap();
+    let h = crate::curvature::hand_hessian(&objective);
+    let d = h.len();
+    let inverse = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
+    let theta = r.theta.clone();
+    let test = Dataset::load(
+        &DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+        Preprocessing::Reuse(&r.manifest),
+    )
+    .unwrap();
+    for method in [Method::Exact, Method::Cg] {
+        let report = trace_all(&run, vec![1300, 1650], Measurement::Loss(Target::Label), method);
+        for (k, q) in report.queries.iter().enumerate() {
+            let row = q.index - 1297;
+            let x = &test.features[row * 64..(row + 1) * 64];
+            let gq = hand_gradient(&theta, x, q.label as usize);
+            let mut rhs = Mat::<f64>::from_fn(d, 1, |i, _| gq[i]);
+            faer::linalg::solvers::Solve::solve_in_place(&inverse, rhs.as_mut());
+            let n = objective.len();
+            let want: Vec<f64> = (0..n)
+                .map(|i| {
+                    let gi = hand_gradient(
+                        &theta,
+                        &objective.data.features[i * 64..(i + 1) * 64],
+                        objective.data.labels[i] as usize,
+                    );
+                    (0..d).map(|j| rhs[(j, 0)] * gi[j]).sum::<f64>() / n as f64
+                })
+                .collect();
+            let got = &report.all_scores.as_ref().unwrap()[k];
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(g, w)| (f64::from(*g) - w).abs()).fold(0.0, f64::max);
+            assert!(worst <= 1e-6 * scale, "{method:?} query {}: max error {worst:e} vs scale {scale:e}", q.index);
+            // Top proponents are the largest brute-force scores.
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|a, b| want[*b].total_cmp(&want[*a]));
+            let top: Vec<usize> = report.proponents[k].iter().take(5).map(|i| i.train_index).collect();
+            assert_eq!(top, order[..5].to_vec(), "{method:?} query {}", q.index);
+        }
+    }
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+#[test]
+fn scores_agree_with_actual_leave_one_out_retraining() {
+    let Some(shared) = shared("fixtures/loo-digits-logreg/loo_change.csv") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let run = logreg_run(dir.path(), 1297, "none", &[Method::Exact, Method::Cg, Method::Ekfac]);
+    let text = std::fs::read_to_string(shared.join("fixtures/loo-digits-logreg/loo_change.csv")).unwrap();
+    let mut by_test: std::collections::BTreeMap<usize, Vec<(usize, f64)>> = Default::default();
+    for line in text.lines().skip(1) {
+        let v: Vec<&str> = line.split(',').collect();
+        by_test.entry(v[1].parse().unwrap()).or_default().push((v[0].parse().unwrap(), v[2].parse().unwrap()));
+    }
+    let indices: Vec<usize> = by_test.keys().map(|t| 1297 + t).collect();
+    for (method, floor) in [(Method::Exact, 0.99), (Method::Cg, 0.99), (Method::Ekfac, 0.6)] {
+        let report = trace_all(&run, indices.clone(), Measurement::Loss(Target::Label), method);
+        let all = report.all_scores.as_ref().unwrap();
+        let mut total = 0.0;
+        for (k, (_, pairs)) in by_test.iter().enumerate() {
+            let predicted: Vec<f64> = pairs.iter().map(|(i, _)| f64::from(all[k][*i])).collect();
+            let actual: Vec<f64> = pairs.iter().map(|(_, c)| *c).collect();
+            total += pearson(&predicted, &actual);
+        }
+        let mean = total / by_test.len() as f64;
+        eprintln!("{method:?}: mean Pearson with actual leave-one-out retraining {mean:.4}");
+        assert!(mean >= floor, "{method:?}: mean Pearson {mean}");
+    }
+}
+
+#[test]
+fn removing_the_top_proponent_and_retraining_raises_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 500;
+    let run = logreg_run(dir.path(), rows, "kron:65x10", &[Method::Exact]);
+    let report = trace_all(&run, vec![1400, 1555], Measurement::Loss(Target::Predicted), Method::Exact);
+    let r = culprit::run::Run::open(&run).unwrap();
+    let data = culprit::cache::training_data(&r).unwrap();
+    let device = Backend::default().autodiff_device();
+    let test = Dataset::load(
+        &DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+        Preprocessing::Reuse(&r.manifest),
+    )
+    .unwrap();
+    for (k, q) in report.queries.iter().enumerate() {
+        let row = q.index - 1297;
+        let loss_at = |net: &culprit_models::Network| {
+            let x = culprit_models::network::input_batch(
+                &test.features[row * 64..(row + 1) * 64],
+                64,
+                &device,
+                net.dtype(),
+            );
+            let y = culprit_models::network::one_hot(&[q.target], 10, &device, net.dtype());
+            culprit_models::network::read_f64(culprit_models::network::cross_entropy(net.forward(x), y))[0]
+        };
+        let base = loss_at(&r.network(&device).unwrap());
+        for (influence, sign) in [(&report.proponents[k][0], 1.0), (&report.opponents[k][0], -1.0)] {
+            let keep: Vec<usize> = (0..rows).filter(|&i| data.ids[i] != influence.train_index).collect();
+            let features: Vec<f32> = keep.iter().flat_map(|&i| data.features[i * 64..(i + 1) * 64].to_vec()).collect();
+            let labels: Vec<u32> = keep.iter().map(|&i| data.labels[i]).collect();
+            let config = r.config.model.clone();
+            // The score predicts the optimum of (1/n) Σ_{j≠i} CE + (λ/2)‖θ‖² with the same n; the
+            // trainer divides by n − 1, which with λ' = λ·n/(n − 1) has exactly that minimiser.
+            let l2 = r.config.training.l2 * rows as f64 / (rows - 1) as f64;
+            let training = TrainConfig { tolerance: 1e-9, l2, ..r.config.training.clone() };
+            let examples = culprit_models::Examples { features: &features, labels: &labels, dim: 64 };
+            let (net, _) = culprit_models::train::train(&config, &training, examples, &device, &mut Silent).unwrap();
+            let actual = loss_at(&net) - base;
+            let predicted = influence.score;
+            eprintln!(
+                "query {}: removing {} changes the loss by {actual:e} (predicted {predicted:e})",
+                q.index, influence.train_index
+            );
+            assert!(
+                actual * sign > 0.0,
+                "query {}: removing {} changed the loss by {actual:e}",
+                q.index,
+                influence.train_index
+            );
+            // First order, for the single most influential example (where the change is least
+            // linear): the prediction is within a factor of 2 of what retraining shows.
+            let ratio = predicted / actual;
+            assert!((0.5..=2.0).contains(&ratio), "predicted {predicted:e}, actual {actual:e}");
+        }
+    }
+}
