@@ -11,8 +11,8 @@ use culprit_models::Backend;
 use crate::cache::{store_key, training_data};
 use crate::curvature::iterative::residual_of;
 use crate::curvature::operators::{Damped, GaussNewton, Objective};
-use crate::curvature::{Curvature, FitOptions, curvature_path};
-use crate::error::Result;
+use crate::curvature::{Curvature, FitOptions, Method, curvature_path};
+use crate::error::{Error, Result};
 use crate::gradients::projection::ProjectionSpec;
 use crate::gradients::{Measurement, per_example_gradients};
 use crate::run::Run;
@@ -72,4 +72,25 @@ pub fn fit(run_dir: &std::path::Path, options: &FitOptions, backend: Backend) ->
         relative_residual: residual,
         params: objective.network.num_params(),
     })
+}
+
+/// Loads a run's fitted curvature (`identity` needs no fit).
+pub fn load(run: &Run, objective: &Objective, method: Method) -> Result<Curvature> {
+    let key = store_key(run, ProjectionSpec::None, 0)?;
+    let path = curvature_path(&run.dir, method);
+    if path.is_file() {
+        Curvature::load(&path, &key.weights_sha256, &key.data_sha256, objective.network.layers())
+    } else if method == Method::Identity {
+        Curvature::fit(objective, &FitOptions { method, ..Default::default() })
+    } else {
+        Err(Error::run(
+            &path,
+            format!(
+                "no fitted {} curvature; run `culprit fit --run {} --curvature {}` first",
+                method.name(),
+                run.dir.display(),
+                method.name()
+            ),
+        ))
+    }
 }

@@ -18,6 +18,7 @@
 //! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
 //! included (see [`culprit_models::train`]).
 
+pub mod audit;
 pub mod cache;
 pub mod curvature;
 pub mod data;

@@ -198,6 +198,27 @@ enum Command {
         #[arg(long)]
         store: Option<PathBuf>,
     },
+    /// Self-influence of every training example, calibrated against held-out examples (--data).
+    Audit {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Held-out reference examples (never trained on).
+        #[command(flatten)]
+        data: DataArgs,
+        /// Fitted curvature to use: exact, ggn, kfac, ekfac, arnoldi or identity.
+        #[arg(long, default_value = "ekfac")]
+        curvature: String,
+        /// Examples to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write every training example's self-influence here (CSV: train_index,label,predicted,self_influence,percentile).
+        #[arg(long)]
+        scores_out: Option<PathBuf>,
+    },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
         /// Working directory to create (default: a fresh one under the temp directory).
@@ -389,6 +410,35 @@ fn execute(cli: Cli) -> Result<()> {
             let text = match format.as_str() {
                 "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
                 _ => culprit::trace::to_table(&report),
+            };
+            stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
+        }
+        Command::Audit { run, data, curvature, top, format, scores_out } => {
+            if !matches!(format.as_str(), "table" | "json") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+            }
+            let report = culprit::audit::audit(&culprit::audit::AuditOptions {
+                run,
+                reference: data.spec()?,
+                curvature: culprit::curvature::Method::parse(&curvature)?,
+                top,
+                backend,
+            })?;
+            if let Some(path) = &scores_out {
+                use std::fmt::Write as _;
+                let mut csv = String::from("train_index,label,predicted,self_influence,percentile\n");
+                for e in &report.all {
+                    let _ = writeln!(
+                        csv,
+                        "{},{},{},{:e},{}",
+                        e.train_index, e.label, e.predicted, e.self_influence, e.percentile
+                    );
+                }
+                write_atomic(path, csv.as_bytes())?;
+            }
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+                _ => culprit::audit::to_table(&report),
             };
             stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }

@@ -11,7 +11,7 @@ use culprit_models::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::store_key;
-use crate::curvature::{Curvature, Method, curvature_path};
+use crate::curvature::Method;
 use crate::data::{DataSpec, Dataset, Preprocessing};
 use crate::error::{Error, Result};
 use crate::gradients::projection::{ProjectionSpec, Projector};
@@ -135,23 +135,7 @@ pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
     let run = Run::open(&options.run)?;
     let (store, spec) = open_store(&run, options.store.clone())?;
     let objective = crate::fit::objective(&run, options.backend)?;
-    let key = store_key(&run, ProjectionSpec::None, 0)?;
-    let cpath = curvature_path(&run.dir, options.curvature);
-    let curvature = if cpath.is_file() {
-        Curvature::load(&cpath, &key.weights_sha256, &key.data_sha256, objective.network.layers())?
-    } else if options.curvature == Method::Identity {
-        Curvature::fit(&objective, &crate::curvature::FitOptions { method: Method::Identity, ..Default::default() })?
-    } else {
-        return Err(Error::run(
-            &cpath,
-            format!(
-                "no fitted {} curvature; run `culprit fit --run {} --curvature {}` first",
-                options.curvature.name(),
-                run.dir.display(),
-                options.curvature.name()
-            ),
-        ));
-    };
+    let curvature = crate::fit::load(&run, &objective, options.curvature)?;
     let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?;
     let mut rows = Vec::with_capacity(options.indices.len());
     for &index in &options.indices {
