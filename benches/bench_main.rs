@@ -5,6 +5,9 @@
 //!   naive one-backward-per-example loop, all measured in the same run.
 //! - `store`: gradient-store write and read throughput (GB/s) against plain file write and
 //!   memory read baselines of the same bytes.
+//! - `scoring`: a batch of 8 queries scored against a synthetic store of 1M rows × 2048 f32
+//!   (8 GiB; `CULPRIT_BENCH_ROWS` changes the row count) with top-k, against a plain parallel
+//!   read of the same memory-mapped bytes.
 
 use std::time::Duration;
 
@@ -107,5 +110,43 @@ fn store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, per_example_gradients, store);
+fn scoring(c: &mut Criterion) {
+    let rows: usize = std::env::var("CULPRIT_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 20);
+    let row_len = 2048;
+    let per_shard = 65536;
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    let key = StoreKey { weights_sha256: "w".into(), data_sha256: "d".into(), projection: "jl:2048".into(), seed: 0 };
+    let manifest = StoreManifest::new(key.clone(), Dtype::F32, rows, row_len, vec![], per_shard);
+    manifest.write(dir.path()).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for (i, info) in manifest.shards.iter().enumerate() {
+        let data: Vec<f32> = (0..info.rows * row_len).map(|_| rng.random::<f32>() - 0.5).collect();
+        write_shard(&dir.path().join(&info.file), &GradientStore::expected_header(&manifest, i), &data).unwrap();
+    }
+    let store = GradientStore::open(dir.path(), &key).unwrap();
+    let queries: Vec<Vec<f32>> = (0..8).map(|_| (0..row_len).map(|_| rng.random::<f32>() - 0.5).collect()).collect();
+    let mut group = c.benchmark_group("scoring");
+    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Bytes((rows * row_len * 4) as u64));
+    group.bench_function("baseline_parallel_memory_read", |b| {
+        use rayon::prelude::*;
+        b.iter(|| {
+            store
+                .shards
+                .par_iter()
+                .map(|s| {
+                    // Integer lanes: the compiler vectorises this, so it runs at memory speed.
+                    let words: &[u64] = bytemuck::cast_slice(s.as_f32().unwrap());
+                    words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, w| a ^ w)).reduce(|| 0, |a, b| a ^ b)
+                })
+                .reduce(|| 0, |a, b| a ^ b)
+        })
+    });
+    group.bench_function("score_8_queries_top_100", |b| {
+        b.iter(|| culprit::query::score_store(&store, &queries, 1.0, 100, false))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, per_example_gradients, store, scoring);
 criterion_main!(benches);

@@ -28,8 +28,9 @@ pub struct FitReport {
     pub solve_seconds: f64,
     /// Iterations of the self-check solve (iterative methods).
     pub iterations: Option<usize>,
-    /// Relative residual of the self-check against the exact GGN (+ damping).
-    pub relative_residual: f64,
+    /// Relative residual of the self-check against the exact GGN (+ damping); `None` for the
+    /// projected curvature, which lives in another space.
+    pub relative_residual: Option<f64>,
     /// Parameters.
     pub params: usize,
 }
@@ -44,11 +45,38 @@ pub fn objective(run: &Run, backend: Backend) -> Result<Objective> {
 
 /// Fits, stores and self-checks a curvature method.
 pub fn fit(run_dir: &std::path::Path, options: &FitOptions, backend: Backend) -> Result<FitReport> {
+    fit_with_store(run_dir, options, backend, None)
+}
+
+/// [`fit`], with the gradient store the `projected` method reads (default `RUN/gradients`).
+pub fn fit_with_store(
+    run_dir: &std::path::Path,
+    options: &FitOptions,
+    backend: Backend,
+    store: Option<PathBuf>,
+) -> Result<FitReport> {
     let run = Run::open(run_dir)?;
     let objective = objective(&run, backend)?;
-    let curvature = Curvature::fit(&objective, options)?;
     let key = store_key(&run, ProjectionSpec::None, 0)?;
     let path = curvature_path(&run.dir, options.method);
+    if options.method == Method::Projected {
+        let (store, _) = crate::trace::open_store(&run, store)?;
+        let curvature = Curvature::fit_projected(&store, options, objective.l2)?;
+        curvature.save(&path, &key.weights_sha256, &key.data_sha256, objective.l2)?;
+        // Self-check in the projected space: time one solve for the store's first row.
+        let started = std::time::Instant::now();
+        curvature.solve_projected(&[store.row(0)])?;
+        let solve_seconds = started.elapsed().as_secs_f64();
+        return Ok(FitReport {
+            path,
+            fit_seconds: curvature.fit_seconds,
+            solve_seconds,
+            iterations: None,
+            relative_residual: None,
+            params: store.row_len(),
+        });
+    }
+    let curvature = Curvature::fit(&objective, options)?;
     curvature.save(&path, &key.weights_sha256, &key.data_sha256, objective.l2)?;
     let first = per_example_gradients(
         &objective.network,
@@ -69,7 +97,7 @@ pub fn fit(run_dir: &std::path::Path, options: &FitOptions, backend: Backend) ->
         fit_seconds: curvature.fit_seconds,
         solve_seconds,
         iterations: info.as_ref().map(|i| i.iterations),
-        relative_residual: residual,
+        relative_residual: Some(residual),
         params: objective.network.num_params(),
     })
 }

@@ -29,6 +29,7 @@ pub mod gradients;
 pub mod predict;
 pub mod progress;
 pub mod query;
+pub mod report;
 pub mod run;
 pub mod store;
 pub mod trace;

@@ -135,7 +135,7 @@ enum Command {
         /// Run directory.
         #[arg(long)]
         run: PathBuf,
-        /// exact, ggn, cg, lissa, arnoldi, kfac, ekfac or identity.
+        /// exact, ggn, cg, lissa, arnoldi, kfac, ekfac, projected (needs a projected store) or identity.
         #[arg(long, default_value = "cg")]
         curvature: String,
         /// Extra damping δ added to the curvature (on top of the objective's own λ).
@@ -168,6 +168,9 @@ enum Command {
         /// arnoldi: eigenpairs kept.
         #[arg(long, default_value_t = 50)]
         top_k: usize,
+        /// projected: the projected gradient store (default RUN/gradients).
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
     /// Rank the training examples by their influence on chosen test outputs.
     Trace {
@@ -188,9 +191,12 @@ enum Command {
         /// Proponents and opponents to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// table or json.
+        /// table, json or html (html needs --out).
         #[arg(long, default_value = "table")]
         format: String,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Write every training example's score here (CSV: query_index,train_index,score).
         #[arg(long)]
         scores_out: Option<PathBuf>,
@@ -215,6 +221,9 @@ enum Command {
         /// table or json.
         #[arg(long, default_value = "table")]
         format: String,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Write every training example's self-influence here (CSV: train_index,label,predicted,self_influence,percentile).
         #[arg(long)]
         scores_out: Option<PathBuf>,
@@ -348,6 +357,7 @@ fn execute(cli: Cli) -> Result<()> {
             lissa_repeats,
             arnoldi_iterations,
             top_k,
+            store,
         } => {
             use culprit::curvature::iterative::{Arnoldi, ConjugateGradient, Lissa};
             let options = culprit::curvature::FitOptions {
@@ -366,10 +376,10 @@ fn execute(cli: Cli) -> Result<()> {
                 arnoldi: Arnoldi { iterations: arnoldi_iterations, top_k, seed: 0 },
                 chunk: 1024,
             };
-            let r = culprit::fit::fit(&run, &options, backend)?;
+            let r = culprit::fit::fit_with_store(&run, &options, backend, store)?;
             writeln!(
                 stdout,
-                "fitted {} on {} parameters in {:.3} s (damping {:e}); written to {}\ncheck: solved (H + δI)x = ∇ℓ(z₀) in {:.4} s{}, relative residual against the exact GGN {:.3e}",
+                "fitted {} on {} parameters in {:.3} s (damping {:e}); written to {}\ncheck: solved (H + δI)x = ∇ℓ(z₀) in {:.4} s{}{}",
                 curvature,
                 r.params,
                 r.fit_seconds,
@@ -377,13 +387,16 @@ fn execute(cli: Cli) -> Result<()> {
                 r.path.display(),
                 r.solve_seconds,
                 r.iterations.map(|i| format!(" ({i} iterations)")).unwrap_or_default(),
-                r.relative_residual
+                r.relative_residual.map(|v| format!(", relative residual against the exact GGN {v:.3e}")).unwrap_or_default()
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
-        Command::Trace { run, data, index, measure, curvature, top, format, scores_out, store } => {
-            if !matches!(format.as_str(), "table" | "json") {
-                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+        Command::Trace { run, data, index, measure, curvature, top, format, out, scores_out, store } => {
+            if !matches!(format.as_str(), "table" | "json" | "html") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table, json or html)")));
+            }
+            if format == "html" && out.is_none() {
+                return Err(Error::Usage("--format html writes a file: add --out report.html".into()));
             }
             let options = culprit::trace::TraceOptions {
                 run,
@@ -396,7 +409,7 @@ fn execute(cli: Cli) -> Result<()> {
                 keep_all: scores_out.is_some(),
                 backend,
             };
-            let report = culprit::trace::trace(&options)?;
+            let (report, queries, training) = culprit::trace::trace_with_data(&options)?;
             if let (Some(path), Some(all)) = (&scores_out, &report.all_scores) {
                 use std::fmt::Write as _;
                 let mut csv = String::from("query_index,train_index,score\n");
@@ -409,11 +422,12 @@ fn execute(cli: Cli) -> Result<()> {
             }
             let text = match format.as_str() {
                 "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+                "html" => culprit::report::trace_html(&report, &queries, &training),
                 _ => culprit::trace::to_table(&report),
             };
-            stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
+            emit(&text, out.as_deref(), stdout)?;
         }
-        Command::Audit { run, data, curvature, top, format, scores_out } => {
+        Command::Audit { run, data, curvature, top, format, out, scores_out } => {
             if !matches!(format.as_str(), "table" | "json") {
                 return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
             }
@@ -440,13 +454,25 @@ fn execute(cli: Cli) -> Result<()> {
                 "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
                 _ => culprit::audit::to_table(&report),
             };
-            stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>")))?;
+            emit(&text, out.as_deref(), stdout)?;
         }
         Command::Demo { out } => {
             culprit::demo::run(&culprit::demo::DemoOptions { out, backend, quiet: cli.quiet }, stdout)?;
         }
     }
     Ok(())
+}
+
+/// Writes a report to `out` (atomically) or to standard output.
+fn emit(text: &str, out: Option<&std::path::Path>, stdout: &mut dyn Write) -> Result<()> {
+    match out {
+        Some(path) => {
+            write_atomic(path, text.as_bytes())?;
+            eprintln!("report written to {}", path.display());
+            Ok(())
+        }
+        None => stdout.write_all(text.as_bytes()).map_err(Error::io(std::path::Path::new("<stdout>"))),
+    }
 }
 
 fn main() -> ExitCode {

@@ -132,6 +132,12 @@ pub fn open_store(run: &Run, store: Option<PathBuf>) -> Result<(GradientStore, P
 
 /// Runs a trace.
 pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
+    Ok(trace_with_data(options)?.0)
+}
+
+/// Runs a trace and also returns the query examples (in report order) and the training data, for
+/// rendering.
+pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, Dataset)> {
     let run = Run::open(&options.run)?;
     let (store, spec) = open_store(&run, options.store.clone())?;
     let objective = crate::fit::objective(&run, options.backend)?;
@@ -165,7 +171,7 @@ pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
         features: features.clone(),
         labels: labels.clone(),
         ids: options.indices.clone(),
-        texts: None,
+        texts: queries.texts.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
         manifest: queries.manifest.clone(),
     };
     let predictions = crate::predict::predict(net, &subset, 256, &objective.device);
@@ -179,9 +185,29 @@ pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
         net.forward(culprit_models::network::input_batch(&features, dim, &objective.device, net.dtype())),
         &targets,
     ));
-    let solved = curvature.solve(&objective, &q)?;
     let projector = Projector::new(spec, store.manifest.key.seed, net, &objective.device)?;
-    let projected: Vec<Vec<f32>> = solved.iter().map(|(x, _)| projector.project_vector(x, net)).collect();
+    let (solved, projected): (Vec<(Vec<f64>, Option<crate::curvature::iterative::SolveInfo>)>, Vec<Vec<f32>>) =
+        match &curvature.factors {
+            crate::curvature::Factors::Projected { store: fitted, .. } => {
+                if fitted != &store.manifest.key {
+                    return Err(Error::run(
+                        &store.dir,
+                        format!(
+                            "the projected curvature was fitted on a store with projection {} seed {}; this store has {} seed {} (run culprit fit --curvature projected again)",
+                            fitted.projection, fitted.seed, store.manifest.key.projection, store.manifest.key.seed
+                        ),
+                    ));
+                }
+                let raw: Vec<Vec<f32>> = q.iter().map(|g| projector.project_vector(g, net)).collect();
+                let x = curvature.solve_projected(&raw)?;
+                (q.iter().map(|_| (Vec::new(), None)).collect(), x)
+            }
+            _ => {
+                let solved = curvature.solve(&objective, &q)?;
+                let projected = solved.iter().map(|(x, _)| projector.project_vector(x, net)).collect();
+                (solved, projected)
+            }
+        };
     let n = objective.len();
     let started = std::time::Instant::now();
     let scores = score_store(&store, &projected, 1.0 / n as f64, options.top, options.keep_all);
@@ -224,7 +250,7 @@ pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
             solve_residual: info.as_ref().map(|i| i.relative_residual),
         })
         .collect();
-    Ok(TraceReport {
+    let report = TraceReport {
         schema_version: OUTPUT_SCHEMA_VERSION,
         score_definition: "score(i) = (1/n) ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i): the predicted change of the measurement m if training example i were removed and the model retrained".into(),
         proponent_sign,
@@ -240,7 +266,8 @@ pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
         scoring_seconds,
         all_scores: scores.all,
         train_ids: objective.data.ids.clone(),
-    })
+    };
+    Ok((report, subset, objective.data))
 }
 
 /// A one-line description of a measurement for people.

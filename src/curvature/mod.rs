@@ -14,6 +14,7 @@
 //! | `arnoldi` | top-k eigenpairs of G from a Krylov space | m products | k·d | in the top-k subspace |
 //! | `kfac`, `ekfac` | Kronecker-factored G per layer | C backward passes per pass | Σ m·o·(m+o) | approximation |
 //! | `identity` | H = I: gradient dot products | – | d | no (a baseline) |
+//! | `projected` | TRAK-style (1/n)ΦᵀΦ + (λ+δ)I of a projected store, Cholesky | n·k² + k³/3 | k² | no (a projected empirical Fisher) |
 //!
 //! Iterative methods check their relative residual ‖(H+δI)x − q‖/‖q‖ with the exact operator and
 //! fail with [`CurvatureError::NotConverged`] rather than return a silently wrong answer.
@@ -98,6 +99,8 @@ pub enum Method {
     Ekfac,
     /// H = I.
     Identity,
+    /// TRAK-style: (1/n) ΦᵀΦ + (λ + δ)I in a projected store's space.
+    Projected,
 }
 
 impl Method {
@@ -112,9 +115,10 @@ impl Method {
             "kfac" => Self::Kfac,
             "ekfac" => Self::Ekfac,
             "identity" => Self::Identity,
+            "projected" => Self::Projected,
             other => {
                 return Err(Error::Usage(format!(
-                    "unknown curvature `{other}` (expected exact, ggn, cg, lissa, arnoldi, kfac, ekfac or identity)"
+                    "unknown curvature `{other}` (expected exact, ggn, cg, lissa, arnoldi, kfac, ekfac, projected or identity)"
                 )));
             }
         })
@@ -131,6 +135,7 @@ impl Method {
             Self::Kfac => "kfac",
             Self::Ekfac => "ekfac",
             Self::Identity => "identity",
+            Self::Projected => "projected",
         }
     }
 }
@@ -181,6 +186,13 @@ pub enum Factors {
     Kronecker(KroneckerFactors),
     /// Nothing.
     Identity,
+    /// Cholesky factor of (1/n) ΦᵀΦ + (λ + δ)I in the space of the store with this key.
+    Projected {
+        /// The k×k factor.
+        cholesky: dense::Cholesky,
+        /// The store's key (projection and seed, weights, data).
+        store: crate::store::StoreKey,
+    },
 }
 
 /// A fitted curvature with the options it was fitted with.
@@ -220,8 +232,50 @@ impl Curvature {
             Method::Kfac => Factors::Kronecker(kronecker::fit(objective, false, options.chunk)?),
             Method::Ekfac => Factors::Kronecker(kronecker::fit(objective, true, options.chunk)?),
             Method::Identity => Factors::Identity,
+            Method::Projected => {
+                return Err(Error::Usage(
+                    "the projected curvature is fitted from a projected gradient store (Curvature::fit_projected)"
+                        .into(),
+                ));
+            }
         };
         Ok(Self { options: options.clone(), factors, fit_seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// Fits the TRAK-style curvature M = (1/n) ΦᵀΦ + (λ + δ)I of a projected store's rows Φ
+    /// (n × k) and factors it. Cost n·k² + k³/3. The damping lives in the projected space: it is
+    /// the ridge TRAK adds to ΦᵀΦ (Park et al. 2023), not λ mapped through the projection.
+    pub fn fit_projected(store: &crate::store::GradientStore, options: &FitOptions, l2: f64) -> Result<Self> {
+        let started = std::time::Instant::now();
+        let k = store.row_len();
+        let n = store.rows() as f64;
+        let mut gram = Mat::<f64>::zeros(k, k);
+        store.for_each_block(1024, |_, block| {
+            let rows = block.len() / k;
+            let b = Mat::<f64>::from_fn(rows, k, |i, j| f64::from(block[i * k + j]));
+            gram += b.transpose() * &b;
+        });
+        let mut m = Mat::<f64>::from_fn(k, k, |i, j| gram[(i, j)] / n);
+        for i in 0..k {
+            m[(i, i)] += l2;
+        }
+        let cholesky = dense::Cholesky::new(m, options.damping, "projected")?;
+        Ok(Self {
+            options: options.clone(),
+            factors: Factors::Projected { cholesky, store: store.manifest.key.clone() },
+            fit_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// M⁻¹ q for queries already in a projected store's space (the projected curvature only).
+    pub fn solve_projected(&self, queries: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let Factors::Projected { cholesky, .. } = &self.factors else {
+            return Err(Error::Usage("only the projected curvature solves in a store's projected space".into()));
+        };
+        let k = cholesky.factor.nrows();
+        let mut q = Mat::<f64>::from_fn(k, queries.len(), |i, j| f64::from(queries[j][i]));
+        cholesky.solve(&mut q);
+        Ok((0..queries.len()).map(|j| (0..k).map(|i| q[(i, j)] as f32).collect()).collect())
     }
 
     /// Solves (H + δI) x = q for each query. `objective` is needed by the matrix-free methods.
@@ -275,6 +329,10 @@ impl Curvature {
             Factors::Arnoldi(e) => Ok(queries.iter().map(|q| (e.solve(q, damping), None)).collect()),
             Factors::Kronecker(k) => Ok(queries.iter().map(|q| (k.solve(specs, q, damping), None)).collect()),
             Factors::Identity => Ok(queries.iter().map(|q| (q.clone(), None)).collect()),
+            Factors::Projected { .. } => Err(Error::Usage(
+                "the projected curvature works in the store's projected space; culprit trace and audit use it there"
+                    .into(),
+            )),
         }
     }
 }
@@ -308,6 +366,9 @@ pub struct CurvatureHeader {
     pub fit_seconds: f64,
     /// The arrays that follow, in order.
     pub arrays: Vec<ArrayInfo>,
+    /// For the projected curvature: the key of the store it was fitted on.
+    #[serde(default)]
+    pub store: Option<crate::store::StoreKey>,
 }
 
 fn mat_values(m: &Mat<f64>) -> Vec<f64> {
@@ -336,7 +397,7 @@ impl Curvature {
                 .collect::<Vec<_>>()
         };
         match &self.factors {
-            Factors::Dense(c) => {
+            Factors::Dense(c) | Factors::Projected { cholesky: c, .. } => {
                 let d = c.factor.nrows();
                 vec![(info("cholesky", vec![d, d]), mat_values(&c.factor))]
             }
@@ -362,6 +423,10 @@ impl Curvature {
             l2,
             fit_seconds: self.fit_seconds,
             arrays: arrays.iter().map(|a| a.0.clone()).collect(),
+            store: match &self.factors {
+                Factors::Projected { store, .. } => Some(store.clone()),
+                _ => None,
+            },
         };
         let json = serde_json::to_vec(&header).expect("plain data");
         let mut out = Vec::new();
@@ -469,6 +534,17 @@ impl Curvature {
             }
             Method::Kfac | Method::Ekfac => Factors::Kronecker(kron(&mut take)?),
             Method::Identity => Factors::Identity,
+            Method::Projected => {
+                let (shape, values) = take("cholesky")?;
+                let store = header
+                    .store
+                    .clone()
+                    .ok_or_else(|| Error::run(path, "projected curvature without its store key"))?;
+                Factors::Projected {
+                    cholesky: dense::Cholesky { factor: mat_from(&values, shape[0], shape[1]) },
+                    store,
+                }
+            }
         };
         Ok(Self { options: header.options, factors, fit_seconds: header.fit_seconds })
     }
