@@ -129,7 +129,7 @@ img.px{{image-rendering:pixelated;display:block}} pre.text{{white-space:pre-wrap
 mark{{background:#ffe066}} .meta{{color:#555;font-size:.9em}} .query{{display:flex;gap:16px;align-items:flex-start}}
 </style></head><body><h1>culprit: which training examples made the model do this?</h1>
 <p class="meta">score(i) = (1/n) ∇m(z<sub>test</sub>)ᵀ (H + δI)⁻¹ ∇ℓ(z<sub>i</sub>): the predicted change of the measurement m if training example i were removed and the model retrained.
-Curvature <b>{}</b>, damping δ = {:e}, λ = {:e}, n = {}, store projection {}. Proponents pushed the model toward the measured class; opponents pushed it away.</p>"#,
+Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Proponents pushed the model toward the measured class; opponents pushed it away.</p>"#,
         escape(&report.curvature),
         report.damping,
         report.l2,

@@ -289,7 +289,7 @@ pub fn to_table(report: &TraceReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "curvature {} (damping {:e}, λ {:e}), store projection {}, n = {}; score = predicted change of the measurement if the example were removed",
+        "curvature {} (damping {}, λ {}), store projection {}, n = {}; score = predicted change of the measurement if the example were removed",
         report.curvature, report.damping, report.l2, report.projection, report.n
     );
     for (k, q) in report.queries.iter().enumerate() {

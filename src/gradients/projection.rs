@@ -305,6 +305,21 @@ impl Projector {
     /// Projects a batch's per-layer factors; returns one `[batch, len]` block per layout entry.
     pub fn project(&self, factors: &[LayerFactors], network: &Network) -> Vec<Tensor<2>> {
         let specs = network.layers();
+        // Projection matrices are f32 (the store's precision); f64 models' factors are cast.
+        let cast: Vec<LayerFactors>;
+        let factors = if factors.iter().any(|f| f.input.dtype() != DType::F32) {
+            cast = factors
+                .iter()
+                .map(|f| LayerFactors {
+                    input: f.input.clone().cast(DType::F32),
+                    output_grad: f.output_grad.clone().cast(DType::F32),
+                    bias: f.bias,
+                })
+                .collect();
+            &cast[..]
+        } else {
+            factors
+        };
         match self.spec {
             ProjectionSpec::None => factors
                 .iter()
