@@ -97,3 +97,19 @@ fn data_that_does_not_fit_the_model_is_refused() {
     let o = culprit(&["train", "--data", s(&other), "--model", "cnn", "--out", s(&dir.path().join("r2"))]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn the_demo_runs_end_to_end_on_the_embedded_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = culprit(&["demo", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for step in ["1. Data", "2. Train", "3. Cache", "4. Fit", "5. Trace", "6. Audit", "Done in"] {
+        assert!(text.contains(step), "the demo did not report `{step}`:\n{text}");
+    }
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.matches("data:image/png;base64,").count() >= 2 * (1 + 8));
+    // A second run into the same directory is refused, not overwritten.
+    assert_eq!(culprit(&["demo", "--out", s(&out)]).status.code(), Some(2));
+}
