@@ -43,6 +43,16 @@ fn per_example_gradients(c: &mut Criterion) {
     let mut group = c.benchmark_group("per_example_gradients");
     group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(BATCH as u64));
+    // Baseline: just writing B exact rows of #θ floats (what any exact method must at least do).
+    let params = mlp().num_params().unwrap();
+    group.bench_function("baseline_write_exact_rows", |b| {
+        use rayon::prelude::*;
+        b.iter(|| {
+            let mut rows = vec![0.0f32; BATCH * params];
+            rows.par_chunks_mut(params).enumerate().for_each(|(i, r)| r.iter_mut().for_each(|v| *v = i as f32));
+            rows
+        })
+    });
     for backend in [Backend::Flex, Backend::NdArray] {
         let device = backend.autodiff_device();
         let net = Network::init(&mlp(), 0, &device, DType::F32).unwrap();
