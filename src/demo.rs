@@ -8,9 +8,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use culprit_models::{Activation, Architecture, Backend};
+use culprit_models::{Architecture, Backend};
 
-use crate::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use crate::data::{DataSpec, Dataset, Preprocessing, Split};
 use crate::error::{Error, Result};
 use crate::predict::{accuracy, predict};
 use crate::training::{TrainOptions, train};
@@ -58,21 +58,10 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
     let train_spec = DataSpec { path: csv.clone(), split: Split::Train, skip: 0, limit: Some(DIGITS_TRAIN_ROWS) };
     let test_spec = DataSpec { path: csv.clone(), split: Split::Train, skip: DIGITS_TRAIN_ROWS, limit: None };
     let base = TrainOptions {
-        data: train_spec,
-        normalize: NormalizeMode::Max,
-        buckets: crate::data::text::DEFAULT_BUCKETS,
-        architecture: Architecture::LogReg,
-        hidden: None,
-        activation: Activation::Relu,
-        optimizer: None,
-        epochs: None,
-        batch_size: None,
-        learning_rate: None,
         l2: Some(1e-3),
-        seed: 0,
         backend: options.backend,
-        out: dir.join("logreg"),
         quiet: options.quiet,
+        ..TrainOptions::new(train_spec, Architecture::LogReg, dir.join("logreg"))
     };
     say(out, "2. Train logistic regression by L-BFGS in f64 to the exact optimum (influence functions assume one):")?;
     let (run, _) = train(&base)?;

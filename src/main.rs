@@ -49,6 +49,33 @@ impl DataArgs {
     }
 }
 
+/// How a report is written (trace, audit).
+#[derive(clap::Args, Clone)]
+struct ReportArgs {
+    /// table, json or html (html: trace only, needs --out).
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Write the report here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write every score here as CSV (trace: query_index,train_index,score; audit:
+    /// train_index,label,predicted,self_influence,percentile).
+    #[arg(long)]
+    scores_out: Option<PathBuf>,
+}
+
+impl ReportArgs {
+    fn check(&self, formats: &[&str]) -> Result<()> {
+        if !formats.contains(&self.format.as_str()) {
+            return Err(Error::Usage(format!("unknown --format `{}` (expected {})", self.format, formats.join(", "))));
+        }
+        if self.format == "html" && self.out.is_none() {
+            return Err(Error::Usage("--format html writes a file: add --out report.html".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a reference model and write a run directory.
@@ -191,15 +218,8 @@ enum Command {
         /// Proponents and opponents to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// table, json or html (html needs --out).
-        #[arg(long, default_value = "table")]
-        format: String,
-        /// Write the report here instead of standard output.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Write every training example's score here (CSV: query_index,train_index,score).
-        #[arg(long)]
-        scores_out: Option<PathBuf>,
+        #[command(flatten)]
+        report: ReportArgs,
         /// Gradient store (default RUN/gradients).
         #[arg(long)]
         store: Option<PathBuf>,
@@ -218,15 +238,8 @@ enum Command {
         /// Examples to list.
         #[arg(long, default_value_t = 20)]
         top: usize,
-        /// table or json.
-        #[arg(long, default_value = "table")]
-        format: String,
-        /// Write the report here instead of standard output.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Write every training example's self-influence here (CSV: train_index,label,predicted,self_influence,percentile).
-        #[arg(long)]
-        scores_out: Option<PathBuf>,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
@@ -391,13 +404,9 @@ fn execute(cli: Cli) -> Result<()> {
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
-        Command::Trace { run, data, index, measure, curvature, top, format, out, scores_out, store } => {
-            if !matches!(format.as_str(), "table" | "json" | "html") {
-                return Err(Error::Usage(format!("unknown --format `{format}` (expected table, json or html)")));
-            }
-            if format == "html" && out.is_none() {
-                return Err(Error::Usage("--format html writes a file: add --out report.html".into()));
-            }
+        Command::Trace { run, data, index, measure, curvature, top, report: output, store } => {
+            output.check(&["table", "json", "html"])?;
+            let ReportArgs { format, out, scores_out } = output;
             let options = culprit::trace::TraceOptions {
                 run,
                 store,
@@ -427,10 +436,9 @@ fn execute(cli: Cli) -> Result<()> {
             };
             emit(&text, out.as_deref(), stdout)?;
         }
-        Command::Audit { run, data, curvature, top, format, out, scores_out } => {
-            if !matches!(format.as_str(), "table" | "json") {
-                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
-            }
+        Command::Audit { run, data, curvature, top, report: output } => {
+            output.check(&["table", "json"])?;
+            let ReportArgs { format, out, scores_out } = output;
             let report = culprit::audit::audit(&culprit::audit::AuditOptions {
                 run,
                 reference: data.spec()?,

@@ -45,6 +45,31 @@ pub struct TrainOptions {
     pub quiet: bool,
 }
 
+impl TrainOptions {
+    /// Options with every default: max normalisation, default text buckets and hidden widths,
+    /// ReLU, the architecture's optimizer and hyper-parameters, seed 0, the default backend, no
+    /// progress bar.
+    pub fn new(data: DataSpec, architecture: Architecture, out: PathBuf) -> Self {
+        Self {
+            data,
+            normalize: NormalizeMode::Max,
+            buckets: crate::data::text::DEFAULT_BUCKETS,
+            architecture,
+            hidden: None,
+            activation: Activation::Relu,
+            optimizer: None,
+            epochs: None,
+            batch_size: None,
+            learning_rate: None,
+            l2: None,
+            seed: 0,
+            backend: Backend::default(),
+            out,
+            quiet: true,
+        }
+    }
+}
+
 /// Trains and writes a run; returns it with the training data used.
 pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
     if options.out.exists() {

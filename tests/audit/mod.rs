@@ -7,7 +7,7 @@ use culprit::audit::{AuditOptions, audit};
 use culprit::curvature::{FitOptions, Method};
 use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
 use culprit::training::{TrainOptions, train};
-use culprit_models::{Activation, Architecture, Backend};
+use culprit_models::{Architecture, Backend};
 use rand::{Rng, SeedableRng};
 
 use crate::common::shared;
@@ -48,21 +48,12 @@ fn audit_ranks_flipped_labels_at_the_top() {
     std::fs::write(&csv, text).unwrap();
     let run = dir.path().join("run");
     train(&TrainOptions {
-        data: DataSpec { path: csv.clone(), split: Split::Train, skip: 0, limit: None },
-        normalize: NormalizeMode::Max,
-        buckets: 64,
-        architecture: Architecture::LogReg,
-        hidden: None,
-        activation: Activation::Relu,
-        optimizer: None,
-        epochs: None,
-        batch_size: None,
-        learning_rate: None,
         l2: Some(L2),
-        seed: 0,
-        backend: Backend::default(),
-        out: run.clone(),
-        quiet: true,
+        ..TrainOptions::new(
+            DataSpec { path: csv.clone(), split: Split::Train, skip: 0, limit: None },
+            Architecture::LogReg,
+            run.clone(),
+        )
     })
     .unwrap();
     for method in [Method::Ekfac, Method::Identity] {

@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use culprit::cache::CacheOptions;
 use culprit::curvature::{FitOptions, Method};
-use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use culprit::data::{DataSpec, Dataset, Preprocessing, Split};
 use culprit::gradients::projection::ProjectionSpec;
 use culprit::gradients::{Measurement, Target};
 use culprit::store::Dtype;
 use culprit::trace::{TraceOptions, trace};
 use culprit::training::{TrainOptions, train};
-use culprit_models::{Activation, Architecture, Backend, Silent, TrainConfig};
+use culprit_models::{Architecture, Backend, Silent, TrainConfig};
 use faer::{Mat, Side};
 
 use crate::common::{digits_csv, shared};
@@ -20,21 +20,12 @@ use crate::common::{digits_csv, shared};
 fn logreg_run(dir: &Path, rows: usize, project: &str, methods: &[Method]) -> PathBuf {
     let out = dir.join("run");
     let options = TrainOptions {
-        data: DataSpec { path: digits_csv(), split: Split::Train, skip: 0, limit: Some(rows) },
-        normalize: NormalizeMode::Max,
-        buckets: 64,
-        architecture: Architecture::LogReg,
-        hidden: None,
-        activation: Activation::Relu,
-        optimizer: None,
-        epochs: None,
-        batch_size: None,
-        learning_rate: None,
         l2: Some(1e-3),
-        seed: 0,
-        backend: Backend::default(),
-        out: out.clone(),
-        quiet: true,
+        ..TrainOptions::new(
+            DataSpec { path: digits_csv(), split: Split::Train, skip: 0, limit: Some(rows) },
+            Architecture::LogReg,
+            out.clone(),
+        )
     };
     train(&options).unwrap();
     culprit::cache::build(&CacheOptions {
