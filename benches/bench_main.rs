@@ -155,6 +155,9 @@ fn scoring(c: &mut Criterion) {
     group.bench_function("score_8_queries_top_100", |b| {
         b.iter(|| culprit::query::score_store(&store, &queries, 1.0, 100, false))
     });
+    group.bench_function("score_8_queries_no_top_k", |b| {
+        b.iter(|| culprit::query::score_store(&store, &queries, 1.0, 0, false))
+    });
     group.finish();
 }
 
