@@ -121,6 +121,8 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
         curvature: crate::curvature::Method::Exact,
         top: 8,
         keep_all: false,
+        per_layer: false,
+        part: None,
         backend: options.backend,
     })?;
     for (k, q) in report.queries.iter().enumerate() {

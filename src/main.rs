@@ -223,6 +223,27 @@ enum Command {
         /// Gradient store (default RUN/gradients).
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Split each listed score by layer (stores projected `none` or `kron`).
+        #[arg(long)]
+        per_layer: bool,
+        /// Score only the store's shards j with j mod N = I (I/N); combine the N JSON reports with `culprit merge`.
+        #[arg(long)]
+        shard: Option<String>,
+    },
+    /// Merge the JSON reports of `culprit trace --shard I/N` runs into one.
+    Merge {
+        /// The N part reports (JSON).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Proponents and opponents to keep.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Self-influence of every training example, calibrated against held-out examples (--data).
     Audit {
@@ -404,7 +425,7 @@ fn execute(cli: Cli) -> Result<()> {
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
-        Command::Trace { run, data, index, measure, curvature, top, report: output, store } => {
+        Command::Trace { run, data, index, measure, curvature, top, report: output, store, per_layer, shard } => {
             output.check(&["table", "json", "html"])?;
             let ReportArgs { format, out, scores_out } = output;
             let options = culprit::trace::TraceOptions {
@@ -416,6 +437,8 @@ fn execute(cli: Cli) -> Result<()> {
                 curvature: culprit::curvature::Method::parse(&curvature)?,
                 top,
                 keep_all: scores_out.is_some(),
+                per_layer,
+                part: shard.as_deref().map(culprit::cache::parse_part).transpose()?,
                 backend,
             };
             let (report, queries, training) = culprit::trace::trace_with_data(&options)?;
@@ -433,6 +456,25 @@ fn execute(cli: Cli) -> Result<()> {
                 "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
                 "html" => culprit::report::trace_html(&report, &queries, &training),
                 _ => culprit::trace::to_table(&report),
+            };
+            emit(&text, out.as_deref(), stdout)?;
+        }
+        Command::Merge { reports, top, format, out } => {
+            if !matches!(format.as_str(), "table" | "json") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+            }
+            let parts = reports
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).map_err(Error::io(p))?;
+                    serde_json::from_str(&text)
+                        .map_err(|e| Error::data(p, None, format!("not a trace JSON report: {e}")))
+                })
+                .collect::<Result<Vec<culprit::trace::TraceReport>>>()?;
+            let merged = culprit::trace::merge(parts, top)?;
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&merged).expect("plain data") + "\n",
+                _ => culprit::trace::to_table(&merged),
             };
             emit(&text, out.as_deref(), stdout)?;
         }

@@ -16,7 +16,6 @@ use crate::data::{DataSpec, Dataset, Preprocessing};
 use crate::error::{Error, Result};
 use crate::gradients::projection::{ProjectionSpec, Projector};
 use crate::gradients::{Measurement, Target, per_example_gradients};
-use crate::query::score_store;
 use crate::run::Run;
 use crate::store::{GradientStore, StoreManifest};
 
@@ -42,6 +41,10 @@ pub struct TraceOptions {
     pub top: usize,
     /// Keep every score (for `--scores-out`).
     pub keep_all: bool,
+    /// Split the listed scores by layer.
+    pub per_layer: bool,
+    /// Score only shard part I of N.
+    pub part: Option<(usize, usize)>,
     /// Backend.
     pub backend: Backend,
 }
@@ -76,6 +79,19 @@ pub struct Influence {
     pub label: u32,
     /// The score.
     pub score: f64,
+    /// The score split by layer (`--per-layer`; sums to `score`), for stores whose rows have
+    /// per-layer blocks (`none`, `kron`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub per_layer: Option<Vec<LayerScore>>,
+}
+
+/// One layer's part of a score.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerScore {
+    /// Layer name.
+    pub layer: String,
+    /// Its contribution: (1/n) ⟨query block, row block⟩.
+    pub score: f64,
 }
 
 /// Everything `trace` found.
@@ -107,6 +123,10 @@ pub struct TraceReport {
     pub opponents: Vec<Vec<Influence>>,
     /// Seconds spent scoring (one pass over the store).
     pub scoring_seconds: f64,
+    /// `[I, N]` when only the shards j with j mod N = I were scored (`--shard I/N`); merge the
+    /// N parts with `culprit merge`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub part: Option<[usize; 2]>,
     /// Every score, per query, in training-data order (only with `--scores-out`).
     #[serde(skip)]
     pub all_scores: Option<Vec<Vec<f32>>>,
@@ -210,24 +230,47 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         };
     let n = objective.len();
     let started = std::time::Instant::now();
-    let scores = score_store(&store, &projected, 1.0 / n as f64, options.top, options.keep_all);
+    let scores = crate::query::score_store_part(
+        &store,
+        &projected,
+        1.0 / n as f64,
+        options.top,
+        options.keep_all,
+        options.part.unwrap_or((0, 1)),
+    );
     let scoring_seconds = started.elapsed().as_secs_f64();
     let proponent_sign: i8 = match options.measurement {
         Measurement::Loss(_) => 1,
         Measurement::Margin(_) => -1,
     };
-    let influence = |s: &crate::query::Scored| Influence {
+    let blocks = &store.manifest.layout;
+    let split = options.per_layer && blocks.len() > 1;
+    let influence = |k: usize, s: &crate::query::Scored| Influence {
         train_index: objective.data.ids[s.row],
         label: objective.data.labels[s.row],
         score: s.score,
+        per_layer: split.then(|| {
+            let row = store.row(s.row);
+            blocks
+                .iter()
+                .map(|b| LayerScore {
+                    layer: b.name.clone(),
+                    score: (b.offset..b.offset + b.len)
+                        .map(|t| f64::from(row[t]) * f64::from(projected[k][t]))
+                        .sum::<f64>()
+                        / n as f64,
+                })
+                .collect()
+        }),
     };
     let (mut proponents, mut opponents): (Vec<Vec<Influence>>, Vec<Vec<Influence>>) = scores
         .largest
         .iter()
         .zip(&scores.smallest)
-        .map(|(hi, lo)| {
-            let hi: Vec<Influence> = hi.iter().filter(|s| s.score > 0.0).map(influence).collect();
-            let lo: Vec<Influence> = lo.iter().filter(|s| s.score < 0.0).map(influence).collect();
+        .enumerate()
+        .map(|(k, (hi, lo))| {
+            let hi: Vec<Influence> = hi.iter().filter(|s| s.score > 0.0).map(|s| influence(k, s)).collect();
+            let lo: Vec<Influence> = lo.iter().filter(|s| s.score < 0.0).map(|s| influence(k, s)).collect();
             (hi, lo)
         })
         .unzip();
@@ -264,6 +307,7 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         proponents,
         opponents,
         scoring_seconds,
+        part: options.part.map(|(i, n)| [i, n]),
         all_scores: scores.all,
         train_ids: objective.data.ids.clone(),
     };
@@ -315,9 +359,61 @@ pub fn to_table(report: &TraceReport) -> String {
             let _ = writeln!(s, "  top {title}:");
             let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
             for (r, i) in list.iter().enumerate() {
-                let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}", r + 1, i.train_index, i.label, i.score);
+                let layers = i
+                    .per_layer
+                    .as_ref()
+                    .map(|l| {
+                        let parts: Vec<String> = l.iter().map(|x| format!("{} {:+.2e}", x.layer, x.score)).collect();
+                        format!("  [{}]", parts.join(", "))
+                    })
+                    .unwrap_or_default();
+                let _ =
+                    writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}{layers}", r + 1, i.train_index, i.label, i.score);
             }
         }
     }
     s
+}
+
+/// Merges the reports of `--shard I/N` traces (all N parts, each once, of the same query) into
+/// one, keeping the `top` strongest proponents and opponents per query.
+pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
+    let first = parts.first().ok_or_else(|| Error::Usage("merge needs at least one report".into()))?;
+    let count = first.part.map_or(1, |p| p[1]);
+    let mut seen = vec![false; count];
+    for p in &parts {
+        let same = p.queries.iter().map(|q| q.index).eq(first.queries.iter().map(|q| q.index))
+            && p.measurement == first.measurement
+            && p.curvature == first.curvature
+            && p.n == first.n
+            && p.projection == first.projection
+            && p.damping == first.damping;
+        if !same {
+            return Err(Error::Usage("the reports trace different queries, measurements, curvatures or stores".into()));
+        }
+        let [i, n] = p.part.unwrap_or([0, 1]);
+        if n != count || i >= n || std::mem::replace(&mut seen[i], true) {
+            return Err(Error::Usage(format!(
+                "part {i}/{n} is repeated or does not belong to a split in {count} parts"
+            )));
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(Error::Usage(format!("part {missing}/{count} is missing")));
+    }
+    let mut merged = first.clone();
+    merged.part = None;
+    merged.scoring_seconds = parts.iter().map(|p| p.scoring_seconds).sum();
+    for k in 0..merged.queries.len() {
+        let strongest = |lists: Vec<&Vec<Influence>>, descending: bool| {
+            let mut all: Vec<Influence> = lists.into_iter().flatten().cloned().collect();
+            all.sort_by(|a, b| if descending { b.score.total_cmp(&a.score) } else { a.score.total_cmp(&b.score) });
+            all.truncate(top);
+            all
+        };
+        let descending = merged.proponent_sign > 0;
+        merged.proponents[k] = strongest(parts.iter().map(|p| &p.proponents[k]).collect(), descending);
+        merged.opponents[k] = strongest(parts.iter().map(|p| &p.opponents[k]).collect(), !descending);
+    }
+    Ok(merged)
 }

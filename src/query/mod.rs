@@ -148,6 +148,19 @@ pub const BLOCK_ROWS: usize = 2048;
 /// against every row: score = scale · ⟨query, row⟩. Keeps the top `k` per query at both ends and,
 /// if `keep_all`, every score. One pass over the store; blocks in parallel.
 pub fn score_store(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: usize, keep_all: bool) -> ScoreResult {
+    score_store_part(store, queries, scale, k, keep_all, (0, 1))
+}
+
+/// [`score_store`] over the shards j with j mod N = I only (`part = (I, N)`), for splitting one
+/// scoring pass across machines; rows of other shards get no score (0 in `all`).
+pub fn score_store_part(
+    store: &GradientStore,
+    queries: &[Vec<f32>],
+    scale: f64,
+    k: usize,
+    keep_all: bool,
+    part: (usize, usize),
+) -> ScoreResult {
     let len = store.row_len();
     let nq = queries.len();
     let q = Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]);
@@ -159,7 +172,7 @@ pub fn score_store(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: u
     }
     // Work items: (shard, first row within the shard, rows).
     let mut items = Vec::new();
-    for (s, shard) in store.shards.iter().enumerate() {
+    for (s, shard) in store.shards.iter().enumerate().filter(|(s, _)| s % part.1 == part.0) {
         let mut start = 0;
         while start < shard.header.rows {
             let rows = BLOCK_ROWS.min(shard.header.rows - start);

@@ -113,3 +113,57 @@ fn the_demo_runs_end_to_end_on_the_embedded_data() {
     // A second run into the same directory is refused, not overwritten.
     assert_eq!(culprit(&["demo", "--out", s(&out)]).status.code(), Some(2));
 }
+
+#[test]
+fn traces_split_across_shards_merge_into_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let digits = digits_csv();
+    assert!(
+        culprit(&["train", "--data", s(&digits), "--limit", "300", "--model", "logreg", "--out", s(&run)])
+            .status
+            .success()
+    );
+    assert!(culprit(&["cache", "--run", s(&run), "--rows-per-shard", "40"]).status.success());
+    assert!(culprit(&["fit", "--run", s(&run), "--curvature", "exact"]).status.success());
+    let trace = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "trace",
+            "--run",
+            s(&run),
+            "--data",
+            s(&digits),
+            "--skip",
+            "1297",
+            "--index",
+            "1301,1444",
+            "--curvature",
+            "exact",
+        ];
+        args.extend_from_slice(&["--format", "json", "--top", "6", "--out", s(out)]);
+        args.extend_from_slice(extra);
+        let o = culprit(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let whole = dir.path().join("whole.json");
+    trace(&[], &whole);
+    let mut parts = Vec::new();
+    for part in ["0/3", "1/3", "2/3"] {
+        let p = dir.path().join(format!("part-{}.json", &part[..1]));
+        trace(&["--shard", part], &p);
+        parts.push(p);
+    }
+    let merged = dir.path().join("merged.json");
+    let mut args = vec!["merge", "--top", "6", "--format", "json", "--out", s(&merged)];
+    args.extend(parts.iter().map(|p| s(p)));
+    let o = culprit(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let (w, m) = (read(&whole), read(&merged));
+    assert_eq!(w["proponents"], m["proponents"]);
+    assert_eq!(w["opponents"], m["opponents"]);
+    // A missing part is an error, not a silently partial answer.
+    let o = culprit(&["merge", s(&parts[0]), s(&parts[2])]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("part 1/3 is missing"), "{}", stderr(&o));
+}

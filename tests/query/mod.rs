@@ -62,6 +62,8 @@ fn trace_all(
         curvature,
         top: 10,
         keep_all: true,
+        per_layer: false,
+        part: None,
         backend: Backend::default(),
     })
     .unwrap()
@@ -279,6 +281,8 @@ fn html_report_embeds_every_example_as_a_png() {
         curvature: Method::Exact,
         top: 4,
         keep_all: false,
+        per_layer: false,
+        part: None,
         backend: Backend::default(),
     })
     .unwrap();
@@ -294,5 +298,60 @@ fn html_report_embeds_every_example_as_a_png() {
     }
     for p in &report.proponents[0] {
         assert!(html.contains(&format!("train {}", p.train_index)));
+    }
+}
+
+/// The per-layer split of a score sums to the score, for exact and Kronecker stores.
+#[test]
+fn per_layer_scores_sum_to_the_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mlp");
+    train(&TrainOptions {
+        hidden: Some(vec![24, 12]),
+        epochs: Some(3),
+        ..TrainOptions::new(
+            DataSpec { path: digits_csv(), split: Split::Train, skip: 0, limit: Some(300) },
+            Architecture::Mlp,
+            run.clone(),
+        )
+    })
+    .unwrap();
+    for (project, store) in [("none", "g-none"), ("kron:8x4", "g-kron")] {
+        culprit::cache::build(&CacheOptions {
+            run: run.clone(),
+            store: Some(run.join(store)),
+            projection: ProjectionSpec::parse(project).unwrap(),
+            seed: 1,
+            dtype: Dtype::F32,
+            batch: 64,
+            part: None,
+            rows_per_shard: None,
+            backend: Backend::default(),
+            quiet: true,
+        })
+        .unwrap();
+        let report = trace(&TraceOptions {
+            run: run.clone(),
+            store: Some(run.join(store)),
+            data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+            indices: vec![1400],
+            measurement: Measurement::Margin(Target::Predicted),
+            curvature: Method::Identity,
+            top: 5,
+            keep_all: false,
+            per_layer: true,
+            part: None,
+            backend: Backend::default(),
+        })
+        .unwrap();
+        for i in report.proponents[0].iter().chain(&report.opponents[0]) {
+            let parts = i.per_layer.as_ref().expect("split by layer");
+            assert_eq!(parts.iter().map(|p| p.layer.as_str()).collect::<Vec<_>>(), ["dense0", "dense1", "dense2"]);
+            let sum: f64 = parts.iter().map(|p| p.score).sum();
+            assert!((sum - i.score).abs() <= 1e-4 * i.score.abs(), "{project}: layers sum to {sum}, score {}", i.score);
+        }
+        // Margin measurement: proponents are the negative scores.
+        assert_eq!(report.proponent_sign, -1);
+        assert!(report.proponents[0].iter().all(|i| i.score < 0.0));
     }
 }
