@@ -265,14 +265,19 @@ impl Projector {
                     offset += len;
                     let o = factor_dims(spec).1;
                     let m = view.len() / o;
-                    let device = Device::default();
+                    // Work where the projection matrices live (no copies of them per query).
+                    let device = match (p_in, p_out) {
+                        (Some((w, _)), _) => w.device(),
+                        (None, Some(po)) => po.device(),
+                        (None, None) => Device::default(),
+                    };
                     let xv = Tensor::<2>::from_data(
                         TensorData::new(view.iter().map(|v| *v as f32).collect::<Vec<_>>(), [m, o]),
                         (&device, DType::F32),
                     );
                     let left = match p_in {
                         Some((w, b)) => {
-                            let (w, b) = (w.clone().to_device(&device), b.clone().map(|b| b.to_device(&device)));
+                            let (w, b) = (w.clone(), b.clone());
                             let inputs = w.dims()[0];
                             let mut t = w.transpose().matmul(xv.clone().slice([0..inputs, 0..o]));
                             if let Some(b) = b {
@@ -283,7 +288,7 @@ impl Projector {
                         None => xv,
                     };
                     let both = match p_out {
-                        Some(po) => left.matmul(po.clone().to_device(&device)),
+                        Some(po) => left.matmul(po.clone()),
                         None => left,
                     };
                     debug_assert_eq!(both.dims(), [*k_in, *k_out]);
