@@ -51,8 +51,11 @@ fn rendering(data: &Dataset) -> Rendering {
     }
 }
 
+/// The query's words worth highlighting: at least 4 characters and not just digits.
 fn words(text: &str) -> HashSet<String> {
-    crate::data::text::tokens(text).collect()
+    crate::data::text::tokens(text)
+        .filter(|t| t.chars().count() >= 4 && !t.chars().all(|c| c.is_ascii_digit()))
+        .collect()
 }
 
 /// HTML for example `row` of `data`; `highlight` marks words shared with a query.
