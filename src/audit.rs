@@ -92,7 +92,7 @@ pub fn self_influence(objective: &Objective, curvature: &Curvature, data: &Datas
             Measurement::TRAINING_LOSS,
             &objective.device,
         );
-        let rows = crate::curvature::dense::rows_f64(&blocks);
+        let rows = crate::gradients::gradient_rows_f64(&blocks);
         let g: Vec<Vec<f64>> = rows.chunks(d).map(<[f64]>::to_vec).collect();
         let solved = curvature.solve(objective, &g)?;
         out.extend(g.iter().zip(&solved).map(|(gi, (x, _))| dot(gi, x)));

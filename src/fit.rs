@@ -85,7 +85,7 @@ pub fn fit_with_store(
         Measurement::TRAINING_LOSS,
         &objective.device,
     );
-    let q = crate::curvature::dense::rows_f64(&first);
+    let q = crate::gradients::gradient_rows_f64(&first);
     let started = std::time::Instant::now();
     let solved = curvature.solve(&objective, std::slice::from_ref(&q))?;
     let solve_seconds = started.elapsed().as_secs_f64();

@@ -198,7 +198,7 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
     let predicted: Vec<u32> = predictions.iter().map(|p| p.predicted).collect();
     let targets = options.measurement.targets(&labels, &predicted, classes)?;
     let blocks = per_example_gradients(net, &features, &targets, options.measurement, &objective.device);
-    let grads = crate::curvature::dense::rows_f64(&blocks);
+    let grads = crate::gradients::gradient_rows_f64(&blocks);
     let d = net.num_params();
     let q: Vec<Vec<f64>> = grads.chunks(d).map(<[f64]>::to_vec).collect();
     let values = crate::gradients::read_f32(options.measurement.values(

@@ -86,7 +86,7 @@ pub fn dense_ggn(objective: &Objective, chunk: usize) -> Mat<f64> {
                 Measurement::Loss(Target::Class(c as u32)),
                 &objective.device,
             );
-            let rows = rows_f64(&blocks);
+            let rows = crate::gradients::gradient_rows_f64(&blocks);
             let scaled = Mat::<f64>::from_fn(b, d, |i, j| {
                 rows[i * d + j] * (probs[start + i].probabilities[c] / n as f64).sqrt()
             });
@@ -97,29 +97,6 @@ pub fn dense_ggn(objective: &Objective, chunk: usize) -> Mat<f64> {
         g[(i, i)] += objective.l2;
     }
     g
-}
-
-/// Per-example gradient rows in f64 (θ order).
-pub fn rows_f64(blocks: &[crate::gradients::LayerGradient]) -> Vec<f64> {
-    let parts: Vec<(Vec<f64>, usize)> = blocks
-        .iter()
-        .flat_map(|b| std::iter::once(b.weight.clone()).chain(b.bias.clone()))
-        .map(|t| {
-            let w = t.dims()[1];
-            (culprit_models::network::read_f64(t), w)
-        })
-        .collect();
-    let batch = blocks[0].weight.dims()[0];
-    let d: usize = parts.iter().map(|p| p.1).sum();
-    let mut rows = vec![0.0; batch * d];
-    let mut offset = 0;
-    for (values, w) in &parts {
-        for i in 0..batch {
-            rows[i * d + offset..i * d + offset + w].copy_from_slice(&values[i * w..(i + 1) * w]);
-        }
-        offset += w;
-    }
-    rows
 }
 
 /// The Hessian by finite-difference columns, symmetrised: (H + Hᵀ)/2.

@@ -220,19 +220,30 @@ pub fn gradient_rows(blocks: &[LayerGradient]) -> Vec<f32> {
 /// Blocks are read separately and joined on the host: joining wide tensors on the device is slow.
 pub fn gradient_rows_from_blocks(blocks: Vec<Tensor<2>>) -> Vec<f32> {
     let batch = blocks[0].dims()[0];
-    let parts: Vec<(Vec<f32>, usize)> = blocks
-        .into_iter()
-        .map(|t| {
-            let width = t.dims()[1];
-            (read_f32(t), width)
-        })
+    interleave(blocks.into_iter().map(|t| (t.dims()[1], read_f32(t))).collect(), batch)
+}
+
+/// Per-example gradient rows in f64 (θ order), for the curvature and query steps, which work in
+/// f64.
+pub fn gradient_rows_f64(blocks: &[LayerGradient]) -> Vec<f64> {
+    let batch = blocks[0].weight.dims()[0];
+    let parts = blocks
+        .iter()
+        .flat_map(|b| std::iter::once(b.weight.clone()).chain(b.bias.clone()))
+        .map(|t| (t.dims()[1], culprit_models::network::read_f64(t)))
         .collect();
-    let row_len: usize = parts.iter().map(|p| p.1).sum();
-    let mut rows = vec![0.0f32; batch * row_len];
+    interleave(parts, batch)
+}
+
+/// Places `(width, values)` blocks of `batch` rows side by side: row i is the concatenation of
+/// every block's row i.
+fn interleave<T: Copy + Default>(parts: Vec<(usize, Vec<T>)>, batch: usize) -> Vec<T> {
+    let row_len: usize = parts.iter().map(|p| p.0).sum();
+    let mut rows = vec![T::default(); batch * row_len];
     let mut offset = 0;
-    for (values, width) in &parts {
-        for (i, row) in rows.chunks_mut(row_len).enumerate() {
-            row[offset..offset + width].copy_from_slice(&values[i * width..(i + 1) * width]);
+    for (width, values) in &parts {
+        for (row, block) in rows.chunks_mut(row_len).zip(values.chunks(*width)) {
+            row[offset..offset + width].copy_from_slice(block);
         }
         offset += width;
     }

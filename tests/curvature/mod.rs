@@ -194,7 +194,7 @@ fn kronecker_methods_against_the_exact_ggn_of_small_mlps() {
             culprit::gradients::Measurement::TRAINING_LOSS,
             &o.device,
         );
-        let q = culprit::curvature::dense::rows_f64(&rows);
+        let q = culprit::gradients::gradient_rows_f64(&rows);
         let solve = |method: Method, precondition: bool| {
             let c = Curvature::fit(&o, &FitOptions { method, precondition, ..FitOptions::default() }).unwrap();
             c.solve(&o, std::slice::from_ref(&q)).unwrap().remove(0)
