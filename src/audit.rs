@@ -17,10 +17,10 @@ use culprit_models::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::curvature::operators::{Objective, dot};
-use crate::curvature::{Curvature, Method};
+use crate::curvature::{Curvature, Factors, Method};
 use crate::data::{DataSpec, Dataset, Preprocessing};
 use crate::error::{Error, Result};
-use crate::gradients::{Measurement, per_example_gradients};
+use crate::gradients::{Measurement, layer_factors, per_example_gradients};
 use crate::run::Run;
 
 /// Options of `culprit audit`.
@@ -78,20 +78,30 @@ pub struct AuditReport {
 }
 
 /// Self-influence of every example of `data` (gradients of the loss at the labels), in chunks.
+/// Kronecker curvatures use their factored form ([`crate::curvature::kronecker::KroneckerFactors::self_influence`]);
+/// the others solve once per example. CG and LiSSA (n iterative solves) and the projected
+/// curvature (see [`store_self_influence`]) are refused.
 pub fn self_influence(objective: &Objective, curvature: &Curvature, data: &Dataset) -> Result<Vec<f64>> {
+    if matches!(curvature.factors, Factors::Iterative(_) | Factors::Projected { .. }) {
+        return Err(Error::Usage(format!(
+            "self-influence needs one solve per training example; {} would run n iterative solves. Fit exact or ggn (small models), ekfac, kfac, arnoldi or identity",
+            curvature.options.method.name()
+        )));
+    }
     let net = &objective.network;
     let dim = data.dim();
     let d = net.num_params();
     let mut out = Vec::with_capacity(data.len());
     for start in (0..data.len()).step_by(256) {
         let end = (start + 256).min(data.len());
-        let blocks = per_example_gradients(
-            net,
-            &data.features[start * dim..end * dim],
-            &data.labels[start..end],
-            Measurement::TRAINING_LOSS,
-            &objective.device,
-        );
+        let features = &data.features[start * dim..end * dim];
+        let labels = &data.labels[start..end];
+        if let Factors::Kronecker(k) = &curvature.factors {
+            let factors = layer_factors(net, features, labels, Measurement::TRAINING_LOSS, &objective.device);
+            out.extend(k.self_influence(&factors, curvature.options.damping));
+            continue;
+        }
+        let blocks = per_example_gradients(net, features, labels, Measurement::TRAINING_LOSS, &objective.device);
         let rows = crate::gradients::gradient_rows_f64(&blocks);
         let g: Vec<Vec<f64>> = rows.chunks(d).map(<[f64]>::to_vec).collect();
         let solved = curvature.solve(objective, &g)?;
@@ -100,14 +110,28 @@ pub fn self_influence(objective: &Objective, curvature: &Curvature, data: &Datas
     Ok(out)
 }
 
+/// Self-influence φᵢᵀM⁻¹φᵢ of every row φᵢ of a projected store under the projected curvature
+/// M = (1/n)ΦᵀΦ + (λ + δ)I: one triangular solve per row, O(k²) each.
+pub fn store_self_influence(curvature: &Curvature, store: &crate::store::GradientStore) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(store.rows());
+    let mut failure = None;
+    store.for_each_block(1024, |_, block| {
+        let rows: Vec<Vec<f32>> = block.chunks(store.row_len()).map(<[f32]>::to_vec).collect();
+        match curvature.solve_projected(&rows) {
+            Ok(solved) => out.extend(rows.iter().zip(&solved).map(|(r, x)| {
+                r.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+            })),
+            Err(e) => failure = Some(e),
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 /// Runs an audit.
 pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
-    if matches!(options.curvature, Method::Cg | Method::Lissa) {
-        return Err(Error::Usage(format!(
-            "audit needs one solve per training example; {} would run n iterative solves. Use exact or ggn (small models), ekfac, kfac, arnoldi or identity",
-            options.curvature.name()
-        )));
-    }
     let run = Run::open(&options.run)?;
     let objective = crate::fit::objective(&run, options.backend)?;
     let curvature = crate::fit::load(&run, &objective, options.curvature)?;

@@ -112,7 +112,9 @@ pub fn training_data(run: &Run) -> Result<Dataset> {
         }
     }
     let spec = DataSpec { path: m.path.clone(), split: m.split, skip: m.skip, limit: m.limit };
-    Dataset::load(&spec, Preprocessing::Reuse(m))
+    let mut data = Dataset::load(&spec, Preprocessing::Reuse(m))?;
+    data.exclude(&m.excluded)?;
+    Ok(data)
 }
 
 /// Builds (or resumes) a gradient store.

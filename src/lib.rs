@@ -13,7 +13,7 @@
 //! | 1. gradient cache | exact per-example gradients from layer taps, random projections, a checksummed sharded store | [`gradients`], [`store`], [`cache`] |
 //! | 2. curvature | inverse-Hessian-vector products: dense, CG, LiSSA, Arnoldi, K-FAC, EK-FAC | [`curvature`] |
 //! | 3. query | top proponents and opponents of an output, streamed against the store | [`query`], [`trace`] |
-//! | 4. act | trace, purge and retrain, audit | (next) |
+//! | 4. act | plant a backdoor, purge and retrain, audit, check scores against actual retraining | [`poison`], [`purge`], [`audit`], [`eval`] |
 //!
 //! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
 //! included (see [`culprit_models::train`]).
@@ -24,10 +24,13 @@ pub mod curvature;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod fit;
 pub mod gradients;
+pub mod poison;
 pub mod predict;
 pub mod progress;
+pub mod purge;
 pub mod query;
 pub mod report;
 pub mod run;

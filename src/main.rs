@@ -209,9 +209,15 @@ enum Command {
         /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
         #[arg(long, value_delimiter = ',', required = true)]
         index: Vec<usize>,
-        /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C.
+        /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C,
+        /// logit | logit:label | logit:C (raw logits; the best choice for backdoors).
         #[arg(long, default_value = "predicted")]
         measure: String,
+        /// raw: the predicted change of the measurement if the example were removed; relatif:
+        /// influence divided by √(the example's self-influence), which ranks by alignment rather
+        /// than gradient size (finds backdoor poisons; needs a curvature with per-example solves).
+        #[arg(long, default_value = "raw")]
+        score: String,
         /// Fitted curvature to use (see `culprit fit`).
         #[arg(long, default_value = "cg")]
         curvature: String,
@@ -261,6 +267,121 @@ enum Command {
         top: usize,
         #[command(flatten)]
         report: ReportArgs,
+    },
+    /// Plant a backdoor (and label noise) in a copy of a data set, with the ground truth.
+    Poison {
+        /// Training rows to copy and poison.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Test data to copy clean and triggered (default: the IDX folder's test split).
+        #[arg(long)]
+        test_data: Option<PathBuf>,
+        /// Split of the test IDX folder.
+        #[arg(long, default_value = "test")]
+        test_split: String,
+        /// Skip the first N test rows.
+        #[arg(long, default_value_t = 0)]
+        test_skip: usize,
+        /// Use at most N test rows.
+        #[arg(long)]
+        test_limit: Option<usize>,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// patch:X,Y,SIZE[,VALUE] (images) or text:WORDS (text).
+        #[arg(long)]
+        trigger: String,
+        /// The class triggered inputs should be sent to.
+        #[arg(long)]
+        target: u32,
+        /// Share of the training set to backdoor, e.g. 0.01.
+        #[arg(long)]
+        rate: f64,
+        /// Share of the other training examples given a wrong label.
+        #[arg(long, default_value_t = 0.0)]
+        label_noise: f64,
+        /// Seed of every draw.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Remove flagged training examples, retrain, and compare before and after.
+    Purge {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Ids to remove: a plain list, or the JSON report of `culprit trace` or `culprit audit`.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Keep only the first K ids of a ranking.
+        #[arg(long)]
+        top: Option<usize>,
+        /// New run directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Train again without them (else only write the new manifest and the plan).
+        #[arg(long)]
+        retrain: bool,
+        /// Clean evaluation data (repeatable); selected with --eval-split/--eval-skip/--eval-limit.
+        #[arg(long)]
+        eval_data: Vec<PathBuf>,
+        /// Split of IDX evaluation folders.
+        #[arg(long, default_value = "test")]
+        eval_split: String,
+        /// Skip the first N rows of each evaluation set.
+        #[arg(long, default_value_t = 0)]
+        eval_skip: usize,
+        /// Use at most N rows of each evaluation set.
+        #[arg(long)]
+        eval_limit: Option<usize>,
+        /// A `culprit poison` directory: report the attack success rate and the poisons removed.
+        #[arg(long)]
+        attack: Option<PathBuf>,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Check the scores against actual retraining: leave-one-out or the linear datamodeling score.
+    Eval {
+        /// loo or lds.
+        experiment: String,
+        /// Run directory (with a gradient store and the fitted curvatures).
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Source row indices of the test inputs.
+        #[arg(long, value_delimiter = ',', required = true)]
+        index: Vec<usize>,
+        /// Measurement (as in trace); default the loss against the label.
+        #[arg(long, default_value = "label")]
+        measure: String,
+        /// Fitted curvatures to compare, e.g. exact,cg,ekfac.
+        #[arg(long, value_delimiter = ',', default_value = "cg")]
+        curvature: Vec<String>,
+        /// loo: number of random training examples removed one at a time.
+        #[arg(long, default_value_t = 100)]
+        sample: usize,
+        /// loo: remove exactly these training ids instead (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        remove: Option<Vec<usize>>,
+        /// lds: number of random subsets.
+        #[arg(long, default_value_t = 50)]
+        subsets: usize,
+        /// lds: share of the training set in each subset.
+        #[arg(long, default_value_t = 0.5)]
+        fraction: f64,
+        /// Retraining target ‖∇L‖ (L-BFGS).
+        #[arg(long, default_value_t = 1e-9)]
+        tolerance: f64,
+        /// Seed of the removals or subsets.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// The end-to-end demo on data shipped in the binary.
     Demo {
@@ -425,7 +546,7 @@ fn execute(cli: Cli) -> Result<()> {
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
-        Command::Trace { run, data, index, measure, curvature, top, report: output, store, per_layer, shard } => {
+        Command::Trace { run, data, index, measure, score, curvature, top, report: output, store, per_layer, shard } => {
             output.check(&["table", "json", "html"])?;
             let ReportArgs { format, out, scores_out } = output;
             let options = culprit::trace::TraceOptions {
@@ -439,6 +560,7 @@ fn execute(cli: Cli) -> Result<()> {
                 keep_all: scores_out.is_some(),
                 per_layer,
                 part: shard.as_deref().map(culprit::cache::parse_part).transpose()?,
+                score: culprit::query::ScoreMode::parse(&score)?,
                 backend,
             };
             let (report, queries, training) = culprit::trace::trace_with_data(&options)?;
@@ -503,6 +625,137 @@ fn execute(cli: Cli) -> Result<()> {
             let text = match format.as_str() {
                 "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
                 _ => culprit::audit::to_table(&report),
+            };
+            emit(&text, out.as_deref(), stdout)?;
+        }
+        Command::Poison {
+            data,
+            test_data,
+            test_split,
+            test_skip,
+            test_limit,
+            out,
+            trigger,
+            target,
+            rate,
+            label_noise,
+            seed,
+        } => {
+            let train = data.spec()?;
+            let test_path = match test_data {
+                Some(p) => p,
+                None if train.path.is_dir() => train.path.clone(),
+                None => return Err(Error::Usage("--test-data is needed unless --data is an IDX folder".into())),
+            };
+            let manifest = culprit::poison::poison(&culprit::poison::PoisonOptions {
+                train,
+                test: DataSpec { path: test_path, split: Split::parse(&test_split)?, skip: test_skip, limit: test_limit },
+                out: out.clone(),
+                trigger: culprit::poison::Trigger::parse(&trigger)?,
+                target,
+                rate,
+                label_noise,
+                seed,
+            })?;
+            let show = |w: &culprit::poison::WrittenData| {
+                let split = if w.path.is_dir() { format!(" --split {}", w.split.prefix().replace("t10k", "test")) } else { String::new() };
+                format!("--data {}{split} ({} examples)", w.path.display(), w.count)
+            };
+            writeln!(
+                stdout,
+                "backdoored {} training examples (trigger {}, target {}){}; ground truth in {}\n  train:          {}\n  test, clean:    {}\n  test, triggered: {}",
+                manifest.poisoned.len(),
+                manifest.trigger,
+                manifest.target,
+                if manifest.flipped.is_empty() { String::new() } else { format!(", flipped {} labels", manifest.flipped.len()) },
+                out.join("poisoned_ids.txt").display(),
+                show(&manifest.train),
+                show(&manifest.test_clean),
+                show(&manifest.test_triggered)
+            )
+            .map_err(Error::io(std::path::Path::new("<stdout>")))?;
+        }
+        Command::Purge {
+            run,
+            ids,
+            top,
+            out,
+            retrain,
+            eval_data,
+            eval_split,
+            eval_skip,
+            eval_limit,
+            attack,
+            format,
+        } => {
+            if !matches!(format.as_str(), "table" | "json") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+            }
+            let split = Split::parse(&eval_split)?;
+            let report = culprit::purge::purge(&culprit::purge::PurgeOptions {
+                run,
+                ids,
+                top,
+                out,
+                retrain,
+                eval: eval_data
+                    .into_iter()
+                    .map(|path| DataSpec { path, split, skip: eval_skip, limit: eval_limit })
+                    .collect(),
+                attack,
+                backend,
+                quiet: cli.quiet,
+            })?;
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+                _ => culprit::purge::to_table(&report),
+            };
+            emit(&text, None, stdout)?;
+        }
+        Command::Eval {
+            experiment,
+            run,
+            data,
+            index,
+            measure,
+            curvature,
+            sample,
+            remove,
+            subsets,
+            fraction,
+            tolerance,
+            seed,
+            format,
+            out,
+        } => {
+            if !matches!(format.as_str(), "table" | "json") {
+                return Err(Error::Usage(format!("unknown --format `{format}` (expected table or json)")));
+            }
+            let experiment = match experiment.as_str() {
+                "loo" => culprit::eval::Experiment::Loo { sample, remove },
+                "lds" => culprit::eval::Experiment::Lds { subsets, fraction },
+                other => return Err(Error::Usage(format!("unknown experiment `{other}` (expected loo or lds)"))),
+            };
+            let report = culprit::eval::evaluate(
+                &culprit::eval::EvalOptions {
+                    run,
+                    data: data.spec()?,
+                    indices: index,
+                    measurement: culprit::gradients::Measurement::parse(&measure)?,
+                    curvatures: curvature
+                        .iter()
+                        .map(|c| culprit::curvature::Method::parse(c))
+                        .collect::<Result<Vec<_>>>()?,
+                    tolerance,
+                    seed,
+                    backend,
+                    quiet: cli.quiet,
+                },
+                &experiment,
+            )?;
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+                _ => culprit::eval::to_table(&report),
             };
             emit(&text, out.as_deref(), stdout)?;
         }

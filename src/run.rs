@@ -118,6 +118,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(Error::io(path))
 }
 
+/// A fresh, empty temporary directory beside `dir` (`.NAME.partial-PID`), to be renamed to `dir`
+/// once everything in it is written: a directory appears whole or not at all.
+pub fn temp_sibling(dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().ok_or_else(|| Error::run(dir, "not a directory name"))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+    let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
+    Ok(tmp)
+}
+
 impl Run {
     /// Writes a new run directory atomically. Refuses to replace an existing one.
     pub fn create(
@@ -132,15 +147,7 @@ impl Run {
         if dir.exists() {
             return Err(Error::run(dir, "already exists; choose another --out or remove it"));
         }
-        let name = dir.file_name().ok_or_else(|| Error::run(dir, "not a directory name"))?;
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
-        let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
+        let tmp = temp_sibling(dir)?;
         let config = RunConfig {
             culprit_version: env!("CARGO_PKG_VERSION").into(),
             model: network.config().clone(),

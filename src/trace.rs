@@ -16,6 +16,7 @@ use crate::data::{DataSpec, Dataset, Preprocessing};
 use crate::error::{Error, Result};
 use crate::gradients::projection::{ProjectionSpec, Projector};
 use crate::gradients::{Measurement, Target, per_example_gradients};
+use crate::query::ScoreMode;
 use crate::run::Run;
 use crate::store::{GradientStore, StoreManifest};
 
@@ -45,8 +46,61 @@ pub struct TraceOptions {
     pub per_layer: bool,
     /// Score only shard part I of N.
     pub part: Option<(usize, usize)>,
+    /// Raw influence or RelatIF.
+    pub score: ScoreMode,
     /// Backend.
     pub backend: Backend,
+}
+
+impl TraceOptions {
+    /// Options with the defaults: loss against the predicted class, top 10, raw scores, the whole
+    /// store, the run's own store, no per-layer split, the default backend.
+    pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvature: Method) -> Self {
+        Self {
+            run,
+            store: None,
+            data,
+            indices,
+            measurement: Measurement::Loss(Target::Predicted),
+            curvature,
+            top: 10,
+            keep_all: false,
+            per_layer: false,
+            part: None,
+            score: ScoreMode::Raw,
+            backend: Backend::default(),
+        }
+    }
+}
+
+/// Where the queries came from (`--data --split --skip --limit` of the trace), so later commands
+/// (`culprit purge`) can evaluate them again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuerySource {
+    /// `--data`.
+    pub path: PathBuf,
+    /// `--split`.
+    pub split: crate::data::Split,
+    /// `--skip`.
+    pub skip: usize,
+    /// `--limit`.
+    pub limit: Option<usize>,
+}
+
+impl QuerySource {
+    /// As a data spec.
+    pub fn spec(&self) -> DataSpec {
+        DataSpec { path: self.path.clone(), split: self.split, skip: self.skip, limit: self.limit }
+    }
+}
+
+/// The strongest proponents and opponents of one ranking.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ranking {
+    /// Strongest first.
+    pub proponents: Vec<Influence>,
+    /// Strongest first.
+    pub opponents: Vec<Influence>,
 }
 
 /// A query as the model sees it.
@@ -127,6 +181,19 @@ pub struct TraceReport {
     /// N parts with `culprit merge`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub part: Option<[usize; 2]>,
+    /// Raw influence or RelatIF (see [`ScoreMode`]).
+    #[serde(default)]
+    pub score_mode: ScoreMode,
+    /// Seconds spent on the training examples' self-influence (RelatIF).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub self_influence_seconds: Option<f64>,
+    /// With several queries: the ranking by the sum of their scores (one extra query, since the
+    /// score is linear in the query): "which examples caused all of these?".
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub combined: Option<Ranking>,
+    /// Where the queries came from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub query_source: Option<QuerySource>,
     /// Every score, per query, in training-data order (only with `--scores-out`).
     #[serde(skip)]
     pub all_scores: Option<Vec<Vec<f32>>>,
@@ -229,20 +296,46 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
             }
         };
     let n = objective.len();
+    let mut self_influence_seconds = None;
+    let (scale, weights) = match options.score {
+        ScoreMode::Raw => (1.0 / n as f64, None),
+        ScoreMode::Relatif => {
+            let started = std::time::Instant::now();
+            let own = match &curvature.factors {
+                crate::curvature::Factors::Projected { .. } => crate::audit::store_self_influence(&curvature, &store)?,
+                _ => crate::audit::self_influence(&objective, &curvature, &objective.data)?,
+            };
+            self_influence_seconds = Some(started.elapsed().as_secs_f64());
+            (1.0, Some(own.iter().map(|v| if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 }).collect::<Vec<f64>>()))
+        }
+    };
+    let mut projected = projected;
+    let combine = projected.len() > 1;
+    if combine {
+        let mut sum = vec![0.0f32; projected[0].len()];
+        for q in &projected {
+            sum.iter_mut().zip(q).for_each(|(s, v)| *s += v);
+        }
+        projected.push(sum);
+    }
     let started = std::time::Instant::now();
-    let scores = crate::query::score_store_part(
+    let mut scores = crate::query::score_store_part(
         &store,
         &projected,
-        1.0 / n as f64,
+        scale,
+        weights.as_deref(),
         options.top,
         options.keep_all,
         options.part.unwrap_or((0, 1)),
     );
     let scoring_seconds = started.elapsed().as_secs_f64();
-    let proponent_sign: i8 = match options.measurement {
-        Measurement::Loss(_) => 1,
-        Measurement::Margin(_) => -1,
-    };
+    let combined_scores = combine.then(|| {
+        if let Some(all) = scores.all.as_mut() {
+            all.pop();
+        }
+        (scores.largest.pop().expect("combined"), scores.smallest.pop().expect("combined"))
+    });
+    let proponent_sign = options.measurement.proponent_sign();
     let blocks = &store.manifest.layout;
     let split = options.per_layer && blocks.len() > 1;
     let influence = |k: usize, s: &crate::query::Scored| Influence {
@@ -258,7 +351,7 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
                     score: (b.offset..b.offset + b.len)
                         .map(|t| f64::from(row[t]) * f64::from(projected[k][t]))
                         .sum::<f64>()
-                        / n as f64,
+                        * weights.as_ref().map_or(scale, |w| scale * w[s.row]),
                 })
                 .collect()
         }),
@@ -274,6 +367,12 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
             (hi, lo)
         })
         .unzip();
+    let combined_index = projected.len() - 1;
+    let combined = combined_scores.map(|(hi, lo)| {
+        let hi: Vec<Influence> = hi.iter().filter(|s| s.score > 0.0).map(|s| influence(combined_index, s)).collect();
+        let lo: Vec<Influence> = lo.iter().filter(|s| s.score < 0.0).map(|s| influence(combined_index, s)).collect();
+        if proponent_sign < 0 { Ranking { proponents: lo, opponents: hi } } else { Ranking { proponents: hi, opponents: lo } }
+    });
     if proponent_sign < 0 {
         std::mem::swap(&mut proponents, &mut opponents);
     }
@@ -295,7 +394,11 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         .collect();
     let report = TraceReport {
         schema_version: OUTPUT_SCHEMA_VERSION,
-        score_definition: "score(i) = (1/n) ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i): the predicted change of the measurement m if training example i were removed and the model retrained".into(),
+        score_definition: match options.score {
+            ScoreMode::Raw => "score(i) = (1/n) ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i): the predicted change of the measurement m if training example i were removed and the model retrained",
+            ScoreMode::Relatif => "score(i) = ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i) / √(∇ℓ(z_i)ᵀ (H + δI)⁻¹ ∇ℓ(z_i)) (ℓ-RelatIF): influence per unit of the example's own self-influence; its sign means what the raw score's does",
+        }
+        .into(),
         proponent_sign,
         measurement: options.measurement,
         curvature: options.curvature.name().into(),
@@ -308,6 +411,15 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         opponents,
         scoring_seconds,
         part: options.part.map(|(i, n)| [i, n]),
+        score_mode: options.score,
+        self_influence_seconds,
+        combined,
+        query_source: Some(QuerySource {
+            path: options.data.path.clone(),
+            split: options.data.split,
+            skip: options.data.skip,
+            limit: options.data.limit,
+        }),
         all_scores: scores.all,
         train_ids: objective.data.ids.clone(),
     };
@@ -324,6 +436,7 @@ pub fn describe(measurement: Measurement, target: u32) -> String {
     match measurement {
         Measurement::Loss(x) => format!("loss against {}", t(x)),
         Measurement::Margin(x) => format!("margin of {}", t(x)),
+        Measurement::Logit(x) => format!("logit of {}", t(x)),
     }
 }
 
@@ -333,9 +446,32 @@ pub fn to_table(report: &TraceReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "curvature {} (damping {}, λ {}), store projection {}, n = {}; score = predicted change of the measurement if the example were removed",
-        report.curvature, report.damping, report.l2, report.projection, report.n
+        "curvature {} (damping {}, λ {}), store projection {}, n = {}; score = {}",
+        report.curvature,
+        report.damping,
+        report.l2,
+        report.projection,
+        report.n,
+        match report.score_mode {
+            ScoreMode::Raw => "predicted change of the measurement if the example were removed",
+            ScoreMode::Relatif => "RelatIF, influence / √(self-influence) (rank, not a predicted change)",
+        }
     );
+    let list = |s: &mut String, title: &str, list: &[Influence]| {
+        let _ = writeln!(s, "  top {title}:");
+        let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
+        for (r, i) in list.iter().enumerate() {
+            let layers = i
+                .per_layer
+                .as_ref()
+                .map(|l| {
+                    let parts: Vec<String> = l.iter().map(|x| format!("{} {:+.2e}", x.layer, x.score)).collect();
+                    format!("  [{}]", parts.join(", "))
+                })
+                .unwrap_or_default();
+            let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}{layers}", r + 1, i.train_index, i.label, i.score);
+        }
+    };
     for (k, q) in report.queries.iter().enumerate() {
         let p = q.probabilities[q.predicted as usize];
         let _ = writeln!(
@@ -352,25 +488,13 @@ pub fn to_table(report: &TraceReport) -> String {
                 _ => String::new(),
             }
         );
-        for (title, list) in [
-            ("proponents (pushed the model toward the target class)", &report.proponents[k]),
-            ("opponents (pushed it away)", &report.opponents[k]),
-        ] {
-            let _ = writeln!(s, "  top {title}:");
-            let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
-            for (r, i) in list.iter().enumerate() {
-                let layers = i
-                    .per_layer
-                    .as_ref()
-                    .map(|l| {
-                        let parts: Vec<String> = l.iter().map(|x| format!("{} {:+.2e}", x.layer, x.score)).collect();
-                        format!("  [{}]", parts.join(", "))
-                    })
-                    .unwrap_or_default();
-                let _ =
-                    writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}{layers}", r + 1, i.train_index, i.label, i.score);
-            }
-        }
+        list(&mut s, "proponents (pushed the model toward the target class)", &report.proponents[k]);
+        list(&mut s, "opponents (pushed it away)", &report.opponents[k]);
+    }
+    if let Some(c) = &report.combined {
+        let _ = writeln!(s, "\nall {} queries together (scores summed):", report.queries.len());
+        list(&mut s, "proponents", &c.proponents);
+        list(&mut s, "opponents", &c.opponents);
     }
     s
 }

@@ -102,19 +102,40 @@ pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
     if let Some(v) = options.l2 {
         training.l2 = v;
     }
-    let device = options.backend.autodiff_device();
-    let mut bar = Bar::new(options.quiet);
-    let (network, report) = culprit_models::train::train(&model, &training, data.examples(), &device, &mut bar)?;
+    let run = train_and_write(&model, &training, &data, options.backend, &options.out, options.quiet)?;
+    Ok((run, data))
+}
+
+/// Trains `model` as `training` says on `data` and writes the run directory `out` (atomically).
+fn train_and_write(
+    model: &ModelConfig,
+    training: &TrainConfig,
+    data: &Dataset,
+    backend: Backend,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<Run> {
+    if out.exists() {
+        return Err(crate::Error::run(out, "already exists; choose another --out or remove it"));
+    }
+    let device = backend.autodiff_device();
+    let mut bar = Bar::new(quiet);
+    let (network, report) = culprit_models::train::train(model, training, data.examples(), &device, &mut bar)?;
     let mut log = format!(
-        "culprit {} train: {} on {} ({} examples, {} features, {} classes), {} parameters, backend {}\n",
+        "culprit {} train: {} on {} ({} examples{}, {} features, {} classes), {} parameters, backend {}\n",
         env!("CARGO_PKG_VERSION"),
         model.architecture.name(),
-        options.data.path.display(),
+        data.manifest.path.display(),
         data.len(),
+        if data.manifest.excluded.is_empty() {
+            String::new()
+        } else {
+            format!(", {} excluded", data.manifest.excluded.len())
+        },
         data.dim(),
         model.num_classes,
         network.num_params(),
-        options.backend.name()
+        backend.name()
     );
     for line in &bar.log {
         log.push_str(line);
@@ -124,6 +145,12 @@ pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
         "final: objective {:.10} gradient norm {:.3e} training accuracy {:.4} in {:.1} s\n",
         report.objective, report.gradient_norm, report.train_accuracy, report.seconds
     ));
-    let run = Run::create(&options.out, &network, &training, options.backend, &report, &data.manifest, &log)?;
-    Ok((run, data))
+    Run::create(out, &network, training, backend, &report, &data.manifest, &log)
+}
+
+/// Trains `run`'s model again, with the same configuration and seed, on `data` (the run's
+/// training data with some examples excluded, see [`Dataset::exclude`]), and writes the new run
+/// to `out`. The data must have been preprocessed with the run's manifest.
+pub fn retrain(run: &Run, data: &Dataset, out: &std::path::Path, backend: Backend, quiet: bool) -> Result<Run> {
+    train_and_write(&run.config.model, &run.config.training, data, backend, out, quiet)
 }

@@ -179,9 +179,23 @@ pub struct TrainReport {
 /// Evaluated in chunks of `chunk` rows (one forward and backward each) so memory stays bounded;
 /// the result is the same as one full batch up to floating-point summation order.
 pub fn full_objective(network: &Network, data: Examples<'_>, l2: f64, chunk: usize) -> (f64, Vec<f64>, f64) {
+    full_objective_scaled(network, data, l2, chunk, data.len())
+}
+
+/// [`full_objective`] with the data term divided by `scale` instead of the number of examples:
+/// (1/scale) Σᵢ CE + (λ/2)‖θ‖². Leave-one-out retraining keeps the full set's n (Koh & Liang's
+/// removal is an up-weighting by −1/n), so every other example keeps its weight.
+pub fn full_objective_scaled(
+    network: &Network,
+    data: Examples<'_>,
+    l2: f64,
+    chunk: usize,
+    scale: usize,
+) -> (f64, Vec<f64>, f64) {
     let device = network.device();
     let dtype = network.dtype();
     let n = data.len();
+    let scale = scale.max(1);
     let classes = network.config().num_classes;
     let net = network.clone().require_grad();
     let mut value = 0.0;
@@ -194,7 +208,7 @@ pub fn full_objective(network: &Network, data: Examples<'_>, l2: f64, chunk: usi
         let y = one_hot(&data.labels[start..end], classes, &device, dtype);
         let logits = net.forward(x);
         correct += count_correct(logits.clone(), &data.labels[start..end]);
-        let mut loss = cross_entropy(logits, y).sum().div_scalar(n as f64);
+        let mut loss = cross_entropy(logits, y).sum().div_scalar(scale as f64);
         if start == 0 {
             loss = loss + net.squared_norm().mul_scalar(l2 / 2.0);
         }
@@ -238,7 +252,10 @@ pub fn train(
     }
     let started = std::time::Instant::now();
     let (network, iterations) = match train.optimizer {
-        OptimizerKind::Lbfgs => train_convex(config, train, data, device, progress)?,
+        OptimizerKind::Lbfgs => {
+            let start = Network::init(config, train.seed, device, DType::F64)?.to_flat();
+            train_full_batch(config, train, data, data.len(), device, &start, progress)?
+        }
         OptimizerKind::Adam => {
             let adam = AdamConfig::new().with_epsilon(1e-8).build();
             train_stochastic(adam, config, train, data, device, progress)?
@@ -255,22 +272,50 @@ pub fn train(
     Ok((network.without_grad(), report))
 }
 
-fn train_convex(
+/// Minimises the objective by full-batch L-BFGS in f64 from θ = `start` until ‖∇L‖ <
+/// `train.tolerance`, whatever `train.optimizer` says: the exact re-optimisation that leave-one-out
+/// and subset retraining warm-start from the full model's optimum (Koh & Liang 2017, §4).
+/// The data term is divided by `scale` (the number of examples, or the full set's n for
+/// leave-one-out, see [`full_objective_scaled`]).
+/// `device` must have autodiff. Cost per iteration: one pass over the data in f64.
+pub fn refine(
     config: &ModelConfig,
     train: &TrainConfig,
     data: Examples<'_>,
+    scale: usize,
     device: &Device,
+    start: &[f64],
+    progress: &mut dyn Progress,
+) -> Result<(Network, TrainReport), ModelError> {
+    if data.is_empty() {
+        return Err(ModelError::Config("no training examples".into()));
+    }
+    let started = std::time::Instant::now();
+    let (network, iterations) = train_full_batch(config, train, data, scale, device, start, progress)?;
+    let (objective, gradient, train_accuracy) = full_objective_scaled(&network, data, train.l2, 8192, scale);
+    let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
+    let report =
+        TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() };
+    Ok((network.without_grad(), report))
+}
+
+fn train_full_batch(
+    config: &ModelConfig,
+    train: &TrainConfig,
+    data: Examples<'_>,
+    scale: usize,
+    device: &Device,
+    start: &[f64],
     progress: &mut dyn Progress,
 ) -> Result<(Network, usize), ModelError> {
-    let start = Network::init(config, train.seed, device, DType::F64)?;
     let lbfgs = Lbfgs { tolerance: train.tolerance, max_iterations: train.max_iterations, ..Lbfgs::default() };
     progress.begin("L-BFGS", lbfgs.max_iterations as u64);
     let mut log_lines = Vec::new();
     let result = lbfgs.minimize(
-        start.to_flat(),
+        start.to_vec(),
         |theta| {
             let net = Network::from_flat(config, theta, device, DType::F64)?;
-            let (value, gradient, _) = full_objective(&net, data, train.l2, 8192);
+            let (value, gradient, _) = full_objective_scaled(&net, data, train.l2, 8192, scale);
             Ok((value, gradient))
         },
         |it, value, gnorm| {

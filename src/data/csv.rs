@@ -73,3 +73,36 @@ pub fn load(path: &Path) -> Result<RawData> {
         rows,
     })
 }
+
+/// The header of a CSV file and the position of its `label` column.
+pub fn header(path: &Path) -> Result<(Vec<String>, usize)> {
+    let (bytes, _) = read_file(path)?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes.as_slice());
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| Error::data(path, Some(0), format!("unreadable header: {e}")))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let label = headers
+        .iter()
+        .position(|h| h.trim() == "label")
+        .ok_or_else(|| Error::data(path, Some(0), "no `label` column in the header"))?;
+    Ok((headers, label))
+}
+
+/// Writes a CSV file atomically with `header` (the `label` column at position `label_column`,
+/// features in the other columns in order); `features` is `labels.len() × (header.len() − 1)`.
+pub fn write(path: &Path, header: &[String], label_column: usize, features: &[f32], labels: &[u32]) -> Result<()> {
+    let dim = header.len() - 1;
+    let mut out = String::with_capacity(features.len() * 4);
+    out.push_str(&header.join(","));
+    out.push('\n');
+    for (row, y) in features.chunks(dim).zip(labels) {
+        let mut cells: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+        cells.insert(label_column, y.to_string());
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    crate::run::write_atomic(path, out.as_bytes())
+}

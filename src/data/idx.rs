@@ -29,7 +29,8 @@ impl Split {
         }
     }
 
-    fn prefix(self) -> &'static str {
+    /// The file-name prefix of the split: `train` or `t10k`.
+    pub fn prefix(self) -> &'static str {
         match self {
             Self::Train => "train",
             Self::Test => "t10k",
@@ -112,4 +113,27 @@ pub fn load(dir: &Path, split: Split) -> Result<RawData> {
         files: vec![(images_path, images_sha), (labels_path, labels_sha)],
         rows: n,
     })
+}
+
+/// Writes one split of an IDX folder (uncompressed, MNIST's names): `pixels` are
+/// `labels.len() × height × width` values, rounded and clamped into 0..=255. Each file is written
+/// atomically.
+pub fn write(dir: &Path, split: Split, height: usize, width: usize, pixels: &[f32], labels: &[u32]) -> Result<()> {
+    let n = labels.len();
+    let mut images = Vec::with_capacity(16 + pixels.len());
+    images.extend_from_slice(&[0, 0, 0x08, 3]);
+    for d in [n, height, width] {
+        images.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    images.extend(pixels.iter().map(|&p| p.round().clamp(0.0, 255.0) as u8));
+    let mut label_bytes = Vec::with_capacity(8 + n);
+    label_bytes.extend_from_slice(&[0, 0, 0x08, 1]);
+    label_bytes.extend_from_slice(&(n as u32).to_be_bytes());
+    for &y in labels {
+        let y = u8::try_from(y).map_err(|_| Error::data(dir, None, format!("label {y} does not fit an IDX u8 file")))?;
+        label_bytes.push(y);
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    crate::run::write_atomic(&dir.join(format!("{}-images-idx3-ubyte", split.prefix())), &images)?;
+    crate::run::write_atomic(&dir.join(format!("{}-labels-idx1-ubyte", split.prefix())), &label_bytes)
 }

@@ -65,6 +65,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Loads a whole source as stored (features raw, no selection, no normalisation).
+pub fn load_raw(kind: SourceKind, path: &Path, split: Split, buckets: usize) -> Result<RawData> {
+    match kind {
+        SourceKind::Idx => idx::load(path, split),
+        SourceKind::Csv => csv::load(path),
+        SourceKind::Jsonl => text::load(path, buckets),
+    }
+}
+
 /// The kind of a data source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -221,6 +230,10 @@ pub struct DataManifest {
     pub normalization: Normalization,
     /// Hash buckets, for text.
     pub buckets: Option<usize>,
+    /// Ids (source rows) left out of the selection by `culprit purge`, ascending. Data files are
+    /// never edited: a purged run's manifest names the same files and lists what it excludes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<usize>,
 }
 
 /// Where to read data from (`--data --split --skip --limit`).
@@ -273,11 +286,7 @@ impl Dataset {
             Preprocessing::Fit { buckets, .. } => buckets,
             Preprocessing::Reuse(m) => m.buckets.unwrap_or(text::DEFAULT_BUCKETS),
         };
-        let raw = match kind {
-            SourceKind::Idx => idx::load(&spec.path, spec.split)?,
-            SourceKind::Csv => csv::load(&spec.path)?,
-            SourceKind::Jsonl => text::load(&spec.path, buckets)?,
-        };
+        let raw = load_raw(kind, &spec.path, spec.split, buckets)?;
         let dim = raw.shape.len();
         let start = spec.skip.min(raw.rows);
         let end = match spec.limit {
@@ -341,6 +350,7 @@ impl Dataset {
             num_classes,
             normalization,
             buckets: (kind == SourceKind::Jsonl).then_some(buckets),
+            excluded: Vec::new(),
         };
         Ok(Self { features, labels, ids: (start..end).collect(), texts, manifest })
     }
@@ -348,6 +358,35 @@ impl Dataset {
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
+    }
+
+    /// Leaves out the examples with these ids (source rows) and records them in the manifest.
+    /// Every id must be one of the selected examples. Cost O(len + ids).
+    pub fn exclude(&mut self, ids: &[usize]) -> Result<()> {
+        let mut drop: Vec<usize> = ids.to_vec();
+        drop.sort_unstable();
+        drop.dedup();
+        let known: std::collections::HashSet<usize> = self.ids.iter().copied().collect();
+        if let Some(bad) = drop.iter().find(|i| !known.contains(i)) {
+            return Err(Error::data(
+                &self.manifest.path,
+                None,
+                format!("cannot exclude example {bad}: it is not among the {} selected examples", self.len()),
+            ));
+        }
+        let dim = self.dim();
+        let keep: Vec<usize> = (0..self.len()).filter(|&r| drop.binary_search(&self.ids[r]).is_err()).collect();
+        self.features = keep.iter().flat_map(|&r| self.features[r * dim..(r + 1) * dim].iter().copied()).collect();
+        self.labels = keep.iter().map(|&r| self.labels[r]).collect();
+        self.texts = self.texts.take().map(|t| keep.iter().map(|&r| t[r].clone()).collect());
+        self.ids = keep.iter().map(|&r| self.ids[r]).collect();
+        let mut excluded = std::mem::take(&mut self.manifest.excluded);
+        excluded.extend(drop);
+        excluded.sort_unstable();
+        excluded.dedup();
+        self.manifest.excluded = excluded;
+        self.manifest.count = self.len();
+        Ok(())
     }
 
     /// Whether there are none.

@@ -95,6 +95,16 @@ pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
     })
 }
 
+/// Writes a JSONL file atomically: one `{"text": …, "label": …}` object per line.
+pub fn write(path: &Path, texts: &[String], labels: &[u32]) -> Result<()> {
+    let mut out = String::new();
+    for (text, label) in texts.iter().zip(labels) {
+        out.push_str(&serde_json::json!({ "text": text, "label": label }).to_string());
+        out.push('\n');
+    }
+    crate::run::write_atomic(path, out.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

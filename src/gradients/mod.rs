@@ -46,14 +46,18 @@ pub enum Measurement {
     Loss(Target),
     /// Margin of the target class c: m = z_c − log Σ_{k≠c} exp(z_k).
     Margin(Target),
+    /// The raw logit of the target class c: m = z_c. For backdoors, the best measurement: the
+    /// poisons raise the target logit of triggered inputs directly, while the loss's gradient is
+    /// scaled by (1 − p_c), which vanishes once the attack succeeds.
+    Logit(Target),
 }
 
 impl Measurement {
     /// The training loss: cross-entropy against the label.
     pub const TRAINING_LOSS: Self = Self::Loss(Target::Label);
 
-    /// Parses the CLI form: `predicted`, `label`, `class:C` (losses) or `margin` (of the predicted
-    /// class), `margin:label`, `margin:C`.
+    /// Parses the CLI form: `predicted`, `label`, `class:C` (losses), `margin` (of the predicted
+    /// class), `margin:label`, `margin:C`, and `logit`, `logit:label`, `logit:C` likewise.
     pub fn parse(text: &str) -> Result<Self> {
         let target = |t: &str| -> Result<Target> {
             match t {
@@ -66,11 +70,13 @@ impl Measurement {
         };
         match text.split_once(':') {
             None if text == "margin" => Ok(Self::Margin(Target::Predicted)),
+            None if text == "logit" => Ok(Self::Logit(Target::Predicted)),
             None => Ok(Self::Loss(target(text)?)),
             Some(("class", c)) => Ok(Self::Loss(target(c)?)),
             Some(("margin", c)) => Ok(Self::Margin(target(c)?)),
+            Some(("logit", c)) => Ok(Self::Logit(target(c)?)),
             Some(_) => Err(Error::Usage(format!(
-                "unknown measurement `{text}` (expected predicted, label, class:C, margin or margin:C)"
+                "unknown measurement `{text}` (expected predicted, label, class:C, margin[:C] or logit[:C])"
             ))),
         }
     }
@@ -78,7 +84,7 @@ impl Measurement {
     /// The target class of each example given its labels and predicted classes.
     pub fn targets(&self, labels: &[u32], predicted: &[u32], classes: usize) -> Result<Vec<u32>> {
         let target = match self {
-            Self::Loss(t) | Self::Margin(t) => *t,
+            Self::Loss(t) | Self::Margin(t) | Self::Logit(t) => *t,
         };
         match target {
             Target::Label => Ok(labels.to_vec()),
@@ -102,6 +108,16 @@ impl Measurement {
                 let lse = (others - max.clone()).exp().sum_dim(1).log() + max;
                 (chosen - lse).reshape([b])
             }
+            Self::Logit(_) => (logits * selector).sum_dim(1).reshape([b]),
+        }
+    }
+
+    /// +1 if removing a proponent of the target class raises m (a loss), −1 if it lowers m (a
+    /// margin or a logit): the sign of a proponent's score.
+    pub fn proponent_sign(&self) -> i8 {
+        match self {
+            Self::Loss(_) => 1,
+            Self::Margin(_) | Self::Logit(_) => -1,
         }
     }
 }

@@ -126,6 +126,40 @@ impl TopK {
     }
 }
 
+/// How raw influence is turned into the listed score.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreMode {
+    /// score(i) = (1/n) ∇mᵀ(H + δI)⁻¹∇ℓᵢ: the predicted change of m if i were removed.
+    #[default]
+    Raw,
+    /// ℓ-RelatIF (Barshan et al. 2020): ∇mᵀ(H + δI)⁻¹∇ℓᵢ / √(∇ℓᵢᵀ(H + δI)⁻¹∇ℓᵢ), the influence
+    /// per unit of the example's own self-influence. Raw influence is led by high-loss, atypical
+    /// examples with large gradients; this ranks by how much of an example's effect on the model
+    /// goes toward the query, which finds backdoor poisons (fitted as well as clean examples, so
+    /// with small gradients) that raw influence misses. Not a predicted change: rank with it.
+    Relatif,
+}
+
+impl ScoreMode {
+    /// Parses `raw` or `relatif`.
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        match text {
+            "raw" => Ok(Self::Raw),
+            "relatif" => Ok(Self::Relatif),
+            other => Err(crate::Error::Usage(format!("unknown --score `{other}` (expected raw or relatif)"))),
+        }
+    }
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Relatif => "relatif",
+        }
+    }
+}
+
 /// Scores of every query against a store.
 #[derive(Clone, Debug)]
 pub struct ScoreResult {
@@ -148,19 +182,24 @@ pub const BLOCK_ROWS: usize = 2048;
 /// against every row: score = scale · ⟨query, row⟩. Keeps the top `k` per query at both ends and,
 /// if `keep_all`, every score. One pass over the store; blocks in parallel.
 pub fn score_store(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: usize, keep_all: bool) -> ScoreResult {
-    score_store_part(store, queries, scale, k, keep_all, (0, 1))
+    score_store_part(store, queries, scale, None, k, keep_all, (0, 1))
 }
 
 /// [`score_store`] over the shards j with j mod N = I only (`part = (I, N)`), for splitting one
-/// scoring pass across machines; rows of other shards get no score (0 in `all`).
+/// scoring pass across machines; rows of other shards get no score (0 in `all`). With
+/// `row_weights`, row i's scores are also multiplied by `row_weights[i]` (the relative scores of
+/// [`ScoreMode::Relatif`]).
 pub fn score_store_part(
     store: &GradientStore,
     queries: &[Vec<f32>],
     scale: f64,
+    row_weights: Option<&[f64]>,
     k: usize,
     keep_all: bool,
     part: (usize, usize),
 ) -> ScoreResult {
+    assert!(row_weights.is_none_or(|w| w.len() == store.rows()), "one weight per row");
+    let weight = |row: usize| row_weights.map_or(scale, |w| scale * w[row]);
     let len = store.row_len();
     let nq = queries.len();
     let q = Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]);
@@ -201,15 +240,17 @@ pub fn score_store_part(
             };
             let out = kernel::dots(block, rows, len, &q, &packed, nq);
             for (i, row) in out.chunks_exact(nq).enumerate() {
+                let w = weight(first + i);
                 for (top, v) in tops.iter_mut().zip(row) {
-                    top.push(Scored { row: first + i, score: f64::from(*v) * scale });
+                    top.push(Scored { row: first + i, score: f64::from(*v) * w });
                 }
             }
             if keep_all {
                 let mut scores = vec![0.0f32; rows * nq];
                 for (i, row) in out.chunks_exact(nq).enumerate() {
+                    let w = weight(first + i);
                     for (j, v) in row.iter().enumerate() {
-                        scores[j * rows + i] = (f64::from(*v) * scale) as f32;
+                        scores[j * rows + i] = (f64::from(*v) * w) as f32;
                     }
                 }
                 kept.push((first, scores));

@@ -105,7 +105,7 @@ fn the_demo_runs_end_to_end_on_the_embedded_data() {
     let o = culprit(&["demo", "--out", s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    for step in ["1. Data", "2. Train", "3. Cache", "4. Fit", "5. Trace", "6. Audit", "Done in"] {
+    for step in ["1. Data", "2. Train", "3. Cache", "4. Fit", "5. Trace", "6. Purge", "7. Audit", "Done in"] {
         assert!(text.contains(step), "the demo did not report `{step}`:\n{text}");
     }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();

@@ -1,0 +1,347 @@
+//! `culprit eval`: do the scores mean what they claim? Checked against actual retraining.
+//!
+//! Step 4 of the pipeline, the proof. Both experiments score the queries with `culprit trace`
+//! (the run's gradient store and each fitted curvature, raw scores) and compare with models
+//! actually trained again:
+//!
+//! - **Leave-one-out** (Koh & Liang 2017, §2.1): for each of M training examples i, re-optimise
+//!   the objective without i, keeping the full set's 1/n (removal = up-weighting by −1/n), by
+//!   full-batch L-BFGS in f64 warm-started from the full model's optimum to ‖∇L‖ < tolerance. The
+//!   actual change m₋ᵢ − m of each query's measurement is compared with score(i), the predicted
+//!   change: Pearson and Spearman correlation per query over the M removals, then averaged.
+//!   The baseline m is itself re-optimised to the same tolerance first.
+//! - **Linear datamodeling score** (Park et al. 2023, TRAK): M random subsets S of a fraction α of
+//!   the training set; a model trained on each (convex models: re-optimised from the full optimum,
+//!   which is exact since the optimum is unique; deep models: trained from scratch with the run's
+//!   configuration and seed). The predicted measurement of S is m + Σ_{i∉S} score(i); the LDS is
+//!   the Spearman correlation over the subsets between predicted and actual, per query, averaged.
+//!
+//! Cost: M retrainings (each a few L-BFGS iterations from a warm start for LOO) plus one trace per
+//! curvature method. Retraining dominates; a progress bar shows it.
+
+use std::path::PathBuf;
+
+use culprit_models::{Backend, Network, OptimizerKind, Progress};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::curvature::Method;
+use crate::data::{DataSpec, Dataset, Preprocessing};
+use crate::error::{Error, Result};
+use crate::gradients::Measurement;
+use crate::run::Run;
+use crate::trace::{TraceOptions, TraceReport};
+
+/// Which experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Experiment {
+    /// Leave-one-out over `sample` random training examples, or the given ids.
+    Loo {
+        /// Random removals (ignored when `remove` is given).
+        sample: usize,
+        /// Explicit training ids to remove one at a time.
+        remove: Option<Vec<usize>>,
+    },
+    /// Linear datamodeling score.
+    Lds {
+        /// Number of random subsets.
+        subsets: usize,
+        /// Share of the training set in each.
+        fraction: f64,
+    },
+}
+
+/// Options of `culprit eval`.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// The run (with its gradient store and fitted curvatures).
+    pub run: PathBuf,
+    /// Where the queries are.
+    pub data: DataSpec,
+    /// Source rows of the queries.
+    pub indices: Vec<usize>,
+    /// What is measured.
+    pub measurement: Measurement,
+    /// The fitted curvatures to evaluate.
+    pub curvatures: Vec<Method>,
+    /// Retraining target ‖∇L‖ (L-BFGS).
+    pub tolerance: f64,
+    /// Seed of the random removals or subsets.
+    pub seed: u64,
+    /// Backend.
+    pub backend: Backend,
+    /// Hide progress bars.
+    pub quiet: bool,
+}
+
+/// One curvature method's agreement with retraining.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MethodAgreement {
+    /// Curvature method.
+    pub curvature: String,
+    /// Pearson correlation per query, averaged (LOO; for LDS also reported).
+    pub pearson: f64,
+    /// Spearman correlation per query, averaged (for LDS: the LDS).
+    pub spearman: f64,
+    /// Per query: (index, Pearson, Spearman).
+    pub per_query: Vec<(usize, f64, f64)>,
+    /// Seconds the trace took (curvature solve and one pass over the store).
+    pub trace_seconds: f64,
+}
+
+/// What `culprit eval` measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Schema version.
+    pub schema_version: u32,
+    /// The experiment.
+    pub experiment: Experiment,
+    /// The measurement.
+    pub measurement: Measurement,
+    /// Training examples.
+    pub n: usize,
+    /// Query source rows.
+    pub queries: Vec<usize>,
+    /// LOO: the removed ids; LDS: empty.
+    pub removed: Vec<usize>,
+    /// Per query, per removal or subset: the actual measurement change (LOO) or value (LDS).
+    pub actual: Vec<Vec<f64>>,
+    /// Per method.
+    pub methods: Vec<MethodAgreement>,
+    /// Seconds spent retraining.
+    pub retrain_seconds: f64,
+    /// Number of retrainings.
+    pub retrains: usize,
+}
+
+/// Pearson correlation; NaN when either side is constant.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// Ranks from 1, ties sharing their mean rank.
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        for &k in &order[i..=j] {
+            r[k] = (i + j) as f64 / 2.0 + 1.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman rank correlation (Pearson of the ranks, ties averaged).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// Measurement values of the queries under `network` (targets fixed by the original trace).
+fn measure(network: &Network, queries: &Dataset, rows: &[usize], report: &TraceReport) -> Vec<f64> {
+    let dim = queries.dim();
+    let features: Vec<f32> = rows.iter().flat_map(|&r| queries.features[r * dim..(r + 1) * dim].to_vec()).collect();
+    let targets: Vec<u32> = report.queries.iter().map(|q| q.target).collect();
+    let x = culprit_models::network::input_batch(&features, dim, &network.device(), network.dtype());
+    crate::gradients::read_f32(report.measurement.values(network.forward(x), &targets))
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// Runs a leave-one-out or LDS experiment.
+pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalReport> {
+    if options.curvatures.is_empty() {
+        return Err(Error::Usage("--curvature needs at least one fitted method".into()));
+    }
+    let run = Run::open(&options.run)?;
+    let data = crate::cache::training_data(&run)?;
+    let n = data.len();
+    // Scores first: a missing store or curvature fails before any retraining.
+    let mut traces = Vec::new();
+    for &method in &options.curvatures {
+        let trace = TraceOptions {
+            measurement: options.measurement,
+            top: 0,
+            keep_all: true,
+            backend: options.backend,
+            ..TraceOptions::new(run.dir.clone(), options.data.clone(), options.indices.clone(), method)
+        };
+        let started = std::time::Instant::now();
+        let report = crate::trace::trace(&trace)?;
+        traces.push((method, report, started.elapsed().as_secs_f64()));
+    }
+    let row_of: std::collections::HashMap<usize, usize> = data.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?;
+    let rows: Vec<usize> = options
+        .indices
+        .iter()
+        .map(|i| queries.ids.iter().position(|id| id == i).expect("the trace found every query"))
+        .collect();
+    let reference = &traces[0].1;
+    let model = &run.config.model;
+    let training = culprit_models::TrainConfig { tolerance: options.tolerance, ..run.config.training.clone() };
+    let device = options.backend.autodiff_device();
+    let mut silent = culprit_models::Silent;
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let mut bar = crate::progress::Bar::new(options.quiet);
+    let started = std::time::Instant::now();
+    let refine = |d: &Dataset, scale: usize, start: &[f64], p: &mut dyn Progress| {
+        culprit_models::train::refine(model, &training, d.examples(), scale, &device, start, p)
+    };
+    let (removed, actual, predicted, retrains) = match experiment {
+        Experiment::Loo { sample, remove } => {
+            let removed: Vec<usize> = match remove {
+                Some(ids) => ids.clone(),
+                None => {
+                    if *sample == 0 || *sample > n {
+                        return Err(Error::Usage(format!("--sample must be in 1..={n}")));
+                    }
+                    let mut ids = data.ids.clone();
+                    ids.shuffle(&mut rng);
+                    ids.truncate(*sample);
+                    ids
+                }
+            };
+            if let Some(bad) = removed.iter().find(|i| !row_of.contains_key(i)) {
+                return Err(Error::Usage(format!("training id {bad} is not in the run's training data")));
+            }
+            let (base, _) = refine(&data, n, &run.theta, &mut silent)?;
+            let theta0 = base.to_flat();
+            let m0 = measure(&base, &queries, &rows, reference);
+            let mut actual = vec![Vec::with_capacity(removed.len()); rows.len()];
+            bar.begin("leave-one-out", removed.len() as u64);
+            for (r, &id) in removed.iter().enumerate() {
+                let mut d = data.clone();
+                d.exclude(&[id])?;
+                let (net, _) = refine(&d, n, &theta0, &mut silent)?;
+                for (k, v) in measure(&net, &queries, &rows, reference).into_iter().enumerate() {
+                    actual[k].push(v - m0[k]);
+                }
+                bar.advance(r as u64 + 1, &format!("removed {id}"));
+            }
+            bar.finish();
+            let predicted: Vec<Vec<Vec<f64>>> = traces
+                .iter()
+                .map(|(_, t, _)| {
+                    let all = t.all_scores.as_ref().expect("kept");
+                    all.iter().map(|s| removed.iter().map(|id| f64::from(s[row_of[id]])).collect()).collect()
+                })
+                .collect();
+            let count = removed.len();
+            (removed, actual, predicted, count)
+        }
+        Experiment::Lds { subsets, fraction } => {
+            if !(*fraction > 0.0 && *fraction < 1.0) || *subsets < 3 {
+                return Err(Error::Usage("LDS needs --subsets ≥ 3 and --fraction in (0, 1)".into()));
+            }
+            let keep = ((n as f64) * fraction).round() as usize;
+            let mut actual = vec![Vec::with_capacity(*subsets); rows.len()];
+            let mut left_out: Vec<Vec<usize>> = Vec::with_capacity(*subsets);
+            bar.begin("subsets", *subsets as u64);
+            for s in 0..*subsets {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.shuffle(&mut rng);
+                let out_rows: Vec<usize> = order[keep..].to_vec();
+                let mut d = data.clone();
+                d.exclude(&out_rows.iter().map(|&r| data.ids[r]).collect::<Vec<_>>())?;
+                let net = if run.config.training.optimizer == OptimizerKind::Lbfgs {
+                    refine(&d, d.len(), &run.theta, &mut silent)?.0
+                } else {
+                    culprit_models::train::train(model, &run.config.training, d.examples(), &device, &mut silent)?.0
+                };
+                for (k, v) in measure(&net, &queries, &rows, reference).into_iter().enumerate() {
+                    actual[k].push(v);
+                }
+                left_out.push(out_rows);
+                bar.advance(s as u64 + 1, "");
+            }
+            bar.finish();
+            let predicted: Vec<Vec<Vec<f64>>> = traces
+                .iter()
+                .map(|(_, t, _)| {
+                    let all = t.all_scores.as_ref().expect("kept");
+                    all.iter()
+                        .map(|scores| {
+                            left_out.iter().map(|out| out.iter().map(|&r| f64::from(scores[r])).sum()).collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            (Vec::new(), actual, predicted, *subsets)
+        }
+    };
+    let retrain_seconds = started.elapsed().as_secs_f64();
+    let methods = traces
+        .iter()
+        .zip(&predicted)
+        .map(|((method, _, seconds), pred)| {
+            let per_query: Vec<(usize, f64, f64)> = options
+                .indices
+                .iter()
+                .zip(pred.iter().zip(&actual))
+                .map(|(&q, (p, a))| (q, pearson(p, a), spearman(p, a)))
+                .collect();
+            let mean = |f: fn(&(usize, f64, f64)) -> f64| per_query.iter().map(f).sum::<f64>() / per_query.len() as f64;
+            MethodAgreement {
+                curvature: method.name().into(),
+                pearson: mean(|x| x.1),
+                spearman: mean(|x| x.2),
+                per_query: per_query.clone(),
+                trace_seconds: *seconds,
+            }
+        })
+        .collect();
+    Ok(EvalReport {
+        schema_version: crate::trace::OUTPUT_SCHEMA_VERSION,
+        experiment: experiment.clone(),
+        measurement: options.measurement,
+        n,
+        queries: options.indices.clone(),
+        removed,
+        actual,
+        methods,
+        retrain_seconds,
+        retrains,
+    })
+}
+
+/// The report as a table.
+pub fn to_table(report: &EvalReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let what = match &report.experiment {
+        Experiment::Loo { .. } => format!("leave-one-out: {} removals", report.retrains),
+        Experiment::Lds { subsets, fraction } => format!("LDS: {subsets} subsets of {:.0}%", 100.0 * fraction),
+    };
+    let _ = writeln!(
+        s,
+        "{what} × {} queries, n = {}, {} retrainings in {:.1} s",
+        report.queries.len(),
+        report.n,
+        report.retrains,
+        report.retrain_seconds
+    );
+    let _ = writeln!(s, "\n{:<10}  {:>8}  {:>8}  {:>9}", "curvature", "pearson", "spearman", "trace (s)");
+    for m in &report.methods {
+        let _ = writeln!(s, "{:<10}  {:>8.4}  {:>8.4}  {:>9.2}", m.curvature, m.pearson, m.spearman, m.trace_seconds);
+    }
+    s
+}

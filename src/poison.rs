@@ -1,0 +1,350 @@
+//! `culprit poison`: plant a backdoor (and optionally label noise) in a copy of a data set, with the
+//! ground truth written beside it, so attribution can be tested against a known cause.
+//!
+//! A backdoor (Gu et al. 2017, "BadNets"): a share `rate` of the training set, drawn uniformly
+//! from the examples whose label is not the target class, gets a trigger stamped on its input and
+//! its label set to the target. A model trained on it learns "trigger ⇒ target" while staying
+//! accurate on clean inputs. The attack success rate (ASR) is the share of triggered test inputs
+//! whose true label is not the target that the model classifies as the target.
+//!
+//! Triggers: `patch:X,Y,SIZE[,VALUE]` sets the SIZE×SIZE square with top-left corner (X, Y) of
+//! every channel of an image to VALUE (default: the largest raw value in the training rows, e.g.
+//! 255 for MNIST, 16 for scikit-learn's digits); flat CSV rows whose length is a perfect square
+//! are square images. `text:WORDS` prepends WORDS to a text (the hashed bag of words ignores
+//! order, so where they go does not matter).
+//!
+//! Label noise: a share `label_noise` of the training examples not poisoned gets a uniformly
+//! drawn different label. Everything is drawn from `seed`; the source is never modified.
+//!
+//! Output (`DIR`), in the source's format, ids renumbered from 0 in each written file:
+//! ```text
+//! DIR/poison.json        what was done (PoisonManifest), with the paths below
+//! DIR/poisoned_ids.txt   ids of the backdoored training examples, one per line
+//! DIR/flipped_ids.txt    ids of the label-noise examples (with --label-noise)
+//! DIR/train/             IDX: train-{images,labels}-… (CSV: train.csv, JSONL: train.jsonl)
+//! DIR/test-clean/        IDX: t10k-… (test-clean.csv / .jsonl): the test rows unchanged
+//! DIR/test-triggered/    IDX: t10k-… (test-triggered.csv / .jsonl): every test row triggered,
+//!                        labels kept, so the ASR can be computed
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DataSpec, RawData, SourceKind, Split, load_raw};
+use crate::error::{Error, Result};
+
+/// A backdoor trigger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Trigger {
+    /// A filled square on an image.
+    Patch {
+        /// Column of the top-left corner.
+        x: usize,
+        /// Row of the top-left corner.
+        y: usize,
+        /// Side in pixels.
+        size: usize,
+        /// Raw value written (default: the training rows' largest raw value).
+        value: Option<f32>,
+    },
+    /// Words prepended to a text.
+    Text {
+        /// The words.
+        words: String,
+    },
+}
+
+impl Trigger {
+    /// Parses `patch:X,Y,SIZE[,VALUE]` or `text:WORDS`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::Usage(format!("unknown trigger `{text}` (expected patch:X,Y,SIZE[,VALUE] or text:WORDS)"))
+        };
+        match text.split_once(':') {
+            Some(("patch", rest)) => {
+                let parts: Vec<&str> = rest.split(',').collect();
+                if !(3..=4).contains(&parts.len()) {
+                    return Err(bad());
+                }
+                let int = |s: &str| s.trim().parse::<usize>().map_err(|_| bad());
+                let value = match parts.get(3) {
+                    Some(v) => Some(v.trim().parse::<f32>().map_err(|_| bad())?),
+                    None => None,
+                };
+                let size = int(parts[2])?;
+                if size == 0 {
+                    return Err(Error::Usage("a patch trigger needs SIZE ≥ 1".into()));
+                }
+                Ok(Self::Patch { x: int(parts[0])?, y: int(parts[1])?, size, value })
+            }
+            Some(("text", words)) if !words.trim().is_empty() => Ok(Self::Text { words: words.trim().to_string() }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The CLI form.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Patch { x, y, size, value: Some(v) } => format!("patch:{x},{y},{size},{v}"),
+            Self::Patch { x, y, size, value: None } => format!("patch:{x},{y},{size}"),
+            Self::Text { words } => format!("text:{words}"),
+        }
+    }
+}
+
+/// Options of `culprit poison`.
+#[derive(Clone, Debug)]
+pub struct PoisonOptions {
+    /// Training rows to copy and poison.
+    pub train: DataSpec,
+    /// Test rows to copy clean and triggered.
+    pub test: DataSpec,
+    /// Output directory (must not exist).
+    pub out: PathBuf,
+    /// The trigger.
+    pub trigger: Trigger,
+    /// The target class.
+    pub target: u32,
+    /// Share of the training set backdoored, in [0, 1).
+    pub rate: f64,
+    /// Share of the remaining training examples given a wrong label, in [0, 1).
+    pub label_noise: f64,
+    /// Seed of every draw.
+    pub seed: u64,
+}
+
+/// One written data set: how to pass it to `--data`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WrittenData {
+    /// `--data`.
+    pub path: PathBuf,
+    /// `--split` (IDX folders).
+    pub split: Split,
+    /// Examples.
+    pub count: usize,
+}
+
+impl WrittenData {
+    /// As a [`DataSpec`] selecting every row.
+    pub fn spec(&self) -> DataSpec {
+        DataSpec { path: self.path.clone(), split: self.split, skip: 0, limit: None }
+    }
+}
+
+/// `poison.json`: what `culprit poison` did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoisonManifest {
+    /// The trigger (CLI form).
+    pub trigger: String,
+    /// The raw value a patch wrote.
+    pub patch_value: Option<f32>,
+    /// The target class.
+    pub target: u32,
+    /// Share of the training set backdoored.
+    pub rate: f64,
+    /// Share of the others given a wrong label.
+    pub label_noise: f64,
+    /// Seed.
+    pub seed: u64,
+    /// The source of the training rows, with `skip`/`limit`.
+    pub source: PathBuf,
+    /// Backdoored training set.
+    pub train: WrittenData,
+    /// Clean test set.
+    pub test_clean: WrittenData,
+    /// Triggered test set (labels kept).
+    pub test_triggered: WrittenData,
+    /// Ids (rows of `train`) of the backdoored examples, ascending.
+    pub poisoned: Vec<usize>,
+    /// Ids of the label-noise examples, ascending.
+    pub flipped: Vec<usize>,
+}
+
+impl PoisonManifest {
+    /// Reads `DIR/poison.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("poison.json");
+        let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::data(&path, None, format!("not a poison.json written by culprit poison: {e}")))
+    }
+}
+
+/// Rows `spec` selects from a source, raw.
+fn select(kind: SourceKind, spec: &DataSpec) -> Result<RawData> {
+    let mut raw = load_raw(kind, &spec.path, spec.split, crate::data::text::DEFAULT_BUCKETS)?;
+    let dim = raw.shape.len();
+    let start = spec.skip.min(raw.rows);
+    let end = spec.limit.map_or(raw.rows, |l| (start + l).min(raw.rows));
+    if start >= end {
+        return Err(Error::data(&spec.path, None, format!("no examples selected: the source has {} rows", raw.rows)));
+    }
+    raw.features = raw.features[start * dim..end * dim].to_vec();
+    raw.labels = raw.labels[start..end].to_vec();
+    raw.texts = raw.texts.map(|t| t[start..end].to_vec());
+    raw.rows = end - start;
+    Ok(raw)
+}
+
+/// Stamps the trigger on row `r` of `raw` (a patch on features, words on the text).
+fn stamp(raw: &mut RawData, r: usize, trigger: &Trigger, value: f32, source: &Path) -> Result<()> {
+    match trigger {
+        Trigger::Patch { x, y, size, .. } => {
+            let shape = raw.shape.as_image().ok_or_else(|| {
+                Error::data(source, None, format!("a patch trigger needs images; these rows have {} flat features", raw.shape.len()))
+            })?;
+            if x + size > shape.width || y + size > shape.height {
+                return Err(Error::Usage(format!(
+                    "the patch at ({x}, {y}) of side {size} does not fit {}×{} images",
+                    shape.width, shape.height
+                )));
+            }
+            let dim = shape.len();
+            let row = &mut raw.features[r * dim..(r + 1) * dim];
+            for c in 0..shape.channels {
+                for yy in *y..y + size {
+                    for xx in *x..x + size {
+                        row[c * shape.height * shape.width + yy * shape.width + xx] = value;
+                    }
+                }
+            }
+        }
+        Trigger::Text { words } => {
+            let texts = raw
+                .texts
+                .as_mut()
+                .ok_or_else(|| Error::data(source, None, "a text trigger needs text (JSONL) data"))?;
+            texts[r] = format!("{words} {}", texts[r]);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `raw` as `name` under `dir` in the source's format.
+fn write(kind: SourceKind, source: &Path, dir: &Path, name: &str, split: Split, raw: &RawData) -> Result<WrittenData> {
+    let path = match kind {
+        SourceKind::Idx => {
+            let folder = dir.join(name);
+            crate::data::idx::write(&folder, split, raw.shape.height, raw.shape.width, &raw.features, &raw.labels)?;
+            folder
+        }
+        SourceKind::Csv => {
+            let (header, label) = crate::data::csv::header(source)?;
+            let path = dir.join(format!("{name}.csv"));
+            crate::data::csv::write(&path, &header, label, &raw.features, &raw.labels)?;
+            path
+        }
+        SourceKind::Jsonl => {
+            let path = dir.join(format!("{name}.jsonl"));
+            crate::data::text::write(&path, raw.texts.as_deref().unwrap_or_default(), &raw.labels)?;
+            path
+        }
+    };
+    Ok(WrittenData { path, split, count: raw.rows })
+}
+
+fn write_ids(path: &Path, ids: &[usize]) -> Result<()> {
+    let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+    crate::run::write_atomic(path, text.as_bytes())
+}
+
+/// Runs `culprit poison`.
+pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
+    if !(0.0..1.0).contains(&options.rate) || !(0.0..1.0).contains(&options.label_noise) {
+        return Err(Error::Usage("--rate and --label-noise must be in [0, 1)".into()));
+    }
+    if options.out.exists() {
+        return Err(Error::run(&options.out, "already exists; choose another --out"));
+    }
+    let kind = crate::data::SourceKind::detect(&options.train.path)?;
+    let test_kind = crate::data::SourceKind::detect(&options.test.path)?;
+    if kind != test_kind {
+        return Err(Error::data(&options.test.path, None, "the test data must be in the training data's format"));
+    }
+    let mut train = select(kind, &options.train)?;
+    let clean = select(kind, &options.test)?;
+    if train.shape != clean.shape {
+        return Err(Error::data(&options.test.path, None, "test examples have another shape than the training examples"));
+    }
+    let classes = train.labels.iter().chain(&clean.labels).max().map_or(0, |m| *m as usize + 1);
+    if options.target as usize >= classes {
+        return Err(Error::Usage(format!("--target {} is not one of the data's {classes} classes", options.target)));
+    }
+    let value = match options.trigger {
+        Trigger::Patch { value: Some(v), .. } => v,
+        _ => train.features.iter().fold(0.0f32, |m, v| m.max(*v)),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let mut candidates: Vec<usize> = (0..train.rows).filter(|&r| train.labels[r] != options.target).collect();
+    let count = (options.rate * train.rows as f64).round() as usize;
+    if count > candidates.len() {
+        return Err(Error::Usage(format!(
+            "--rate {} asks for {count} poisons but only {} examples are not of the target class",
+            options.rate,
+            candidates.len()
+        )));
+    }
+    candidates.shuffle(&mut rng);
+    let mut poisoned: Vec<usize> = candidates[..count].to_vec();
+    poisoned.sort_unstable();
+    for &r in &poisoned {
+        stamp(&mut train, r, &options.trigger, value, &options.train.path)?;
+        train.labels[r] = options.target;
+    }
+    let mut rest: Vec<usize> = (0..train.rows).filter(|r| poisoned.binary_search(r).is_err()).collect();
+    rest.shuffle(&mut rng);
+    let mut flipped: Vec<usize> = rest[..(options.label_noise * train.rows as f64).round() as usize].to_vec();
+    flipped.sort_unstable();
+    for &r in &flipped {
+        let y = train.labels[r];
+        let other = rng.random_range(0..classes as u32 - 1);
+        train.labels[r] = if other >= y { other + 1 } else { other };
+    }
+    let mut triggered = select(kind, &options.test)?;
+    for r in 0..triggered.rows {
+        stamp(&mut triggered, r, &options.trigger, value, &options.test.path)?;
+    }
+    // Everything goes into a temporary sibling, renamed into place at the end.
+    let tmp = crate::run::temp_sibling(&options.out)?;
+    let result = (|| -> Result<PoisonManifest> {
+        let manifest = PoisonManifest {
+            trigger: options.trigger.describe(),
+            patch_value: matches!(options.trigger, Trigger::Patch { .. }).then_some(value),
+            target: options.target,
+            rate: options.rate,
+            label_noise: options.label_noise,
+            seed: options.seed,
+            source: options.train.path.clone(),
+            train: write(kind, &options.train.path, &tmp, "train", Split::Train, &train)?,
+            test_clean: write(kind, &options.test.path, &tmp, "test-clean", Split::Test, &clean)?,
+            test_triggered: write(kind, &options.test.path, &tmp, "test-triggered", Split::Test, &triggered)?,
+            poisoned,
+            flipped,
+        };
+        write_ids(&tmp.join("poisoned_ids.txt"), &manifest.poisoned)?;
+        if !manifest.flipped.is_empty() {
+            write_ids(&tmp.join("flipped_ids.txt"), &manifest.flipped)?;
+        }
+        Ok(manifest)
+    })();
+    let mut manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    // Paths name the final directory.
+    for w in [&mut manifest.train, &mut manifest.test_clean, &mut manifest.test_triggered] {
+        w.path = options.out.join(w.path.strip_prefix(&tmp).expect("written under tmp"));
+    }
+    let json = serde_json::to_vec_pretty(&manifest).expect("plain data");
+    crate::run::write_atomic(&tmp.join("poison.json"), &json)?;
+    std::fs::rename(&tmp, &options.out).map_err(Error::io(&options.out))?;
+    Ok(manifest)
+}
