@@ -194,6 +194,9 @@ fn select(kind: SourceKind, spec: &DataSpec) -> Result<RawData> {
 /// Stamps the trigger on row `r` of `raw` (a patch on features, words on the text).
 fn stamp(raw: &mut RawData, r: usize, trigger: &Trigger, value: f32, source: &Path) -> Result<()> {
     match trigger {
+        Trigger::Patch { .. } if raw.texts.is_some() => {
+            return Err(Error::data(source, None, "a patch trigger needs images; this is text (use text:WORDS)"));
+        }
         Trigger::Patch { x, y, size, .. } => {
             let shape = raw.shape.as_image().ok_or_else(|| {
                 Error::data(source, None, format!("a patch trigger needs images; these rows have {} flat features", raw.shape.len()))

@@ -511,7 +511,8 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
             && p.curvature == first.curvature
             && p.n == first.n
             && p.projection == first.projection
-            && p.damping == first.damping;
+            && p.damping == first.damping
+            && p.score_mode == first.score_mode;
         if !same {
             return Err(Error::Usage("the reports trace different queries, measurements, curvatures or stores".into()));
         }
@@ -528,16 +529,22 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
     let mut merged = first.clone();
     merged.part = None;
     merged.scoring_seconds = parts.iter().map(|p| p.scoring_seconds).sum();
+    let strongest = |lists: Vec<&Vec<Influence>>, descending: bool| {
+        let mut all: Vec<Influence> = lists.into_iter().flatten().cloned().collect();
+        all.sort_by(|a, b| if descending { b.score.total_cmp(&a.score) } else { a.score.total_cmp(&b.score) });
+        all.truncate(top);
+        all
+    };
     for k in 0..merged.queries.len() {
-        let strongest = |lists: Vec<&Vec<Influence>>, descending: bool| {
-            let mut all: Vec<Influence> = lists.into_iter().flatten().cloned().collect();
-            all.sort_by(|a, b| if descending { b.score.total_cmp(&a.score) } else { a.score.total_cmp(&b.score) });
-            all.truncate(top);
-            all
-        };
         let descending = merged.proponent_sign > 0;
         merged.proponents[k] = strongest(parts.iter().map(|p| &p.proponents[k]).collect(), descending);
         merged.opponents[k] = strongest(parts.iter().map(|p| &p.opponents[k]).collect(), !descending);
+    }
+    if let Some(c) = merged.combined.as_mut() {
+        let lists: Vec<&Ranking> = parts.iter().filter_map(|p| p.combined.as_ref()).collect();
+        let descending = merged.proponent_sign > 0;
+        c.proponents = strongest(lists.iter().map(|r| &r.proponents).collect(), descending);
+        c.opponents = strongest(lists.iter().map(|r| &r.opponents).collect(), !descending);
     }
     Ok(merged)
 }

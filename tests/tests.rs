@@ -3,6 +3,7 @@
 //! Tests that need the larger data sets in `../shared` skip with a printed reason when it is
 //! absent. Run them with `cargo test --release` (the README's test command).
 
+mod act;
 mod audit;
 mod cli;
 mod common;

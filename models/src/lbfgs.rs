@@ -62,7 +62,21 @@ impl Lbfgs {
     pub fn minimize(
         &self,
         x0: Vec<f64>,
+        f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>), ModelError>,
+        on_iteration: impl FnMut(usize, f64, f64),
+    ) -> Result<LbfgsResult, ModelError> {
+        self.minimize_preconditioned(x0, f, None, on_iteration)
+    }
+
+    /// [`Lbfgs::minimize`] with `precondition(v)` ≈ (∇²f)⁻¹v as the recursion's initial inverse
+    /// Hessian instead of γI (Nocedal & Wright, §7.2). With the exact inverse Hessian of a nearby
+    /// point (the full data's, when re-optimising after removing a few examples), the iteration is
+    /// a quasi-Newton method that reaches 1e-10 in a handful of steps. The minimiser is the same.
+    pub fn minimize_preconditioned(
+        &self,
+        x0: Vec<f64>,
         mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>), ModelError>,
+        precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
         mut on_iteration: impl FnMut(usize, f64, f64),
     ) -> Result<LbfgsResult, ModelError> {
         let mut x = x0;
@@ -82,11 +96,16 @@ impl Lbfgs {
                 q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= a * yi);
                 alphas.push(a);
             }
-            let gamma = match history.back() {
-                Some((s, y, _)) => dot(s, y) / dot(y, y),
-                None => 1.0 / gnorm.max(1.0),
-            };
-            q.iter_mut().for_each(|v| *v *= gamma);
+            match precondition {
+                Some(p) => q = p(&q),
+                None => {
+                    let gamma = match history.back() {
+                        Some((s, y, _)) => dot(s, y) / dot(y, y),
+                        None => 1.0 / gnorm.max(1.0),
+                    };
+                    q.iter_mut().for_each(|v| *v *= gamma);
+                }
+            }
             for ((s, y, rho), a) in history.iter().zip(alphas.into_iter().rev()) {
                 let b = rho * dot(y, &q);
                 q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (a - b) * si);

@@ -254,7 +254,7 @@ pub fn train(
     let (network, iterations) = match train.optimizer {
         OptimizerKind::Lbfgs => {
             let start = Network::init(config, train.seed, device, DType::F64)?.to_flat();
-            train_full_batch(config, train, data, data.len(), device, &start, progress)?
+            train_full_batch(config, train, data, data.len(), device, &start, None, progress)?
         }
         OptimizerKind::Adam => {
             let adam = AdamConfig::new().with_epsilon(1e-8).build();
@@ -278,6 +278,10 @@ pub fn train(
 /// The data term is divided by `scale` (the number of examples, or the full set's n for
 /// leave-one-out, see [`full_objective_scaled`]).
 /// `device` must have autodiff. Cost per iteration: one pass over the data in f64.
+///
+/// `precondition`, if given, applies an approximate inverse Hessian (see
+/// [`crate::lbfgs::Lbfgs::minimize_preconditioned`]); it changes the speed, not the minimiser.
+#[allow(clippy::too_many_arguments)]
 pub fn refine(
     config: &ModelConfig,
     train: &TrainConfig,
@@ -285,13 +289,14 @@ pub fn refine(
     scale: usize,
     device: &Device,
     start: &[f64],
+    precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
     progress: &mut dyn Progress,
 ) -> Result<(Network, TrainReport), ModelError> {
     if data.is_empty() {
         return Err(ModelError::Config("no training examples".into()));
     }
     let started = std::time::Instant::now();
-    let (network, iterations) = train_full_batch(config, train, data, scale, device, start, progress)?;
+    let (network, iterations) = train_full_batch(config, train, data, scale, device, start, precondition, progress)?;
     let (objective, gradient, train_accuracy) = full_objective_scaled(&network, data, train.l2, 8192, scale);
     let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
     let report =
@@ -299,6 +304,7 @@ pub fn refine(
     Ok((network.without_grad(), report))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_full_batch(
     config: &ModelConfig,
     train: &TrainConfig,
@@ -306,18 +312,20 @@ fn train_full_batch(
     scale: usize,
     device: &Device,
     start: &[f64],
+    precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
     progress: &mut dyn Progress,
 ) -> Result<(Network, usize), ModelError> {
     let lbfgs = Lbfgs { tolerance: train.tolerance, max_iterations: train.max_iterations, ..Lbfgs::default() };
     progress.begin("L-BFGS", lbfgs.max_iterations as u64);
     let mut log_lines = Vec::new();
-    let result = lbfgs.minimize(
+    let result = lbfgs.minimize_preconditioned(
         start.to_vec(),
         |theta| {
             let net = Network::from_flat(config, theta, device, DType::F64)?;
             let (value, gradient, _) = full_objective_scaled(&net, data, train.l2, 8192, scale);
             Ok((value, gradient))
         },
+        precondition,
         |it, value, gnorm| {
             let line = format!("iteration {it}: objective {value:.12} gradient norm {gnorm:.3e}");
             progress.advance(it as u64, &format!("L {value:.6} ‖∇L‖ {gnorm:.2e}"));

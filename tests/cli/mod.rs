@@ -162,8 +162,78 @@ fn traces_split_across_shards_merge_into_the_whole() {
     let (w, m) = (read(&whole), read(&merged));
     assert_eq!(w["proponents"], m["proponents"]);
     assert_eq!(w["opponents"], m["opponents"]);
+    assert!(w["combined"]["proponents"].as_array().is_some_and(|a| a.len() == 6));
+    assert_eq!(w["combined"], m["combined"]);
     // A missing part is an error, not a silently partial answer.
     let o = culprit(&["merge", s(&parts[0]), s(&parts[2])]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("part 1/3 is missing"), "{}", stderr(&o));
+}
+
+/// The act loop from the command line: poison, train, cache, fit, trace with RelatIF on the
+/// target logit, purge the top of the ranking and retrain, and check against retraining.
+#[test]
+fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    let digits = digits_csv();
+    let ok = |args: &[&str]| {
+        let o = culprit(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let text = ok(&[
+        "poison", "--data", s(&digits), "--limit", "1297", "--test-data", s(&digits), "--test-skip", "1297",
+        "--out", s(&d("p")), "--trigger", "patch:0,0,2", "--target", "3", "--rate", "0.03", "--seed", "4",
+    ]);
+    assert!(text.contains("backdoored 39 training examples"), "{text}");
+    ok(&["train", "--data", s(&d("p/train.csv")), "--model", "logreg", "--out", s(&d("run"))]);
+    ok(&["cache", "--run", s(&d("run"))]);
+    ok(&["fit", "--run", s(&d("run")), "--curvature", "ekfac"]);
+    // Ten triggered test rows whose label is not the target.
+    let labels: Vec<String> = std::fs::read_to_string(d("p/test-triggered.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().to_string())
+        .collect();
+    let queries: Vec<String> = (0..labels.len()).filter(|&i| labels[i] != "3").take(10).map(|i| i.to_string()).collect();
+    let trace = d("trace.json");
+    ok(&[
+        "trace", "--run", s(&d("run")), "--data", s(&d("p/test-triggered.csv")), "--index", &queries.join(","),
+        "--measure", "logit:3", "--score", "relatif", "--curvature", "ekfac", "--top", "60", "--format", "json",
+        "--out", s(&trace),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(report["score_mode"], "relatif");
+    assert_eq!(report["proponent_sign"], -1, "removing a proponent lowers a logit");
+    let json = ok(&[
+        "purge", "--run", s(&d("run")), "--ids", s(&trace), "--top", "39", "--out", s(&d("purged")), "--retrain",
+        "--attack", s(&d("p")), "--format", "json",
+    ]);
+    let purge: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let found = purge["poisons_removed"][0].as_u64().unwrap();
+    let (before, after) = (
+        purge["before"]["attack_success_rate"].as_f64().unwrap(),
+        purge["after"]["attack_success_rate"].as_f64().unwrap(),
+    );
+    eprintln!("CLI backdoor: {found}/39 poisons in the top 39; attack success {before:.3} → {after:.3}");
+    assert!(found >= 33, "{found} of 39 poisons in the top 39");
+    assert!(before > 0.5 && after < 0.1, "attack success rate {before} → {after}");
+    // The purged run is a run: it traces, and eval checks it against retraining.
+    ok(&["cache", "--run", s(&d("purged"))]);
+    ok(&["fit", "--run", s(&d("purged")), "--curvature", "exact"]);
+    let table = ok(&[
+        "eval", "loo", "--run", s(&d("purged")), "--data", s(&d("p/test-clean.csv")), "--index", "0,1",
+        "--curvature", "exact", "--sample", "8",
+    ]);
+    assert!(table.contains("leave-one-out: 8 removals") && table.contains("exact"), "{table}");
+    // Bad input: an unknown experiment, ids outside the data.
+    let o = culprit(&["eval", "lso", "--run", s(&d("run")), "--data", s(&digits), "--index", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown experiment `lso`"), "{}", stderr(&o));
+    std::fs::write(d("ids.txt"), "5\nx7\n").unwrap();
+    let o = culprit(&["purge", "--run", s(&d("run")), "--ids", s(&d("ids.txt")), "--out", s(&d("q"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ids.txt") && stderr(&o).contains("`x7` is not a training index"), "{}", stderr(&o));
 }

@@ -290,3 +290,29 @@ fn ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_basis() {
     }
     assert!(worst < 1e-10, "largest deviation {worst:e} (relative to the top eigenvalue)");
 }
+
+/// The factored self-influence of K-FAC and EK-FAC (rank-one gradients in the eigenbasis) equals
+/// forming each example's gradient and solving with the same factors.
+#[test]
+fn factored_kronecker_self_influence_equals_solving_each_gradient() {
+    let o = trained(300, Architecture::Mlp, vec![24, 12], 1e-3);
+    let d = o.network.num_params();
+    for method in [Method::Kfac, Method::Ekfac] {
+        let c = Curvature::fit(&o, &FitOptions { method, damping: 1e-3, ..FitOptions::default() }).unwrap();
+        let fast = culprit::audit::self_influence(&o, &c, &o.data).unwrap();
+        let blocks = culprit::gradients::per_example_gradients(
+            &o.network,
+            &o.data.features[..40 * 64],
+            &o.data.labels[..40],
+            culprit::gradients::Measurement::TRAINING_LOSS,
+            &o.device,
+        );
+        let rows = culprit::gradients::gradient_rows_f64(&blocks);
+        let g: Vec<Vec<f64>> = rows.chunks(d).map(<[f64]>::to_vec).collect();
+        let solved = c.solve(&o, &g).unwrap();
+        for (i, (gi, (x, _))) in g.iter().zip(&solved).enumerate() {
+            let want = dot(gi, x);
+            assert!((fast[i] - want).abs() <= 1e-9 * want.abs(), "{method:?} example {i}: {} vs {want}", fast[i]);
+        }
+    }
+}

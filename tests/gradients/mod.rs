@@ -58,7 +58,7 @@ fn check_taps_match_loop(data: &Dataset, config: &ModelConfig, dtype: DType, tol
     let net = Network::from_flat(config, &theta, &device, dtype).unwrap();
     let b = 24;
     let features = &data.features[..b * data.dim()];
-    for measurement in [Measurement::TRAINING_LOSS, Measurement::Margin(Target::Class(1))] {
+    for measurement in [Measurement::TRAINING_LOSS, Measurement::Margin(Target::Class(1)), Measurement::Logit(Target::Class(1))] {
         let targets = measurement.targets(&data.labels[..b], &data.labels[..b], config.num_classes).unwrap();
         let tapped = gradient_rows(&per_example_gradients(&net, features, &targets, measurement, &device));
         let naive = per_example_loop(&net, features, &targets, measurement, &device);
@@ -118,7 +118,9 @@ fn measurements_match_their_formulas() {
     let z = vec![1.0f32, -0.5, 2.0, 0.25, 0.0, 3.0];
     let logits = culprit_models::network::input_batch(&z, 3, &device, DType::F64);
     let loss = culprit::gradients::read_f32(Measurement::Loss(Target::Class(2)).values(logits.clone(), &[2, 0]));
-    let margin = culprit::gradients::read_f32(Measurement::Margin(Target::Class(2)).values(logits, &[2, 0]));
+    let margin = culprit::gradients::read_f32(Measurement::Margin(Target::Class(2)).values(logits.clone(), &[2, 0]));
+    let logit = culprit::gradients::read_f32(Measurement::Logit(Target::Class(2)).values(logits, &[2, 0]));
+    assert_eq!(logit, vec![2.0, 0.25]);
     let lse = |v: &[f64]| v.iter().map(|x| x.exp()).sum::<f64>().ln();
     let (a, b) = ([1.0, -0.5, 2.0], [0.25, 0.0, 3.0]);
     assert!((f64::from(loss[0]) - (lse(&a) - 2.0)).abs() < 1e-6);
@@ -128,6 +130,9 @@ fn measurements_match_their_formulas() {
     assert_eq!(Measurement::parse("margin").unwrap(), Measurement::Margin(Target::Predicted));
     assert_eq!(Measurement::parse("class:3").unwrap(), Measurement::Loss(Target::Class(3)));
     assert!(Measurement::parse("class:x").is_err());
+    assert_eq!(Measurement::parse("logit:7").unwrap(), Measurement::Logit(Target::Class(7)));
+    assert_eq!(Measurement::parse("logit").unwrap().proponent_sign(), -1);
+    assert_eq!(Measurement::parse("label").unwrap().proponent_sign(), 1);
 }
 
 #[test]

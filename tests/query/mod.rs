@@ -64,6 +64,7 @@ fn trace_all(
         keep_all: true,
         per_layer: false,
         part: None,
+        score: culprit::query::ScoreMode::Raw,
         backend: Backend::default(),
     })
     .unwrap()
@@ -131,6 +132,60 @@ fn every_score_equals_a_brute_force_inverse_hessian_computation() {
             assert_eq!(top, order[..5].to_vec(), "{method:?} query {}", q.index);
         }
     }
+}
+
+/// RelatIF scores, ∇mᵀH⁻¹gᵢ / √(gᵢᵀH⁻¹gᵢ), against the explicit inverse Hessian.
+#[test]
+fn relatif_scores_equal_a_brute_force_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
+    let r = culprit::run::Run::open(&run).unwrap();
+    let objective = culprit::fit::objective(&r, Backend::default()).unwrap();
+    let h = crate::curvature::hand_hessian(&objective);
+    let d = h.len();
+    let chol = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
+    let solve = |g: &[f64]| {
+        let mut x = Mat::<f64>::from_fn(d, 1, |i, _| g[i]);
+        faer::linalg::solvers::Solve::solve_in_place(&chol, x.as_mut());
+        (0..d).map(|i| x[(i, 0)]).collect::<Vec<f64>>()
+    };
+    let theta = r.theta.clone();
+    let n = objective.len();
+    let grads: Vec<Vec<f64>> = (0..n)
+        .map(|i| hand_gradient(&theta, &objective.data.features[i * 64..(i + 1) * 64], objective.data.labels[i] as usize))
+        .collect();
+    let own: Vec<f64> = grads.iter().map(|g| g.iter().zip(solve(g)).map(|(a, b)| a * b).sum::<f64>()).collect();
+    let test = Dataset::load(
+        &DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+        Preprocessing::Reuse(&r.manifest),
+    )
+    .unwrap();
+    let indices = vec![1310, 1500];
+    let report = trace(&TraceOptions {
+        measurement: Measurement::Loss(Target::Class(3)),
+        keep_all: true,
+        score: culprit::query::ScoreMode::Relatif,
+        ..TraceOptions::new(run.clone(), DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None }, indices.clone(), Method::Exact)
+    })
+    .unwrap();
+    let mut sum = vec![0.0; n];
+    for (k, q) in indices.iter().enumerate() {
+        let row = q - 1297;
+        let x = solve(&hand_gradient(&theta, &test.features[row * 64..(row + 1) * 64], 3));
+        let want: Vec<f64> =
+            (0..n).map(|i| grads[i].iter().zip(&x).map(|(a, b)| a * b).sum::<f64>() / own[i].sqrt()).collect();
+        sum.iter_mut().zip(&want).for_each(|(s, w)| *s += w);
+        let got = &report.all_scores.as_ref().unwrap()[k];
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(g, w)| (f64::from(*g) - w).abs()).fold(0.0, f64::max);
+        assert!(worst <= 1e-5 * scale, "query {q}: max error {worst:e} vs scale {scale:e}");
+    }
+    // The combined ranking is the ranking of the summed scores.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|a, b| sum[*b].total_cmp(&sum[*a]));
+    let combined = report.combined.as_ref().expect("two queries");
+    let top: Vec<usize> = combined.proponents.iter().take(5).map(|i| i.train_index).collect();
+    assert_eq!(top, order[..5].to_vec());
 }
 
 fn pearson(a: &[f64], b: &[f64]) -> f64 {
@@ -283,6 +338,7 @@ fn html_report_embeds_every_example_as_a_png() {
         keep_all: false,
         per_layer: false,
         part: None,
+        score: culprit::query::ScoreMode::Raw,
         backend: Backend::default(),
     })
     .unwrap();
@@ -341,7 +397,8 @@ fn per_layer_scores_sum_to_the_total() {
             keep_all: false,
             per_layer: true,
             part: None,
-            backend: Backend::default(),
+            score: culprit::query::ScoreMode::Raw,
+        backend: Backend::default(),
         })
         .unwrap();
         for i in report.proponents[0].iter().chain(&report.opponents[0]) {
