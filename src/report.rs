@@ -117,6 +117,9 @@ fn card(data: &Dataset, influence: &Influence, rank: usize, highlight: &HashSet<
     )
 }
 
+/// Examples shown per query (the combined ranking of several queries shows every listed one).
+pub const SHOWN_PER_QUERY: usize = 12;
+
 /// The whole report. `queries` holds the query examples in report order; `training` the run's
 /// training data.
 pub fn trace_html(report: &TraceReport, queries: &Dataset, training: &Dataset) -> String {
@@ -131,14 +134,41 @@ h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:2em;border-bottom:1px soli
 img.px{{image-rendering:pixelated;display:block}} pre.text{{white-space:pre-wrap;font-size:.75em;max-height:12em;overflow:auto;margin:0}}
 mark{{background:#ffe066}} .meta{{color:#555;font-size:.9em}} .query{{display:flex;gap:16px;align-items:flex-start}}
 </style></head><body><h1>culprit: which training examples made the model do this?</h1>
-<p class="meta">score(i) = (1/n) ∇m(z<sub>test</sub>)ᵀ (H + δI)⁻¹ ∇ℓ(z<sub>i</sub>): the predicted change of the measurement m if training example i were removed and the model retrained.
+<p class="meta">{}.
 Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Proponents pushed the model toward the measured class; opponents pushed it away.</p>"#,
+        escape(&report.score_definition),
         escape(&report.curvature),
         report.damping,
         report.l2,
         report.n,
         escape(&report.projection)
     );
+    if let Some(c) = &report.combined {
+        let _ = write!(
+            s,
+            "<h2>All {} queries together</h2><p class=\"meta\">The training examples behind all of them: each example's scores summed over the queries.</p><div class=\"grid\">",
+            report.queries.len()
+        );
+        for q in &report.queries {
+            let row = queries.ids.iter().position(|&id| id == q.index).expect("the query");
+            let _ = write!(
+                s,
+                "<figure class=\"card\">{}<figcaption>query {} · label {} → {}</figcaption></figure>",
+                example_html(queries, row, &HashSet::new()),
+                q.index,
+                q.label,
+                q.predicted
+            );
+        }
+        s.push_str("</div>");
+        for (title, class, list) in [("Top proponents", "pro", &c.proponents), ("Top opponents", "opp", &c.opponents)] {
+            let _ = write!(s, "<h3>{title}</h3><div class=\"grid {class}\">");
+            for (r, influence) in list.iter().enumerate() {
+                s.push_str(&card(training, influence, r + 1, &HashSet::new()));
+            }
+            s.push_str("</div>");
+        }
+    }
     for (k, q) in report.queries.iter().enumerate() {
         let row = queries.ids.iter().position(|&id| id == q.index).expect("the query");
         let highlight = match (&queries.texts, rendering(queries)) {
@@ -165,7 +195,8 @@ Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Prop
             [("Top proponents", "pro", &report.proponents[k]), ("Top opponents", "opp", &report.opponents[k])]
         {
             let _ = write!(s, "<h3>{title}</h3><div class=\"grid {class}\">");
-            for (r, influence) in list.iter().enumerate() {
+            let shown = if report.combined.is_some() { SHOWN_PER_QUERY } else { list.len() };
+            for (r, influence) in list.iter().take(shown).enumerate() {
                 s.push_str(&card(training, influence, r + 1, &highlight));
             }
             s.push_str("</div>");
