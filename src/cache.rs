@@ -51,6 +51,25 @@ pub struct CacheOptions {
     pub quiet: bool,
 }
 
+impl CacheOptions {
+    /// Options with the defaults: exact gradients (no projection) in f32 in `RUN/gradients`,
+    /// batches of 256, shards of about 256 MiB, the default backend, no progress bar.
+    pub fn new(run: PathBuf) -> Self {
+        Self {
+            run,
+            store: None,
+            projection: ProjectionSpec::None,
+            seed: 0,
+            dtype: Dtype::F32,
+            batch: 256,
+            part: None,
+            rows_per_shard: None,
+            backend: Backend::default(),
+            quiet: true,
+        }
+    }
+}
+
 /// What a cache run did.
 #[derive(Clone, Debug)]
 pub struct CacheReport {

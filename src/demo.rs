@@ -113,16 +113,9 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
     )?;
     say(out, "3. Cache every training example's loss gradient (checksummed store):")?;
     let cache = crate::cache::build(&crate::cache::CacheOptions {
-        run: run.dir.clone(),
-        store: None,
-        projection: crate::gradients::projection::ProjectionSpec::None,
-        seed: 0,
-        dtype: crate::store::Dtype::F32,
-        batch: 256,
-        part: None,
-        rows_per_shard: None,
         backend: options.backend,
         quiet: options.quiet,
+        ..crate::cache::CacheOptions::new(run.dir.clone())
     })?;
     say(out, format!("   {} rows of {} values in {:.2} s", cache.rows_computed, cache.row_len, cache.seconds))?;
     say(out, "4. Fit the exact inverse Hessian (closed form, Cholesky):")?;

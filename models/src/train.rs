@@ -265,11 +265,22 @@ pub fn train(
             train_stochastic(sgd, config, train, data, device, progress)?
         }
     };
-    let (objective, gradient, train_accuracy) = full_objective(&network, data, train.l2, 4096);
-    let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
-    let report =
-        TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() };
+    let report = final_report(&network, data, train.l2, data.len(), iterations, started);
     Ok((network.without_grad(), report))
+}
+
+/// The objective, its gradient norm and the training accuracy where training stopped.
+fn final_report(
+    network: &Network,
+    data: Examples<'_>,
+    l2: f64,
+    scale: usize,
+    iterations: usize,
+    started: std::time::Instant,
+) -> TrainReport {
+    let (objective, gradient, train_accuracy) = full_objective_scaled(network, data, l2, 4096, scale);
+    let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
+    TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() }
 }
 
 /// Minimises the objective by full-batch L-BFGS in f64 from θ = `start` until ‖∇L‖ <
@@ -297,10 +308,7 @@ pub fn refine(
     }
     let started = std::time::Instant::now();
     let (network, iterations) = train_full_batch(config, train, data, scale, device, start, precondition, progress)?;
-    let (objective, gradient, train_accuracy) = full_objective_scaled(&network, data, train.l2, 8192, scale);
-    let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
-    let report =
-        TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() };
+    let report = final_report(&network, data, train.l2, scale, iterations, started);
     Ok((network.without_grad(), report))
 }
 

@@ -278,18 +278,7 @@ fn digits_run(dir: &Path) -> PathBuf {
     let run = dir.join("run");
     train(&TrainOptions { l2: Some(1e-3), ..TrainOptions::new(spec(&digits_csv(), 0, Some(1297)), Architecture::LogReg, run.clone()) })
         .unwrap();
-    culprit::cache::build(&culprit::cache::CacheOptions {
-        run: run.clone(),
-        store: None,
-        projection: culprit::gradients::projection::ProjectionSpec::None,
-        seed: 0,
-        dtype: culprit::store::Dtype::F32,
-        batch: 256,
-        part: None,
-        rows_per_shard: None,
-        backend: Backend::default(),
-        quiet: true,
-    })
+    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone()))
     .unwrap();
     for method in [Method::Exact, Method::Cg] {
         culprit::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
@@ -404,18 +393,7 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     };
     mlp(m.train.spec(), d("run"));
     mlp(DataSpec { path: mnist.clone(), split: Split::Train, skip: 0, limit: Some(3000) }, d("unpoisoned"));
-    culprit::cache::build(&culprit::cache::CacheOptions {
-        run: d("run"),
-        store: None,
-        projection: culprit::gradients::projection::ProjectionSpec::None,
-        seed: 0,
-        dtype: culprit::store::Dtype::F32,
-        batch: 256,
-        part: None,
-        rows_per_shard: None,
-        backend: Backend::default(),
-        quiet: true,
-    })
+    culprit::cache::build(&culprit::cache::CacheOptions::new(d("run")))
     .unwrap();
     culprit::fit::fit(&d("run"), &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
         .unwrap();
