@@ -116,7 +116,9 @@ pub fn store_self_influence(curvature: &Curvature, store: &crate::store::Gradien
     let mut out = Vec::with_capacity(store.rows());
     let mut failure = None;
     store.for_each_block(1024, |_, block| {
-        let rows: Vec<Vec<f32>> = block.chunks(store.row_len()).map(<[f32]>::to_vec).collect();
+        let expanded = store.expanded_rows(block);
+        let k = expanded.len() / (block.len() / store.row_len()).max(1);
+        let rows: Vec<Vec<f32>> = expanded.chunks(k).map(<[f32]>::to_vec).collect();
         match curvature.solve_projected(&rows) {
             Ok(solved) => out.extend(rows.iter().zip(&solved).map(|(r, x)| {
                 r.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()

@@ -65,7 +65,8 @@ pub fn fit_with_store(
         curvature.save(&path, &key.weights_sha256, &key.data_sha256, objective.l2)?;
         // Self-check in the projected space: time one solve for the store's first row.
         let started = std::time::Instant::now();
-        curvature.solve_projected(&[store.row(0)])?;
+        let first = store.expanded_rows(&store.row(0)).into_owned();
+        curvature.solve_projected(std::slice::from_ref(&first))?;
         let solve_seconds = started.elapsed().as_secs_f64();
         return Ok(FitReport {
             path,
@@ -73,7 +74,7 @@ pub fn fit_with_store(
             solve_seconds,
             iterations: None,
             relative_residual: None,
-            params: store.row_len(),
+            params: store.expanded_rows(&store.row(0)).len(),
         });
     }
     let curvature = Curvature::fit(&objective, options)?;

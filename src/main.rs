@@ -135,7 +135,8 @@ enum Command {
         /// Run directory.
         #[arg(long)]
         run: PathBuf,
-        /// Projection: none (exact), jl:K (dense Gaussian JL), jl:K:rademacher, kron:KINxKOUT (per layer).
+        /// Projection: none (exact), jl:K (dense Gaussian JL), jl:K:rademacher, kron:KINxKOUT (per layer),
+        /// factors[:KINxKOUT] (per layer, the two factors stored, scored without forming the gradient).
         #[arg(long, default_value = "none")]
         project: String,
         /// Seed of the projection matrices.

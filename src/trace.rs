@@ -343,14 +343,19 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         label: objective.data.labels[s.row],
         score: s.score,
         per_layer: split.then(|| {
-            let row = store.row(s.row);
+            let row = crate::gradients::projection::expand_row(blocks, &store.row(s.row));
+            let mut offset = 0;
             blocks
                 .iter()
                 .map(|b| LayerScore {
                     layer: b.name.clone(),
-                    score: (b.offset..b.offset + b.len)
-                        .map(|t| f64::from(row[t]) * f64::from(projected[k][t]))
-                        .sum::<f64>()
+                    score: {
+                        let range = offset..offset + b.query_len();
+                        offset = range.end;
+                        range
+                    }
+                    .map(|t| f64::from(row[t]) * f64::from(projected[k][t]))
+                    .sum::<f64>()
                         * weights.as_ref().map_or(scale, |w| scale * w[s.row]),
                 })
                 .collect()

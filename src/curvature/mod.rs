@@ -243,16 +243,18 @@ impl Curvature {
     }
 
     /// Fits the TRAK-style curvature M = (1/n) ΦᵀΦ + (λ + δ)I of a projected store's rows Φ
-    /// (n × k) and factors it. Cost n·k² + k³/3. The damping lives in the projected space: it is
+    /// (n × k; a `factors` store's rows expanded into their k_in·k_out blocks) and factors it. Cost n·k² + k³/3. The damping lives in the projected space: it is
     /// the ridge TRAK adds to ΦᵀΦ (Park et al. 2023), not λ mapped through the projection.
     pub fn fit_projected(store: &crate::store::GradientStore, options: &FitOptions, l2: f64) -> Result<Self> {
         let started = std::time::Instant::now();
-        let k = store.row_len();
+        let layout = &store.manifest.layout;
+        let k: usize = layout.iter().map(crate::gradients::projection::BlockLayout::query_len).sum();
         let n = store.rows() as f64;
         let mut gram = Mat::<f64>::zeros(k, k);
         store.for_each_block(1024, |_, block| {
-            let rows = block.len() / k;
-            let b = Mat::<f64>::from_fn(rows, k, |i, j| f64::from(block[i * k + j]));
+            let rows = store.expanded_rows(block);
+            let count = rows.len() / k;
+            let b = Mat::<f64>::from_fn(count, k, |i, j| f64::from(rows[i * k + j]));
             gram += b.transpose() * &b;
         });
         let mut m = Mat::<f64>::from_fn(k, k, |i, j| gram[(i, j)] / n);

@@ -15,6 +15,14 @@
 //!   E[(P_in ⊗ P_out)(P_in ⊗ P_out)ᵀ] = I. A side whose k is at least its dimension is left
 //!   exact (identity). Row of Σ_layers k_in·k_out. Cost: B·(in·k_in + out·k_out + k_in·k_out)·L.
 //!   Memory for P: Σ_layers (in·k_in + out·k_out).
+//! - `factors:KINxKOUT` (or `factors`, exact factors): the same Kronecker projection, but the row
+//!   keeps the two projected factors [P_inᵀaᵢ; P_outᵀδᵢ] (k_in + k_out values per layer) instead
+//!   of their k_in·k_out outer product, so the store shrinks by k_in·k_out/(k_in + k_out) (16× at
+//!   32×32; an MLP 784-256-10 stores 1308 values per example exactly instead of 203530). Queries
+//!   live in the same k_in×k_out space as for `kron`, and a row's score is computed without
+//!   forming the gradient: ⟨Q, ã ⊗ δ̃⟩ = ãᵀ Q δ̃ (k_in·k_out multiply-adds per layer and query, see
+//!   [`crate::query`]). Dense layers only (a convolution's gradient is a sum over positions, not
+//!   one outer product).
 //!
 //! The projection error is variance only: the mean over independent seeds converges to the exact
 //! inner product (tested in `tests/gradients`). Matrices are drawn from a ChaCha8 generator seeded
@@ -59,13 +67,22 @@ pub enum ProjectionSpec {
         /// Output-side dimension.
         k_out: usize,
     },
+    /// Kronecker per layer, stored as the two projected factors (`usize::MAX`: that side exact).
+    Factors {
+        /// Input-side dimension.
+        k_in: usize,
+        /// Output-side dimension.
+        k_out: usize,
+    },
 }
 
 impl ProjectionSpec {
-    /// Parses `none`, `jl:K`, `jl:K:rademacher` or `kron:KINxKOUT`.
+    /// Parses `none`, `jl:K`, `jl:K:rademacher`, `kron:KINxKOUT`, `factors` or `factors:KINxKOUT`.
     pub fn parse(text: &str) -> Result<Self> {
         let bad = || {
-            Error::Usage(format!("unknown projection `{text}` (expected none, jl:K, jl:K:rademacher or kron:KINxKOUT)"))
+            Error::Usage(format!(
+                "unknown projection `{text}` (expected none, jl:K, jl:K:rademacher, kron:KINxKOUT, factors or factors:KINxKOUT)"
+            ))
         };
         let positive = |s: &str| s.parse::<usize>().ok().filter(|v| *v > 0).ok_or_else(bad);
         let parts: Vec<&str> = text.split(':').collect();
@@ -77,6 +94,11 @@ impl ProjectionSpec {
             ["kron", dims] => {
                 let (a, b) = dims.split_once('x').ok_or_else(bad)?;
                 Ok(Self::Kron { k_in: positive(a)?, k_out: positive(b)? })
+            }
+            ["factors"] => Ok(Self::Factors { k_in: usize::MAX, k_out: usize::MAX }),
+            ["factors", dims] => {
+                let (a, b) = dims.split_once('x').ok_or_else(bad)?;
+                Ok(Self::Factors { k_in: positive(a)?, k_out: positive(b)? })
             }
             _ => Err(bad()),
         }
@@ -90,6 +112,8 @@ impl std::fmt::Display for ProjectionSpec {
             Self::Jl { dim, entries: Entries::Gaussian } => write!(f, "jl:{dim}"),
             Self::Jl { dim, entries: Entries::Rademacher } => write!(f, "jl:{dim}:rademacher"),
             Self::Kron { k_in, k_out } => write!(f, "kron:{k_in}x{k_out}"),
+            Self::Factors { k_in: usize::MAX, k_out: usize::MAX } => write!(f, "factors"),
+            Self::Factors { k_in, k_out } => write!(f, "factors:{k_in}x{k_out}"),
         }
     }
 }
@@ -105,6 +129,44 @@ pub struct BlockLayout {
     pub len: usize,
     /// For Kronecker blocks: (k_in, k_out), the block being `k_in × k_out` row-major.
     pub kron: Option<(usize, usize)>,
+    /// The block holds the two factors [ã (k_in); δ̃ (k_out)] of a `kron` block rather than their
+    /// product (`factors` stores); queries keep the `k_in × k_out` block.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub factored: bool,
+}
+
+impl BlockLayout {
+    /// Length of this block in a query: k_in·k_out for factored blocks, else the block's length.
+    pub fn query_len(&self) -> usize {
+        match (self.factored, self.kron) {
+            (true, Some((a, b))) => a * b,
+            _ => self.len,
+        }
+    }
+}
+
+/// Whether rows laid out as `layout` hold factors (scored as ãᵀQδ̃) rather than gradients.
+pub fn is_factored(layout: &[BlockLayout]) -> bool {
+    layout.iter().any(|b| b.factored)
+}
+
+/// A factored row expanded into the query space (each factored block becomes ã ⊗ δ̃, row-major
+/// k_in × k_out); other blocks are copied. Cost Σ k_in·k_out.
+pub fn expand_row(layout: &[BlockLayout], row: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(layout.iter().map(BlockLayout::query_len).sum());
+    for b in layout {
+        let block = &row[b.offset..b.offset + b.len];
+        match (b.factored, b.kron) {
+            (true, Some((ki, _))) => {
+                let (a, d) = block.split_at(ki);
+                for x in a {
+                    out.extend(d.iter().map(|y| x * y));
+                }
+            }
+            _ => out.extend_from_slice(block),
+        }
+    }
+    out
 }
 
 enum LayerProjection {
@@ -167,7 +229,13 @@ impl Projector {
             ProjectionSpec::None => {
                 for l in network.layers() {
                     layers.push(LayerProjection::Exact);
-                    layout.push(BlockLayout { name: l.name.clone(), offset, len: l.num_params(), kron: None });
+                    layout.push(BlockLayout {
+                        name: l.name.clone(),
+                        offset,
+                        len: l.num_params(),
+                        kron: None,
+                        factored: false,
+                    });
                     offset += l.num_params();
                 }
             }
@@ -187,10 +255,17 @@ impl Projector {
                         .then(|| random_matrix(l.bias_len(), dim, entries, seed, 2 * i as u64 + 1, device));
                     layers.push(LayerProjection::Jl { weight, bias });
                 }
-                layout.push(BlockLayout { name: "jl".into(), offset: 0, len: dim, kron: None });
+                layout.push(BlockLayout { name: "jl".into(), offset: 0, len: dim, kron: None, factored: false });
             }
-            ProjectionSpec::Kron { k_in, k_out } => {
+            ProjectionSpec::Kron { k_in, k_out } | ProjectionSpec::Factors { k_in, k_out } => {
+                let factored = matches!(spec, ProjectionSpec::Factors { .. });
                 for (i, l) in network.layers().iter().enumerate() {
+                    if factored && !matches!(l.kind, LayerKind::Dense { .. }) {
+                        return Err(Error::Usage(format!(
+                            "{spec} stores one outer product per layer; layer {} is a convolution (a sum of them over positions): use kron:KINxKOUT",
+                            l.name
+                        )));
+                    }
                     let (inputs, outputs, bias) = factor_dims(l);
                     let full_in = inputs + usize::from(bias);
                     let (ki, ko) = (k_in.min(full_in), k_out.min(outputs));
@@ -207,8 +282,9 @@ impl Projector {
                     let p_out = (ko < outputs)
                         .then(|| random_matrix(outputs, ko, Entries::Gaussian, seed, 2 * i as u64 + 1, device));
                     layers.push(LayerProjection::Kron { p_in, p_out, k_in: ki, k_out: ko });
-                    layout.push(BlockLayout { name: l.name.clone(), offset, len: ki * ko, kron: Some((ki, ko)) });
-                    offset += ki * ko;
+                    let len = if factored { ki + ko } else { ki * ko };
+                    layout.push(BlockLayout { name: l.name.clone(), offset, len, kron: Some((ki, ko)), factored });
+                    offset += len;
                 }
             }
         }
@@ -223,6 +299,12 @@ impl Projector {
     /// Length of a projected row.
     pub fn row_len(&self) -> usize {
         self.layout.iter().map(|b| b.len).sum()
+    }
+
+    /// Length of a projected query ([`Projector::project_vector`]): the row length, except for
+    /// `factors`, whose queries are Σ k_in·k_out long.
+    pub fn query_len(&self) -> usize {
+        self.layout.iter().map(BlockLayout::query_len).sum()
     }
 
     /// Where each block sits in a row.
@@ -255,8 +337,8 @@ impl Projector {
                 }
                 total
             }
-            ProjectionSpec::Kron { .. } => {
-                let mut out = Vec::with_capacity(self.row_len());
+            ProjectionSpec::Kron { .. } | ProjectionSpec::Factors { .. } => {
+                let mut out = Vec::with_capacity(self.query_len());
                 let mut offset = 0;
                 for (spec, p) in specs.iter().zip(&self.layers) {
                     let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
@@ -355,21 +437,32 @@ impl Projector {
                 .zip(&self.layers)
                 .map(|(f, p)| {
                     let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
-                    kron_block(f, p_in.as_ref(), p_out.as_ref(), *k_in, *k_out)
+                    let (pa, pd) = projected_factors(f, p_in.as_ref(), p_out.as_ref());
+                    let b = pa.dims()[0];
+                    pa.swap_dims(1, 2).matmul(pd).reshape([b, k_in * k_out])
+                })
+                .collect(),
+            ProjectionSpec::Factors { .. } => factors
+                .iter()
+                .zip(&self.layers)
+                .map(|(f, p)| {
+                    let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
+                    let (pa, pd) = projected_factors(f, p_in.as_ref(), p_out.as_ref());
+                    let b = pa.dims()[0];
+                    Tensor::cat(vec![pa.reshape([b, *k_in]), pd.reshape([b, *k_out])], 1)
                 })
                 .collect(),
         }
     }
 }
 
-/// (P_inᵀ [a; 1]) (P_outᵀ δ)ᵀ summed over positions, `[batch, k_in·k_out]`.
-fn kron_block(
+/// The projected factors P_inᵀ [a; 1] (`[batch, L, k_in]`) and P_outᵀ δ (`[batch, L, k_out]`);
+/// a layer's projected gradient is the sum over positions of their outer products.
+fn projected_factors(
     f: &LayerFactors,
     p_in: Option<&(Tensor<2>, Option<Tensor<2>>)>,
     p_out: Option<&Tensor<2>>,
-    k_in: usize,
-    k_out: usize,
-) -> Tensor<2> {
+) -> (Tensor<3>, Tensor<3>) {
     let [b, _, l] = f.input.dims();
     // a: [B, L, in] → projected [B, L, k_in] (bias row folded in as a constant-1 input).
     let a = f.input.clone().swap_dims(1, 2);
@@ -396,5 +489,5 @@ fn kron_block(
         }
         None => d,
     };
-    pa.swap_dims(1, 2).matmul(pd).reshape([b, k_in * k_out])
+    (pa, pd)
 }

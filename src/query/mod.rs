@@ -202,12 +202,31 @@ pub fn score_store_part(
     let weight = |row: usize| row_weights.map_or(scale, |w| scale * w[row]);
     let len = store.row_len();
     let nq = queries.len();
-    let q = Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]);
+    let layout = &store.manifest.layout;
+    let factored = crate::gradients::projection::is_factored(layout);
+    // Factored rows: per layer, the queries' k_in × k_out blocks side by side, k_in × (k_out·nq).
+    let query_blocks: Vec<Mat<f32>> = if factored {
+        let mut offset = 0;
+        layout
+            .iter()
+            .map(|b| {
+                let (ki, ko) = b.kron.expect("factored blocks are Kronecker blocks");
+                let m = Mat::<f32>::from_fn(ki, ko * nq, |i, c| queries[c / ko][offset + i * ko + c % ko]);
+                offset += ki * ko;
+                m
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let q = if factored { Mat::<f32>::zeros(0, 0) } else { Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]) };
     // The same queries query-major and zero-padded to groups of 8, for the SIMD kernel.
     let groups = nq.div_ceil(8).max(1);
     let mut packed = vec![0.0f32; groups * 8 * len];
-    for (j, query) in queries.iter().enumerate() {
-        packed[j * len..(j + 1) * len].copy_from_slice(query);
+    if !factored {
+        for (j, query) in queries.iter().enumerate() {
+            packed[j * len..(j + 1) * len].copy_from_slice(query);
+        }
     }
     // Work items: (shard, first row within the shard, rows).
     let mut items = Vec::new();
@@ -238,7 +257,11 @@ pub fn score_store_part(
                     &decoded
                 }
             };
-            let out = kernel::dots(block, rows, len, &q, &packed, nq);
+            let out = if factored {
+                kernel::factored_dots(block, rows, len, layout, &query_blocks, nq)
+            } else {
+                kernel::dots(block, rows, len, &q, &packed, nq)
+            };
             for (i, row) in out.chunks_exact(nq).enumerate() {
                 let w = weight(first + i);
                 for (top, v) in tops.iter_mut().zip(row) {
@@ -312,6 +335,35 @@ pub mod kernel {
             return out;
         }
         dots_faer(block, rows, len, q)
+    }
+
+    /// Scores of factored rows (`factors` stores): per layer, with Ã the rows' input factors
+    /// (rows × k_in) and Δ̃ their output factors (rows × k_out), score(r, q) = Σ_l (Ã Q_l)_{r,q} · Δ̃_r,
+    /// i.e. ãᵀ Q δ̃ = ⟨Q, ã ⊗ δ̃⟩ without forming the outer product. `query_blocks[l]` holds the
+    /// queries' blocks of layer l side by side (k_in × k_out·nq). Cost: rows·k_in·k_out·nq
+    /// multiply-adds per layer (one faer product) plus rows·k_out·nq.
+    pub fn factored_dots(
+        block: &[f32],
+        rows: usize,
+        len: usize,
+        layout: &[crate::gradients::projection::BlockLayout],
+        query_blocks: &[Mat<f32>],
+        nq: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0f32; rows * nq];
+        for (b, qm) in layout.iter().zip(query_blocks) {
+            let (ki, ko) = b.kron.expect("factored blocks are Kronecker blocks");
+            let a = MatRef::from_row_major_slice_with_stride(&block[b.offset..], rows, ki, len);
+            let mut t = Mat::<f32>::zeros(rows, ko * nq);
+            faer::linalg::matmul::matmul(t.as_mut(), faer::Accum::Replace, a, qm.as_ref(), 1.0f32, Par::Seq);
+            for r in 0..rows {
+                let d = &block[r * len + b.offset + ki..r * len + b.offset + ki + ko];
+                for j in 0..nq {
+                    out[r * nq + j] += d.iter().enumerate().map(|(o, x)| t[(r, j * ko + o)] * x).sum::<f32>();
+                }
+            }
+        }
+        out
     }
 
     /// The portable path: one faer matrix product.

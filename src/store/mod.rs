@@ -424,6 +424,22 @@ impl GradientStore {
         out
     }
 
+    /// Rows of a block (as [`GradientStore::for_each_block`] gives them) in the space queries
+    /// live in: a `factors` store's rows expanded into their outer products
+    /// ([`crate::gradients::projection::expand_row`]); other stores' rows as they are.
+    pub fn expanded_rows<'a>(&self, block: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        let layout = &self.manifest.layout;
+        if !crate::gradients::projection::is_factored(layout) {
+            return std::borrow::Cow::Borrowed(block);
+        }
+        std::borrow::Cow::Owned(
+            block
+                .chunks_exact(self.row_len())
+                .flat_map(|row| crate::gradients::projection::expand_row(layout, row))
+                .collect(),
+        )
+    }
+
     /// Calls `f(first_row, rows)` for consecutive blocks of at most `block_rows` decoded rows,
     /// in row order. f32 stores are passed through without copying.
     pub fn for_each_block(&self, block_rows: usize, mut f: impl FnMut(usize, &[f32])) {

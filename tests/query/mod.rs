@@ -412,3 +412,100 @@ fn per_layer_scores_sum_to_the_total() {
         assert!(report.proponents[0].iter().all(|i| i.score < 0.0));
     }
 }
+
+/// A `factors` store keeps [P_inᵀã; P_outᵀδ] per layer and scores ãᵀQδ̃ without forming the
+/// gradient: its scores, per-layer splits and projected curvature equal those of the `kron`
+/// store with the same projection, and exact factors equal exact gradients.
+#[test]
+fn factored_stores_score_exactly_as_their_kronecker_products() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mlp");
+    let options = TrainOptions {
+        hidden: Some(vec![24]),
+        epochs: Some(5),
+        ..TrainOptions::new(
+            DataSpec { path: digits_csv(), split: Split::Train, skip: 0, limit: Some(500) },
+            Architecture::Mlp,
+            run.clone(),
+        )
+    };
+    train(&options).unwrap();
+    let cache = |project: &str| {
+        let store = dir.path().join(project.replace(':', "-"));
+        let report = culprit::cache::build(&CacheOptions {
+            store: Some(store.clone()),
+            projection: ProjectionSpec::parse(project).unwrap(),
+            seed: 3,
+            rows_per_shard: Some(128),
+            ..CacheOptions::new(run.clone())
+        })
+        .unwrap();
+        (store, report.row_len)
+    };
+    let (kron, kron_len) = cache("kron:16x8");
+    let (factors, factors_len) = cache("factors:16x8");
+    let (none, _) = cache("none");
+    let (exact_factors, exact_len) = cache("factors");
+    // dense0: 65 inputs (with the bias) → 16, 24 outputs → 8; dense1: 25 → 16, 10 outputs → 8.
+    assert_eq!((kron_len, factors_len), (16 * 8 + 16 * 8, 16 + 8 + 16 + 8));
+    assert_eq!(exact_len, 65 + 24 + 25 + 10);
+    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default()).unwrap();
+    let trace_with = |store: &Path, method: Method| {
+        trace(&TraceOptions {
+            store: Some(store.to_path_buf()),
+            measurement: Measurement::Loss(Target::Label),
+            keep_all: true,
+            per_layer: true,
+            top: 5,
+            ..TraceOptions::new(
+                run.clone(),
+                DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+                vec![1310, 1500, 1700],
+                method,
+            )
+        })
+        .unwrap()
+    };
+    let same = |a: &culprit::trace::TraceReport, b: &culprit::trace::TraceReport, what: &str| {
+        for (x, y) in a.all_scores.as_ref().unwrap().iter().zip(b.all_scores.as_ref().unwrap()) {
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4 * scale, "{what}: max difference {worst:e} of {scale:e}");
+        }
+        let ids = |r: &culprit::trace::TraceReport| -> Vec<usize> { r.proponents[0].iter().map(|i| i.train_index).collect() };
+        assert_eq!(ids(a), ids(b), "{what}");
+    };
+    let (k, f) = (trace_with(&kron, Method::Ekfac), trace_with(&factors, Method::Ekfac));
+    same(&k, &f, "factors:16x8 vs kron:16x8");
+    same(&trace_with(&none, Method::Ekfac), &trace_with(&exact_factors, Method::Ekfac), "factors vs none");
+    for i in &f.proponents[1] {
+        let parts: f64 = i.per_layer.as_ref().unwrap().iter().map(|l| l.score).sum();
+        assert!((parts - i.score).abs() <= 1e-4 * i.score.abs(), "per-layer parts {parts} vs {}", i.score);
+    }
+    // The projected curvature fitted on the expanded factor rows is the kron store's.
+    let mut projected = Vec::new();
+    for store in [&kron, &factors] {
+        culprit::fit::fit_with_store(
+            &run,
+            &FitOptions { method: Method::Projected, ..FitOptions::default() },
+            Backend::default(),
+            Some(store.clone()),
+        )
+        .unwrap();
+        projected.push(trace_with(store, Method::Projected));
+    }
+    same(&projected[0], &projected[1], "projected curvature, factors vs kron");
+    // Convolutions are refused with a pointer to kron.
+    let config = culprit_models::ModelConfig {
+        architecture: Architecture::Cnn,
+        input: culprit_models::InputShape { channels: 1, height: 28, width: 28 },
+        num_classes: 10,
+        hidden: Architecture::Cnn.default_hidden(),
+        activation: culprit_models::Activation::Relu,
+    };
+    let device = Backend::default().device();
+    let net = culprit_models::Network::init(&config, 0, &device, burn::tensor::DType::F32).unwrap();
+    let spec = ProjectionSpec::parse("factors:8x8").unwrap();
+    let e = culprit::gradients::projection::Projector::new(spec, 0, &net, &device).err().expect("refused");
+    assert!(e.to_string().contains("convolution") && e.to_string().contains("kron"), "{e}");
+}
