@@ -161,5 +161,48 @@ fn scoring(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, per_example_gradients, store, scoring);
+/// The same Kronecker-projected gradients of an MLP 784-256-10 (kron:64x64: layer 0 is 64×64,
+/// layer 1 is 64×10) stored as products (`kron`, 4736 values a row) and as factors (`factors`,
+/// 202 values a row), scored with 8 queries: rows per second of each.
+fn scoring_factors(c: &mut Criterion) {
+    use culprit::gradients::projection::BlockLayout;
+    let rows: usize = 200_000;
+    let layers = [("dense0", 64usize, 64usize), ("dense1", 64, 10)];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let dirs: Vec<(tempfile::TempDir, GradientStore)> = [false, true]
+        .into_iter()
+        .map(|factored| {
+            let mut layout = Vec::new();
+            let mut offset = 0;
+            for (name, ki, ko) in layers {
+                let len = if factored { ki + ko } else { ki * ko };
+                layout.push(BlockLayout { name: name.into(), offset, len, kron: Some((ki, ko)), factored });
+                offset += len;
+            }
+            let row_len = offset;
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+            let projection = if factored { "factors:64x64" } else { "kron:64x64" };
+            let key = StoreKey { weights_sha256: "w".into(), data_sha256: "d".into(), projection: projection.into(), seed: 0 };
+            let manifest = StoreManifest::new(key.clone(), Dtype::F32, rows, row_len, layout, 65536);
+            manifest.write(dir.path()).unwrap();
+            for (i, info) in manifest.shards.iter().enumerate() {
+                let data: Vec<f32> = (0..info.rows * row_len).map(|_| rng.random::<f32>() - 0.5).collect();
+                write_shard(&dir.path().join(&info.file), &GradientStore::expected_header(&manifest, i), &data).unwrap();
+            }
+            let store = GradientStore::open(dir.path(), &key).unwrap();
+            (dir, store)
+        })
+        .collect();
+    let query_len: usize = layers.iter().map(|(_, a, b)| a * b).sum();
+    let queries: Vec<Vec<f32>> = (0..8).map(|_| (0..query_len).map(|_| rng.random::<f32>() - 0.5).collect()).collect();
+    let mut group = c.benchmark_group("scoring_factors");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(rows as u64));
+    for ((_, store), name) in dirs.iter().zip(["kron_rows_8_queries", "factor_rows_8_queries"]) {
+        group.bench_function(name, |b| b.iter(|| culprit::query::score_store(store, &queries, 1.0, 100, false)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, per_example_gradients, store, scoring, scoring_factors);
 criterion_main!(benches);

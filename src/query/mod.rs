@@ -350,17 +350,37 @@ pub mod kernel {
         query_blocks: &[Mat<f32>],
         nq: usize,
     ) -> Vec<f32> {
-        let mut out = vec![0.0f32; rows * nq];
+        // Query-major partial scores; each inner loop runs over contiguous rows.
+        let mut by_query = vec![0.0f32; nq * rows];
+        let mut d_t = Vec::new();
         for (b, qm) in layout.iter().zip(query_blocks) {
             let (ki, ko) = b.kron.expect("factored blocks are Kronecker blocks");
             let a = MatRef::from_row_major_slice_with_stride(&block[b.offset..], rows, ki, len);
             let mut t = Mat::<f32>::zeros(rows, ko * nq);
             faer::linalg::matmul::matmul(t.as_mut(), faer::Accum::Replace, a, qm.as_ref(), 1.0f32, Par::Seq);
+            // The rows' output factors transposed: k_out × rows.
+            d_t.clear();
+            d_t.resize(ko * rows, 0.0);
             for r in 0..rows {
-                let d = &block[r * len + b.offset + ki..r * len + b.offset + ki + ko];
-                for j in 0..nq {
-                    out[r * nq + j] += d.iter().enumerate().map(|(o, x)| t[(r, j * ko + o)] * x).sum::<f32>();
+                for o in 0..ko {
+                    d_t[o * rows + r] = block[r * len + b.offset + ki + o];
                 }
+            }
+            for j in 0..nq {
+                let s = &mut by_query[j * rows..(j + 1) * rows];
+                for o in 0..ko {
+                    let column = t.col_as_slice(j * ko + o);
+                    let d = &d_t[o * rows..(o + 1) * rows];
+                    for ((s, c), d) in s.iter_mut().zip(column).zip(d) {
+                        *s += c * d;
+                    }
+                }
+            }
+        }
+        let mut out = vec![0.0f32; rows * nq];
+        for j in 0..nq {
+            for r in 0..rows {
+                out[r * nq + j] = by_query[j * rows + r];
             }
         }
         out
