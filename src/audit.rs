@@ -7,6 +7,15 @@
 //! its percentile against that reference: a training example above the held-out 99th percentile
 //! is more self-influential than 99% of examples the model never saw.
 //!
+//! Two rankings (`--rank`):
+//! - `self-influence` (default), the memorisation signal above;
+//! - `loo-loss`, the example's loss under the model retrained without it, to first order
+//!   ℓᵢ + (1/n)·self(i) (removing zᵢ raises its own loss by (1/n)∇ℓᵢᵀH⁻¹∇ℓᵢ): the mislabel signal.
+//!   A mislabelled example is both misfit (high ℓᵢ) and pulled toward (high self-influence);
+//!   neither alone separates it as well from atypical clean examples. Its calibration is exact in
+//!   kind: a held-out example's loss already is its leave-one-out loss, so each training example
+//!   gets its percentile among the held-out losses.
+//!
 //! Cost: one per-example gradient pass over both sets plus one curvature solve per example, which
 //! the dense, Kronecker, Arnoldi and identity methods do in O(d²), O(Σ m·o·(m+o)), O(k·d) and O(d);
 //! CG and LiSSA would need n iterative solves and are refused.
@@ -34,8 +43,32 @@ pub struct AuditOptions {
     pub curvature: Method,
     /// How many examples to list.
     pub top: usize,
+    /// What to rank by.
+    pub rank: AuditRank,
     /// Backend.
     pub backend: Backend,
+}
+
+/// What the audit ranks by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditRank {
+    /// ∇ℓᵀ(H + δI)⁻¹∇ℓ: memorisation.
+    #[default]
+    SelfInfluence,
+    /// ℓ + (1/n)∇ℓᵀ(H + δI)⁻¹∇ℓ, the first-order leave-one-out loss: mislabels.
+    LooLoss,
+}
+
+impl AuditRank {
+    /// Parses `self-influence` or `loo-loss`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "self-influence" => Ok(Self::SelfInfluence),
+            "loo-loss" => Ok(Self::LooLoss),
+            other => Err(Error::Usage(format!("unknown --rank `{other}` (expected self-influence or loo-loss)"))),
+        }
+    }
 }
 
 /// One training example's audit line.
@@ -49,7 +82,12 @@ pub struct AuditEntry {
     pub predicted: u32,
     /// ∇ℓᵀ(H + δI)⁻¹∇ℓ.
     pub self_influence: f64,
-    /// Share of held-out examples with a smaller self-influence, in [0, 1].
+    /// Its training loss ℓ.
+    pub loss: f64,
+    /// ℓ + (1/n)·self-influence: its predicted loss had it been left out.
+    pub loo_loss: f64,
+    /// Share of held-out examples below it, in [0, 1]: by self-influence, or (`loo-loss`) the
+    /// held-out examples' losses below its leave-one-out loss.
     pub percentile: f64,
 }
 
@@ -62,15 +100,18 @@ pub struct AuditReport {
     pub curvature: String,
     /// Extra damping δ.
     pub damping: f64,
+    /// What the ranking, the percentiles and the quantiles refer to.
+    #[serde(default)]
+    pub rank: AuditRank,
     /// Training examples.
     pub n: usize,
     /// Held-out reference examples.
     pub reference_count: usize,
-    /// Held-out 50th, 90th, 99th percentiles of self-influence.
+    /// Held-out 50th, 90th, 99th percentiles of the ranked quantity (self-influence, or loss).
     pub reference_quantiles: [f64; 3],
     /// Share of training examples above the held-out 99th percentile.
     pub share_above_reference_p99: f64,
-    /// The `top` most self-influential training examples, highest first.
+    /// The `top` training examples by the ranked quantity, highest first.
     pub top: Vec<AuditEntry>,
     /// Every training example, in data order.
     #[serde(skip)]
@@ -139,34 +180,52 @@ pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
     let curvature = crate::fit::load(&run, &objective, options.curvature)?;
     let reference = Dataset::load(&options.reference, Preprocessing::Reuse(&run.manifest))?;
     let train_values = self_influence(&objective, &curvature, &objective.data)?;
-    let mut reference_values = self_influence(&objective, &curvature, &reference)?;
+    let device = &objective.device;
+    let predictions = crate::predict::predict(&objective.network, &objective.data, 1024, device);
+    let n = train_values.len() as f64;
+    let mut reference_values = match options.rank {
+        AuditRank::SelfInfluence => self_influence(&objective, &curvature, &reference)?,
+        AuditRank::LooLoss => {
+            crate::predict::predict(&objective.network, &reference, 1024, device).iter().map(|p| p.loss).collect()
+        }
+    };
     reference_values.sort_by(f64::total_cmp);
     let quantile = |q: f64| reference_values[((reference_values.len() - 1) as f64 * q).round() as usize];
     let percentile = |v: f64| reference_values.partition_point(|r| *r < v) as f64 / reference_values.len() as f64;
-    let predictions = crate::predict::predict(&objective.network, &objective.data, 1024, &objective.device);
+    let ranked = |e: &AuditEntry| match options.rank {
+        AuditRank::SelfInfluence => e.self_influence,
+        AuditRank::LooLoss => e.loo_loss,
+    };
     let all: Vec<AuditEntry> = train_values
         .iter()
         .zip(&predictions)
-        .map(|(v, p)| AuditEntry {
-            train_index: p.id,
-            label: p.label,
-            predicted: p.predicted,
-            self_influence: *v,
-            percentile: percentile(*v),
+        .map(|(v, p)| {
+            let mut e = AuditEntry {
+                train_index: p.id,
+                label: p.label,
+                predicted: p.predicted,
+                self_influence: *v,
+                loss: p.loss,
+                loo_loss: p.loss + v / n,
+                percentile: 0.0,
+            };
+            e.percentile = percentile(ranked(&e));
+            e
         })
         .collect();
     let p99 = quantile(0.99);
     let mut top = all.clone();
-    top.sort_by(|a, b| b.self_influence.total_cmp(&a.self_influence));
+    top.sort_by(|a, b| ranked(b).total_cmp(&ranked(a)));
     top.truncate(options.top);
     Ok(AuditReport {
         schema_version: crate::trace::OUTPUT_SCHEMA_VERSION,
         curvature: options.curvature.name().into(),
         damping: curvature.options.damping,
+        rank: options.rank,
         n: all.len(),
         reference_count: reference_values.len(),
         reference_quantiles: [quantile(0.5), quantile(0.9), p99],
-        share_above_reference_p99: all.iter().filter(|e| e.self_influence > p99).count() as f64 / all.len() as f64,
+        share_above_reference_p99: all.iter().filter(|e| ranked(e) > p99).count() as f64 / all.len() as f64,
         top,
         all,
     })
@@ -177,9 +236,13 @@ pub fn to_table(report: &AuditReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let [p50, p90, p99] = report.reference_quantiles;
+    let what = match report.rank {
+        AuditRank::SelfInfluence => "self-influence ∇ℓᵀ(H + δI)⁻¹∇ℓ",
+        AuditRank::LooLoss => "leave-one-out loss ℓ + (1/n)∇ℓᵀ(H + δI)⁻¹∇ℓ (against held-out losses)",
+    };
     let _ = writeln!(
         s,
-        "self-influence ∇ℓᵀ(H + δI)⁻¹∇ℓ, curvature {} (damping {:e}), {} training examples against {} held-out",
+        "{what}, curvature {} (damping {:e}), {} training examples against {} held-out",
         report.curvature, report.damping, report.n, report.reference_count
     );
     let _ = writeln!(s, "held-out quantiles: 50% {p50:.4e}, 90% {p90:.4e}, 99% {p99:.4e}");
@@ -190,18 +253,20 @@ pub fn to_table(report: &AuditReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:>4}  {:>8}  {:>5}  {:>9}  {:>14}  {:>10}",
-        "rank", "train", "label", "predicted", "self-influence", "percentile"
+        "\n{:>4}  {:>8}  {:>5}  {:>9}  {:>14}  {:>10}  {:>10}  {:>10}",
+        "rank", "train", "label", "predicted", "self-influence", "loss", "loo loss", "percentile"
     );
     for (r, e) in report.top.iter().enumerate() {
         let _ = writeln!(
             s,
-            "{:>4}  {:>8}  {:>5}  {:>9}  {:>14.4e}  {:>9.2}%",
+            "{:>4}  {:>8}  {:>5}  {:>9}  {:>14.4e}  {:>10.4}  {:>10.4}  {:>9.2}%",
             r + 1,
             e.train_index,
             e.label,
             e.predicted,
             e.self_influence,
+            e.loss,
+            e.loo_loss,
             100.0 * e.percentile
         );
     }

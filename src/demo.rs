@@ -202,6 +202,7 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
         reference: poison.test_clean.spec(),
         curvature: Method::Exact,
         top: 3,
+        rank: crate::audit::AuditRank::SelfInfluence,
         backend: options.backend,
     })?;
     for e in &audit.top {

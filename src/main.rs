@@ -59,7 +59,7 @@ struct ReportArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Write every score here as CSV (trace: query_index,train_index,score; audit:
-    /// train_index,label,predicted,self_influence,percentile).
+    /// train_index,label,predicted,self_influence,loss,loo_loss,percentile).
     #[arg(long)]
     scores_out: Option<PathBuf>,
 }
@@ -266,6 +266,10 @@ enum Command {
         /// Examples to list.
         #[arg(long, default_value_t = 20)]
         top: usize,
+        /// self-influence (memorisation) or loo-loss (the loss had the example been left out:
+        /// mislabels), calibrated against the held-out examples' losses.
+        #[arg(long, default_value = "self-influence")]
+        rank: String,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -601,7 +605,7 @@ fn execute(cli: Cli) -> Result<()> {
             };
             emit(&text, out.as_deref(), stdout)?;
         }
-        Command::Audit { run, data, curvature, top, report: output } => {
+        Command::Audit { run, data, curvature, top, rank, report: output } => {
             output.check(&["table", "json"])?;
             let ReportArgs { format, out, scores_out } = output;
             let report = culprit::audit::audit(&culprit::audit::AuditOptions {
@@ -609,16 +613,17 @@ fn execute(cli: Cli) -> Result<()> {
                 reference: data.spec()?,
                 curvature: culprit::curvature::Method::parse(&curvature)?,
                 top,
+                rank: culprit::audit::AuditRank::parse(&rank)?,
                 backend,
             })?;
             if let Some(path) = &scores_out {
                 use std::fmt::Write as _;
-                let mut csv = String::from("train_index,label,predicted,self_influence,percentile\n");
+                let mut csv = String::from("train_index,label,predicted,self_influence,loss,loo_loss,percentile\n");
                 for e in &report.all {
                     let _ = writeln!(
                         csv,
-                        "{},{},{},{:e},{}",
-                        e.train_index, e.label, e.predicted, e.self_influence, e.percentile
+                        "{},{},{},{:e},{:e},{:e},{}",
+                        e.train_index, e.label, e.predicted, e.self_influence, e.loss, e.loo_loss, e.percentile
                     );
                 }
                 write_atomic(path, csv.as_bytes())?;
