@@ -152,9 +152,14 @@ fn scoring(c: &mut Criterion) {
                 .reduce(|| 0, |a, b| a ^ b)
         })
     });
-    group.bench_function("score_8_queries_top_100", |b| {
-        b.iter(|| culprit::query::score_store(&store, &queries, 1.0, 100, false))
-    });
+    // One pass over the store serves a batch of queries; up to a few queries it is bound by
+    // memory, beyond that by the multiply-adds (each query costs one per element read).
+    for nq in [1usize, 4, 8, 16] {
+        let batch: Vec<Vec<f32>> = (0..nq).map(|j| queries[j % queries.len()].clone()).collect();
+        group.bench_function(format!("score_{nq}_queries_top_100"), |b| {
+            b.iter(|| culprit::query::score_store(&store, &batch, 1.0, 100, false))
+        });
+    }
     group.bench_function("score_8_queries_no_top_k", |b| {
         b.iter(|| culprit::query::score_store(&store, &queries, 1.0, 0, false))
     });

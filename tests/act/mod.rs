@@ -329,7 +329,8 @@ fn leave_one_out_retraining_reproduces_the_fixture() {
     }
     eprintln!("leave-one-out: max difference from the fixture {worst:e} (largest change {scale:e})");
     // Both retrain to ‖∇L‖ ≤ 1e-10 (ours) and 1e-13 (fixture); measurements are f32 (7 digits).
-    assert!(worst <= 1e-4 * scale, "max difference {worst:e} against changes up to {scale:e}");
+    // Measured: 4.7e-8 against changes up to 9.0e-2.
+    assert!(worst <= 1e-5 * scale, "max difference {worst:e} against changes up to {scale:e}");
     for m in &report.methods {
         eprintln!("{}: Pearson {:.4}, Spearman {:.4}", m.curvature, m.pearson, m.spearman);
         assert!(m.pearson >= 0.99, "{}: Pearson {}", m.curvature, m.pearson);
@@ -358,7 +359,8 @@ fn linear_datamodeling_score_of_exact_influence_on_logistic_regression() {
     assert_eq!(report.actual[0].len(), 16);
     let lds = report.methods[0].spearman;
     eprintln!("LDS of exact influence, logreg on digits, 16 half subsets: {lds:.3}");
-    assert!(lds >= 0.5, "LDS {lds}");
+    // Measured 0.958.
+    assert!(lds >= 0.9, "LDS {lds}");
 }
 
 /// A patch backdoor in MNIST (1% of 3000 training images), an MLP: RelatIF on the target logit
