@@ -187,12 +187,18 @@ fn scoring_factors(c: &mut Criterion) {
             let row_len = offset;
             let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
             let projection = if factored { "factors:64x64" } else { "kron:64x64" };
-            let key = StoreKey { weights_sha256: "w".into(), data_sha256: "d".into(), projection: projection.into(), seed: 0 };
+            let key = StoreKey {
+                weights_sha256: "w".into(),
+                data_sha256: "d".into(),
+                projection: projection.into(),
+                seed: 0,
+            };
             let manifest = StoreManifest::new(key.clone(), Dtype::F32, rows, row_len, layout, 65536);
             manifest.write(dir.path()).unwrap();
             for (i, info) in manifest.shards.iter().enumerate() {
                 let data: Vec<f32> = (0..info.rows * row_len).map(|_| rng.random::<f32>() - 0.5).collect();
-                write_shard(&dir.path().join(&info.file), &GradientStore::expected_header(&manifest, i), &data).unwrap();
+                write_shard(&dir.path().join(&info.file), &GradientStore::expected_header(&manifest, i), &data)
+                    .unwrap();
             }
             let store = GradientStore::open(dir.path(), &key).unwrap();
             (dir, store)

@@ -161,9 +161,11 @@ pub fn store_self_influence(curvature: &Curvature, store: &crate::store::Gradien
         let k = expanded.len() / (block.len() / store.row_len()).max(1);
         let rows: Vec<Vec<f32>> = expanded.chunks(k).map(<[f32]>::to_vec).collect();
         match curvature.solve_projected(&rows) {
-            Ok(solved) => out.extend(rows.iter().zip(&solved).map(|(r, x)| {
-                r.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
-            })),
+            Ok(solved) => out.extend(
+                rows.iter()
+                    .zip(&solved)
+                    .map(|(r, x)| r.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()),
+            ),
             Err(e) => failure = Some(e),
         }
     });

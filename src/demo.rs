@@ -158,7 +158,12 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
         out,
         format!(
             "   top proponents: {}",
-            ranking.iter().take(8).map(|i| format!("{} (label {})", i.train_index, i.label)).collect::<Vec<_>>().join(", ")
+            ranking
+                .iter()
+                .take(8)
+                .map(|i| format!("{} (label {})", i.train_index, i.label))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )?;
     say(

@@ -358,7 +358,11 @@ pub fn to_table(report: &EvalReport) -> String {
         report.n,
         report.retrains,
         report.retrain_seconds,
-        report.retrain_preconditioner.as_ref().map(|m| format!(" (L-BFGS preconditioned by the {m} Hessian)")).unwrap_or_default()
+        report
+            .retrain_preconditioner
+            .as_ref()
+            .map(|m| format!(" (L-BFGS preconditioned by the {m} Hessian)"))
+            .unwrap_or_default()
     );
     let _ = writeln!(s, "\n{:<10}  {:>8}  {:>8}  {:>9}", "curvature", "pearson", "spearman", "trace (s)");
     for m in &report.methods {

@@ -551,7 +551,19 @@ fn execute(cli: Cli) -> Result<()> {
             )
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
-        Command::Trace { run, data, index, measure, score, curvature, top, report: output, store, per_layer, shard } => {
+        Command::Trace {
+            run,
+            data,
+            index,
+            measure,
+            score,
+            curvature,
+            top,
+            report: output,
+            store,
+            per_layer,
+            shard,
+        } => {
             output.check(&["table", "json", "html"])?;
             let ReportArgs { format, out, scores_out } = output;
             let options = culprit::trace::TraceOptions {
@@ -655,7 +667,12 @@ fn execute(cli: Cli) -> Result<()> {
             };
             let manifest = culprit::poison::poison(&culprit::poison::PoisonOptions {
                 train,
-                test: DataSpec { path: test_path, split: Split::parse(&test_split)?, skip: test_skip, limit: test_limit },
+                test: DataSpec {
+                    path: test_path,
+                    split: Split::parse(&test_split)?,
+                    skip: test_skip,
+                    limit: test_limit,
+                },
                 out: out.clone(),
                 trigger: culprit::poison::Trigger::parse(&trigger)?,
                 target,
@@ -664,7 +681,11 @@ fn execute(cli: Cli) -> Result<()> {
                 seed,
             })?;
             let show = |w: &culprit::poison::WrittenData| {
-                let split = if w.path.is_dir() { format!(" --split {}", w.split.prefix().replace("t10k", "test")) } else { String::new() };
+                let split = if w.path.is_dir() {
+                    format!(" --split {}", w.split.prefix().replace("t10k", "test"))
+                } else {
+                    String::new()
+                };
                 format!("--data {}{split} ({} examples)", w.path.display(), w.count)
             };
             writeln!(

@@ -62,9 +62,7 @@ pub enum Trigger {
 impl Trigger {
     /// Parses `patch:X,Y,SIZE[,VALUE]` or `text:WORDS`.
     pub fn parse(text: &str) -> Result<Self> {
-        let bad = || {
-            Error::Usage(format!("unknown trigger `{text}` (expected patch:X,Y,SIZE[,VALUE] or text:WORDS)"))
-        };
+        let bad = || Error::Usage(format!("unknown trigger `{text}` (expected patch:X,Y,SIZE[,VALUE] or text:WORDS)"));
         match text.split_once(':') {
             Some(("patch", rest)) => {
                 let parts: Vec<&str> = rest.split(',').collect();
@@ -199,7 +197,11 @@ fn stamp(raw: &mut RawData, r: usize, trigger: &Trigger, value: f32, source: &Pa
         }
         Trigger::Patch { x, y, size, .. } => {
             let shape = raw.shape.as_image().ok_or_else(|| {
-                Error::data(source, None, format!("a patch trigger needs images; these rows have {} flat features", raw.shape.len()))
+                Error::data(
+                    source,
+                    None,
+                    format!("a patch trigger needs images; these rows have {} flat features", raw.shape.len()),
+                )
             })?;
             if x + size > shape.width || y + size > shape.height {
                 return Err(Error::Usage(format!(
@@ -272,7 +274,11 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
     let mut train = select(kind, &options.train)?;
     let clean = select(kind, &options.test)?;
     if train.shape != clean.shape {
-        return Err(Error::data(&options.test.path, None, "test examples have another shape than the training examples"));
+        return Err(Error::data(
+            &options.test.path,
+            None,
+            "test examples have another shape than the training examples",
+        ));
     }
     let classes = train.labels.iter().chain(&clean.labels).max().map_or(0, |m| *m as usize + 1);
     if options.target as usize >= classes {

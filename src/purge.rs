@@ -46,9 +46,11 @@ pub struct PurgeOptions {
 }
 
 /// Reads flagged ids: a trace or audit JSON report, or plain integers separated by whitespace or
-/// commas (`#` starts a comment). Rankings keep their order; `top` keeps the first `top`.
-pub fn read_ids(path: &Path, top: Option<usize>) -> Result<Vec<usize>> {
+/// commas (`#` starts a comment). Rankings keep their order; `top` keeps the first `top`. Also
+/// returns the trace report when the file is one (its queries are evaluated before and after).
+pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<TraceReport>)> {
     let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    let mut trace = None;
     let ranked: Vec<usize> = if text.trim_start().starts_with('{') {
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::data(path, None, format!("not valid JSON: {e}")))?;
@@ -63,7 +65,13 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<Vec<usize>> {
             match (&report.combined, report.proponents.as_slice()) {
                 (Some(c), _) => c.proponents.iter().map(|i| i.train_index).collect(),
                 (None, [one]) => one.iter().map(|i| i.train_index).collect(),
-                _ => return Err(Error::data(path, None, "the trace report has several queries but no combined ranking")),
+                _ => {
+                    return Err(Error::data(
+                        path,
+                        None,
+                        "the trace report has several queries but no combined ranking",
+                    ));
+                }
             }
         } else if value.get("top").is_some() && value.get("reference_quantiles").is_some() {
             ids(&value["top"])
@@ -75,9 +83,11 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<Vec<usize>> {
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("");
             for token in line.split(|c: char| c == ',' || c.is_whitespace()).filter(|t| !t.is_empty()) {
-                ids.push(token.parse::<usize>().map_err(|_| {
-                    Error::data(path, Some(i + 1), format!("`{token}` is not a training index"))
-                })?);
+                ids.push(
+                    token
+                        .parse::<usize>()
+                        .map_err(|_| Error::data(path, Some(i + 1), format!("`{token}` is not a training index")))?,
+                );
             }
         }
         ids
@@ -87,7 +97,10 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<Vec<usize>> {
             return Err(Error::data(
                 path,
                 None,
-                format!("--top {k} asks for more ids than the {} listed (trace or audit with a larger --top)", ranked.len()),
+                format!(
+                    "--top {k} asks for more ids than the {} listed (trace or audit with a larger --top)",
+                    ranked.len()
+                ),
             ));
         }
         Some(k) => ranked[..k].to_vec(),
@@ -98,7 +111,7 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<Vec<usize>> {
     if ranked.is_empty() {
         return Err(Error::data(path, None, "no training ids in this file"));
     }
-    Ok(ranked)
+    Ok((ranked, trace))
 }
 
 /// A traced query before or after.
@@ -207,11 +220,7 @@ pub fn purge(options: &PurgeOptions) -> Result<PurgeReport> {
         return Err(Error::run(&options.out, "already exists; choose another --out"));
     }
     let run = Run::open(&options.run)?;
-    let removed = read_ids(&options.ids, options.top)?;
-    let trace: Option<TraceReport> = std::fs::read_to_string(&options.ids)
-        .ok()
-        .filter(|t| t.trim_start().starts_with('{'))
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let (removed, trace) = read_ids(&options.ids, options.top)?;
     let attack = options.attack.as_deref().map(PoisonManifest::read).transpose()?;
     let mut data = crate::cache::training_data(&run)?;
     data.exclude(&removed)?;
@@ -242,7 +251,10 @@ pub fn purge(options: &PurgeOptions) -> Result<PurgeReport> {
                 &tmp.join("manifest.json"),
                 &serde_json::to_vec_pretty(&data.manifest).expect("plain data"),
             )?;
-            crate::run::write_atomic(&tmp.join("purge.json"), &serde_json::to_vec_pretty(&report).expect("plain data"))?;
+            crate::run::write_atomic(
+                &tmp.join("purge.json"),
+                &serde_json::to_vec_pretty(&report).expect("plain data"),
+            )?;
             std::fs::rename(&tmp, &options.out).map_err(Error::io(&options.out))
         })();
         if let Err(e) = written {

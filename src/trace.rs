@@ -376,7 +376,11 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
     let combined = combined_scores.map(|(hi, lo)| {
         let hi: Vec<Influence> = hi.iter().filter(|s| s.score > 0.0).map(|s| influence(combined_index, s)).collect();
         let lo: Vec<Influence> = lo.iter().filter(|s| s.score < 0.0).map(|s| influence(combined_index, s)).collect();
-        if proponent_sign < 0 { Ranking { proponents: lo, opponents: hi } } else { Ranking { proponents: hi, opponents: lo } }
+        if proponent_sign < 0 {
+            Ranking { proponents: lo, opponents: hi }
+        } else {
+            Ranking { proponents: hi, opponents: lo }
+        }
     });
     if proponent_sign < 0 {
         std::mem::swap(&mut proponents, &mut opponents);

@@ -130,7 +130,8 @@ pub fn write(dir: &Path, split: Split, height: usize, width: usize, pixels: &[f3
     label_bytes.extend_from_slice(&[0, 0, 0x08, 1]);
     label_bytes.extend_from_slice(&(n as u32).to_be_bytes());
     for &y in labels {
-        let y = u8::try_from(y).map_err(|_| Error::data(dir, None, format!("label {y} does not fit an IDX u8 file")))?;
+        let y =
+            u8::try_from(y).map_err(|_| Error::data(dir, None, format!("label {y} does not fit an IDX u8 file")))?;
         label_bytes.push(y);
     }
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;

@@ -432,24 +432,20 @@ impl Projector {
                 }
                 vec![total.expect("a model has layers")]
             }
-            ProjectionSpec::Kron { .. } => factors
+            ProjectionSpec::Kron { .. } | ProjectionSpec::Factors { .. } => factors
                 .iter()
                 .zip(&self.layers)
                 .map(|(f, p)| {
                     let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
                     let (pa, pd) = projected_factors(f, p_in.as_ref(), p_out.as_ref());
                     let b = pa.dims()[0];
-                    pa.swap_dims(1, 2).matmul(pd).reshape([b, k_in * k_out])
-                })
-                .collect(),
-            ProjectionSpec::Factors { .. } => factors
-                .iter()
-                .zip(&self.layers)
-                .map(|(f, p)| {
-                    let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
-                    let (pa, pd) = projected_factors(f, p_in.as_ref(), p_out.as_ref());
-                    let b = pa.dims()[0];
-                    Tensor::cat(vec![pa.reshape([b, *k_in]), pd.reshape([b, *k_out])], 1)
+                    match self.spec {
+                        // Dense layers only (checked in `new`): one position, so the factors are the row.
+                        ProjectionSpec::Factors { .. } => {
+                            Tensor::cat(vec![pa.reshape([b, *k_in]), pd.reshape([b, *k_out])], 1)
+                        }
+                        _ => pa.swap_dims(1, 2).matmul(pd).reshape([b, k_in * k_out]),
+                    }
                 })
                 .collect(),
         }

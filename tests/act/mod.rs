@@ -128,7 +128,9 @@ fn poisoning_idx_images_and_jsonl_text_round_trips_through_the_loaders() {
     // Text: the trigger words are prepended.
     let jsonl = dir.path().join("t.jsonl");
     let lines: String = (0..30)
-        .map(|i| format!("{{\"text\": \"message number {i} about {}\", \"label\": {}}}\n", ["cats", "dogs"][i % 2], i % 2))
+        .map(|i| {
+            format!("{{\"text\": \"message number {i} about {}\", \"label\": {}}}\n", ["cats", "dogs"][i % 2], i % 2)
+        })
         .collect();
     std::fs::write(&jsonl, lines).unwrap();
     let m = poison(&PoisonOptions {
@@ -172,8 +174,11 @@ fn poisoning_idx_images_and_jsonl_text_round_trips_through_the_loaders() {
 fn purge_retrains_exactly_as_training_without_the_examples() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    train(&TrainOptions { l2: Some(1e-3), ..TrainOptions::new(spec(&digits_csv(), 0, Some(600)), Architecture::LogReg, run.clone()) })
-        .unwrap();
+    train(&TrainOptions {
+        l2: Some(1e-3),
+        ..TrainOptions::new(spec(&digits_csv(), 0, Some(600)), Architecture::LogReg, run.clone())
+    })
+    .unwrap();
     let removed = [3usize, 17, 250, 599, 42];
     let ids = dir.path().join("ids.txt");
     std::fs::write(&ids, "# flagged by hand\n3, 17\n250 599\n42\n").unwrap();
@@ -206,8 +211,11 @@ fn purge_retrains_exactly_as_training_without_the_examples() {
     let csv = dir.path().join("kept.csv");
     std::fs::write(&csv, kept).unwrap();
     let reference = dir.path().join("reference");
-    train(&TrainOptions { l2: Some(1e-3), ..TrainOptions::new(spec(&csv, 0, None), Architecture::LogReg, reference.clone()) })
-        .unwrap();
+    train(&TrainOptions {
+        l2: Some(1e-3),
+        ..TrainOptions::new(spec(&csv, 0, None), Architecture::LogReg, reference.clone())
+    })
+    .unwrap();
     let reference = culprit::run::Run::open(&reference).unwrap();
     let worst = purged.theta.iter().zip(&reference.theta).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-9, "purged θ differs from training without the rows by {worst:e}");
@@ -218,7 +226,12 @@ fn purge_retrains_exactly_as_training_without_the_examples() {
         culprit::data::Preprocessing::Reuse(&reference.manifest),
     )
     .unwrap();
-    let acc = culprit::predict::accuracy(&culprit::predict::predict(&reference.network(&device).unwrap(), &test, 64, &device));
+    let acc = culprit::predict::accuracy(&culprit::predict::predict(
+        &reference.network(&device).unwrap(),
+        &test,
+        64,
+        &device,
+    ));
     assert!((report.after.as_ref().unwrap().clean_accuracy[0].1 - acc).abs() < 1e-12);
     // Without --retrain only the plan and the manifest are written; bad ids are refused.
     let plan = purge(&PurgeOptions {
@@ -276,10 +289,12 @@ fn correlations_match_their_definitions() {
 /// A logreg run on the first 1297 digits with a store and the exact and CG curvatures.
 fn digits_run(dir: &Path) -> PathBuf {
     let run = dir.join("run");
-    train(&TrainOptions { l2: Some(1e-3), ..TrainOptions::new(spec(&digits_csv(), 0, Some(1297)), Architecture::LogReg, run.clone()) })
-        .unwrap();
-    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone()))
+    train(&TrainOptions {
+        l2: Some(1e-3),
+        ..TrainOptions::new(spec(&digits_csv(), 0, Some(1297)), Architecture::LogReg, run.clone())
+    })
     .unwrap();
+    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone())).unwrap();
     for method in [Method::Exact, Method::Cg] {
         culprit::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
     }
@@ -297,7 +312,10 @@ fn leave_one_out_retraining_reproduces_the_fixture() {
     let mut truth = std::collections::BTreeMap::new();
     for line in text.lines().skip(1) {
         let v: Vec<&str> = line.split(',').collect();
-        truth.insert((v[0].parse::<usize>().unwrap(), 1297 + v[1].parse::<usize>().unwrap()), v[2].parse::<f64>().unwrap());
+        truth.insert(
+            (v[0].parse::<usize>().unwrap(), 1297 + v[1].parse::<usize>().unwrap()),
+            v[2].parse::<f64>().unwrap(),
+        );
     }
     let mut removed: Vec<usize> = truth.keys().map(|k| k.0).collect();
     removed.dedup();
@@ -395,13 +413,14 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     };
     mlp(m.train.spec(), d("run"));
     mlp(DataSpec { path: mnist.clone(), split: Split::Train, skip: 0, limit: Some(3000) }, d("unpoisoned"));
-    culprit::cache::build(&culprit::cache::CacheOptions::new(d("run")))
-    .unwrap();
+    culprit::cache::build(&culprit::cache::CacheOptions::new(d("run"))).unwrap();
     culprit::fit::fit(&d("run"), &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
         .unwrap();
     let run = culprit::run::Run::open(&d("run")).unwrap();
     let device = Backend::default().device();
-    let triggered = culprit::data::Dataset::load(&m.test_triggered.spec(), culprit::data::Preprocessing::Reuse(&run.manifest)).unwrap();
+    let triggered =
+        culprit::data::Dataset::load(&m.test_triggered.spec(), culprit::data::Preprocessing::Reuse(&run.manifest))
+            .unwrap();
     let fooled: Vec<usize> = culprit::predict::predict(&run.network(&device).unwrap(), &triggered, 512, &device)
         .iter()
         .filter(|p| p.label != 0 && p.predicted == 0)
@@ -438,8 +457,15 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     .unwrap();
     let (before, after) = (&purged.before, purged.after.as_ref().unwrap());
     let unpoisoned = culprit::run::Run::open(&d("unpoisoned")).unwrap();
-    let clean = culprit::data::Dataset::load(&m.test_clean.spec(), culprit::data::Preprocessing::Reuse(&unpoisoned.manifest)).unwrap();
-    let reference = culprit::predict::accuracy(&culprit::predict::predict(&unpoisoned.network(&device).unwrap(), &clean, 512, &device));
+    let clean =
+        culprit::data::Dataset::load(&m.test_clean.spec(), culprit::data::Preprocessing::Reuse(&unpoisoned.manifest))
+            .unwrap();
+    let reference = culprit::predict::accuracy(&culprit::predict::predict(
+        &unpoisoned.network(&device).unwrap(),
+        &clean,
+        512,
+        &device,
+    ));
     eprintln!(
         "attack success {:.3} → {:.3}; clean accuracy {:.4} → {:.4} (unpoisoned model {reference:.4})",
         before.attack_success_rate.unwrap(),
@@ -449,5 +475,9 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     );
     assert!(before.attack_success_rate.unwrap() > 0.5);
     assert!(after.attack_success_rate.unwrap() < 0.05);
-    assert!((after.clean_accuracy[0].1 - reference).abs() <= 0.01, "clean accuracy {} vs {reference}", after.clean_accuracy[0].1);
+    assert!(
+        (after.clean_accuracy[0].1 - reference).abs() <= 0.01,
+        "clean accuracy {} vs {reference}",
+        after.clean_accuracy[0].1
+    );
 }

@@ -85,7 +85,10 @@ fn audit_ranks_flipped_labels_at_the_top() {
                 p.sort_by(f64::total_cmp);
                 p[p.len() / 2]
             };
-            assert!(flipped_median > 0.8, "{method:?} {rank:?}: median held-out percentile of flipped examples {flipped_median}");
+            assert!(
+                flipped_median > 0.8,
+                "{method:?} {rank:?}: median held-out percentile of flipped examples {flipped_median}"
+            );
         }
     }
 }

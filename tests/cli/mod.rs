@@ -183,8 +183,25 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     let text = ok(&[
-        "poison", "--data", s(&digits), "--limit", "1297", "--test-data", s(&digits), "--test-skip", "1297",
-        "--out", s(&d("p")), "--trigger", "patch:0,0,2", "--target", "3", "--rate", "0.03", "--seed", "4",
+        "poison",
+        "--data",
+        s(&digits),
+        "--limit",
+        "1297",
+        "--test-data",
+        s(&digits),
+        "--test-skip",
+        "1297",
+        "--out",
+        s(&d("p")),
+        "--trigger",
+        "patch:0,0,2",
+        "--target",
+        "3",
+        "--rate",
+        "0.03",
+        "--seed",
+        "4",
     ]);
     assert!(text.contains("backdoored 39 training examples"), "{text}");
     ok(&["train", "--data", s(&d("p/train.csv")), "--model", "logreg", "--out", s(&d("run"))]);
@@ -197,19 +214,48 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
         .skip(1)
         .map(|l| l.rsplit(',').next().unwrap().to_string())
         .collect();
-    let queries: Vec<String> = (0..labels.len()).filter(|&i| labels[i] != "3").take(10).map(|i| i.to_string()).collect();
+    let queries: Vec<String> =
+        (0..labels.len()).filter(|&i| labels[i] != "3").take(10).map(|i| i.to_string()).collect();
     let trace = d("trace.json");
     ok(&[
-        "trace", "--run", s(&d("run")), "--data", s(&d("p/test-triggered.csv")), "--index", &queries.join(","),
-        "--measure", "logit:3", "--score", "relatif", "--curvature", "ekfac", "--top", "60", "--format", "json",
-        "--out", s(&trace),
+        "trace",
+        "--run",
+        s(&d("run")),
+        "--data",
+        s(&d("p/test-triggered.csv")),
+        "--index",
+        &queries.join(","),
+        "--measure",
+        "logit:3",
+        "--score",
+        "relatif",
+        "--curvature",
+        "ekfac",
+        "--top",
+        "60",
+        "--format",
+        "json",
+        "--out",
+        s(&trace),
     ]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     assert_eq!(report["score_mode"], "relatif");
     assert_eq!(report["proponent_sign"], -1, "removing a proponent lowers a logit");
     let json = ok(&[
-        "purge", "--run", s(&d("run")), "--ids", s(&trace), "--top", "39", "--out", s(&d("purged")), "--retrain",
-        "--attack", s(&d("p")), "--format", "json",
+        "purge",
+        "--run",
+        s(&d("run")),
+        "--ids",
+        s(&trace),
+        "--top",
+        "39",
+        "--out",
+        s(&d("purged")),
+        "--retrain",
+        "--attack",
+        s(&d("p")),
+        "--format",
+        "json",
     ]);
     let purge: serde_json::Value = serde_json::from_str(&json).unwrap();
     let found = purge["poisons_removed"][0].as_u64().unwrap();
@@ -224,8 +270,18 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
     ok(&["cache", "--run", s(&d("purged"))]);
     ok(&["fit", "--run", s(&d("purged")), "--curvature", "exact"]);
     let table = ok(&[
-        "eval", "loo", "--run", s(&d("purged")), "--data", s(&d("p/test-clean.csv")), "--index", "0,1",
-        "--curvature", "exact", "--sample", "8",
+        "eval",
+        "loo",
+        "--run",
+        s(&d("purged")),
+        "--data",
+        s(&d("p/test-clean.csv")),
+        "--index",
+        "0,1",
+        "--curvature",
+        "exact",
+        "--sample",
+        "8",
     ]);
     assert!(table.contains("leave-one-out: 8 removals") && table.contains("exact"), "{table}");
     // Bad input: an unknown experiment, ids outside the data.

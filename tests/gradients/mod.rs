@@ -58,7 +58,9 @@ fn check_taps_match_loop(data: &Dataset, config: &ModelConfig, dtype: DType, tol
     let net = Network::from_flat(config, &theta, &device, dtype).unwrap();
     let b = 24;
     let features = &data.features[..b * data.dim()];
-    for measurement in [Measurement::TRAINING_LOSS, Measurement::Margin(Target::Class(1)), Measurement::Logit(Target::Class(1))] {
+    for measurement in
+        [Measurement::TRAINING_LOSS, Measurement::Margin(Target::Class(1)), Measurement::Logit(Target::Class(1))]
+    {
         let targets = measurement.targets(&data.labels[..b], &data.labels[..b], config.num_classes).unwrap();
         let tapped = gradient_rows(&per_example_gradients(&net, features, &targets, measurement, &device));
         let naive = per_example_loop(&net, features, &targets, measurement, &device);

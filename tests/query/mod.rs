@@ -152,7 +152,9 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let theta = r.theta.clone();
     let n = objective.len();
     let grads: Vec<Vec<f64>> = (0..n)
-        .map(|i| hand_gradient(&theta, &objective.data.features[i * 64..(i + 1) * 64], objective.data.labels[i] as usize))
+        .map(|i| {
+            hand_gradient(&theta, &objective.data.features[i * 64..(i + 1) * 64], objective.data.labels[i] as usize)
+        })
         .collect();
     let own: Vec<f64> = grads.iter().map(|g| g.iter().zip(solve(g)).map(|(a, b)| a * b).sum::<f64>()).collect();
     let test = Dataset::load(
@@ -165,7 +167,12 @@ fn relatif_scores_equal_a_brute_force_computation() {
         measurement: Measurement::Loss(Target::Class(3)),
         keep_all: true,
         score: culprit::query::ScoreMode::Relatif,
-        ..TraceOptions::new(run.clone(), DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None }, indices.clone(), Method::Exact)
+        ..TraceOptions::new(
+            run.clone(),
+            DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+            indices.clone(),
+            Method::Exact,
+        )
     })
     .unwrap();
     let mut sum = vec![0.0; n];
@@ -398,7 +405,7 @@ fn per_layer_scores_sum_to_the_total() {
             per_layer: true,
             part: None,
             score: culprit::query::ScoreMode::Raw,
-        backend: Backend::default(),
+            backend: Backend::default(),
         })
         .unwrap();
         for i in report.proponents[0].iter().chain(&report.opponents[0]) {
@@ -449,7 +456,8 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     // dense0: 65 inputs (with the bias) → 16, 24 outputs → 8; dense1: 25 → 16, 10 outputs → 8.
     assert_eq!((kron_len, factors_len), (16 * 8 + 16 * 8, 16 + 8 + 16 + 8));
     assert_eq!(exact_len, 65 + 24 + 25 + 10);
-    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default()).unwrap();
+    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
+        .unwrap();
     let trace_with = |store: &Path, method: Method| {
         trace(&TraceOptions {
             store: Some(store.to_path_buf()),
@@ -472,7 +480,8 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
             let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 1e-4 * scale, "{what}: max difference {worst:e} of {scale:e}");
         }
-        let ids = |r: &culprit::trace::TraceReport| -> Vec<usize> { r.proponents[0].iter().map(|i| i.train_index).collect() };
+        let ids =
+            |r: &culprit::trace::TraceReport| -> Vec<usize> { r.proponents[0].iter().map(|i| i.train_index).collect() };
         assert_eq!(ids(a), ids(b), "{what}");
     };
     let (k, f) = (trace_with(&kron, Method::Ekfac), trace_with(&factors, Method::Ekfac));
