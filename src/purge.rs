@@ -62,7 +62,7 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
         if value.get("proponents").is_some() {
             let report: TraceReport = serde_json::from_value(value)
                 .map_err(|e| Error::data(path, None, format!("not a culprit trace report: {e}")))?;
-            match (&report.combined, report.proponents.as_slice()) {
+            let ids = match (&report.combined, report.proponents.as_slice()) {
                 (Some(c), _) => c.proponents.iter().map(|i| i.train_index).collect(),
                 (None, [one]) => one.iter().map(|i| i.train_index).collect(),
                 _ => {
@@ -72,7 +72,9 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
                         "the trace report has several queries but no combined ranking",
                     ));
                 }
-            }
+            };
+            trace = Some(report);
+            ids
         } else if value.get("top").is_some() && value.get("reference_quantiles").is_some() {
             ids(&value["top"])
         } else {

@@ -264,6 +264,14 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
         purge["after"]["attack_success_rate"].as_f64().unwrap(),
     );
     eprintln!("CLI backdoor: {found}/39 poisons in the top 39; attack success {before:.3} → {after:.3}");
+    // The traced queries are evaluated before and after: fooled before, mostly not after.
+    let queries_before = purge["before"]["queries"].as_array().unwrap();
+    let queries_after = purge["after"]["queries"].as_array().unwrap();
+    assert_eq!(queries_before.len(), 10);
+    let fooled_before = queries_before.iter().filter(|q| q["predicted"] == 3).count();
+    assert!(fooled_before >= 8, "{fooled_before} of the traced queries read as the target before");
+    let fooled_after = queries_after.iter().filter(|q| q["predicted"] == 3).count();
+    assert!(fooled_after <= 2, "{fooled_after} of the traced queries still read as the target");
     assert!(found >= 33, "{found} of 39 poisons in the top 39");
     assert!(before > 0.5 && after < 0.1, "attack success rate {before} → {after}");
     // The purged run is a run: it traces, and eval checks it against retraining.
