@@ -174,7 +174,8 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
         return Err(Error::Usage("--curvature needs at least one fitted method".into()));
     }
     let run = Run::open(&options.run)?;
-    let data = crate::cache::training_data(&run)?;
+    let objective = crate::fit::objective(&run, options.backend)?;
+    let data = &objective.data;
     let n = data.len();
     // Scores first: a missing store or curvature fails before any retraining.
     let mut traces = Vec::new();
@@ -207,13 +208,11 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
     let started = std::time::Instant::now();
     // The run's exact inverse Hessian, when fitted, preconditions re-optimisation (a handful of
     // quasi-Newton steps instead of hundreds of L-BFGS ones); the optimum reached is the same.
-    let objective = crate::fit::objective(&run, options.backend)?;
     let exact = [Method::Exact, Method::Ggn]
         .into_iter()
         .find(|m| crate::curvature::curvature_path(&run.dir, *m).is_file())
         .map(|m| crate::fit::load(&run, &objective, m))
-        .transpose()?
-        .filter(|c| c.options.damping == 0.0);
+        .transpose()?;
     let precondition = |g: &[f64]| -> Vec<f64> {
         match &exact {
             Some(c) => c.solve(&objective, &[g.to_vec()]).map(|mut x| x.remove(0).0).unwrap_or_else(|_| g.to_vec()),
@@ -241,7 +240,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
             if let Some(bad) = removed.iter().find(|i| !row_of.contains_key(i)) {
                 return Err(Error::Usage(format!("training id {bad} is not in the run's training data")));
             }
-            let (base, _) = refine(&data, n, &run.theta, &mut silent)?;
+            let (base, _) = refine(data, n, &run.theta, &mut silent)?;
             let theta0 = base.to_flat();
             let m0 = measure(&base, &queries, &rows, reference);
             let mut actual = vec![Vec::with_capacity(removed.len()); rows.len()];
