@@ -224,6 +224,23 @@ pub fn purge(options: &PurgeOptions) -> Result<PurgeReport> {
     let run = Run::open(&options.run)?;
     let (removed, trace) = read_ids(&options.ids, options.top)?;
     let attack = options.attack.as_deref().map(PoisonManifest::read).transpose()?;
+    if let (Some(a), Some(dir)) = (&attack, &options.attack) {
+        // Poisoned ids only mean something for a run trained on that poisoned set.
+        let same = |p: &Path, q: &Path| match (p.canonicalize(), q.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => p == q,
+        };
+        if !same(&run.manifest.path, &a.train.path) {
+            return Err(Error::run(
+                dir,
+                format!(
+                    "this poisoned set's training data is {}, but the run was trained on {}",
+                    a.train.path.display(),
+                    run.manifest.path.display()
+                ),
+            ));
+        }
+    }
     let mut data = crate::cache::training_data(&run)?;
     data.exclude(&removed)?;
     let poisons_removed = attack

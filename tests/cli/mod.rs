@@ -292,7 +292,57 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
         "8",
     ]);
     assert!(table.contains("leave-one-out: 8 removals") && table.contains("exact"), "{table}");
-    // Bad input: an unknown experiment, ids outside the data.
+    // Bad input: an attack directory the run was not trained on, an unknown experiment, bad ids.
+    let o = culprit(&[
+        "purge",
+        "--run",
+        s(&d("run")),
+        "--ids",
+        s(&trace),
+        "--top",
+        "5",
+        "--out",
+        s(&d("x")),
+        "--attack",
+        s(&d("p2")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("poison.json"), "{}", stderr(&o));
+    ok(&[
+        "poison",
+        "--data",
+        s(&digits),
+        "--limit",
+        "300",
+        "--test-data",
+        s(&digits),
+        "--test-skip",
+        "1297",
+        "--out",
+        s(&d("p2")),
+        "--trigger",
+        "patch:0,0,2",
+        "--target",
+        "3",
+        "--rate",
+        "0.03",
+    ]);
+    let o = culprit(&[
+        "purge",
+        "--run",
+        s(&d("run")),
+        "--ids",
+        s(&trace),
+        "--top",
+        "5",
+        "--out",
+        s(&d("x")),
+        "--attack",
+        s(&d("p2")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("but the run was trained on"), "{}", stderr(&o));
+    assert!(!d("x").exists());
     let o = culprit(&["eval", "lso", "--run", s(&d("run")), "--data", s(&digits), "--index", "1"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown experiment `lso`"), "{}", stderr(&o));
