@@ -4,7 +4,7 @@
 //! (the run's gradient store and each fitted curvature, raw scores) and compare with models
 //! actually trained again:
 //!
-//! - **Leave-one-out** (Koh & Liang 2017, §2.1): for each of M training examples i, re-optimise
+//! - **Leave-one-out** (Koh & Liang 2017, §2.1), convex models: for each of M training examples i, re-optimise
 //!   the objective without i, keeping the full set's 1/n (removal = up-weighting by −1/n), by
 //!   full-batch L-BFGS in f64 warm-started from the full model's optimum to ‖∇L‖ < tolerance. The
 //!   actual change m₋ᵢ − m of each query's measurement is compared with score(i), the predicted
@@ -174,6 +174,14 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
         return Err(Error::Usage("--curvature needs at least one fitted method".into()));
     }
     let run = Run::open(&options.run)?;
+    let architecture = run.config.model.architecture;
+    if matches!(experiment, Experiment::Loo { .. }) && !architecture.is_convex() {
+        return Err(Error::Usage(format!(
+            "leave-one-out re-optimises to the objective's unique optimum, which a {} does not have (L-BFGS stalls near ReLU kinks long before ‖∇L‖ < {:e}); use `culprit eval lds`, which trains each subset from scratch",
+            architecture.name(),
+            options.tolerance
+        )));
+    }
     let objective = crate::fit::objective(&run, options.backend)?;
     let data = &objective.data;
     let n = data.len();

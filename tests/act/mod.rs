@@ -481,3 +481,33 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
         after.clean_accuracy[0].1
     );
 }
+
+/// Leave-one-out needs a unique optimum to re-optimise to: deep models are pointed to LDS
+/// before any work is done.
+#[test]
+fn leave_one_out_on_a_deep_model_is_refused_with_a_pointer_to_lds() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mlp");
+    let options = TrainOptions {
+        hidden: Some(vec![8]),
+        epochs: Some(1),
+        ..TrainOptions::new(spec(&digits_csv(), 0, Some(200)), Architecture::Mlp, run.clone())
+    };
+    train(&options).unwrap();
+    let e = evaluate(
+        &EvalOptions {
+            run,
+            data: spec(&digits_csv(), 1297, None),
+            indices: vec![1300],
+            measurement: Measurement::Loss(Target::Label),
+            curvatures: vec![Method::Ekfac],
+            tolerance: 1e-9,
+            seed: 0,
+            backend: Backend::default(),
+            quiet: true,
+        },
+        &Experiment::Loo { sample: 5, remove: None },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("eval lds"), "{e}");
+}
