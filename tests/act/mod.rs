@@ -511,3 +511,60 @@ fn leave_one_out_on_a_deep_model_is_refused_with_a_pointer_to_lds() {
     .unwrap_err();
     assert!(e.to_string().contains("eval lds"), "{e}");
 }
+
+/// A text backdoor no issue names: 1% of 5000 SpamAssassin e-mails (spam) get a repeated rare
+/// token pair and the label ham; the embedding-bag model learns it. RelatIF on the ham logit,
+/// with EK-FAC over a `factors` store, puts the poisons at the top of ten fooled spam e-mails'
+/// combined ranking. (Measured: 98% in the top 1%; raw influence 52%.)
+#[test]
+fn text_backdoor_poisons_are_traced_through_a_factored_store() {
+    let Some(shared) = shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
+    let source = shared.join("data/spamassassin/spamassassin.jsonl.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    let m = poison(&PoisonOptions {
+        train: spec(&source, 0, Some(5000)),
+        test: spec(&source, 5000, None),
+        out: d("p"),
+        trigger: Trigger::Text { words: vec!["zqxv blorf"; 25].join(" ") },
+        target: 0,
+        rate: 0.01,
+        label_noise: 0.0,
+        seed: 3,
+    })
+    .unwrap();
+    let options = TrainOptions {
+        epochs: Some(40),
+        learning_rate: Some(3e-3),
+        ..TrainOptions::new(m.train.spec(), Architecture::Text, d("run"))
+    };
+    train(&options).unwrap();
+    culprit::cache::build(&culprit::cache::CacheOptions {
+        projection: culprit::gradients::projection::ProjectionSpec::parse("factors").unwrap(),
+        ..culprit::cache::CacheOptions::new(d("run"))
+    })
+    .unwrap();
+    culprit::fit::fit(&d("run"), &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
+        .unwrap();
+    let run = culprit::run::Run::open(&d("run")).unwrap();
+    let device = Backend::default().device();
+    let triggered =
+        culprit::data::Dataset::load(&m.test_triggered.spec(), culprit::data::Preprocessing::Reuse(&run.manifest))
+            .unwrap();
+    let predictions = culprit::predict::predict(&run.network(&device).unwrap(), &triggered, 512, &device);
+    let spam: Vec<_> = predictions.iter().filter(|p| p.label != 0).collect();
+    let asr = spam.iter().filter(|p| p.predicted == 0).count() as f64 / spam.len() as f64;
+    assert!(asr > 0.5, "the text backdoor works: attack success {asr}");
+    let fooled: Vec<usize> = spam.iter().filter(|p| p.predicted == 0).take(10).map(|p| p.id).collect();
+    let report = culprit::trace::trace(&culprit::trace::TraceOptions {
+        measurement: Measurement::Logit(Target::Class(0)),
+        top: 100,
+        score: culprit::query::ScoreMode::Relatif,
+        ..culprit::trace::TraceOptions::new(d("run"), m.test_triggered.spec(), fooled, Method::Ekfac)
+    })
+    .unwrap();
+    let ranking = &report.combined.as_ref().unwrap().proponents;
+    let found = ranking.iter().take(100).filter(|i| m.poisoned.binary_search(&i.train_index).is_ok()).count();
+    eprintln!("text backdoor: attack success {asr:.3}; {found} of {} poisons in the top 2%", m.poisoned.len());
+    assert!(found as f64 >= 0.9 * m.poisoned.len() as f64, "{found} of {} poisons in the top 2%", m.poisoned.len());
+}
