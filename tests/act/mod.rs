@@ -515,7 +515,8 @@ fn leave_one_out_on_a_deep_model_is_refused_with_a_pointer_to_lds() {
 /// A text backdoor no issue names: 1% of 5000 SpamAssassin e-mails (spam) get a repeated rare
 /// token pair and the label ham; the embedding-bag model learns it. RelatIF on the ham logit,
 /// with EK-FAC over a `factors` store, puts the poisons at the top of ten fooled spam e-mails'
-/// combined ranking. (Measured: 98% in the top 1%; raw influence 52%.)
+/// combined ranking. (Measured with 4096 buckets: 98% in the top 1%, raw influence 52%; here,
+/// with 1024 buckets, 49 of 50 in the top 2%.)
 #[test]
 fn text_backdoor_poisons_are_traced_through_a_factored_store() {
     let Some(shared) = shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
@@ -533,9 +534,11 @@ fn text_backdoor_poisons_are_traced_through_a_factored_store() {
         seed: 3,
     })
     .unwrap();
+    // 1024 hash buckets keep the input factor's eigendecomposition small (1024² rather than 4096²).
     let options = TrainOptions {
         epochs: Some(40),
         learning_rate: Some(3e-3),
+        buckets: 1024,
         ..TrainOptions::new(m.train.spec(), Architecture::Text, d("run"))
     };
     train(&options).unwrap();
