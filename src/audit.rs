@@ -175,13 +175,106 @@ pub fn store_self_influence(curvature: &Curvature, store: &crate::store::Gradien
     }
 }
 
+/// First bytes of a self-influence cache file.
+pub const SELF_INFLUENCE_MAGIC: &[u8; 8] = b"CULPRITS";
+/// Version of the self-influence cache format.
+pub const SELF_INFLUENCE_VERSION: u32 = 1;
+
+/// What a self-influence cache was computed from: the curvature file (its length and CRC-32
+/// footer, which change whenever it is refitted; the file itself is tied to the weights and data)
+/// and, for the projected curvature, the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct SelfInfluenceKey {
+    curvature_len: u64,
+    curvature_crc32: u32,
+    store: Option<crate::store::StoreKey>,
+    rows: usize,
+}
+
+fn read_cache(path: &std::path::Path, key: &SelfInfluenceKey) -> Option<Vec<f64>> {
+    let bytes = std::fs::read(path).ok()?;
+    if bytes.len() < 20 || &bytes[..8] != SELF_INFLUENCE_MAGIC {
+        return None;
+    }
+    let (body, footer) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(footer.try_into().ok()?) {
+        return None;
+    }
+    if u32::from_le_bytes(body[8..12].try_into().ok()?) != SELF_INFLUENCE_VERSION {
+        return None;
+    }
+    let len = u32::from_le_bytes(body[12..16].try_into().ok()?) as usize;
+    let stored: SelfInfluenceKey = serde_json::from_slice(body.get(16..16 + len)?).ok()?;
+    let start = (16 + len).next_multiple_of(8);
+    let values = body.get(start..)?;
+    (stored == *key && values.len() == 8 * key.rows)
+        .then(|| values.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn write_cache(path: &std::path::Path, key: &SelfInfluenceKey, values: &[f64]) -> Result<()> {
+    let json = serde_json::to_vec(key).expect("plain data");
+    let mut out = Vec::with_capacity(24 + json.len() + 8 * values.len());
+    out.extend_from_slice(SELF_INFLUENCE_MAGIC);
+    out.extend_from_slice(&SELF_INFLUENCE_VERSION.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.resize(out.len().next_multiple_of(8), 0);
+    values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    crate::run::write_atomic(path, &out)
+}
+
+/// Self-influence of every training example of `run` under its fitted `method` (from the store's
+/// rows for the projected curvature), cached beside the curvature file in
+/// `RUN/curvature/METHOD.self.bin` (format in docs/FORMAT.md). A cache that is missing, corrupted
+/// or stale (the curvature was refitted, another store) is recomputed and rewritten. Returns the
+/// values, in training-data order, and whether they came from the cache.
+pub fn training_self_influence(
+    run: &Run,
+    objective: &Objective,
+    curvature: &Curvature,
+    method: Method,
+    store: Option<&crate::store::GradientStore>,
+) -> Result<(Vec<f64>, bool)> {
+    let curvature_file = crate::curvature::curvature_path(&run.dir, method);
+    let curvature_key = || -> Option<(u64, u32)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&curvature_file).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::End(-4)).ok()?;
+        let mut crc = [0u8; 4];
+        f.read_exact(&mut crc).ok()?;
+        Some((len, u32::from_le_bytes(crc)))
+    };
+    let projected = matches!(curvature.factors, Factors::Projected { .. });
+    let key = curvature_key().map(|(curvature_len, curvature_crc32)| SelfInfluenceKey {
+        curvature_len,
+        curvature_crc32,
+        store: if projected { store.map(|s| s.manifest.key.clone()) } else { None },
+        rows: objective.len(),
+    });
+    let cache = curvature_file.with_extension("self.bin");
+    if let Some(values) = key.as_ref().and_then(|k| read_cache(&cache, k)) {
+        return Ok((values, true));
+    }
+    let values = match (projected, store) {
+        (true, Some(store)) => store_self_influence(curvature, store)?,
+        _ => self_influence(objective, curvature, &objective.data)?,
+    };
+    if let Some(k) = &key {
+        write_cache(&cache, k, &values)?;
+    }
+    Ok((values, false))
+}
+
 /// Runs an audit.
 pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
     let run = Run::open(&options.run)?;
     let objective = crate::fit::objective(&run, options.backend)?;
     let curvature = crate::fit::load(&run, &objective, options.curvature)?;
     let reference = Dataset::load(&options.reference, Preprocessing::Reuse(&run.manifest))?;
-    let train_values = self_influence(&objective, &curvature, &objective.data)?;
+    let (train_values, _) = training_self_influence(&run, &objective, &curvature, options.curvature, None)?;
     let device = &objective.device;
     let predictions = crate::predict::predict(&objective.network, &objective.data, 1024, device);
     let n = train_values.len() as f64;

@@ -187,6 +187,9 @@ pub struct TraceReport {
     /// Seconds spent on the training examples' self-influence (RelatIF).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub self_influence_seconds: Option<f64>,
+    /// Whether the self-influence came from its cache (`RUN/curvature/METHOD.self.bin`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub self_influence_cached: Option<bool>,
     /// With several queries: the ranking by the sum of their scores (one extra query, since the
     /// score is linear in the query): "which examples caused all of these?".
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -297,14 +300,14 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         };
     let n = objective.len();
     let mut self_influence_seconds = None;
+    let mut self_influence_cached = None;
     let (scale, weights) = match options.score {
         ScoreMode::Raw => (1.0 / n as f64, None),
         ScoreMode::Relatif => {
             let started = std::time::Instant::now();
-            let own = match &curvature.factors {
-                crate::curvature::Factors::Projected { .. } => crate::audit::store_self_influence(&curvature, &store)?,
-                _ => crate::audit::self_influence(&objective, &curvature, &objective.data)?,
-            };
+            let (own, cached) =
+                crate::audit::training_self_influence(&run, &objective, &curvature, options.curvature, Some(&store))?;
+            self_influence_cached = Some(cached);
             self_influence_seconds = Some(started.elapsed().as_secs_f64());
             (1.0, Some(own.iter().map(|v| if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 }).collect::<Vec<f64>>()))
         }
@@ -422,6 +425,7 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
         part: options.part.map(|(i, n)| [i, n]),
         score_mode: options.score,
         self_influence_seconds,
+        self_influence_cached,
         combined,
         query_source: Some(QuerySource {
             path: options.data.path.clone(),

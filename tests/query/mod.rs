@@ -193,6 +193,43 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let combined = report.combined.as_ref().expect("two queries");
     let top: Vec<usize> = combined.proponents.iter().take(5).map(|i| i.train_index).collect();
     assert_eq!(top, order[..5].to_vec());
+    // The training examples' self-influence is cached beside the curvature: the next trace reads
+    // it back, a corrupted cache is recomputed, and a refitted curvature is never served stale.
+    assert_eq!(report.self_influence_cached, Some(false));
+    let again = |run: &Path| {
+        trace(&TraceOptions {
+            measurement: Measurement::Loss(Target::Class(3)),
+            keep_all: true,
+            score: culprit::query::ScoreMode::Relatif,
+            ..TraceOptions::new(
+                run.to_path_buf(),
+                DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+                indices.clone(),
+                Method::Exact,
+            )
+        })
+        .unwrap()
+    };
+    let cached = again(&run);
+    assert_eq!(cached.self_influence_cached, Some(true));
+    assert_eq!(cached.all_scores, report.all_scores);
+    let cache = run.join("curvature/exact.self.bin");
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&cache, bytes).unwrap();
+    let recomputed = again(&run);
+    assert_eq!(recomputed.self_influence_cached, Some(false));
+    assert_eq!(recomputed.all_scores, report.all_scores);
+    culprit::fit::fit(
+        &run,
+        &FitOptions { method: Method::Exact, damping: 0.5, ..FitOptions::default() },
+        Backend::default(),
+    )
+    .unwrap();
+    let refitted = again(&run);
+    assert_eq!(refitted.self_influence_cached, Some(false));
+    assert_ne!(refitted.all_scores, report.all_scores);
 }
 
 fn pearson(a: &[f64], b: &[f64]) -> f64 {
