@@ -174,7 +174,8 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
         ),
     )?;
     let html = dir.join("report.html");
-    crate::run::write_atomic(&html, crate::report::trace_html(&report, &queries, &training).as_bytes())?;
+    let marks = crate::report::Marks { ids: poison.poisoned.iter().copied().collect(), label: "planted poison".into() };
+    crate::run::write_atomic(&html, crate::report::trace_html_marked(&report, &queries, &training, &marks).as_bytes())?;
     let trace_json = dir.join("trace.json");
     crate::run::write_atomic(&trace_json, &serde_json::to_vec_pretty(&report).expect("plain data"))?;
     say(out, format!("   report with the images: {}", html.display()))?;

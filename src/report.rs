@@ -106,13 +106,25 @@ fn example_html(data: &Dataset, row: usize, highlight: &HashSet<String>) -> Stri
     }
 }
 
-fn card(data: &Dataset, influence: &Influence, rank: usize, highlight: &HashSet<String>) -> String {
+/// Training examples to flag in a report (known ground truth, such as planted poisons).
+#[derive(Clone, Debug, Default)]
+pub struct Marks {
+    /// Their ids.
+    pub ids: HashSet<usize>,
+    /// What they are, e.g. "planted poison".
+    pub label: String,
+}
+
+fn card(data: &Dataset, influence: &Influence, rank: usize, highlight: &HashSet<String>, marks: &Marks) -> String {
     let row = data.ids.iter().position(|&id| id == influence.train_index).expect("a training example");
+    let marked = marks.ids.contains(&influence.train_index);
     format!(
-        "<figure class=\"card\">{}<figcaption>#{rank} · train {} · label {}<br><b>{:+.3e}</b></figcaption></figure>",
+        "<figure class=\"card{}\">{}<figcaption>#{rank} · train {} · label {}{}<br><b>{:+.3e}</b></figcaption></figure>",
+        if marked { " marked" } else { "" },
         example_html(data, row, highlight),
         influence.train_index,
         influence.label,
+        if marked { format!("<br><span class=\"mark\">{}</span>", escape(&marks.label)) } else { String::new() },
         influence.score
     )
 }
@@ -123,6 +135,12 @@ pub const SHOWN_PER_QUERY: usize = 12;
 /// The whole report. `queries` holds the query examples in report order; `training` the run's
 /// training data.
 pub fn trace_html(report: &TraceReport, queries: &Dataset, training: &Dataset) -> String {
+    trace_html_marked(report, queries, training, &Marks::default())
+}
+
+/// [`trace_html`] with some training examples flagged (a badge and a coloured frame), and how many
+/// of each listed ranking's examples are flagged.
+pub fn trace_html_marked(report: &TraceReport, queries: &Dataset, training: &Dataset, marks: &Marks) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -130,7 +148,7 @@ pub fn trace_html(report: &TraceReport, queries: &Dataset, training: &Dataset) -
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}}
 h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccc}} h3{{font-size:1em}}
 .grid{{display:flex;flex-wrap:wrap;gap:10px}} .card{{margin:0;padding:6px;border:1px solid #ddd;border-radius:6px;background:#fafafa;max-width:320px}}
-.card figcaption{{font-size:.8em;margin-top:4px}} .pro .card{{border-color:#2a7}} .opp .card{{border-color:#c44}}
+.card figcaption{{font-size:.8em;margin-top:4px}} .card.marked{{background:#fff1e6;outline:3px solid #e8590c}} .mark{{color:#c2410c;font-weight:600}} .pro .card{{border-color:#2a7}} .opp .card{{border-color:#c44}}
 img.px{{image-rendering:pixelated;display:block}} pre.text{{white-space:pre-wrap;font-size:.75em;max-height:12em;overflow:auto;margin:0}}
 mark{{background:#ffe066}} .meta{{color:#555;font-size:.9em}} .query{{display:flex;gap:16px;align-items:flex-start}}
 </style></head><body><h1>culprit: which training examples made the model do this?</h1>
@@ -162,9 +180,15 @@ Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Prop
         }
         s.push_str("</div>");
         for (title, class, list) in [("Top proponents", "pro", &c.proponents), ("Top opponents", "opp", &c.opponents)] {
-            let _ = write!(s, "<h3>{title}</h3><div class=\"grid {class}\">");
+            let flagged = list.iter().filter(|i| marks.ids.contains(&i.train_index)).count();
+            let note = if marks.ids.is_empty() {
+                String::new()
+            } else {
+                format!(" <span class=\"meta\">({flagged} of {} are {}s)</span>", list.len(), escape(&marks.label))
+            };
+            let _ = write!(s, "<h3>{title}{note}</h3><div class=\"grid {class}\">");
             for (r, influence) in list.iter().enumerate() {
-                s.push_str(&card(training, influence, r + 1, &HashSet::new()));
+                s.push_str(&card(training, influence, r + 1, &HashSet::new(), marks));
             }
             s.push_str("</div>");
         }
@@ -197,7 +221,7 @@ Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Prop
             let _ = write!(s, "<h3>{title}</h3><div class=\"grid {class}\">");
             let shown = if report.combined.is_some() { SHOWN_PER_QUERY } else { list.len() };
             for (r, influence) in list.iter().take(shown).enumerate() {
-                s.push_str(&card(training, influence, r + 1, &highlight));
+                s.push_str(&card(training, influence, r + 1, &highlight, marks));
             }
             s.push_str("</div>");
         }

@@ -110,6 +110,8 @@ fn the_demo_runs_end_to_end_on_the_embedded_data() {
     }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.matches("data:image/png;base64,").count() >= 2 * (1 + 8));
+    // The demo knows its ground truth and marks the planted poisons in the report.
+    assert!(html.contains("planted poison"), "the report marks the planted poisons");
     // A second run into the same directory is refused, not overwritten.
     assert_eq!(culprit(&["demo", "--out", s(&out)]).status.code(), Some(2));
 }
