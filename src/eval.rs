@@ -157,11 +157,9 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
 }
 
 /// Measurement values of the queries under `network` (targets fixed by the original trace).
-fn measure(network: &Network, queries: &Dataset, rows: &[usize], report: &TraceReport) -> Vec<f64> {
-    let dim = queries.dim();
-    let features: Vec<f32> = rows.iter().flat_map(|&r| queries.features[r * dim..(r + 1) * dim].to_vec()).collect();
+pub fn measure(network: &Network, queries: &Dataset, report: &TraceReport) -> Vec<f64> {
     let targets: Vec<u32> = report.queries.iter().map(|q| q.target).collect();
-    let x = culprit_models::network::input_batch(&features, dim, &network.device(), network.dtype());
+    let x = culprit_models::network::input_batch(&queries.features, queries.dim(), &network.device(), network.dtype());
     crate::gradients::read_f32(report.measurement.values(network.forward(x), &targets))
         .into_iter()
         .map(f64::from)
@@ -200,12 +198,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
         traces.push((method, report, started.elapsed().as_secs_f64()));
     }
     let row_of: std::collections::HashMap<usize, usize> = data.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
-    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?;
-    let rows: Vec<usize> = options
-        .indices
-        .iter()
-        .map(|i| queries.ids.iter().position(|id| id == i).expect("the trace found every query"))
-        .collect();
+    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?.select(&options.indices)?;
     let reference = &traces[0].1;
     let model = &run.config.model;
     let training = culprit_models::TrainConfig { tolerance: options.tolerance, ..run.config.training.clone() };
@@ -250,14 +243,14 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
             }
             let (base, _) = refine(data, n, &run.theta, &mut silent)?;
             let theta0 = base.to_flat();
-            let m0 = measure(&base, &queries, &rows, reference);
-            let mut actual = vec![Vec::with_capacity(removed.len()); rows.len()];
+            let m0 = measure(&base, &queries, reference);
+            let mut actual = vec![Vec::with_capacity(removed.len()); queries.len()];
             bar.begin("leave-one-out", removed.len() as u64);
             for (r, &id) in removed.iter().enumerate() {
                 let mut d = data.clone();
                 d.exclude(&[id])?;
                 let (net, _) = refine(&d, n, &theta0, &mut silent)?;
-                for (k, v) in measure(&net, &queries, &rows, reference).into_iter().enumerate() {
+                for (k, v) in measure(&net, &queries, reference).into_iter().enumerate() {
                     actual[k].push(v - m0[k]);
                 }
                 bar.advance(r as u64 + 1, &format!("removed {id}"));
@@ -278,7 +271,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
                 return Err(Error::Usage("LDS needs --subsets ≥ 3 and --fraction in (0, 1)".into()));
             }
             let keep = ((n as f64) * fraction).round() as usize;
-            let mut actual = vec![Vec::with_capacity(*subsets); rows.len()];
+            let mut actual = vec![Vec::with_capacity(*subsets); queries.len()];
             let mut left_out: Vec<Vec<usize>> = Vec::with_capacity(*subsets);
             bar.begin("subsets", *subsets as u64);
             for s in 0..*subsets {
@@ -292,7 +285,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
                 } else {
                     culprit_models::train::train(model, &run.config.training, d.examples(), &device, &mut silent)?.0
                 };
-                for (k, v) in measure(&net, &queries, &rows, reference).into_iter().enumerate() {
+                for (k, v) in measure(&net, &queries, reference).into_iter().enumerate() {
                     actual[k].push(v);
                 }
                 left_out.push(out_rows);

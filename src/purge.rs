@@ -192,24 +192,17 @@ fn evaluate(
     if let Some(t) = trace
         && let Some(source) = &t.query_source
     {
-        let data = Dataset::load(&source.spec(), Preprocessing::Reuse(&run.manifest))?;
+        let ids: Vec<usize> = t.queries.iter().map(|q| q.index).collect();
+        let data = Dataset::load(&source.spec(), Preprocessing::Reuse(&run.manifest))?.select(&ids)?;
         let predictions = predict(&network, &data, 1024, &device);
-        for q in &t.queries {
-            let Some(row) = data.ids.iter().position(|&id| id == q.index) else { continue };
-            let p = &predictions[row];
-            let logits = network.forward(culprit_models::network::input_batch(
-                &data.features[row * data.dim()..(row + 1) * data.dim()],
-                data.dim(),
-                &device,
-                network.dtype(),
-            ));
-            let value = crate::gradients::read_f32(t.measurement.values(logits, &[q.target]))[0];
+        let values = crate::eval::measure(&network, &data, t);
+        for ((q, p), value) in t.queries.iter().zip(&predictions).zip(values) {
             queries.push(QueryOutcome {
                 index: q.index,
                 label: p.label,
                 predicted: p.predicted,
                 target_probability: p.probabilities[q.target as usize],
-                measurement: f64::from(value),
+                measurement: value,
             });
         }
     }

@@ -232,47 +232,20 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
     let (store, spec) = open_store(&run, options.store.clone())?;
     let objective = crate::fit::objective(&run, options.backend)?;
     let curvature = crate::fit::load(&run, &objective, options.curvature)?;
-    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?;
-    let mut rows = Vec::with_capacity(options.indices.len());
-    for &index in &options.indices {
-        let row = queries.ids.iter().position(|&id| id == index).ok_or_else(|| {
-            Error::data(
-                &options.data.path,
-                None,
-                format!(
-                    "no example with index {index} in the selected rows ({}..{})",
-                    queries.ids[0],
-                    queries.ids[queries.len() - 1] + 1
-                ),
-            )
-        })?;
-        rows.push(row);
-    }
+    let subset = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?.select(&options.indices)?;
     let net = &objective.network;
     let classes = net.config().num_classes;
-    let dim = queries.dim();
-    let mut features = Vec::with_capacity(rows.len() * dim);
-    let mut labels = Vec::with_capacity(rows.len());
-    for &r in &rows {
-        features.extend_from_slice(&queries.features[r * dim..(r + 1) * dim]);
-        labels.push(queries.labels[r]);
-    }
-    let subset = Dataset {
-        features: features.clone(),
-        labels: labels.clone(),
-        ids: options.indices.clone(),
-        texts: queries.texts.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
-        manifest: queries.manifest.clone(),
-    };
+    let dim = subset.dim();
+    let (features, labels) = (&subset.features, &subset.labels);
     let predictions = crate::predict::predict(net, &subset, 256, &objective.device);
     let predicted: Vec<u32> = predictions.iter().map(|p| p.predicted).collect();
-    let targets = options.measurement.targets(&labels, &predicted, classes)?;
-    let blocks = per_example_gradients(net, &features, &targets, options.measurement, &objective.device);
+    let targets = options.measurement.targets(labels, &predicted, classes)?;
+    let blocks = per_example_gradients(net, features, &targets, options.measurement, &objective.device);
     let grads = crate::gradients::gradient_rows_f64(&blocks);
     let d = net.num_params();
     let q: Vec<Vec<f64>> = grads.chunks(d).map(<[f64]>::to_vec).collect();
     let values = crate::gradients::read_f32(options.measurement.values(
-        net.forward(culprit_models::network::input_batch(&features, dim, &objective.device, net.dtype())),
+        net.forward(culprit_models::network::input_batch(features, dim, &objective.device, net.dtype())),
         &targets,
     ));
     let projector = Projector::new(spec, store.manifest.key.seed, net, &objective.device)?;

@@ -360,6 +360,35 @@ impl Dataset {
         self.labels.len()
     }
 
+    /// The examples with these ids (source rows), in the order given; an id that is not among the
+    /// selected rows is an error naming the file and the rows it holds. Cost O(len + ids).
+    pub fn select(&self, ids: &[usize]) -> Result<Dataset> {
+        let row_of: std::collections::HashMap<usize, usize> =
+            self.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+        let dim = self.dim();
+        let mut rows = Vec::with_capacity(ids.len());
+        for &id in ids {
+            rows.push(*row_of.get(&id).ok_or_else(|| {
+                Error::data(
+                    &self.manifest.path,
+                    None,
+                    format!(
+                        "no example with index {id} in the selected rows ({}..{})",
+                        self.ids.first().copied().unwrap_or(0),
+                        self.ids.last().map_or(0, |l| l + 1)
+                    ),
+                )
+            })?);
+        }
+        Ok(Dataset {
+            features: rows.iter().flat_map(|&r| self.features[r * dim..(r + 1) * dim].iter().copied()).collect(),
+            labels: rows.iter().map(|&r| self.labels[r]).collect(),
+            ids: ids.to_vec(),
+            texts: self.texts.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
+            manifest: self.manifest.clone(),
+        })
+    }
+
     /// Leaves out the examples with these ids (source rows) and records them in the manifest.
     /// Every id must be one of the selected examples. Cost O(len + ids).
     pub fn exclude(&mut self, ids: &[usize]) -> Result<()> {
