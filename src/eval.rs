@@ -220,7 +220,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
             None => g.to_vec(),
         }
     };
-    let preconditioner: Option<&dyn Fn(&[f64]) -> Vec<f64>> = exact.is_some().then_some(&precondition);
+    let preconditioner: Option<culprit_models::lbfgs::Preconditioner<'_>> = exact.is_some().then_some(&precondition);
     let refine = |d: &Dataset, scale: usize, start: &[f64], p: &mut dyn Progress| {
         culprit_models::train::refine(model, &training, d.examples(), scale, &device, start, preconditioner, p)
     };

@@ -18,6 +18,9 @@ use std::collections::VecDeque;
 
 use crate::ModelError;
 
+/// An approximate inverse Hessian, v ↦ H⁻¹v, used as L-BFGS's initial matrix.
+pub type Preconditioner<'a> = &'a dyn Fn(&[f64]) -> Vec<f64>;
+
 /// Parameters of the minimiser.
 #[derive(Clone, Debug)]
 pub struct Lbfgs {
@@ -76,7 +79,7 @@ impl Lbfgs {
         &self,
         x0: Vec<f64>,
         mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>), ModelError>,
-        precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
+        precondition: Option<Preconditioner<'_>>,
         mut on_iteration: impl FnMut(usize, f64, f64),
     ) -> Result<LbfgsResult, ModelError> {
         let mut x = x0;

@@ -300,7 +300,7 @@ pub fn refine(
     scale: usize,
     device: &Device,
     start: &[f64],
-    precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
+    precondition: Option<crate::lbfgs::Preconditioner<'_>>,
     progress: &mut dyn Progress,
 ) -> Result<(Network, TrainReport), ModelError> {
     if data.is_empty() {
@@ -320,7 +320,7 @@ fn train_full_batch(
     scale: usize,
     device: &Device,
     start: &[f64],
-    precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
+    precondition: Option<crate::lbfgs::Preconditioner<'_>>,
     progress: &mut dyn Progress,
 ) -> Result<(Network, usize), ModelError> {
     let lbfgs = Lbfgs { tolerance: train.tolerance, max_iterations: train.max_iterations, ..Lbfgs::default() };
