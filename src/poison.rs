@@ -281,6 +281,9 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
         ));
     }
     let classes = train.labels.iter().chain(&clean.labels).max().map_or(0, |m| *m as usize + 1);
+    if classes < 2 {
+        return Err(Error::data(&options.train.path, None, "the selected rows hold a single class"));
+    }
     if options.target as usize >= classes {
         return Err(Error::Usage(format!("--target {} is not one of the data's {classes} classes", options.target)));
     }
@@ -307,7 +310,15 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
     }
     let mut rest: Vec<usize> = (0..train.rows).filter(|r| poisoned.binary_search(r).is_err()).collect();
     rest.shuffle(&mut rng);
-    let mut flipped: Vec<usize> = rest[..(options.label_noise * train.rows as f64).round() as usize].to_vec();
+    let flips = (options.label_noise * train.rows as f64).round() as usize;
+    if flips > rest.len() {
+        return Err(Error::Usage(format!(
+            "--label-noise {} asks for {flips} flipped labels but only {} examples are not poisoned",
+            options.label_noise,
+            rest.len()
+        )));
+    }
+    let mut flipped: Vec<usize> = rest[..flips].to_vec();
     flipped.sort_unstable();
     for &r in &flipped {
         let y = train.labels[r];

@@ -88,6 +88,18 @@ fn poisoning_a_csv_stamps_exactly_the_reported_examples() {
     assert!(again("patch:0,0,2", 1, out.clone()).unwrap_err().to_string().contains("already exists"));
     assert!(again("patch:7,7,2", 1, dir.path().join("q")).unwrap_err().to_string().contains("does not fit"));
     assert!(again("patch:0,0,2", 10, dir.path().join("q")).unwrap_err().to_string().contains("not one of"));
+    let e = poison(&PoisonOptions {
+        train: spec(&digits_csv(), 0, Some(100)),
+        test: spec(&digits_csv(), 100, Some(10)),
+        out: dir.path().join("q"),
+        trigger: Trigger::parse("patch:0,0,2").unwrap(),
+        target: 1,
+        rate: 0.5,
+        label_noise: 0.6,
+        seed: 0,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--label-noise"), "{e}");
     assert!(!dir.path().join("q").exists(), "nothing is left behind by a refused poisoning");
     assert!(Trigger::parse("patch:1,2").is_err() && Trigger::parse("blob:1").is_err());
 }
