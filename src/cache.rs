@@ -70,6 +70,15 @@ impl CacheOptions {
     }
 }
 
+/// The exact projection that stores least for a model: per-layer factors when every layer is
+/// dense (the same scores as full gradients, in + out values per layer instead of in·out), full
+/// gradients otherwise (a convolution's gradient is not one outer product). `culprit cache
+/// --project auto`, the default.
+pub fn exact_projection(model: &culprit_models::ModelConfig) -> Result<ProjectionSpec> {
+    let dense = model.layers()?.iter().all(|l| matches!(l.kind, culprit_models::LayerKind::Dense { .. }));
+    Ok(if dense { ProjectionSpec::Factors { k_in: usize::MAX, k_out: usize::MAX } } else { ProjectionSpec::None })
+}
+
 /// What a cache run did.
 #[derive(Clone, Debug)]
 pub struct CacheReport {

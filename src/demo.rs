@@ -111,13 +111,26 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
             100.0 * asr(&on_triggered)
         ),
     )?;
-    say(out, "3. Cache every training example's loss gradient (checksummed store):")?;
+    say(
+        out,
+        "3. Cache every training example's loss gradient, exactly, as its per-layer factors (checksummed store):",
+    )?;
     let cache = crate::cache::build(&crate::cache::CacheOptions {
+        projection: crate::cache::exact_projection(&run.config.model)?,
         backend: options.backend,
         quiet: options.quiet,
         ..crate::cache::CacheOptions::new(run.dir.clone())
     })?;
-    say(out, format!("   {} rows of {} values in {:.2} s", cache.rows_computed, cache.row_len, cache.seconds))?;
+    say(
+        out,
+        format!(
+            "   {} rows of {} values (the gradients have {}) in {:.2} s",
+            cache.rows_computed,
+            cache.row_len,
+            network.num_params(),
+            cache.seconds
+        ),
+    )?;
     say(out, "4. Fit the exact inverse Hessian (closed form, Cholesky):")?;
     let fit = crate::fit::fit(&run.dir, &FitOptions { method: Method::Exact, ..Default::default() }, options.backend)?;
     say(out, format!("   fitted in {:.2} s; a solve takes {:.1} ms", fit.fit_seconds, 1e3 * fit.solve_seconds))?;

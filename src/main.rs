@@ -135,9 +135,10 @@ enum Command {
         /// Run directory.
         #[arg(long)]
         run: PathBuf,
-        /// Projection: none (exact), jl:K (dense Gaussian JL), jl:K:rademacher, kron:KINxKOUT (per layer),
-        /// factors[:KINxKOUT] (per layer, the two factors stored, scored without forming the gradient).
-        #[arg(long, default_value = "none")]
+        /// Projection: auto (exact: per-layer factors for all-dense models, else none), none (exact
+        /// gradients), factors[:KINxKOUT] (per layer, the two factors stored, scored without forming
+        /// the gradient), kron:KINxKOUT (per layer), jl:K (dense Gaussian JL), jl:K:rademacher.
+        #[arg(long, default_value = "auto")]
         project: String,
         /// Seed of the projection matrices.
         #[arg(long, default_value_t = 0)]
@@ -475,10 +476,14 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Cache { run, project, seed, dtype, batch, shard, rows_per_shard, store } => {
+            let projection = match project.as_str() {
+                "auto" => culprit::cache::exact_projection(&Run::open(&run)?.config.model)?,
+                other => culprit::gradients::projection::ProjectionSpec::parse(other)?,
+            };
             let options = culprit::cache::CacheOptions {
                 run,
                 store,
-                projection: culprit::gradients::projection::ProjectionSpec::parse(&project)?,
+                projection,
                 seed,
                 dtype: culprit::store::Dtype::parse(&dtype)?,
                 batch,

@@ -554,4 +554,9 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     let spec = ProjectionSpec::parse("factors:8x8").unwrap();
     let e = culprit::gradients::projection::Projector::new(spec, 0, &net, &device).err().expect("refused");
     assert!(e.to_string().contains("convolution") && e.to_string().contains("kron"), "{e}");
+    // `--project auto` (the CLI default) stores exact factors for all-dense models, full gradients
+    // for models with convolutions.
+    assert_eq!(culprit::cache::exact_projection(&config).unwrap(), ProjectionSpec::None);
+    let mlp = culprit::run::Run::open(&run).unwrap();
+    assert_eq!(culprit::cache::exact_projection(&mlp.config.model).unwrap(), ProjectionSpec::parse("factors").unwrap());
 }

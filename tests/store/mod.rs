@@ -81,6 +81,8 @@ fn store_rows_are_the_per_example_gradients_in_every_dtype() {
             "32",
             "--rows-per-shard",
             "40",
+            "--project",
+            "none",
         ]);
         let g = GradientStore::open(&store, &store_key(&run, ProjectionSpec::None, 0).unwrap()).unwrap();
         assert_eq!((g.rows(), g.row_len(), g.shards.len()), (150, p, 4));
@@ -160,7 +162,7 @@ fn corrupted_truncated_incomplete_and_stale_stores_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = train(dir.path(), "run", "logreg", "200");
     let store = dir.path().join("store");
-    let base = ["cache", "--run", s(&run_dir), "--store", s(&store), "--rows-per-shard", "50"];
+    let base = ["cache", "--run", s(&run_dir), "--store", s(&store), "--rows-per-shard", "50", "--project", "none"];
     ok(&base);
     let run = Run::open(&run_dir).unwrap();
     let key = store_key(&run, ProjectionSpec::None, 0).unwrap();
@@ -198,7 +200,7 @@ fn corrupted_truncated_incomplete_and_stale_stores_are_refused_by_name() {
 
     // Stale: a retrained model (other weights).
     let other = train(dir.path(), "other", "logreg", "210");
-    let e = err(&["cache", "--run", s(&other), "--store", s(&store), "--rows-per-shard", "50"]);
+    let e = err(&["cache", "--run", s(&other), "--store", s(&store), "--rows-per-shard", "50", "--project", "none"]);
     assert!(e.contains("stale") && e.contains("model") && e.contains("data set"), "{e}");
 
     // Stale: same weights, another data manifest.
