@@ -31,11 +31,6 @@ pub trait LinearOperator: Sync {
     fn dim(&self) -> usize;
     /// out = A v.
     fn apply(&self, v: &[f64]) -> Vec<f64>;
-    /// A vⱼ for each vⱼ; operators that can share work across vectors override this (one pass
-    /// over the data for all of them).
-    fn apply_many(&self, vs: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        vs.iter().map(|v| self.apply(v)).collect()
-    }
 }
 
 /// A + δI.
@@ -54,13 +49,6 @@ impl<A: LinearOperator + ?Sized> LinearOperator for Damped<'_, A> {
         let mut out = self.inner.apply(v);
         out.iter_mut().zip(v).for_each(|(o, x)| *o += self.damping * x);
         out
-    }
-    fn apply_many(&self, vs: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        let mut outs = self.inner.apply_many(vs);
-        for (out, v) in outs.iter_mut().zip(vs) {
-            out.iter_mut().zip(v).for_each(|(o, x)| *o += self.damping * x);
-        }
-        outs
     }
 }
 
@@ -255,143 +243,90 @@ impl<'a> GaussNewton<'a> {
             features.extend_from_slice(&self.objective.data.features[r * dim..(r + 1) * dim]);
         }
         let f = self.chunk_factors(&features);
-        let v = [v.to_vec()];
-        let v_layers = self.split(&v);
-        let mut out = vec![v[0].iter().map(|x| self.objective.l2 * x).collect::<Vec<f64>>()];
+        let v_layers = self.split(v);
+        let mut out: Vec<f64> = v.iter().map(|x| self.objective.l2 * x).collect();
         self.apply_chunk(&f, &v_layers, &mut out, 1.0 / rows.len() as f64);
-        out.remove(0)
+        out
     }
 
-    /// Vectors per pass so that the largest per-class intermediate, C × rows × k × out, stays
-    /// within about 256 MiB of f64.
-    fn group_size(&self) -> usize {
-        let net = &self.objective.network;
-        let classes = net.config().num_classes;
-        let widest = net
-            .layers()
-            .iter()
-            .map(|l| match l.kind {
-                LayerKind::Dense { outputs, .. } => outputs,
-                LayerKind::Conv2d { out_channels, height, width, .. } => out_channels * height * width,
-            })
-            .max()
-            .unwrap_or(1);
-        ((32usize << 20) / (classes * self.chunk * widest).max(1)).max(1)
-    }
-
-    /// Adds scale · Σ_{i ∈ chunk} Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ vⱼ to `outs[j]` for the k = `outs.len()`
-    /// directions in `v_layers` (each layer's k blocks side by side, see [`GaussNewton::split`]).
-    fn apply_chunk(
-        &self,
-        f: &ChunkFactors,
-        v_layers: &[(Tensor<2>, Option<Tensor<1>>)],
-        outs: &mut [Vec<f64>],
-        scale: f64,
-    ) {
+    fn apply_chunk(&self, f: &ChunkFactors, v_layers: &[(Tensor<2>, Option<Tensor<1>>)], out: &mut [f64], scale: f64) {
         let net = &self.objective.network;
         let classes = net.config().num_classes;
         let device = &self.objective.device;
         let b = f.rows;
-        let k = outs.len();
-        // Jv: [C, b, k] summed over layers.
-        let mut jv: Option<Tensor<3>> = None;
+        // Jv: [C, b] summed over layers.
+        let mut jv: Option<Tensor<2>> = None;
         for (layer, (vw, vb)) in f.layers.iter().zip(v_layers) {
-            let mut xv = layer.inputs.clone().matmul(vw.clone()); // [b·L, k·out]
+            let mut xv = layer.inputs.clone().matmul(vw.clone()); // [b·L, out]
             if let Some(bias) = vb {
-                let ko = bias.dims()[0];
-                xv = xv + bias.clone().reshape([1, ko]);
+                let o = bias.dims()[0];
+                xv = xv + bias.clone().reshape([1, o]);
             }
-            let [r, ko] = xv.dims();
-            let o = ko / k;
-            let grads = layer.logit_grads.clone().reshape([classes, r, 1, o]);
-            let per_row = (grads * xv.reshape([1, r, k, o])).sum_dim(3); // [C, b·L, k, 1]
-            let per_example = per_row.reshape([classes, b, layer.positions, k]).sum_dim(2).reshape([classes, b, k]);
+            let [r, o] = xv.dims();
+            let per_row = (layer.logit_grads.clone() * xv.reshape([1, r, o])).sum_dim(2); // [C, b·L, 1]
+            let per_example = per_row.reshape([classes, b, layer.positions]).sum_dim(2).reshape([classes, b]);
             jv = Some(match jv {
                 Some(j) => j + per_example,
                 None => per_example,
             });
         }
-        let jv = culprit_models::network::read_f64(jv.expect("a model has layers")); // [C, b, k]
-        // u = (diag p − p pᵀ) Jv · scale, laid out [C, b, k].
-        let at = |c: usize, i: usize, j: usize| (c * b + i) * k + j;
-        let mut u = vec![0.0; classes * b * k];
+        let jv = culprit_models::network::read_f64(jv.expect("a model has layers")); // [C, b]
+        // u = (diag p − p pᵀ) Jv · scale, laid out [C, b].
+        let mut u = vec![0.0; classes * b];
         for i in 0..b {
             let p = &f.probabilities[i * classes..(i + 1) * classes];
-            for j in 0..k {
-                let pj: f64 = (0..classes).map(|c| p[c] * jv[at(c, i, j)]).sum();
-                for c in 0..classes {
-                    u[at(c, i, j)] = p[c] * (jv[at(c, i, j)] - pj) * scale;
-                }
+            let pj: f64 = (0..classes).map(|c| p[c] * jv[c * b + i]).sum();
+            for c in 0..classes {
+                u[c * b + i] = p[c] * (jv[c * b + i] - pj) * scale;
             }
         }
-        let u = Tensor::<1>::from_data(TensorData::new(u, [classes * b * k]), (device, DType::F64))
-            .reshape([classes, b, 1, k]);
+        let u =
+            Tensor::<1>::from_data(TensorData::new(u, [classes * b]), (device, DType::F64)).reshape([classes, b, 1]);
         // Jᵀu: Δ = Σ_c u_c ∂z_c/∂out per row, then inputsᵀ Δ.
         let mut offset = 0;
         for (layer, spec) in f.layers.iter().zip(net.layers()) {
             let [_, r, o] = layer.logit_grads.dims();
-            let weights = u.clone().expand([classes, b, layer.positions, k]).reshape([classes, r, k, 1]);
-            let grads = layer.logit_grads.clone().reshape([classes, r, 1, o]);
-            let delta = (grads * weights).sum_dim(0).reshape([r, k * o]);
-            let gw = culprit_models::network::read_f64(layer.inputs.clone().transpose().matmul(delta.clone())); // [in, k·out]
-            let inputs = gw.len() / (k * o);
-            for (j, out) in outs.iter_mut().enumerate() {
-                for i in 0..inputs {
-                    for oo in 0..o {
-                        let x = gw[i * k * o + j * o + oo];
-                        // θ layout: dense [in, out]; convolution [out, C·k·k].
-                        let t = match spec.kind {
-                            LayerKind::Dense { .. } => i * o + oo,
-                            LayerKind::Conv2d { .. } => oo * inputs + i,
-                        };
-                        out[offset + t] += x;
-                    }
-                }
-            }
-            offset += inputs * o;
+            let weights = u.clone().expand([classes, b, layer.positions]).reshape([classes, r, 1]);
+            let delta = (layer.logit_grads.clone() * weights).sum_dim(0).reshape([r, o]);
+            let gw = layer.inputs.clone().transpose().matmul(delta.clone()); // [in, out]
+            let gw = match spec.kind {
+                LayerKind::Dense { .. } => gw,
+                LayerKind::Conv2d { .. } => gw.transpose(), // θ layout [out, C·k·k]
+            };
+            let w = culprit_models::network::read_f64(gw);
+            out[offset..offset + w.len()].iter_mut().zip(&w).for_each(|(a, x)| *a += x);
+            offset += w.len();
             if spec.bias_len() > 0 {
-                let bv = culprit_models::network::read_f64(delta.sum_dim(0)); // [k·out]
-                for (j, out) in outs.iter_mut().enumerate() {
-                    out[offset..offset + o].iter_mut().zip(&bv[j * o..(j + 1) * o]).for_each(|(a, x)| *a += x);
-                }
-                offset += o;
+                let bv = culprit_models::network::read_f64(delta.sum_dim(0));
+                out[offset..offset + bv.len()].iter_mut().zip(&bv).for_each(|(a, x)| *a += x);
+                offset += bv.len();
             }
         }
     }
 
-    /// Splits k directions by layer: per layer, the k weight blocks side by side as one
-    /// `[in, k·out]` tensor (conv: `[C·k·k, k·out]`) so that `inputs · V` is the change of the
-    /// layer's output for each direction, and the k biases as one `[k·out]` vector.
-    fn split(&self, vs: &[Vec<f64>]) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
+    /// Splits a direction by layer: weights as `[in, out]` tensors (conv: `[C·k·k, out]`) so that
+    /// `inputs · V` is the change of the layer's output, and biases as vectors.
+    fn split(&self, v: &[f64]) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
         let net = &self.objective.network;
         let device = &self.objective.device;
-        let k = vs.len();
         let mut v_layers = Vec::new();
         let mut offset = 0;
         for spec in net.layers() {
-            let (inputs, outputs) = match spec.kind {
-                LayerKind::Dense { inputs, outputs, .. } => (inputs, outputs),
-                LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => {
-                    (in_channels * kernel * kernel, out_channels)
-                }
-            };
-            let mut w = Vec::with_capacity(inputs * k * outputs);
-            for i in 0..inputs {
-                for v in vs {
-                    for o in 0..outputs {
-                        w.push(match spec.kind {
-                            LayerKind::Dense { .. } => v[offset + i * outputs + o],
-                            LayerKind::Conv2d { .. } => v[offset + o * inputs + i],
-                        });
-                    }
-                }
-            }
+            let w = &v[offset..offset + spec.weight_len()];
             offset += spec.weight_len();
-            let tw = Tensor::<2>::from_data(TensorData::new(w, [inputs, k * outputs]), (device, DType::F64));
+            let tw = match spec.kind {
+                LayerKind::Dense { inputs, outputs, .. } => {
+                    Tensor::<2>::from_data(TensorData::new(w.to_vec(), [inputs, outputs]), (device, DType::F64))
+                }
+                LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => Tensor::<2>::from_data(
+                    TensorData::new(w.to_vec(), [out_channels, in_channels * kernel * kernel]),
+                    (device, DType::F64),
+                )
+                .transpose(),
+            };
             let b = spec.bias_len();
             let tb = (b > 0).then(|| {
-                let bias: Vec<f64> = vs.iter().flat_map(|v| v[offset..offset + b].iter().copied()).collect();
-                Tensor::<1>::from_data(TensorData::new(bias, [k * b]), (device, DType::F64))
+                Tensor::<1>::from_data(TensorData::new(v[offset..offset + b].to_vec(), [b]), (device, DType::F64))
             });
             offset += b;
             v_layers.push((tw, tb));
@@ -416,24 +351,13 @@ impl LinearOperator for GaussNewton<'_> {
     }
 
     fn apply(&self, v: &[f64]) -> Vec<f64> {
-        self.apply_many(&[v.to_vec()]).remove(0)
-    }
-
-    /// All the products in one pass over the data per group of vectors (the chunks' factors are
-    /// read once per group): k products cost little more than one for small k.
-    fn apply_many(&self, vs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let v_layers = self.split(v);
         let scale = 1.0 / self.objective.len() as f64;
-        let mut results = Vec::with_capacity(vs.len());
-        for group in vs.chunks(self.group_size()) {
-            let v_layers = self.split(group);
-            let mut outs: Vec<Vec<f64>> =
-                group.iter().map(|v| v.iter().map(|x| self.objective.l2 * x).collect()).collect();
-            match &self.cache {
-                Some(chunks) => chunks.iter().for_each(|c| self.apply_chunk(c, &v_layers, &mut outs, scale)),
-                None => self.chunks().for_each(|c| self.apply_chunk(&c, &v_layers, &mut outs, scale)),
-            }
-            results.extend(outs);
+        let mut out: Vec<f64> = v.iter().map(|x| self.objective.l2 * x).collect();
+        match &self.cache {
+            Some(chunks) => chunks.iter().for_each(|c| self.apply_chunk(c, &v_layers, &mut out, scale)),
+            None => self.chunks().for_each(|c| self.apply_chunk(&c, &v_layers, &mut out, scale)),
         }
-        results
+        out
     }
 }
