@@ -13,7 +13,7 @@
 //! - **Linear datamodeling score** (Park et al. 2023, TRAK): M random subsets S of a fraction α of
 //!   the training set; a model trained on each (convex models: re-optimised from the full optimum,
 //!   which is exact since the optimum is unique; deep models: trained from scratch with the run's
-//!   configuration and seed). The predicted measurement of S is m + Σ_{i∉S} score(i); the LDS is
+//!   configuration, averaged over `seeds` seeds). The predicted measurement of S is m + Σ_{i∉S} score(i); the LDS is
 //!   the Spearman correlation over the subsets between predicted and actual, per query, averaged.
 //!
 //! Cost: M retrainings (each a few L-BFGS iterations from a warm start for LOO) plus one trace per
@@ -51,7 +51,16 @@ pub enum Experiment {
         subsets: usize,
         /// Share of the training set in each.
         fraction: f64,
+        /// Models trained per subset (deep models; seeds run, run + 1, …), their measurements
+        /// averaged: Park et al. average over seeds so that the "actual" value is the subset's
+        /// effect rather than one initialisation's. Convex models have one optimum: 1.
+        #[serde(default = "one")]
+        seeds: usize,
     },
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Options of `culprit eval`.
@@ -266,30 +275,42 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
             let count = removed.len();
             (removed, actual, predicted, count)
         }
-        Experiment::Lds { subsets, fraction } => {
-            if !(*fraction > 0.0 && *fraction < 1.0) || *subsets < 3 {
-                return Err(Error::Usage("LDS needs --subsets ≥ 3 and --fraction in (0, 1)".into()));
+        Experiment::Lds { subsets, fraction, seeds } => {
+            if !(*fraction > 0.0 && *fraction < 1.0) || *subsets < 3 || *seeds == 0 {
+                return Err(Error::Usage("LDS needs --subsets ≥ 3, --fraction in (0, 1) and --seeds ≥ 1".into()));
             }
+            let convex = run.config.training.optimizer == OptimizerKind::Lbfgs;
+            let seeds = if convex { 1 } else { *seeds };
             let keep = ((n as f64) * fraction).round() as usize;
             let mut actual = vec![Vec::with_capacity(*subsets); queries.len()];
             let mut left_out: Vec<Vec<usize>> = Vec::with_capacity(*subsets);
-            bar.begin("subsets", *subsets as u64);
+            bar.begin("trainings", (*subsets * seeds) as u64);
             for s in 0..*subsets {
                 let mut order: Vec<usize> = (0..n).collect();
                 order.shuffle(&mut rng);
                 let out_rows: Vec<usize> = order[keep..].to_vec();
                 let mut d = data.clone();
                 d.exclude(&out_rows.iter().map(|&r| data.ids[r]).collect::<Vec<_>>())?;
-                let net = if run.config.training.optimizer == OptimizerKind::Lbfgs {
-                    refine(&d, d.len(), &run.theta, &mut silent)?.0
-                } else {
-                    culprit_models::train::train(model, &run.config.training, d.examples(), &device, &mut silent)?.0
-                };
-                for (k, v) in measure(&net, &queries, reference).into_iter().enumerate() {
+                let mut mean = vec![0.0; queries.len()];
+                for t in 0..seeds {
+                    let net = if convex {
+                        refine(&d, d.len(), &run.theta, &mut silent)?.0
+                    } else {
+                        let config = culprit_models::TrainConfig {
+                            seed: run.config.training.seed + t as u64,
+                            ..run.config.training.clone()
+                        };
+                        culprit_models::train::train(model, &config, d.examples(), &device, &mut silent)?.0
+                    };
+                    for (m, v) in mean.iter_mut().zip(measure(&net, &queries, reference)) {
+                        *m += v / seeds as f64;
+                    }
+                    bar.advance((s * seeds + t) as u64 + 1, &format!("subset {}/{subsets}", s + 1));
+                }
+                for (k, v) in mean.into_iter().enumerate() {
                     actual[k].push(v);
                 }
                 left_out.push(out_rows);
-                bar.advance(s as u64 + 1, "");
             }
             bar.finish();
             let predicted: Vec<Vec<Vec<f64>>> = traces
@@ -303,7 +324,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
                         .collect()
                 })
                 .collect();
-            (Vec::new(), actual, predicted, *subsets)
+            (Vec::new(), actual, predicted, *subsets * seeds)
         }
     };
     let retrain_seconds = started.elapsed().as_secs_f64();
@@ -349,7 +370,9 @@ pub fn to_table(report: &EvalReport) -> String {
     let mut s = String::new();
     let what = match &report.experiment {
         Experiment::Loo { .. } => format!("leave-one-out: {} removals", report.retrains),
-        Experiment::Lds { subsets, fraction } => format!("LDS: {subsets} subsets of {:.0}%", 100.0 * fraction),
+        Experiment::Lds { subsets, fraction, seeds } => {
+            format!("LDS: {subsets} subsets of {:.0}% (models averaged per subset: {seeds})", 100.0 * fraction)
+        }
     };
     let _ = writeln!(
         s,

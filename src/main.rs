@@ -376,6 +376,9 @@ enum Command {
         /// lds: share of the training set in each subset.
         #[arg(long, default_value_t = 0.5)]
         fraction: f64,
+        /// lds, deep models: models trained per subset (seeds run, run + 1, …), measurements averaged.
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
         /// Retraining target ‖∇L‖ (L-BFGS).
         #[arg(long, default_value_t = 1e-9)]
         tolerance: f64,
@@ -755,6 +758,7 @@ fn execute(cli: Cli) -> Result<()> {
             remove,
             subsets,
             fraction,
+            seeds,
             tolerance,
             seed,
             format,
@@ -765,7 +769,7 @@ fn execute(cli: Cli) -> Result<()> {
             }
             let experiment = match experiment.as_str() {
                 "loo" => culprit::eval::Experiment::Loo { sample, remove },
-                "lds" => culprit::eval::Experiment::Lds { subsets, fraction },
+                "lds" => culprit::eval::Experiment::Lds { subsets, fraction, seeds },
                 other => return Err(Error::Usage(format!("unknown experiment `{other}` (expected loo or lds)"))),
             };
             let report = culprit::eval::evaluate(

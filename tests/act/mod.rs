@@ -383,7 +383,7 @@ fn linear_datamodeling_score_of_exact_influence_on_logistic_regression() {
             backend: Backend::default(),
             quiet: true,
         },
-        &Experiment::Lds { subsets: 16, fraction: 0.5 },
+        &Experiment::Lds { subsets: 16, fraction: 0.5, seeds: 1 },
     )
     .unwrap();
     assert_eq!(report.actual[0].len(), 16);
@@ -492,6 +492,40 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
         "clean accuracy {} vs {reference}",
         after.clean_accuracy[0].1
     );
+}
+
+/// LDS on a deep model trains every subset from scratch, `seeds` times, and averages.
+#[test]
+fn linear_datamodeling_score_of_a_deep_model_averages_over_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mlp");
+    let options = TrainOptions {
+        hidden: Some(vec![16]),
+        epochs: Some(3),
+        ..TrainOptions::new(spec(&digits_csv(), 0, Some(300)), Architecture::Mlp, run.clone())
+    };
+    train(&options).unwrap();
+    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone())).unwrap();
+    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
+        .unwrap();
+    let report = evaluate(
+        &EvalOptions {
+            run,
+            data: spec(&digits_csv(), 1297, None),
+            indices: vec![1300, 1400, 1500],
+            measurement: Measurement::Loss(Target::Label),
+            curvatures: vec![Method::Ekfac],
+            tolerance: 1e-9,
+            seed: 1,
+            backend: Backend::default(),
+            quiet: true,
+        },
+        &Experiment::Lds { subsets: 4, fraction: 0.5, seeds: 2 },
+    )
+    .unwrap();
+    assert_eq!(report.retrains, 8, "4 subsets × 2 seeds");
+    assert_eq!(report.actual[0].len(), 4);
+    assert!(report.methods[0].spearman.is_finite() && report.actual.iter().flatten().all(|v| v.is_finite()));
 }
 
 /// Leave-one-out needs a unique optimum to re-optimise to: deep models are pointed to LDS
