@@ -86,6 +86,24 @@ pub struct EvalOptions {
     pub quiet: bool,
 }
 
+impl EvalOptions {
+    /// Options with the defaults: the loss against the label, retraining to ‖∇L‖ < 1e-9, seed 0,
+    /// the default backend, no progress bar.
+    pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvatures: Vec<Method>) -> Self {
+        Self {
+            run,
+            data,
+            indices,
+            measurement: Measurement::Loss(crate::gradients::Target::Label),
+            curvatures,
+            tolerance: 1e-9,
+            seed: 0,
+            backend: Backend::default(),
+            quiet: true,
+        }
+    }
+}
+
 /// One curvature method's agreement with retraining.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MethodAgreement {

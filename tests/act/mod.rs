@@ -337,15 +337,8 @@ fn leave_one_out_retraining_reproduces_the_fixture() {
     queries.dedup();
     let report = evaluate(
         &EvalOptions {
-            run,
-            data: spec(&digits_csv(), 1297, None),
-            indices: queries.clone(),
-            measurement: Measurement::Loss(Target::Label),
-            curvatures: vec![Method::Exact, Method::Cg],
             tolerance: 1e-10,
-            seed: 0,
-            backend: Backend::default(),
-            quiet: true,
+            ..EvalOptions::new(run, spec(&digits_csv(), 1297, None), queries.clone(), vec![Method::Exact, Method::Cg])
         },
         &Experiment::Loo { sample: 0, remove: Some(removed.clone()) },
     )
@@ -373,15 +366,14 @@ fn linear_datamodeling_score_of_exact_influence_on_logistic_regression() {
     let run = digits_run(dir.path());
     let report = evaluate(
         &EvalOptions {
-            run,
-            data: spec(&digits_csv(), 1297, None),
-            indices: vec![1300, 1400, 1500, 1600, 1700],
-            measurement: Measurement::Loss(Target::Label),
-            curvatures: vec![Method::Exact],
             tolerance: 1e-8,
             seed: 5,
-            backend: Backend::default(),
-            quiet: true,
+            ..EvalOptions::new(
+                run,
+                spec(&digits_csv(), 1297, None),
+                vec![1300, 1400, 1500, 1600, 1700],
+                vec![Method::Exact],
+            )
         },
         &Experiment::Lds { subsets: 16, fraction: 0.5, seeds: 1 },
     )
@@ -510,15 +502,8 @@ fn linear_datamodeling_score_of_a_deep_model_averages_over_seeds() {
         .unwrap();
     let report = evaluate(
         &EvalOptions {
-            run,
-            data: spec(&digits_csv(), 1297, None),
-            indices: vec![1300, 1400, 1500],
-            measurement: Measurement::Loss(Target::Label),
-            curvatures: vec![Method::Ekfac],
-            tolerance: 1e-9,
             seed: 1,
-            backend: Backend::default(),
-            quiet: true,
+            ..EvalOptions::new(run, spec(&digits_csv(), 1297, None), vec![1300, 1400, 1500], vec![Method::Ekfac])
         },
         &Experiment::Lds { subsets: 4, fraction: 0.5, seeds: 2 },
     )
@@ -541,17 +526,7 @@ fn leave_one_out_on_a_deep_model_is_refused_with_a_pointer_to_lds() {
     };
     train(&options).unwrap();
     let e = evaluate(
-        &EvalOptions {
-            run,
-            data: spec(&digits_csv(), 1297, None),
-            indices: vec![1300],
-            measurement: Measurement::Loss(Target::Label),
-            curvatures: vec![Method::Ekfac],
-            tolerance: 1e-9,
-            seed: 0,
-            backend: Backend::default(),
-            quiet: true,
-        },
+        &EvalOptions::new(run, spec(&digits_csv(), 1297, None), vec![1300], vec![Method::Ekfac]),
         &Experiment::Loo { sample: 5, remove: None },
     )
     .unwrap_err();
