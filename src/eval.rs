@@ -142,6 +142,9 @@ pub struct EvalReport {
     pub retrain_seconds: f64,
     /// The fitted dense curvature that preconditioned re-optimisation, if any.
     pub retrain_preconditioner: Option<String>,
+    /// LOO: mean L-BFGS iterations per re-optimisation.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retrain_iterations: Option<f64>,
     /// Number of retrainings.
     pub retrains: usize,
 }
@@ -234,6 +237,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let mut bar = crate::progress::Bar::new(options.quiet);
     let started = std::time::Instant::now();
+    let mut retrain_iterations = None;
     // The run's exact inverse Hessian, when fitted, preconditions re-optimisation (a handful of
     // quasi-Newton steps instead of hundreds of L-BFGS ones); the optimum reached is the same.
     let exact = [Method::Exact, Method::Ggn]
@@ -269,6 +273,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
                 return Err(Error::Usage(format!("training id {bad} is not in the run's training data")));
             }
             let (base, _) = refine(data, n, &run.theta, &mut silent)?;
+            let mut iterations = 0usize;
             let theta0 = base.to_flat();
             let m0 = measure(&base, &queries, reference);
             let mut actual = vec![Vec::with_capacity(removed.len()); queries.len()];
@@ -276,7 +281,8 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
             for (r, &id) in removed.iter().enumerate() {
                 let mut d = data.clone();
                 d.exclude(&[id])?;
-                let (net, _) = refine(&d, n, &theta0, &mut silent)?;
+                let (net, report) = refine(&d, n, &theta0, &mut silent)?;
+                iterations += report.iterations;
                 for (k, v) in measure(&net, &queries, reference).into_iter().enumerate() {
                     actual[k].push(v - m0[k]);
                 }
@@ -291,6 +297,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
                 })
                 .collect();
             let count = removed.len();
+            retrain_iterations = Some(iterations as f64 / count.max(1) as f64);
             (removed, actual, predicted, count)
         }
         Experiment::Lds { subsets, fraction, seeds } => {
@@ -378,6 +385,7 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
         methods,
         retrain_seconds,
         retrain_preconditioner,
+        retrain_iterations,
         retrains,
     })
 }
@@ -399,11 +407,12 @@ pub fn to_table(report: &EvalReport) -> String {
         report.n,
         report.retrains,
         report.retrain_seconds,
-        report
-            .retrain_preconditioner
-            .as_ref()
-            .map(|m| format!(" (L-BFGS preconditioned by the {m} Hessian)"))
-            .unwrap_or_default()
+        match (&report.retrain_preconditioner, report.retrain_iterations) {
+            (Some(m), Some(i)) => format!(" (L-BFGS preconditioned by the {m} Hessian, {i:.1} iterations each)"),
+            (Some(m), None) => format!(" (L-BFGS preconditioned by the {m} Hessian)"),
+            (None, Some(i)) => format!(" ({i:.1} L-BFGS iterations each)"),
+            (None, None) => String::new(),
+        }
     );
     let _ = writeln!(s, "\n{:<10}  {:>8}  {:>8}  {:>9}", "curvature", "pearson", "spearman", "trace (s)");
     for m in &report.methods {
