@@ -56,7 +56,8 @@ fn per_example_gradients(c: &mut Criterion) {
     for backend in [Backend::Flex, Backend::NdArray] {
         let device = backend.autodiff_device();
         let net = Network::init(&mlp(), 0, &device, DType::F32).unwrap();
-        let specs: &[&str] = if backend == Backend::Flex { &["none", "jl:512", "kron:32x32"] } else { &["none"] };
+        let specs: &[&str] =
+            if backend == Backend::Flex { &["none", "factors", "jl:512", "kron:32x32"] } else { &["none"] };
         for spec in specs {
             let projector = Projector::new(ProjectionSpec::parse(spec).unwrap(), 0, &net, &device).unwrap();
             group.bench_function(BenchmarkId::new(format!("taps/{}", backend.name()), spec), |b| {
