@@ -49,6 +49,19 @@ impl DataArgs {
     }
 }
 
+/// The run and the test inputs a query is about (trace, eval).
+#[derive(clap::Args, Clone)]
+struct QueryArgs {
+    /// Run directory.
+    #[arg(long)]
+    run: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
+    #[arg(long, value_delimiter = ',', required = true)]
+    index: Vec<usize>,
+}
+
 /// How a report is written (trace, audit).
 #[derive(clap::Args, Clone)]
 struct ReportArgs {
@@ -203,14 +216,8 @@ enum Command {
     },
     /// Rank the training examples by their influence on chosen test outputs.
     Trace {
-        /// Run directory.
-        #[arg(long)]
-        run: PathBuf,
         #[command(flatten)]
-        data: DataArgs,
-        /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
-        #[arg(long, value_delimiter = ',', required = true)]
-        index: Vec<usize>,
+        query: QueryArgs,
         /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C,
         /// logit | logit:label | logit:C (raw logits; the best choice for backdoors).
         #[arg(long, default_value = "predicted")]
@@ -350,14 +357,9 @@ enum Command {
     Eval {
         /// loo or lds.
         experiment: String,
-        /// Run directory (with a gradient store and the fitted curvatures).
-        #[arg(long)]
-        run: PathBuf,
+        /// The run (with a gradient store and the fitted curvatures) and the test inputs.
         #[command(flatten)]
-        data: DataArgs,
-        /// Source row indices of the test inputs.
-        #[arg(long, value_delimiter = ',', required = true)]
-        index: Vec<usize>,
+        query: QueryArgs,
         /// Measurement (as in trace); default the loss against the label.
         #[arg(long, default_value = "label")]
         measure: String,
@@ -560,9 +562,7 @@ fn execute(cli: Cli) -> Result<()> {
             .map_err(Error::io(std::path::Path::new("<stdout>")))?;
         }
         Command::Trace {
-            run,
-            data,
-            index,
+            query: QueryArgs { run, data, index },
             measure,
             score,
             curvature,
@@ -749,9 +749,7 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Command::Eval {
             experiment,
-            run,
-            data,
-            index,
+            query: QueryArgs { run, data, index },
             measure,
             curvature,
             sample,

@@ -295,19 +295,22 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
     ]);
     assert!(table.contains("leave-one-out: 8 removals") && table.contains("exact"), "{table}");
     // Bad input: an attack directory the run was not trained on, an unknown experiment, bad ids.
-    let o = culprit(&[
-        "purge",
-        "--run",
-        s(&d("run")),
-        "--ids",
-        s(&trace),
-        "--top",
-        "5",
-        "--out",
-        s(&d("x")),
-        "--attack",
-        s(&d("p2")),
-    ]);
+    let purge_with_p2 = || {
+        culprit(&[
+            "purge",
+            "--run",
+            s(&d("run")),
+            "--ids",
+            s(&trace),
+            "--top",
+            "5",
+            "--out",
+            s(&d("x")),
+            "--attack",
+            s(&d("p2")),
+        ])
+    };
+    let o = purge_with_p2();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("poison.json"), "{}", stderr(&o));
     ok(&[
@@ -329,19 +332,7 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
         "--rate",
         "0.03",
     ]);
-    let o = culprit(&[
-        "purge",
-        "--run",
-        s(&d("run")),
-        "--ids",
-        s(&trace),
-        "--top",
-        "5",
-        "--out",
-        s(&d("x")),
-        "--attack",
-        s(&d("p2")),
-    ]);
+    let o = purge_with_p2();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("but the run was trained on"), "{}", stderr(&o));
     assert!(!d("x").exists());

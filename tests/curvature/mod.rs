@@ -21,15 +21,20 @@ fn digits(rows: usize) -> Dataset {
     .unwrap()
 }
 
-pub(crate) fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective {
-    let data = digits(rows);
-    let config = ModelConfig {
+/// A tanh model of `architecture` shaped for `data`.
+fn config(data: &Dataset, architecture: Architecture, hidden: Vec<usize>) -> ModelConfig {
+    ModelConfig {
         architecture,
         input: data.manifest.shape,
         num_classes: data.manifest.num_classes,
         hidden,
         activation: Activation::Tanh,
-    };
+    }
+}
+
+pub(crate) fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective {
+    let data = digits(rows);
+    let config = config(&data, architecture, hidden);
     let device = Backend::default().autodiff_device();
     let training =
         TrainConfig { l2, epochs: 30, batch_size: 32, learning_rate: 3e-3, ..TrainConfig::defaults_for(&config) };
@@ -326,13 +331,7 @@ fn ggn_products_equal_the_dense_ggn_for_every_layer_kind() {
     for (architecture, hidden) in
         [(Architecture::LogReg, vec![]), (Architecture::Mlp, vec![12]), (Architecture::Cnn, vec![8])]
     {
-        let config = ModelConfig {
-            architecture,
-            input: data.manifest.shape,
-            num_classes: data.manifest.num_classes,
-            hidden,
-            activation: Activation::Tanh,
-        };
+        let config = config(&data, architecture, hidden);
         let net = culprit_models::Network::init(&config, 3, &device, burn::tensor::DType::F64).unwrap();
         let o = Objective::new(&net, data.clone(), 1e-3, &device);
         let d = o.network.num_params();
