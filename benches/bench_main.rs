@@ -16,7 +16,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use culprit::gradients::projection::{ProjectionSpec, Projector};
 use culprit::gradients::{Measurement, layer_factors, per_example_loop};
 use culprit::store::{Dtype, GradientStore, StoreKey, StoreManifest, write_shard};
-use culprit_models::{Activation, Architecture, Backend, InputShape, ModelConfig, Network};
+use culprit_models::{Activation, Architecture, Backend, Features, InputShape, Model, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 256;
@@ -40,6 +40,7 @@ fn mlp() -> ModelConfig {
 
 fn per_example_gradients(c: &mut Criterion) {
     let (x, y) = mnist_like(BATCH);
+    let batch = Features::new(x, y.clone(), 784);
     let mut group = c.benchmark_group("per_example_gradients");
     group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -59,16 +60,16 @@ fn per_example_gradients(c: &mut Criterion) {
         let specs: &[&str] =
             if backend == Backend::Flex { &["none", "factors", "jl:512", "kron:32x32"] } else { &["none"] };
         for spec in specs {
-            let projector = Projector::new(ProjectionSpec::parse(spec).unwrap(), 0, &net, &device).unwrap();
+            let projector = Projector::new(ProjectionSpec::parse(spec).unwrap(), 0, net.layers(), &device).unwrap();
             group.bench_function(BenchmarkId::new(format!("taps/{}", backend.name()), spec), |b| {
                 b.iter(|| {
-                    let factors = layer_factors(&net, &x, &y, Measurement::TRAINING_LOSS, &device);
-                    projector.project_rows(&factors, &net)
+                    let factors = layer_factors(&net, &batch, &y, Measurement::TRAINING_LOSS);
+                    projector.project_rows(&factors)
                 })
             });
         }
         group.bench_function(BenchmarkId::new(format!("naive_loop/{}", backend.name()), "none"), |b| {
-            b.iter(|| per_example_loop(&net, &x, &y, Measurement::TRAINING_LOSS, &device))
+            b.iter(|| per_example_loop(&net, &batch, &y, Measurement::TRAINING_LOSS))
         });
     }
     group.finish();

@@ -5,37 +5,26 @@
 //! by their influence on that output, then helps act on the answer: purge and retrain, audit
 //! memorisation.
 //!
-//! The pipeline, and where each step lives:
+//! The crates and layers, each depending only on the ones below it (`docs/ARCHITECTURE.md`):
 //!
-//! | step | what | module |
+//! | layer | what | where |
 //! |---|---|---|
-//! | 0. data and models | loaders with stable example ids; reference models trained to a documented objective | [`data`], [`training`], [`run`], `culprit-models` |
-//! | 1. gradient cache | exact per-example gradients from layer taps, random projections, a checksummed sharded store | [`gradients`], [`store`], [`cache`] |
-//! | 2. curvature | inverse-Hessian-vector products: dense, CG, LiSSA, Arnoldi, K-FAC, EK-FAC | [`curvature`] |
-//! | 3. query | top proponents and opponents of an output, streamed against the store | [`query`], [`trace`] |
-//! | 4. act | plant a backdoor, purge and retrain, audit, check scores against actual retraining | [`poison`], [`purge`], [`audit`], [`eval`] |
+//! | commands | one module per CLI command (`train`, `cache`, `fit`, `trace`, `purge`, …) | [`commands`] |
+//! | reports | the trace report's schema, table and HTML page | [`report`] |
+//! | workspace | run directories: training, the store and curvature files of a run, traces | [`workspace`] |
+//! | data | loaders with stable example ids, preprocessing, poisoned-set manifests | [`data`] |
+//! | engine | per-example gradients, the gradient store, curvature, scoring (crate `culprit-engine`) | [`gradients`], [`store`], [`curvature`], [`query`], [`objective`] |
+//! | models | the `Model` trait, the reference models, their training (crate `culprit-models`) | [`culprit_models`] |
+//! | io | atomic files, locks, the one binary container (in `culprit-engine`) | [`io`] |
 //!
 //! The objective every score refers to is L(θ) = (1/n) Σᵢ CE(f(xᵢ; θ), yᵢ) + (λ/2)‖θ‖², biases
 //! included (see [`culprit_models::train`]).
 
-pub mod audit;
-pub mod cache;
-pub mod curvature;
+pub mod commands;
 pub mod data;
-pub mod demo;
-pub mod error;
-pub mod eval;
-pub mod fit;
-pub mod gradients;
-pub mod poison;
-pub mod predict;
 pub mod progress;
-pub mod purge;
-pub mod query;
 pub mod report;
-pub mod run;
-pub mod store;
-pub mod trace;
-pub mod training;
+pub mod workspace;
 
-pub use error::{Error, Result};
+pub use culprit_engine::{Error, Result};
+pub use culprit_engine::{curvature, error, gradients, io, objective, params, query, store};

@@ -4,6 +4,7 @@
 //! absent. Run them with `cargo test --release` (the README's test command).
 
 mod act;
+mod architecture;
 mod audit;
 mod cli;
 mod common;

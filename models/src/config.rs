@@ -9,12 +9,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::model::{TrackedLayer, WeightLayout};
 
 /// The reference architectures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     /// Multinomial logistic regression: logits = x W + b. Convex; trained to the optimum in f64.
+    #[value(name = "logreg")]
     LogReg,
     /// Multi-layer perceptron: `Dense → act → … → Dense`, hidden widths from [`ModelConfig::hidden`].
     Mlp,
@@ -27,17 +29,6 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    /// Parses the CLI name (`logreg`, `mlp`, `cnn`, `text`).
-    pub fn parse(name: &str) -> Result<Self, ModelError> {
-        match name {
-            "logreg" => Ok(Self::LogReg),
-            "mlp" => Ok(Self::Mlp),
-            "cnn" => Ok(Self::Cnn),
-            "text" => Ok(Self::Text),
-            other => Err(ModelError::Config(format!("unknown model `{other}` (expected logreg, mlp, cnn or text)"))),
-        }
-    }
-
     /// The CLI name.
     pub fn name(self) -> &'static str {
         match self {
@@ -65,27 +56,16 @@ impl Architecture {
 }
 
 /// Elementwise nonlinearity between layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
     /// max(0, x).
+    #[default]
     Relu,
     /// tanh(x).
     Tanh,
     /// x Φ(x) (exact, erf-based).
     Gelu,
-}
-
-impl Activation {
-    /// Parses the CLI name (`relu`, `tanh`, `gelu`).
-    pub fn parse(name: &str) -> Result<Self, ModelError> {
-        match name {
-            "relu" => Ok(Self::Relu),
-            "tanh" => Ok(Self::Tanh),
-            "gelu" => Ok(Self::Gelu),
-            other => Err(ModelError::Config(format!("unknown activation `{other}` (expected relu, tanh or gelu)"))),
-        }
-    }
 }
 
 /// Shape of one input example: `channels × height × width`. Flat (tabular, text) inputs are
@@ -310,5 +290,24 @@ impl ModelConfig {
     /// Total number of parameters.
     pub fn num_params(&self) -> Result<usize, ModelError> {
         Ok(self.layers()?.iter().map(LayerSpec::num_params).sum())
+    }
+
+    /// The layers as the engine tracks them (every trainable layer): dense layers at one
+    /// position with the weight `[inputs, outputs]`, convolutions at every output pixel with
+    /// inputs the unfolded `C·k·k` patches and the weight `[out_channels, C·k·k]`.
+    pub fn tracked_layers(&self) -> Result<Vec<TrackedLayer>, ModelError> {
+        let mut offset = 0;
+        let mut tracked = Vec::new();
+        for spec in self.layers()? {
+            let (inputs, outputs, bias, positions, layout) = match spec.kind {
+                LayerKind::Dense { inputs, outputs, bias } => (inputs, outputs, bias, 1, WeightLayout::InputMajor),
+                LayerKind::Conv2d { in_channels, out_channels, kernel, height, width, .. } => {
+                    (in_channels * kernel * kernel, out_channels, true, height * width, WeightLayout::OutputMajor)
+                }
+            };
+            tracked.push(TrackedLayer { name: spec.name.clone(), inputs, outputs, bias, positions, layout, offset });
+            offset += spec.num_params();
+        }
+        Ok(tracked)
     }
 }

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 
 use crate::ModelError;
 
-/// A compute backend.
+/// A compute backend (`--backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
     /// burn's pure-Rust CPU backend (the default: the faster CPU backend, see benches/).
@@ -22,9 +22,11 @@ pub enum Backend {
     Wgpu,
 }
 
-impl Backend {
+impl std::str::FromStr for Backend {
+    type Err = ModelError;
+
     /// Parses the CLI name (`flex`, `ndarray`, `wgpu`).
-    pub fn parse(name: &str) -> Result<Self, ModelError> {
+    fn from_str(name: &str) -> Result<Self, ModelError> {
         match name {
             "flex" => Ok(Self::Flex),
             "ndarray" => Ok(Self::NdArray),
@@ -35,7 +37,15 @@ impl Backend {
             other => Err(ModelError::Config(format!("unknown backend `{other}` (expected flex, ndarray or wgpu)"))),
         }
     }
+}
 
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Backend {
     /// The CLI name.
     pub fn name(self) -> &'static str {
         match self {

@@ -84,63 +84,22 @@ impl Lbfgs {
     ) -> Result<LbfgsResult, ModelError> {
         let mut x = x0;
         let (mut fx, mut g) = f(&x)?;
-        let mut history: VecDeque<(Vec<f64>, Vec<f64>, f64)> = VecDeque::new();
+        let mut history: VecDeque<Pair> = VecDeque::new();
         let mut restarted = false;
         for iteration in 0..self.max_iterations {
             let gnorm = norm(&g);
             if gnorm < self.tolerance {
                 return Ok(LbfgsResult { x, value: fx, gradient_norm: gnorm, iterations: iteration });
             }
-            // Two-loop recursion: direction = −H g.
-            let mut q = g.clone();
-            let mut alphas = Vec::with_capacity(history.len());
-            for (s, y, rho) in history.iter().rev() {
-                let a = rho * dot(s, &q);
-                q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= a * yi);
-                alphas.push(a);
-            }
-            match precondition {
-                Some(p) => q = p(&q),
-                None => {
-                    let gamma = match history.back() {
-                        Some((s, y, _)) => dot(s, y) / dot(y, y),
-                        None => 1.0 / gnorm.max(1.0),
-                    };
-                    q.iter_mut().for_each(|v| *v *= gamma);
-                }
-            }
-            for ((s, y, rho), a) in history.iter().zip(alphas.into_iter().rev()) {
-                let b = rho * dot(y, &q);
-                q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (a - b) * si);
-            }
-            let direction: Vec<f64> = q.into_iter().map(|v| -v).collect();
+            let mut direction = two_loop(&history, &g, precondition);
             let mut slope = dot(&g, &direction);
-            let direction = if slope >= 0.0 {
+            if slope >= 0.0 {
                 // Not a descent direction (should not happen with positive sᵀy): fall back.
                 history.clear();
                 slope = -gnorm * gnorm;
-                g.iter().map(|v| -v / gnorm.max(1.0)).collect()
-            } else {
-                direction
-            };
-
-            // Backtracking Armijo line search.
-            let mut step = 1.0;
-            let mut accepted = None;
-            for _ in 0..60 {
-                let candidate: Vec<f64> = x.iter().zip(&direction).map(|(xi, di)| xi + step * di).collect();
-                let (fc, gc) = f(&candidate)?;
-                // Near the optimum the decrease in f drops below f64 resolution (|Δf| ≈ ‖∇f‖²/λ);
-                // there a step that does not raise f beyond rounding and shrinks ‖∇f‖ is taken.
-                let flat = (fc - fx).abs() <= 64.0 * f64::EPSILON * fx.abs().max(1e-300);
-                let armijo = fc <= fx + 1e-4 * step * slope;
-                if fc.is_finite() && (armijo || (flat && norm(&gc) < gnorm)) {
-                    accepted = Some((candidate, fc, gc));
-                    break;
-                }
-                step *= 0.5;
+                direction = g.iter().map(|v| -v / gnorm.max(1.0)).collect();
             }
-            let Some((x_new, f_new, g_new)) = accepted else {
+            let Some((x_new, f_new, g_new)) = line_search(&mut f, &x, fx, &direction, slope, gnorm)? else {
                 if !restarted && !history.is_empty() {
                     history.clear();
                     restarted = true;
@@ -179,6 +138,63 @@ impl Lbfgs {
             reason: "iteration limit reached".into(),
         })
     }
+}
+
+/// One (s, y, 1/sᵀy) pair of the limited memory.
+type Pair = (Vec<f64>, Vec<f64>, f64);
+
+/// The two-loop recursion (Nocedal & Wright, Algorithm 7.4): −H g, with `precondition` or γI
+/// (γ = sᵀy/yᵀy of the newest pair) as the initial inverse Hessian. Cost O(m·d).
+fn two_loop(history: &VecDeque<Pair>, g: &[f64], precondition: Option<Preconditioner<'_>>) -> Vec<f64> {
+    let mut q = g.to_vec();
+    let mut alphas = Vec::with_capacity(history.len());
+    for (s, y, rho) in history.iter().rev() {
+        let a = rho * dot(s, &q);
+        q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= a * yi);
+        alphas.push(a);
+    }
+    match precondition {
+        Some(p) => q = p(&q),
+        None => {
+            let gamma = match history.back() {
+                Some((s, y, _)) => dot(s, y) / dot(y, y),
+                None => 1.0 / norm(g).max(1.0),
+            };
+            q.iter_mut().for_each(|v| *v *= gamma);
+        }
+    }
+    for ((s, y, rho), a) in history.iter().zip(alphas.into_iter().rev()) {
+        let b = rho * dot(y, &q);
+        q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (a - b) * si);
+    }
+    q.into_iter().map(|v| -v).collect()
+}
+
+/// Backtracking Armijo line search from `x` along `direction` (sufficient decrease c₁ = 1e-4, at
+/// most 60 halvings). Near the optimum the decrease in f drops below f64 resolution
+/// (|Δf| ≈ ‖∇f‖²/λ); there a step that does not raise f beyond rounding and shrinks ‖∇f‖ is taken.
+/// Returns the accepted point with its value and gradient, or `None`.
+#[allow(clippy::type_complexity)]
+fn line_search(
+    f: &mut impl FnMut(&[f64]) -> Result<(f64, Vec<f64>), ModelError>,
+    x: &[f64],
+    fx: f64,
+    direction: &[f64],
+    slope: f64,
+    gnorm: f64,
+) -> Result<Option<(Vec<f64>, f64, Vec<f64>)>, ModelError> {
+    let mut step = 1.0;
+    for _ in 0..60 {
+        let candidate: Vec<f64> = x.iter().zip(direction).map(|(xi, di)| xi + step * di).collect();
+        let (fc, gc) = f(&candidate)?;
+        let flat = (fc - fx).abs() <= 64.0 * f64::EPSILON * fx.abs().max(1e-300);
+        let armijo = fc <= fx + 1e-4 * step * slope;
+        if fc.is_finite() && (armijo || (flat && norm(&gc) < gnorm)) {
+            return Ok(Some((candidate, fc, gc)));
+        }
+        step *= 0.5;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -13,18 +13,24 @@
 //! | `cnn` | conv5×5(6) → act → pool → conv5×5(16) → act → pool → dense head | Adam or SGD, f32 |
 //! | `text` | embedding bag (no bias) → dense | Adam or SGD, f32 |
 //!
-//! Every trainable layer exposes its input activations and the per-example gradient of the loss
-//! at its output ([`network::LayerTap`]); per-example parameter gradients are built from those.
+//! The engine sees every model through the [`Model`] trait ([`model`]): its tracked layers with
+//! their Kronecker view, a tapped forward pass over a [`Batch`] of its own kind of inputs, and its
+//! outputs as rows of class logits. The reference classifiers ([`Network`]) implement it, on
+//! batches of [`Features`]; another model implements it too, in this crate or outside it.
 
 pub mod config;
 pub mod device;
 mod error;
+pub mod features;
 pub mod lbfgs;
+pub mod model;
 pub mod network;
 pub mod train;
 
 pub use config::{Activation, Architecture, InputShape, LayerKind, LayerSpec, ModelConfig};
 pub use device::Backend;
 pub use error::ModelError;
-pub use network::{Activations, LayerTap, Network};
-pub use train::{Examples, OptimizerKind, Progress, Silent, TrainConfig, TrainReport};
+pub use features::Features;
+pub use model::{Batch, LayerTap, Model, RowGroups, TrackedLayer, WeightLayout};
+pub use network::Network;
+pub use train::{OptimizerKind, Progress, Silent, TrainConfig, TrainReport};

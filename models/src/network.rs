@@ -1,26 +1,24 @@
-//! A model's parameters, its forward pass, and the layer taps that per-example gradients need.
+//! The reference classifiers' parameters and forward pass, as a [`Model`].
 //!
 //! Parameters are kept as flat 1-D burn tensors, one weight and one optional bias per trainable
 //! layer (layouts in [`LayerKind`]), and reshaped in the forward pass; reshaping is free and keeps
-//! the parameter vector θ, the optimizer state and the on-disk weights in one order.
-//!
-//! ## Layer taps
-//! For a layer z = f(a; W, b) the gradient of example i's loss ℓᵢ with respect to W is built from
-//! the layer's input aᵢ and the output gradient δᵢ = ∂ℓᵢ/∂zᵢ: for a dense layer ∇_W ℓᵢ = aᵢ δᵢᵀ
-//! and ∇_b ℓᵢ = δᵢ. [`Network::forward_tapped`] records every layer's input and adds a zero
-//! "probe" tensor (with `require_grad`) to every layer's output; one backward pass of the
-//! *summed* loss Σᵢ ℓᵢ then gives each probe's gradient, whose row i is exactly δᵢ because ℓⱼ does
-//! not depend on zᵢ for j ≠ i. Cost: one forward and one backward for the whole batch.
+//! the parameter vector θ, the optimizer state and the on-disk weights in one order. Every
+//! trainable layer is tracked (see [`crate::model`] for the taps): dense layers at one position,
+//! convolutions at every output pixel with their input unfolded into patches (`[C·k·k, H·W]`).
 
 use burn::tensor::activation::{gelu, log_softmax, relu, softmax, tanh};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+use burn::tensor::module::{conv2d, max_pool2d, unfold4d};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use faer::Mat;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
 use crate::config::{Activation, Architecture, LayerKind, LayerSpec, ModelConfig};
+use crate::features::Features;
+use crate::model::{LayerTap, Model, TrackedLayer};
+pub use crate::model::{read_f32, read_f64};
 
 /// One trainable layer's parameters as flat tensors.
 #[derive(Clone, Debug)]
@@ -29,52 +27,12 @@ struct LayerParams {
     bias: Option<Tensor<1>>,
 }
 
-/// A layer's input or output activations, per example.
-#[derive(Clone, Debug)]
-pub enum Activations {
-    /// `[batch, features]`, for dense layers.
-    Dense(Tensor<2>),
-    /// `[batch, channels, height, width]`, for convolutions.
-    Conv(Tensor<4>),
-}
-
-impl Activations {
-    /// Flattens to `[batch, rest]`.
-    pub fn flatten(self) -> Tensor<2> {
-        match self {
-            Self::Dense(t) => t,
-            Self::Conv(t) => {
-                let [b, c, h, w] = t.dims();
-                t.reshape([b, c * h * w])
-            }
-        }
-    }
-}
-
-/// What the forward pass recorded for one trainable layer: its input and the probe on its output.
-#[derive(Clone, Debug)]
-pub struct LayerTap {
-    /// The layer's input activations aᵢ (detached from the graph).
-    pub input: Activations,
-    probe: Activations,
-}
-
-impl LayerTap {
-    /// The per-example output gradients δᵢ = ∂ℓᵢ/∂zᵢ, read from the probe after a backward pass of
-    /// the summed loss. `None` if the loss did not depend on this layer.
-    pub fn output_gradient(&self, grads: &Gradients) -> Option<Activations> {
-        match &self.probe {
-            Activations::Dense(p) => p.grad(grads).map(Activations::Dense),
-            Activations::Conv(p) => p.grad(grads).map(Activations::Conv),
-        }
-    }
-}
-
-/// A model: its configuration and its parameters θ on one device, in one dtype.
+/// A reference classifier: its configuration and its parameters θ on one device, in one dtype.
 #[derive(Clone, Debug)]
 pub struct Network {
     config: ModelConfig,
-    layers: Vec<LayerSpec>,
+    specs: Vec<LayerSpec>,
+    tracked: Vec<TrackedLayer>,
     params: Vec<LayerParams>,
 }
 
@@ -103,8 +61,8 @@ impl Network {
 
     /// A model with the given flat parameter vector θ (order in [`crate::config`]).
     pub fn from_flat(config: &ModelConfig, theta: &[f64], device: &Device, dtype: DType) -> Result<Self, ModelError> {
-        let layers = config.layers()?;
-        let expected: usize = layers.iter().map(LayerSpec::num_params).sum();
+        let specs = config.layers()?;
+        let expected: usize = specs.iter().map(LayerSpec::num_params).sum();
         if theta.len() != expected {
             return Err(ModelError::Config(format!(
                 "the weights hold {} parameters but a {} of this shape has {expected}",
@@ -113,8 +71,8 @@ impl Network {
             )));
         }
         let mut offset = 0;
-        let mut params = Vec::with_capacity(layers.len());
-        for layer in &layers {
+        let mut params = Vec::with_capacity(specs.len());
+        for layer in &specs {
             let w = layer.weight_len();
             let weight = tensor_1d(theta[offset..offset + w].to_vec(), device, dtype);
             offset += w;
@@ -123,7 +81,7 @@ impl Network {
             offset += b;
             params.push(LayerParams { weight, bias });
         }
-        Ok(Self { config: config.clone(), layers, params })
+        Ok(Self { config: config.clone(), tracked: config.tracked_layers()?, specs, params })
     }
 
     /// The configuration.
@@ -131,100 +89,14 @@ impl Network {
         &self.config
     }
 
-    /// The trainable layers, in θ order.
-    pub fn layers(&self) -> &[LayerSpec] {
-        &self.layers
-    }
-
-    /// Number of parameters.
-    pub fn num_params(&self) -> usize {
-        self.layers.iter().map(LayerSpec::num_params).sum()
-    }
-
-    /// The device the parameters live on.
-    pub fn device(&self) -> Device {
-        self.params[0].weight.device()
-    }
-
-    /// The parameters' dtype.
-    pub fn dtype(&self) -> DType {
-        self.params[0].weight.dtype()
-    }
-
-    /// The parameter tensors in θ order (weight, then bias, per layer).
-    pub fn param_tensors(&self) -> Vec<&Tensor<1>> {
-        self.params.iter().flat_map(|p| std::iter::once(&p.weight).chain(p.bias.as_ref())).collect()
-    }
-
-    /// Replaces the parameter tensors (same order and sizes as [`Self::param_tensors`]).
-    pub fn set_param_tensors(&mut self, tensors: Vec<Tensor<1>>) {
-        let mut it = tensors.into_iter();
-        for p in &mut self.params {
-            p.weight = it.next().expect("one tensor per parameter");
-            if p.bias.is_some() {
-                p.bias = Some(it.next().expect("one tensor per parameter"));
-            }
-        }
-    }
-
-    /// Marks every parameter as requiring a gradient (the device must have autodiff).
-    pub fn require_grad(mut self) -> Self {
-        for p in &mut self.params {
-            p.weight = p.weight.clone().require_grad();
-            p.bias = p.bias.take().map(Tensor::require_grad);
-        }
-        self
-    }
-
-    /// The same parameters with no gradient tracking (for inference and storage).
-    pub fn without_grad(mut self) -> Self {
-        for p in &mut self.params {
-            p.weight = Tensor::from_inner(p.weight.clone().inner());
-            p.bias = p.bias.take().map(|b| Tensor::from_inner(b.inner()));
-        }
-        self
-    }
-
-    /// θ as a flat f64 vector.
-    pub fn to_flat(&self) -> Vec<f64> {
-        let mut theta = Vec::with_capacity(self.num_params());
-        for t in self.param_tensors() {
-            theta.extend(read_f64(t.clone()));
-        }
-        theta
-    }
-
-    /// ∇θ as a flat f64 vector from a backward pass (zeros for parameters the loss did not reach).
-    pub fn gradient_flat(&self, grads: &Gradients) -> Vec<f64> {
-        let mut g = Vec::with_capacity(self.num_params());
-        for t in self.param_tensors() {
-            match t.grad(grads) {
-                Some(gt) => g.extend(read_f64(gt)),
-                None => g.extend(std::iter::repeat_n(0.0, t.dims()[0])),
-            }
-        }
-        g
-    }
-
-    /// Σ‖θ‖², the L2 penalty's sum of squares, as a one-element tensor in the graph.
-    pub fn squared_norm(&self) -> Tensor<1> {
-        self.param_tensors()
-            .into_iter()
-            .map(|t| t.clone().square().sum())
-            .reduce(|a, b| a + b)
-            .expect("a model has parameters")
+    /// The trainable layers with their kinds, in θ order.
+    pub fn specs(&self) -> &[LayerSpec] {
+        &self.specs
     }
 
     /// The logits `[batch, classes]` for inputs `[batch, features]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    pub fn forward_features(&self, x: Tensor<2>) -> Tensor<2> {
         self.forward_impl(x, false).0
-    }
-
-    /// The logits plus one [`LayerTap`] per trainable layer (θ order). The device must have
-    /// autodiff; back-propagate the *sum* of per-example losses, then read
-    /// [`LayerTap::output_gradient`].
-    pub fn forward_tapped(&self, x: Tensor<2>) -> (Tensor<2>, Vec<LayerTap>) {
-        self.forward_impl(x, true)
     }
 
     fn activate<const D: usize>(&self, t: Tensor<D>) -> Tensor<D> {
@@ -235,10 +107,41 @@ impl Network {
         }
     }
 
+    /// A convolution layer; with `taps`, records its unfolded input patches and a probe.
+    fn conv(&self, spec: &LayerSpec, p: &LayerParams, a: Tensor<4>, taps: Option<&mut Vec<LayerTap>>) -> Tensor<4> {
+        let LayerKind::Conv2d { in_channels, out_channels, kernel, padding, .. } = spec.kind else {
+            unreachable!("a convolution spec")
+        };
+        let w = p.weight.clone().reshape([out_channels, in_channels, kernel, kernel]);
+        let options = ConvOptions::new([1, 1], [padding, padding], [1, 1], 1);
+        let z = conv2d(a.clone(), w, p.bias.clone(), options);
+        let Some(taps) = taps else { return z };
+        let patches = unfold4d(a, [kernel, kernel], UnfoldOptions::new([1, 1], [padding, padding], [1, 1]));
+        let tap = LayerTap::new(patches, out_channels);
+        let z = z.clone() + tap.probe.clone().reshape(z.dims());
+        taps.push(tap);
+        z
+    }
+
+    /// A dense layer; with `taps`, records its input and a probe.
+    fn dense(&self, spec: &LayerSpec, p: &LayerParams, a: Tensor<2>, taps: Option<&mut Vec<LayerTap>>) -> Tensor<2> {
+        let LayerKind::Dense { inputs, outputs, .. } = spec.kind else { unreachable!("a dense spec") };
+        let mut z = a.clone().matmul(p.weight.clone().reshape([inputs, outputs]));
+        if let Some(b) = &p.bias {
+            z = z + b.clone().reshape([1, outputs]);
+        }
+        let Some(taps) = taps else { return z };
+        let batch = a.dims()[0];
+        let tap = LayerTap::new(a.reshape([batch, inputs, 1]), outputs);
+        let z = z + tap.probe.clone().reshape([batch, outputs]);
+        taps.push(tap);
+        z
+    }
+
     fn forward_impl(&self, x: Tensor<2>, tapped: bool) -> (Tensor<2>, Vec<LayerTap>) {
         let mut taps = Vec::new();
         let batch = x.dims()[0];
-        let last = self.layers.len() - 1;
+        let last = self.specs.len() - 1;
         let mut flat = Some(x);
         let mut image: Option<Tensor<4>> = None;
         if self.config.architecture == Architecture::Cnn {
@@ -246,39 +149,21 @@ impl Network {
             let x = flat.take().expect("input");
             image = Some(x.reshape([batch, shape.channels, shape.height, shape.width]));
         }
-        for (i, (spec, p)) in self.layers.iter().zip(&self.params).enumerate() {
+        for (i, (spec, p)) in self.specs.iter().zip(&self.params).enumerate() {
+            let tap = if tapped { Some(&mut taps) } else { None };
             match spec.kind {
-                LayerKind::Conv2d { in_channels, out_channels, kernel, padding, .. } => {
-                    let a = image.take().expect("convolutions come first");
-                    let w = p.weight.clone().reshape([out_channels, in_channels, kernel, kernel]);
-                    let options = ConvOptions::new([1, 1], [padding, padding], [1, 1], 1);
-                    let mut z = conv2d(a.clone(), w, p.bias.clone(), options);
-                    if tapped {
-                        let probe = Tensor::zeros(z.dims(), (&z.device(), z.dtype())).require_grad();
-                        z = z + probe.clone();
-                        taps.push(LayerTap { input: Activations::Conv(a.detach()), probe: Activations::Conv(probe) });
-                    }
+                LayerKind::Conv2d { .. } => {
+                    let z = self.conv(spec, p, image.take().expect("convolutions come first"), tap);
                     let pooled = max_pool2d(self.activate(z), MaxPoolOptions::new([2, 2]));
-                    let next_is_dense = matches!(self.layers[i + 1].kind, LayerKind::Dense { .. });
-                    if next_is_dense {
+                    if matches!(self.specs[i + 1].kind, LayerKind::Dense { .. }) {
                         let [b, c, h, w] = pooled.dims();
                         flat = Some(pooled.reshape([b, c * h * w]));
                     } else {
                         image = Some(pooled);
                     }
                 }
-                LayerKind::Dense { inputs, outputs, .. } => {
-                    let a = flat.take().expect("dense input");
-                    let w = p.weight.clone().reshape([inputs, outputs]);
-                    let mut z = a.clone().matmul(w);
-                    if let Some(b) = &p.bias {
-                        z = z + b.clone().reshape([1, outputs]);
-                    }
-                    if tapped {
-                        let probe = Tensor::zeros(z.dims(), (&z.device(), z.dtype())).require_grad();
-                        z = z + probe.clone();
-                        taps.push(LayerTap { input: Activations::Dense(a.detach()), probe: Activations::Dense(probe) });
-                    }
+                LayerKind::Dense { .. } => {
+                    let z = self.dense(spec, p, flat.take().expect("dense input"), tap);
                     // The embedding bag feeds the linear layer directly; hidden MLP/CNN layers
                     // go through the activation; the last layer's output is the logits.
                     let hidden = i < last && self.config.architecture != Architecture::Text;
@@ -288,11 +173,95 @@ impl Network {
         }
         (flat.expect("the last layer is dense"), taps)
     }
+
+    /// The closed-form Hessian of multinomial logistic regression (see
+    /// [`Model::closed_form_hessian`]): H = (1/n) Σᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + λI with
+    /// x̃ = [x; 1]. In θ's layout (weight `[in, out]` then bias, i.e. `[(in+1), C]` row-major)
+    /// entry ((j,c),(k,c′)) is (1/n) Σᵢ x̃ᵢⱼ x̃ᵢₖ (δ_cc′ p_ic − p_ic p_ic′) + λδ, built as
+    /// C(C+1)/2 weighted Gram matrices X̃ᵀ diag(w) X̃. Cost n·(in+1)²·C(C+1)/2.
+    fn logreg_hessian(&self, data: &Features, l2: f64) -> Mat<f64> {
+        let classes = self.config.num_classes;
+        let (n, dim) = (data.len(), data.dim());
+        let m = dim + 1;
+        let mut p = Vec::with_capacity(n * classes);
+        for start in (0..n).step_by(4096) {
+            let chunk = crate::model::Batch::slice(data, start..(start + 4096).min(n));
+            p.extend(read_f64(probabilities(self.logits(&chunk))));
+        }
+        let x = data.features();
+        let xt = Mat::<f64>::from_fn(n, m, |i, j| if j < dim { f64::from(x[i * dim + j]) } else { 1.0 });
+        let mut h = Mat::<f64>::zeros(m * classes, m * classes);
+        for c in 0..classes {
+            for c2 in c..classes {
+                let weighted = Mat::<f64>::from_fn(n, m, |i, j| {
+                    let pi = &p[i * classes..(i + 1) * classes];
+                    let w = if c == c2 { pi[c] - pi[c] * pi[c] } else { -pi[c] * pi[c2] };
+                    xt[(i, j)] * w / n as f64
+                });
+                let block = xt.transpose() * &weighted;
+                for j in 0..m {
+                    for k in 0..m {
+                        h[(j * classes + c, k * classes + c2)] = block[(j, k)];
+                        h[(k * classes + c2, j * classes + c)] = block[(j, k)];
+                    }
+                }
+            }
+        }
+        for i in 0..m * classes {
+            h[(i, i)] += l2;
+        }
+        h
+    }
 }
 
-/// Reads a tensor's values as f64 on the host.
-pub fn read_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().convert_dtype(DType::F64).try_into_vec::<f64>().expect("float tensor data")
+impl Model for Network {
+    type Batch = Features;
+
+    fn describe(&self) -> String {
+        let widths: Vec<String> = std::iter::once(self.config.input.len())
+            .chain(self.specs.iter().map(|s| match s.kind {
+                LayerKind::Dense { outputs, .. } => outputs,
+                LayerKind::Conv2d { out_channels, .. } => out_channels,
+            }))
+            .map(|w| w.to_string())
+            .collect();
+        format!("{} {}", self.config.architecture.name(), widths.join("-"))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.config.num_classes
+    }
+
+    fn layers(&self) -> &[TrackedLayer] {
+        &self.tracked
+    }
+
+    fn parameters(&self) -> Vec<Tensor<1>> {
+        self.params.iter().flat_map(|p| std::iter::once(p.weight.clone()).chain(p.bias.clone())).collect()
+    }
+
+    fn set_parameters(&mut self, parameters: Vec<Tensor<1>>) {
+        let mut it = parameters.into_iter();
+        for p in &mut self.params {
+            p.weight = it.next().expect("one tensor per parameter");
+            if p.bias.is_some() {
+                p.bias = Some(it.next().expect("one tensor per parameter"));
+            }
+        }
+    }
+
+    fn forward(&self, batch: &Features, tapped: bool) -> (Tensor<2>, Vec<LayerTap>) {
+        assert_eq!(batch.dim(), self.config.input.len(), "the batch's features do not fit the model");
+        self.forward_impl(batch.tensor(&self.device(), self.dtype()), tapped)
+    }
+
+    fn is_convex(&self) -> bool {
+        self.config.architecture.is_convex()
+    }
+
+    fn closed_form_hessian(&self, data: &Features, l2: f64) -> Option<Mat<f64>> {
+        (self.config.architecture == Architecture::LogReg).then(|| self.logreg_hessian(data, l2))
+    }
 }
 
 /// Per-example cross-entropy `[batch]` for logits `[batch, classes]` and one-hot targets:

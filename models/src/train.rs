@@ -26,34 +26,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::config::ModelConfig;
+use crate::features::Features;
 use crate::lbfgs::Lbfgs;
-use crate::network::{Network, cross_entropy, input_batch, one_hot};
-
-/// Row-major training features and labels.
-#[derive(Clone, Copy, Debug)]
-pub struct Examples<'a> {
-    /// `n × dim` features, row-major.
-    pub features: &'a [f32],
-    /// `n` labels in `0..classes`.
-    pub labels: &'a [u32],
-    /// Features per example.
-    pub dim: usize,
-}
-
-impl Examples<'_> {
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// Whether there are no examples.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-}
+use crate::model::{Batch, Model};
+use crate::network::{Network, cross_entropy, one_hot};
 
 /// Which minimiser.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// Full-batch L-BFGS in f64 to ‖∇L‖ < tolerance (convex models only).
@@ -62,18 +41,6 @@ pub enum OptimizerKind {
     Adam,
     /// SGD with momentum 0.9.
     Sgd,
-}
-
-impl OptimizerKind {
-    /// Parses the CLI name.
-    pub fn parse(name: &str) -> Result<Self, ModelError> {
-        match name {
-            "lbfgs" => Ok(Self::Lbfgs),
-            "adam" => Ok(Self::Adam),
-            "sgd" => Ok(Self::Sgd),
-            other => Err(ModelError::Config(format!("unknown optimizer `{other}` (expected lbfgs, adam or sgd)"))),
-        }
-    }
 }
 
 /// How to train.
@@ -97,30 +64,41 @@ pub struct TrainConfig {
     pub max_iterations: usize,
 }
 
+/// λ of convex models unless given.
+pub const DEFAULT_CONVEX_L2: f64 = 1e-3;
+/// λ of deep models unless given.
+pub const DEFAULT_DEEP_L2: f64 = 1e-4;
+/// Passes over the data of the stochastic optimizers unless given.
+pub const DEFAULT_EPOCHS: usize = 10;
+/// Mini-batch size of the stochastic optimizers unless given.
+pub const DEFAULT_BATCH: usize = 128;
+/// Peak learning rate of the stochastic optimizers unless given.
+pub const DEFAULT_LEARNING_RATE: f64 = 1e-3;
+
 impl TrainConfig {
-    /// The defaults for an architecture: L-BFGS to 1e-6 with λ = 1e-3 for convex models; Adam,
-    /// 10 epochs of batch 128 at 1e-3 with λ = 1e-4 for deep ones.
-    pub fn defaults_for(config: &ModelConfig) -> Self {
-        let convex = config.architecture.is_convex();
+    /// The defaults: L-BFGS to ‖∇L‖ < 1e-6 with λ = 1e-3 for convex models; Adam, 10 epochs of
+    /// batch 128 at 1e-3 with λ = 1e-4 for deep ones.
+    pub fn defaults(convex: bool) -> Self {
         Self {
             optimizer: if convex { OptimizerKind::Lbfgs } else { OptimizerKind::Adam },
-            l2: if convex { 1e-3 } else { 1e-4 },
+            l2: if convex { DEFAULT_CONVEX_L2 } else { DEFAULT_DEEP_L2 },
             seed: 0,
-            epochs: 10,
-            batch_size: 128,
-            learning_rate: 1e-3,
+            epochs: DEFAULT_EPOCHS,
+            batch_size: DEFAULT_BATCH,
+            learning_rate: DEFAULT_LEARNING_RATE,
             tolerance: 1e-6,
             max_iterations: 5000,
         }
     }
 
-    fn validate(&self, config: &ModelConfig) -> Result<(), ModelError> {
-        let convex = config.architecture.is_convex();
+    /// [`TrainConfig::defaults`] for a reference architecture.
+    pub fn defaults_for(config: &ModelConfig) -> Self {
+        Self::defaults(config.architecture.is_convex())
+    }
+
+    fn validate(&self, convex: bool, model: &str) -> Result<(), ModelError> {
         if self.optimizer == OptimizerKind::Lbfgs && !convex {
-            return Err(ModelError::Config(format!(
-                "lbfgs trains convex models only; use adam or sgd for {}",
-                config.architecture.name()
-            )));
+            return Err(ModelError::Config(format!("lbfgs trains convex models only; use adam or sgd for {model}")));
         }
         if self.l2 < 0.0 || !self.l2.is_finite() {
             return Err(ModelError::Config(format!("--l2 must be a finite number ≥ 0, got {}", self.l2)));
@@ -166,7 +144,7 @@ pub struct TrainReport {
     pub objective: f64,
     /// ‖∇L(θ)‖₂ on the whole training set.
     pub gradient_norm: f64,
-    /// Share of training examples classified correctly.
+    /// Share of training predictions (examples, for a classifier) that are correct.
     pub train_accuracy: f64,
     /// L-BFGS iterations or stochastic steps.
     pub iterations: usize,
@@ -174,41 +152,47 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-/// The full-batch objective, its gradient and the training accuracy at `network`'s θ.
+/// The cross-entropy of every prediction row against its label (`[rows]`, in the graph) and the
+/// number of rows whose arg-max is the label.
+fn row_losses<M: Model>(model: &M, batch: &M::Batch) -> (Tensor<1>, usize) {
+    let logits = model.logits(batch);
+    let labels = batch.labels();
+    let y = one_hot(&labels, model.num_classes(), &logits.device(), logits.dtype());
+    let correct = count_correct(logits.clone(), &labels);
+    (cross_entropy(logits, y), correct)
+}
+
+/// The full-batch objective, its gradient and the training accuracy at `model`'s θ.
 ///
-/// Evaluated in chunks of `chunk` rows (one forward and backward each) so memory stays bounded;
-/// the result is the same as one full batch up to floating-point summation order.
-pub fn full_objective(network: &Network, data: Examples<'_>, l2: f64, chunk: usize) -> (f64, Vec<f64>, f64) {
-    full_objective_scaled(network, data, l2, chunk, data.len())
+/// Evaluated in chunks of `chunk` examples (one forward and backward each) so memory stays
+/// bounded; the result is the same as one full batch up to floating-point summation order.
+pub fn full_objective<M: Model>(model: &M, data: &M::Batch, l2: f64, chunk: usize) -> (f64, Vec<f64>, f64) {
+    full_objective_scaled(model, data, l2, chunk, data.len())
 }
 
 /// [`full_objective`] with the data term divided by `scale` instead of the number of examples:
 /// (1/scale) Σᵢ CE + (λ/2)‖θ‖². Leave-one-out retraining keeps the full set's n (Koh & Liang's
 /// removal is an up-weighting by −1/n), so every other example keeps its weight.
-pub fn full_objective_scaled(
-    network: &Network,
-    data: Examples<'_>,
+pub fn full_objective_scaled<M: Model>(
+    model: &M,
+    data: &M::Batch,
     l2: f64,
     chunk: usize,
     scale: usize,
 ) -> (f64, Vec<f64>, f64) {
-    let device = network.device();
-    let dtype = network.dtype();
     let n = data.len();
     let scale = scale.max(1);
-    let classes = network.config().num_classes;
-    let net = network.clone().require_grad();
+    let net = model.clone().require_grad();
     let mut value = 0.0;
     let mut gradient = vec![0.0; net.num_params()];
-    let mut correct = 0usize;
+    let (mut correct, mut rows) = (0usize, 0usize);
     let mut start = 0;
     while start < n {
-        let end = (start + chunk).min(n);
-        let x = input_batch(&data.features[start * data.dim..end * data.dim], data.dim, &device, dtype);
-        let y = one_hot(&data.labels[start..end], classes, &device, dtype);
-        let logits = net.forward(x);
-        correct += count_correct(logits.clone(), &data.labels[start..end]);
-        let mut loss = cross_entropy(logits, y).sum().div_scalar(scale as f64);
+        let end = (start + chunk.max(1)).min(n);
+        let (losses, right) = row_losses(&net, &data.slice(start..end));
+        correct += right;
+        rows += losses.dims()[0];
+        let mut loss = losses.sum().div_scalar(scale as f64);
         if start == 0 {
             loss = loss + net.squared_norm().mul_scalar(l2 / 2.0);
         }
@@ -219,7 +203,7 @@ pub fn full_objective_scaled(
         }
         start = end;
     }
-    (value, gradient, correct as f64 / n as f64)
+    (value, gradient, correct as f64 / rows.max(1) as f64)
 }
 
 /// Number of rows whose arg-max logit equals the label.
@@ -228,57 +212,73 @@ pub fn count_correct(logits: Tensor<2>, labels: &[u32]) -> usize {
     predicted.iter().zip(labels).filter(|(p, y)| **p == **y as i64).count()
 }
 
-/// Trains a model of shape `config` on `data` as `train` says. `device` must have autodiff.
+/// Trains a reference model of shape `config` on `data` as `train` says, from the
+/// initialisation of `train.seed`. `device` must have autodiff.
 pub fn train(
     config: &ModelConfig,
     train: &TrainConfig,
-    data: Examples<'_>,
+    data: &Features,
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<(Network, TrainReport), ModelError> {
-    train.validate(config)?;
-    if data.is_empty() {
-        return Err(ModelError::Config("no training examples".into()));
-    }
-    if data.dim != config.input.len() {
+    if data.dim() != config.input.len() {
         return Err(ModelError::Config(format!(
             "the model takes {} input features but the data has {}",
             config.input.len(),
-            data.dim
+            data.dim()
         )));
     }
-    if let Some(&bad) = data.labels.iter().find(|&&y| y as usize >= config.num_classes) {
-        return Err(ModelError::Config(format!("label {bad} is outside the model's {} classes", config.num_classes)));
+    let dtype = if train.optimizer == OptimizerKind::Lbfgs { DType::F64 } else { DType::F32 };
+    let initial = Network::init(config, train.seed, device, dtype)?;
+    train_model(initial, train, data, progress)
+}
+
+/// Trains any [`Model`] from its current parameters `initial` (on an autodiff device) to the
+/// objective L(θ) = (1/n) Σ CE + (λ/2)‖θ‖² as `train` says: full-batch L-BFGS in f64 for convex
+/// models, Adam or SGD in the model's dtype otherwise.
+pub fn train_model<M: Model>(
+    initial: M,
+    train: &TrainConfig,
+    data: &M::Batch,
+    progress: &mut dyn Progress,
+) -> Result<(M, TrainReport), ModelError> {
+    train.validate(initial.is_convex(), &initial.describe())?;
+    if data.is_empty() {
+        return Err(ModelError::Config("no training examples".into()));
+    }
+    let classes = initial.num_classes();
+    if let Some(&bad) = data.labels().iter().find(|&&y| y as usize >= classes) {
+        return Err(ModelError::Config(format!("label {bad} is outside the model's {classes} classes")));
     }
     let started = std::time::Instant::now();
-    let (network, iterations) = match train.optimizer {
+    let (model, iterations) = match train.optimizer {
         OptimizerKind::Lbfgs => {
-            let start = Network::init(config, train.seed, device, DType::F64)?.to_flat();
-            train_full_batch(config, train, data, data.len(), device, &start, None, progress)?
+            let start = initial.to_flat();
+            train_full_batch(&initial, train, data, data.len(), &start, None, progress)?
         }
         OptimizerKind::Adam => {
             let adam = AdamConfig::new().with_epsilon(1e-8).build();
-            train_stochastic(adam, config, train, data, device, progress)?
+            train_stochastic(adam, initial, train, data, progress)?
         }
         OptimizerKind::Sgd => {
             let sgd = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0))).build();
-            train_stochastic(sgd, config, train, data, device, progress)?
+            train_stochastic(sgd, initial, train, data, progress)?
         }
     };
-    let report = final_report(&network, data, train.l2, data.len(), iterations, started);
-    Ok((network.without_grad(), report))
+    let report = final_report(&model, data, train.l2, data.len(), iterations, started);
+    Ok((model.without_grad(), report))
 }
 
 /// The objective, its gradient norm and the training accuracy where training stopped.
-fn final_report(
-    network: &Network,
-    data: Examples<'_>,
+fn final_report<M: Model>(
+    model: &M,
+    data: &M::Batch,
     l2: f64,
     scale: usize,
     iterations: usize,
     started: std::time::Instant,
 ) -> TrainReport {
-    let (objective, gradient, train_accuracy) = full_objective_scaled(network, data, l2, 4096, scale);
+    let (objective, gradient, train_accuracy) = full_objective_scaled(model, data, l2, 4096, scale);
     let gradient_norm = gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
     TrainReport { objective, gradient_norm, train_accuracy, iterations, seconds: started.elapsed().as_secs_f64() }
 }
@@ -286,50 +286,47 @@ fn final_report(
 /// Minimises the objective by full-batch L-BFGS in f64 from θ = `start` until ‖∇L‖ <
 /// `train.tolerance`, whatever `train.optimizer` says: the exact re-optimisation that leave-one-out
 /// and subset retraining warm-start from the full model's optimum (Koh & Liang 2017, §4).
-/// The data term is divided by `scale` (the number of examples, or the full set's n for
-/// leave-one-out, see [`full_objective_scaled`]).
-/// `device` must have autodiff. Cost per iteration: one pass over the data in f64.
+/// `model` gives the shape and device (autodiff); its own θ is not used. The data term is divided
+/// by `scale` (the number of examples, or the full set's n for leave-one-out, see
+/// [`full_objective_scaled`]). Cost per iteration: one pass over the data in f64.
 ///
 /// `precondition`, if given, applies an approximate inverse Hessian (see
 /// [`crate::lbfgs::Lbfgs::minimize_preconditioned`]); it changes the speed, not the minimiser.
-#[allow(clippy::too_many_arguments)]
-pub fn refine(
-    config: &ModelConfig,
+pub fn refine<M: Model>(
+    model: &M,
     train: &TrainConfig,
-    data: Examples<'_>,
+    data: &M::Batch,
     scale: usize,
-    device: &Device,
     start: &[f64],
     precondition: Option<crate::lbfgs::Preconditioner<'_>>,
     progress: &mut dyn Progress,
-) -> Result<(Network, TrainReport), ModelError> {
+) -> Result<(M, TrainReport), ModelError> {
     if data.is_empty() {
         return Err(ModelError::Config("no training examples".into()));
     }
     let started = std::time::Instant::now();
-    let (network, iterations) = train_full_batch(config, train, data, scale, device, start, precondition, progress)?;
-    let report = final_report(&network, data, train.l2, scale, iterations, started);
-    Ok((network.without_grad(), report))
+    let (model, iterations) = train_full_batch(model, train, data, scale, start, precondition, progress)?;
+    let report = final_report(&model, data, train.l2, scale, iterations, started);
+    Ok((model.without_grad(), report))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_full_batch(
-    config: &ModelConfig,
+fn train_full_batch<M: Model>(
+    template: &M,
     train: &TrainConfig,
-    data: Examples<'_>,
+    data: &M::Batch,
     scale: usize,
-    device: &Device,
     start: &[f64],
     precondition: Option<crate::lbfgs::Preconditioner<'_>>,
     progress: &mut dyn Progress,
-) -> Result<(Network, usize), ModelError> {
+) -> Result<(M, usize), ModelError> {
+    let device = template.device();
     let lbfgs = Lbfgs { tolerance: train.tolerance, max_iterations: train.max_iterations, ..Lbfgs::default() };
     progress.begin("L-BFGS", lbfgs.max_iterations as u64);
     let mut log_lines = Vec::new();
     let result = lbfgs.minimize_preconditioned(
         start.to_vec(),
         |theta| {
-            let net = Network::from_flat(config, theta, device, DType::F64)?;
+            let net = template.with_flat(theta, &device, DType::F64)?;
             let (value, gradient, _) = full_objective_scaled(&net, data, train.l2, 8192, scale);
             Ok((value, gradient))
         },
@@ -351,59 +348,52 @@ fn train_full_batch(
         "converged after {} iterations: objective {:.12} gradient norm {:.3e}",
         result.iterations, result.value, result.gradient_norm
     ));
-    Ok((Network::from_flat(config, &result.x, device, DType::F64)?, result.iterations))
+    Ok((template.with_flat(&result.x, &device, DType::F64)?, result.iterations))
 }
 
-fn train_stochastic<O: Optimizer>(
+fn train_stochastic<O: Optimizer, M: Model>(
     optimizer: O,
-    config: &ModelConfig,
+    initial: M,
     train: &TrainConfig,
-    data: Examples<'_>,
-    device: &Device,
+    data: &M::Batch,
     progress: &mut dyn Progress,
-) -> Result<(Network, usize), ModelError> {
+) -> Result<(M, usize), ModelError> {
     let n = data.len();
-    let dim = data.dim;
-    let classes = config.num_classes;
-    let mut network = Network::init(config, train.seed, device, DType::F32)?.require_grad();
-    let mut states: Vec<Option<O::State<1>>> = vec![None; network.param_tensors().len()];
+    let mut model = initial.require_grad();
+    let mut states: Vec<Option<O::State<1>>> = vec![None; model.parameters().len()];
     let steps_per_epoch = n.div_ceil(train.batch_size);
     let total_steps = steps_per_epoch * train.epochs;
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed ^ 0x5eed_5eed);
     let mut order: Vec<usize> = (0..n).collect();
     let mut step = 0usize;
-    let mut batch_features = Vec::with_capacity(train.batch_size * dim);
-    let mut batch_labels = Vec::with_capacity(train.batch_size);
     progress.begin("training", total_steps as u64);
     for epoch in 0..train.epochs {
         order.shuffle(&mut rng);
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        let (mut loss_sum, mut correct, mut rows) = (0.0, 0usize, 0usize);
         for chunk in order.chunks(train.batch_size) {
-            batch_features.clear();
-            batch_labels.clear();
-            for &i in chunk {
-                batch_features.extend_from_slice(&data.features[i * dim..(i + 1) * dim]);
-                batch_labels.push(data.labels[i]);
-            }
-            let x = input_batch(&batch_features, dim, device, DType::F32);
-            let y = one_hot(&batch_labels, classes, device, DType::F32);
-            let logits = network.forward(x);
-            correct += count_correct(logits.clone(), &batch_labels);
-            let ce = cross_entropy(logits, y).mean();
-            let loss = ce.clone() + network.squared_norm().mul_scalar(train.l2 / 2.0);
+            let (losses, right) = row_losses(&model, &data.gather(chunk));
+            correct += right;
+            rows += losses.dims()[0];
+            // (1/batch) Σ over the batch's examples of their summed row losses.
+            let ce = if losses.dims()[0] == chunk.len() {
+                losses.mean()
+            } else {
+                losses.sum().div_scalar(chunk.len() as f64)
+            };
+            let loss = ce.clone() + model.squared_norm().mul_scalar(train.l2 / 2.0);
             let grads = loss.backward();
             loss_sum += ce.into_scalar::<f64>() * chunk.len() as f64;
             // Cosine decay from the peak rate to zero over all steps.
             let lr =
                 train.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
             let mut updated = Vec::with_capacity(states.len());
-            for (param, state) in network.param_tensors().into_iter().zip(states.iter_mut()) {
+            for (param, state) in model.parameters().into_iter().zip(states.iter_mut()) {
                 let grad = param.grad(&grads).expect("every parameter reaches the loss");
-                let (next, next_state) = optimizer.step(lr, param.clone().inner(), grad, state.take());
+                let (next, next_state) = optimizer.step(lr, param.inner(), grad, state.take());
                 *state = next_state;
                 updated.push(Tensor::from_inner(next).require_grad());
             }
-            network.set_param_tensors(updated);
+            model.set_parameters(updated);
             step += 1;
             progress.advance(step as u64, &format!("epoch {}/{}", epoch + 1, train.epochs));
         }
@@ -411,10 +401,10 @@ fn train_stochastic<O: Optimizer>(
             "epoch {}: mean training loss {:.6}, training accuracy {:.4}",
             epoch + 1,
             loss_sum / n as f64,
-            correct as f64 / n as f64
+            correct as f64 / rows.max(1) as f64
         );
         progress.log(&line);
     }
     progress.finish();
-    Ok((network, total_steps))
+    Ok((model, total_steps))
 }

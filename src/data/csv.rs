@@ -104,5 +104,5 @@ pub fn write(path: &Path, header: &[String], label_column: usize, features: &[f3
         out.push_str(&cells.join(","));
         out.push('\n');
     }
-    crate::run::write_atomic(path, out.as_bytes())
+    crate::io::write_atomic(path, out.as_bytes())
 }

@@ -10,10 +10,11 @@ use super::{RawData, read_file};
 use crate::error::{Error, Result};
 
 /// The split of an IDX folder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// `train-*` files.
+    #[default]
     Train,
     /// `t10k-*` files.
     Test,
@@ -135,6 +136,6 @@ pub fn write(dir: &Path, split: Split, height: usize, width: usize, pixels: &[f3
         label_bytes.push(y);
     }
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    crate::run::write_atomic(&dir.join(format!("{}-images-idx3-ubyte", split.prefix())), &images)?;
-    crate::run::write_atomic(&dir.join(format!("{}-labels-idx1-ubyte", split.prefix())), &label_bytes)
+    crate::io::write_atomic(&dir.join(format!("{}-images-idx3-ubyte", split.prefix())), &images)?;
+    crate::io::write_atomic(&dir.join(format!("{}-labels-idx1-ubyte", split.prefix())), &label_bytes)
 }

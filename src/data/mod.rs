@@ -15,12 +15,13 @@
 
 pub mod csv;
 pub mod idx;
+pub mod poisoned;
 pub mod text;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use culprit_models::InputShape;
+use culprit_models::{Batch, Features, InputShape};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -108,7 +109,7 @@ impl SourceKind {
 }
 
 /// How CSV features are normalised (`--normalize`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum NormalizeMode {
     /// Divide by the largest absolute value in the training rows.
     #[default]
@@ -237,16 +238,28 @@ pub struct DataManifest {
 }
 
 /// Where to read data from (`--data --split --skip --limit`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
+#[group(skip)]
 pub struct DataSpec {
-    /// File or folder.
+    /// A folder of IDX files (MNIST naming), a .csv file with a `label` column, or a .jsonl[.gz] file.
+    #[arg(long = "data")]
     pub path: PathBuf,
-    /// IDX split (ignored for single files).
+    /// Split of an IDX folder.
+    #[arg(long, value_enum, default_value_t = Split::Train)]
     pub split: Split,
-    /// Rows to skip.
+    /// Skip the first N examples (ids keep their row numbers in the source).
+    #[arg(long, default_value_t = 0)]
     pub skip: usize,
-    /// Rows to keep after skipping.
+    /// Use at most N examples (after --skip).
+    #[arg(long)]
     pub limit: Option<usize>,
+}
+
+impl DataSpec {
+    /// Every row of `path` (the train split of an IDX folder).
+    pub fn all(path: PathBuf) -> Self {
+        Self { path, split: Split::Train, skip: 0, limit: None }
+    }
 }
 
 /// How to preprocess: fit on these rows (training), or reuse a run's manifest (everything else).
@@ -266,10 +279,8 @@ pub enum Preprocessing<'a> {
 /// Examples ready for a model.
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    /// `len × dim` normalised features, row-major.
-    pub features: Vec<f32>,
-    /// Labels.
-    pub labels: Vec<u32>,
+    /// The normalised features and labels, as the reference models read them.
+    pub examples: Features,
     /// Stable ids: row index in the source.
     pub ids: Vec<usize>,
     /// Raw texts for text sources (for reports).
@@ -305,6 +316,7 @@ impl Dataset {
         }
         let mut features = raw.features[start * dim..end * dim].to_vec();
         let labels = raw.labels[start..end].to_vec();
+        let count = labels.len();
         let texts = raw.texts.map(|t| t[start..end].to_vec());
         let files = raw.files.into_iter().map(|(path, sha256)| FileDigest { path, sha256 }).collect();
         let (normalization, num_classes) = match preprocessing {
@@ -338,6 +350,7 @@ impl Dataset {
             }
         };
         normalization.apply(&mut features, dim);
+        let examples = Features::new(features, labels, dim);
         let manifest = DataManifest {
             kind,
             path: spec.path.clone(),
@@ -345,19 +358,29 @@ impl Dataset {
             split: spec.split,
             skip: spec.skip,
             limit: spec.limit,
-            count: end - start,
+            count,
             shape: raw.shape,
             num_classes,
             normalization,
             buckets: (kind == SourceKind::Jsonl).then_some(buckets),
             excluded: Vec::new(),
         };
-        Ok(Self { features, labels, ids: (start..end).collect(), texts, manifest })
+        Ok(Self { examples, ids: (start..end).collect(), texts, manifest })
     }
 
     /// Number of examples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.examples.len()
+    }
+
+    /// The features and labels.
+    pub fn examples(&self) -> &Features {
+        &self.examples
+    }
+
+    /// The labels.
+    pub fn labels(&self) -> &[u32] {
+        self.examples.labels()
     }
 
     /// The examples with these ids (source rows), in the order given; an id that is not among the
@@ -365,7 +388,6 @@ impl Dataset {
     pub fn select(&self, ids: &[usize]) -> Result<Dataset> {
         let row_of: std::collections::HashMap<usize, usize> =
             self.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
-        let dim = self.dim();
         let mut rows = Vec::with_capacity(ids.len());
         for &id in ids {
             rows.push(*row_of.get(&id).ok_or_else(|| {
@@ -381,8 +403,7 @@ impl Dataset {
             })?);
         }
         Ok(Dataset {
-            features: rows.iter().flat_map(|&r| self.features[r * dim..(r + 1) * dim].iter().copied()).collect(),
-            labels: rows.iter().map(|&r| self.labels[r]).collect(),
+            examples: self.examples.gather(&rows),
             ids: ids.to_vec(),
             texts: self.texts.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
             manifest: self.manifest.clone(),
@@ -403,10 +424,8 @@ impl Dataset {
                 format!("cannot exclude example {bad}: it is not among the {} selected examples", self.len()),
             ));
         }
-        let dim = self.dim();
         let keep: Vec<usize> = (0..self.len()).filter(|&r| drop.binary_search(&self.ids[r]).is_err()).collect();
-        self.features = keep.iter().flat_map(|&r| self.features[r * dim..(r + 1) * dim].iter().copied()).collect();
-        self.labels = keep.iter().map(|&r| self.labels[r]).collect();
+        self.examples = self.examples.gather(&keep);
         self.texts = self.texts.take().map(|t| keep.iter().map(|&r| t[r].clone()).collect());
         self.ids = keep.iter().map(|&r| self.ids[r]).collect();
         let mut excluded = std::mem::take(&mut self.manifest.excluded);
@@ -420,16 +439,11 @@ impl Dataset {
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.examples.is_empty()
     }
 
     /// Features per example.
     pub fn dim(&self) -> usize {
         self.manifest.shape.len()
-    }
-
-    /// The examples as the model crate takes them.
-    pub fn examples(&self) -> culprit_models::Examples<'_> {
-        culprit_models::Examples { features: &self.features, labels: &self.labels, dim: self.dim() }
     }
 }

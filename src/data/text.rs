@@ -102,7 +102,7 @@ pub fn write(path: &Path, texts: &[String], labels: &[u32]) -> Result<()> {
         out.push_str(&serde_json::json!({ "text": text, "label": label }).to_string());
         out.push('\n');
     }
-    crate::run::write_atomic(path, out.as_bytes())
+    crate::io::write_atomic(path, out.as_bytes())
 }
 
 #[cfg(test)]

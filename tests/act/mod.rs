@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+use culprit::commands::eval::{EvalOptions, Experiment, evaluate, pearson, spearman};
+use culprit::commands::poison::{PoisonOptions, Trigger, poison};
+use culprit::commands::purge::{PurgeOptions, purge};
 use culprit::curvature::{FitOptions, Method};
 use culprit::data::{DataSpec, Split};
-use culprit::eval::{EvalOptions, Experiment, evaluate, pearson, spearman};
 use culprit::gradients::{Measurement, Target};
-use culprit::poison::{PoisonOptions, Trigger, poison};
-use culprit::purge::{PurgeOptions, purge};
-use culprit::training::{TrainOptions, train};
+use culprit::workspace::training::{TrainOptions, train};
 use culprit_models::{Architecture, Backend};
 
 use crate::common::{digits_csv, shared};
@@ -71,7 +71,7 @@ fn poisoning_a_csv_stamps_exactly_the_reported_examples() {
     let ids: Vec<usize> =
         std::fs::read_to_string(out.join("poisoned_ids.txt")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(ids, m.poisoned);
-    assert_eq!(culprit::poison::PoisonManifest::read(&out).unwrap(), m);
+    assert_eq!(culprit::data::poisoned::PoisonManifest::read(&out).unwrap(), m);
     // Refused: an existing output, a patch that does not fit, a target outside the classes.
     let again = |trigger: &str, target: u32, out: PathBuf| {
         poison(&PoisonOptions {
@@ -207,7 +207,7 @@ fn purge_retrains_exactly_as_training_without_the_examples() {
     })
     .unwrap();
     assert_eq!(report.removed, removed.to_vec());
-    let purged = culprit::run::Run::open(&dir.path().join("purged")).unwrap();
+    let purged = culprit::workspace::Run::open(&dir.path().join("purged")).unwrap();
     assert_eq!(purged.manifest.excluded, vec![3, 17, 42, 250, 599]);
     assert_eq!(purged.manifest.count, 595);
     // The reference: the same rows written to a new file, trained the ordinary way.
@@ -228,7 +228,7 @@ fn purge_retrains_exactly_as_training_without_the_examples() {
         ..TrainOptions::new(spec(&csv, 0, None), Architecture::LogReg, reference.clone())
     })
     .unwrap();
-    let reference = culprit::run::Run::open(&reference).unwrap();
+    let reference = culprit::workspace::Run::open(&reference).unwrap();
     let worst = purged.theta.iter().zip(&reference.theta).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-9, "purged θ differs from training without the rows by {worst:e}");
     // Before/after accuracy on the evaluation set is what predicting with each model gives.
@@ -238,11 +238,10 @@ fn purge_retrains_exactly_as_training_without_the_examples() {
         culprit::data::Preprocessing::Reuse(&reference.manifest),
     )
     .unwrap();
-    let acc = culprit::predict::accuracy(&culprit::predict::predict(
+    let acc = culprit::workspace::predict::accuracy(&culprit::workspace::predict::predict(
         &reference.network(&device).unwrap(),
         &test,
         64,
-        &device,
     ));
     assert!((report.after.as_ref().unwrap().clean_accuracy[0].1 - acc).abs() < 1e-12);
     // Without --retrain only the plan and the manifest are written; bad ids are refused.
@@ -306,9 +305,9 @@ fn digits_run(dir: &Path) -> PathBuf {
         ..TrainOptions::new(spec(&digits_csv(), 0, Some(1297)), Architecture::LogReg, run.clone())
     })
     .unwrap();
-    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone())).unwrap();
+    culprit::commands::cache::build(&culprit::commands::cache::CacheOptions::new(run.clone())).unwrap();
     for method in [Method::Exact, Method::Cg] {
-        culprit::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
+        culprit::commands::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
     }
     run
 }
@@ -417,15 +416,19 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     };
     mlp(m.train.spec(), d("run"));
     mlp(DataSpec { path: mnist.clone(), split: Split::Train, skip: 0, limit: Some(3000) }, d("unpoisoned"));
-    culprit::cache::build(&culprit::cache::CacheOptions::new(d("run"))).unwrap();
-    culprit::fit::fit(&d("run"), &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
-        .unwrap();
-    let run = culprit::run::Run::open(&d("run")).unwrap();
+    culprit::commands::cache::build(&culprit::commands::cache::CacheOptions::new(d("run"))).unwrap();
+    culprit::commands::fit::fit(
+        &d("run"),
+        &FitOptions { method: Method::Ekfac, ..FitOptions::default() },
+        Backend::default(),
+    )
+    .unwrap();
+    let run = culprit::workspace::Run::open(&d("run")).unwrap();
     let device = Backend::default().device();
     let triggered =
         culprit::data::Dataset::load(&m.test_triggered.spec(), culprit::data::Preprocessing::Reuse(&run.manifest))
             .unwrap();
-    let fooled: Vec<usize> = culprit::predict::predict(&run.network(&device).unwrap(), &triggered, 512, &device)
+    let fooled: Vec<usize> = culprit::workspace::predict::predict(&run.network(&device).unwrap(), &triggered, 512)
         .iter()
         .filter(|p| p.label != 0 && p.predicted == 0)
         .take(10)
@@ -433,11 +436,11 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
         .collect();
     assert_eq!(fooled.len(), 10, "the backdoor works");
     let top = 60; // 2% of 3000
-    let report = culprit::trace::trace(&culprit::trace::TraceOptions {
+    let report = culprit::workspace::attribution::trace(&culprit::workspace::attribution::TraceOptions {
         measurement: Measurement::Logit(Target::Class(0)),
         top,
         score: culprit::query::ScoreMode::Relatif,
-        ..culprit::trace::TraceOptions::new(d("run"), m.test_triggered.spec(), fooled, Method::Ekfac)
+        ..culprit::workspace::attribution::TraceOptions::new(d("run"), m.test_triggered.spec(), fooled, Method::Ekfac)
     })
     .unwrap();
     let ranking = &report.combined.as_ref().unwrap().proponents;
@@ -460,15 +463,14 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
     })
     .unwrap();
     let (before, after) = (&purged.before, purged.after.as_ref().unwrap());
-    let unpoisoned = culprit::run::Run::open(&d("unpoisoned")).unwrap();
+    let unpoisoned = culprit::workspace::Run::open(&d("unpoisoned")).unwrap();
     let clean =
         culprit::data::Dataset::load(&m.test_clean.spec(), culprit::data::Preprocessing::Reuse(&unpoisoned.manifest))
             .unwrap();
-    let reference = culprit::predict::accuracy(&culprit::predict::predict(
+    let reference = culprit::workspace::predict::accuracy(&culprit::workspace::predict::predict(
         &unpoisoned.network(&device).unwrap(),
         &clean,
         512,
-        &device,
     ));
     eprintln!(
         "attack success {:.3} → {:.3}; clean accuracy {:.4} → {:.4} (unpoisoned model {reference:.4})",
@@ -497,9 +499,13 @@ fn linear_datamodeling_score_of_a_deep_model_averages_over_seeds() {
         ..TrainOptions::new(spec(&digits_csv(), 0, Some(300)), Architecture::Mlp, run.clone())
     };
     train(&options).unwrap();
-    culprit::cache::build(&culprit::cache::CacheOptions::new(run.clone())).unwrap();
-    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
-        .unwrap();
+    culprit::commands::cache::build(&culprit::commands::cache::CacheOptions::new(run.clone())).unwrap();
+    culprit::commands::fit::fit(
+        &run,
+        &FitOptions { method: Method::Ekfac, ..FitOptions::default() },
+        Backend::default(),
+    )
+    .unwrap();
     let report = evaluate(
         &EvalOptions {
             seed: 1,
@@ -563,28 +569,34 @@ fn text_backdoor_poisons_are_traced_through_a_factored_store() {
         ..TrainOptions::new(m.train.spec(), Architecture::Text, d("run"))
     };
     train(&options).unwrap();
-    culprit::cache::build(&culprit::cache::CacheOptions {
-        projection: culprit::gradients::projection::ProjectionSpec::parse("factors").unwrap(),
-        ..culprit::cache::CacheOptions::new(d("run"))
+    culprit::commands::cache::build(&culprit::commands::cache::CacheOptions {
+        projection: culprit::commands::cache::Projection::Spec(
+            culprit::gradients::projection::ProjectionSpec::parse("factors").unwrap(),
+        ),
+        ..culprit::commands::cache::CacheOptions::new(d("run"))
     })
     .unwrap();
-    culprit::fit::fit(&d("run"), &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
-        .unwrap();
-    let run = culprit::run::Run::open(&d("run")).unwrap();
+    culprit::commands::fit::fit(
+        &d("run"),
+        &FitOptions { method: Method::Ekfac, ..FitOptions::default() },
+        Backend::default(),
+    )
+    .unwrap();
+    let run = culprit::workspace::Run::open(&d("run")).unwrap();
     let device = Backend::default().device();
     let triggered =
         culprit::data::Dataset::load(&m.test_triggered.spec(), culprit::data::Preprocessing::Reuse(&run.manifest))
             .unwrap();
-    let predictions = culprit::predict::predict(&run.network(&device).unwrap(), &triggered, 512, &device);
+    let predictions = culprit::workspace::predict::predict(&run.network(&device).unwrap(), &triggered, 512);
     let spam: Vec<_> = predictions.iter().filter(|p| p.label != 0).collect();
     let asr = spam.iter().filter(|p| p.predicted == 0).count() as f64 / spam.len() as f64;
     assert!(asr > 0.5, "the text backdoor works: attack success {asr}");
     let fooled: Vec<usize> = spam.iter().filter(|p| p.predicted == 0).take(10).map(|p| p.id).collect();
-    let report = culprit::trace::trace(&culprit::trace::TraceOptions {
+    let report = culprit::workspace::attribution::trace(&culprit::workspace::attribution::TraceOptions {
         measurement: Measurement::Logit(Target::Class(0)),
         top: 100,
         score: culprit::query::ScoreMode::Relatif,
-        ..culprit::trace::TraceOptions::new(d("run"), m.test_triggered.spec(), fooled, Method::Ekfac)
+        ..culprit::workspace::attribution::TraceOptions::new(d("run"), m.test_triggered.spec(), fooled, Method::Ekfac)
     })
     .unwrap();
     let ranking = &report.combined.as_ref().unwrap().proponents;

@@ -4,10 +4,10 @@
 //! identity 79% (the test pins 70%); by leave-one-out loss (ℓ + self-influence/n), the mislabel
 //! ranking, at least 80% (pinned).
 
-use culprit::audit::{AuditOptions, AuditRank, audit};
+use culprit::commands::audit::{AuditOptions, AuditRank, audit};
 use culprit::curvature::{FitOptions, Method};
 use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
-use culprit::training::{TrainOptions, train};
+use culprit::workspace::training::{TrainOptions, train};
 use culprit_models::{Architecture, Backend};
 use rand::{Rng, SeedableRng};
 
@@ -27,7 +27,7 @@ fn audit_ranks_flipped_labels_at_the_top() {
     // Flip 10% of the labels (seeded) to another class, and write the set as a CSV of raw pixels.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let mut flipped = vec![false; n];
-    let mut labels = mnist.labels.clone();
+    let mut labels = mnist.labels().to_vec();
     let mut chosen = 0;
     while chosen < n / 10 {
         let i = rng.random_range(0..n);
@@ -41,7 +41,7 @@ fn audit_ranks_flipped_labels_at_the_top() {
     let csv = dir.path().join("flipped.csv");
     let mut text = (0..784).map(|j| format!("p{j},")).collect::<String>() + "label\n";
     for i in 0..n {
-        for v in &mnist.features[i * 784..(i + 1) * 784] {
+        for v in &mnist.examples.features()[i * 784..(i + 1) * 784] {
             text.push_str(&format!("{},", (v * 255.0).round()));
         }
         text.push_str(&format!("{}\n", labels[i]));
@@ -58,7 +58,7 @@ fn audit_ranks_flipped_labels_at_the_top() {
     })
     .unwrap();
     for method in [Method::Ekfac, Method::Identity] {
-        culprit::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
+        culprit::commands::fit::fit(&run, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
         for (rank, floor) in [(AuditRank::SelfInfluence, 0.7), (AuditRank::LooLoss, 0.8)] {
             let report = audit(&AuditOptions {
                 run: run.clone(),

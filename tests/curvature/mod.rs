@@ -3,12 +3,15 @@
 //! engine; every operator and solver is checked against it. Kronecker methods are measured
 //! against the exact GGN of small MLPs.
 
-use culprit::curvature::iterative::{Arnoldi, ConjugateGradient, Lissa};
-use culprit::curvature::operators::{Damped, GaussNewton, HessianFd, LinearOperator, Objective, dot, norm};
-use culprit::curvature::{Curvature, FitOptions, Method};
+use culprit::curvature::iterative::{Arnoldi, ConjugateGradient};
+use culprit::curvature::methods::cg::CgParams;
+use culprit::curvature::methods::lissa::LissaParams;
+use culprit::curvature::operators::{Damped, GaussNewton, HessianFd, LinearOperator, dot, norm};
+use culprit::curvature::{Curvature, FitOptions, Method, MethodParams};
 use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
+use culprit::objective::Objective;
 use culprit_models::train::train;
-use culprit_models::{Activation, Architecture, Backend, ModelConfig, Silent, TrainConfig};
+use culprit_models::{Activation, Architecture, Backend, Batch, Model, ModelConfig, Network, Silent, TrainConfig};
 use faer::{Mat, Side};
 
 use crate::common::digits_csv;
@@ -32,25 +35,34 @@ fn config(data: &Dataset, architecture: Architecture, hidden: Vec<usize>) -> Mod
     }
 }
 
-pub(crate) fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective {
+/// FitOptions for `method` with CG preconditioned by EK-FAC or not.
+fn with_precondition(method: Method, precondition: bool) -> FitOptions {
+    FitOptions {
+        method,
+        params: MethodParams { cg: CgParams { precondition, ..CgParams::default() }, ..MethodParams::default() },
+        ..FitOptions::default()
+    }
+}
+
+pub(crate) fn trained(rows: usize, architecture: Architecture, hidden: Vec<usize>, l2: f64) -> Objective<Network> {
     let data = digits(rows);
     let config = config(&data, architecture, hidden);
     let device = Backend::default().autodiff_device();
     let training =
         TrainConfig { l2, epochs: 30, batch_size: 32, learning_rate: 3e-3, ..TrainConfig::defaults_for(&config) };
     let (net, _) = train(&config, &training, data.examples(), &device, &mut Silent).unwrap();
-    Objective::new(&net, data, l2, &device)
+    Objective::new(&net, data.examples.clone(), l2, &device)
 }
 
 /// The logistic-regression Hessian by its closed form, by hand (θ layout `[(d+1), C]`).
-pub(crate) fn hand_hessian(o: &Objective) -> Vec<Vec<f64>> {
+pub(crate) fn hand_hessian(o: &Objective<Network>) -> Vec<Vec<f64>> {
     let theta = o.theta();
     let (n, d) = (o.data.len(), o.data.dim());
     let c = 10;
     let m = d + 1;
     let mut h = vec![vec![0.0; m * c]; m * c];
     for i in 0..n {
-        let x: Vec<f64> = (0..m).map(|j| if j < d { f64::from(o.data.features[i * d + j]) } else { 1.0 }).collect();
+        let x: Vec<f64> = (0..m).map(|j| if j < d { f64::from(o.data.features()[i * d + j]) } else { 1.0 }).collect();
         let z: Vec<f64> = (0..c).map(|k| (0..m).map(|j| x[j] * theta[j * c + k]).sum()).collect();
         let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = z.iter().map(|v| (v - mx).exp()).collect();
@@ -118,7 +130,7 @@ fn operators_match_the_closed_form_logreg_hessian() {
 fn solvers_reach_their_tolerance_against_the_closed_form() {
     let o = trained(300, Architecture::LogReg, vec![], 1e-3);
     let h = hand_hessian(&o);
-    let q = probe(o.network.num_params(), 7);
+    let q = probe(o.model.num_params(), 7);
     for (method, damping) in [(Method::Exact, 0.0), (Method::Ggn, 0.0), (Method::Exact, 0.5)] {
         let c = Curvature::fit(&o, &FitOptions { method, damping, ..FitOptions::default() }).unwrap();
         let x = &c.solve(&o, std::slice::from_ref(&q)).unwrap()[0].0;
@@ -127,7 +139,7 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
     }
     let mut iterations = Vec::new();
     for precondition in [false, true] {
-        let cg = Curvature::fit(&o, &FitOptions { method: Method::Cg, precondition, ..FitOptions::default() }).unwrap();
+        let cg = Curvature::fit(&o, &with_precondition(Method::Cg, precondition)).unwrap();
         let (x, info) = cg.solve(&o, std::slice::from_ref(&q)).unwrap().remove(0);
         let info = info.unwrap();
         let r = residual(&h, 0.0, &x, &q);
@@ -147,7 +159,11 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
     let lissa = FitOptions {
         method: Method::Lissa,
         damping: 0.05,
-        lissa: Lissa { depth: 2500, tolerance: 1e-4, ..Lissa::default() },
+        tolerance: Some(1e-4),
+        params: MethodParams {
+            lissa: LissaParams { depth: 2500, ..LissaParams::default() },
+            ..MethodParams::default()
+        },
         ..FitOptions::default()
     };
     let c = Curvature::fit(&o, &lissa).unwrap();
@@ -155,7 +171,10 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
     let r = residual(&h, 0.05, x, &q);
     assert!(r <= 1e-4, "LiSSA residual {r:e}");
     // Too shallow a recursion is a typed non-convergence, not a silent answer.
-    let shallow = FitOptions { lissa: Lissa { depth: 5, tolerance: 1e-4, ..Lissa::default() }, ..lissa };
+    let shallow = FitOptions {
+        params: MethodParams { lissa: LissaParams { depth: 5, ..LissaParams::default() }, ..MethodParams::default() },
+        ..lissa.clone()
+    };
     let err = Curvature::fit(&o, &shallow).unwrap().solve(&o, std::slice::from_ref(&q)).unwrap_err().to_string();
     assert!(err.contains("did not converge"), "{err}");
 }
@@ -192,16 +211,16 @@ fn kronecker_methods_against_the_exact_ggn_of_small_mlps() {
     // An EK-FAC-preconditioned CG must reach the same exact answer as plain CG.
     for (hidden, floor_cos) in [(vec![16], 0.6), (vec![24, 12], 0.5)] {
         let o = trained(300, Architecture::Mlp, hidden.clone(), 1e-3);
+        let first = o.data.slice(0..1);
         let rows = culprit::gradients::per_example_gradients(
-            &o.network,
-            &o.data.features[..o.data.dim()],
-            &o.data.labels[..1],
+            &o.model,
+            &first,
+            first.labels(),
             culprit::gradients::Measurement::TRAINING_LOSS,
-            &o.device,
         );
         let q = culprit::gradients::gradient_rows_f64(&rows);
         let solve = |method: Method, precondition: bool| {
-            let c = Curvature::fit(&o, &FitOptions { method, precondition, ..FitOptions::default() }).unwrap();
+            let c = Curvature::fit(&o, &with_precondition(method, precondition)).unwrap();
             c.solve(&o, std::slice::from_ref(&q)).unwrap().remove(0)
         };
         let exact = solve(Method::Ggn, false).0;
@@ -232,11 +251,11 @@ fn kronecker_methods_against_the_exact_ggn_of_small_mlps() {
 #[test]
 fn fitted_curvature_round_trips_and_refuses_corrupt_or_stale_files() {
     let o = trained(120, Architecture::Mlp, vec![8], 1e-3);
-    let q = probe(o.network.num_params(), 3);
+    let q = probe(o.model.num_params(), 3);
     let dir = tempfile::tempdir().unwrap();
-    let specs = o.network.layers().to_vec();
+    let specs = o.model.layers().to_vec();
     for method in [Method::Ggn, Method::Ekfac, Method::Arnoldi, Method::Cg] {
-        let c = Curvature::fit(&o, &FitOptions { method, precondition: true, ..FitOptions::default() }).unwrap();
+        let c = Curvature::fit(&o, &with_precondition(method, true)).unwrap();
         let path = dir.path().join(format!("{}.bin", method.name()));
         c.save(&path, "w", "d", o.l2).unwrap();
         let back = Curvature::load(&path, "w", "d", &specs).unwrap();
@@ -281,7 +300,7 @@ fn ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_basis() {
     let o = trained(300, Architecture::LogReg, vec![], 1e-3);
     let h = hand_hessian(&o);
     let c = Curvature::fit(&o, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }).unwrap();
-    let culprit::curvature::Factors::Kronecker(k) = &c.factors else { panic!("ekfac factors") };
+    let k = c.fitted.as_any().downcast_ref::<culprit::curvature::kronecker::KroneckerFactors>().expect("ekfac factors");
     let layer = &k.layers[0];
     let (m, s) = (layer.m, layer.o);
     let mut worst: f64 = 0.0;
@@ -301,16 +320,16 @@ fn ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_basis() {
 #[test]
 fn factored_kronecker_self_influence_equals_solving_each_gradient() {
     let o = trained(300, Architecture::Mlp, vec![24, 12], 1e-3);
-    let d = o.network.num_params();
+    let d = o.model.num_params();
     for method in [Method::Kfac, Method::Ekfac] {
         let c = Curvature::fit(&o, &FitOptions { method, damping: 1e-3, ..FitOptions::default() }).unwrap();
-        let fast = culprit::audit::self_influence(&o, &c, &o.data).unwrap();
+        let fast = culprit::curvature::self_influence::self_influence(&o, &c, &o.data).unwrap();
+        let first = o.data.slice(0..40);
         let blocks = culprit::gradients::per_example_gradients(
-            &o.network,
-            &o.data.features[..40 * 64],
-            &o.data.labels[..40],
+            &o.model,
+            &first,
+            first.labels(),
             culprit::gradients::Measurement::TRAINING_LOSS,
-            &o.device,
         );
         let rows = culprit::gradients::gradient_rows_f64(&blocks);
         let g: Vec<Vec<f64>> = rows.chunks(d).map(<[f64]>::to_vec).collect();
@@ -333,8 +352,8 @@ fn ggn_products_equal_the_dense_ggn_for_every_layer_kind() {
     {
         let config = config(&data, architecture, hidden);
         let net = culprit_models::Network::init(&config, 3, &device, burn::tensor::DType::F64).unwrap();
-        let o = Objective::new(&net, data.clone(), 1e-3, &device);
-        let d = o.network.num_params();
+        let o = Objective::new(&net, data.examples.clone(), 1e-3, &device);
+        let d = o.model.num_params();
         let dense = culprit::curvature::dense::dense_ggn(&o, 16);
         let ggn = GaussNewton::new(&o, 16);
         for s in 0..3 {

@@ -9,7 +9,7 @@ use culprit::gradients::{
     Measurement, Target, gradient_rows, gradient_rows_from_blocks, layer_factors, per_example_gradients,
     per_example_loop,
 };
-use culprit_models::{Activation, Architecture, Backend, ModelConfig, Network};
+use culprit_models::{Activation, Architecture, Backend, Batch, Model, ModelConfig, Network};
 
 use crate::common::{digits_csv, write};
 
@@ -57,13 +57,13 @@ fn check_taps_match_loop(data: &Dataset, config: &ModelConfig, dtype: DType, tol
     let theta: Vec<f64> = net.to_flat().iter().enumerate().map(|(i, v)| v + 0.01 * ((i % 7) as f64 - 3.0)).collect();
     let net = Network::from_flat(config, &theta, &device, dtype).unwrap();
     let b = 24;
-    let features = &data.features[..b * data.dim()];
+    let features = data.examples.slice(0..b);
     for measurement in
         [Measurement::TRAINING_LOSS, Measurement::Margin(Target::Class(1)), Measurement::Logit(Target::Class(1))]
     {
-        let targets = measurement.targets(&data.labels[..b], &data.labels[..b], config.num_classes).unwrap();
-        let tapped = gradient_rows(&per_example_gradients(&net, features, &targets, measurement, &device));
-        let naive = per_example_loop(&net, features, &targets, measurement, &device);
+        let targets = measurement.targets(&data.labels()[..b], &data.labels()[..b], config.num_classes).unwrap();
+        let tapped = gradient_rows(&per_example_gradients(&net, &features, &targets, measurement));
+        let naive = per_example_loop(&net, &features, &targets, measurement);
         let p = net.num_params();
         assert_eq!(tapped.len(), b * p);
         for i in 0..b {
@@ -93,13 +93,8 @@ fn batch_sum_of_per_example_gradients_is_the_full_batch_gradient() {
         let config = model(&data, arch, hidden, Activation::Tanh);
         let device = Backend::default().autodiff_device();
         let net = Network::init(&config, 5, &device, DType::F32).unwrap();
-        let rows = gradient_rows(&per_example_gradients(
-            &net,
-            &data.features,
-            &data.labels,
-            Measurement::TRAINING_LOSS,
-            &device,
-        ));
+        let rows =
+            gradient_rows(&per_example_gradients(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS));
         let p = net.num_params();
         let l2 = 0.01;
         let (_, full, _) = culprit_models::train::full_objective(&net, data.examples(), l2, 64);
@@ -143,11 +138,10 @@ fn kron_projection_with_full_dimensions_is_the_exact_gradient_rearranged() {
     let config = model(&data, Architecture::Mlp, vec![12], Activation::Relu);
     let device = Backend::default().autodiff_device();
     let net = Network::init(&config, 2, &device, DType::F32).unwrap();
-    let factors = layer_factors(&net, &data.features, &data.labels, Measurement::TRAINING_LOSS, &device);
-    let exact =
-        gradient_rows(&per_example_gradients(&net, &data.features, &data.labels, Measurement::TRAINING_LOSS, &device));
-    let kron = Projector::new(ProjectionSpec::Kron { k_in: 1000, k_out: 1000 }, 0, &net, &device).unwrap();
-    let rows = gradient_rows_from_blocks(kron.project(&factors, &net));
+    let factors = layer_factors(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS);
+    let exact = gradient_rows(&per_example_gradients(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS));
+    let kron = Projector::new(ProjectionSpec::Kron { k_in: 1000, k_out: 1000 }, 0, net.layers(), &device).unwrap();
+    let rows = gradient_rows_from_blocks(kron.project(&factors));
     assert_eq!(kron.row_len(), net.num_params());
     let p = net.num_params();
     // Each layer's exact block is W [in, out] then b [out]; the Kronecker block is [in + 1, out]
@@ -165,9 +159,8 @@ fn projected_inner_products_are_unbiased() {
     let config = model(&data, Architecture::Mlp, vec![10], Activation::Tanh);
     let device = Backend::default().autodiff_device();
     let net = Network::init(&config, 9, &device, DType::F32).unwrap();
-    let factors = layer_factors(&net, &data.features, &data.labels, Measurement::TRAINING_LOSS, &device);
-    let exact =
-        gradient_rows(&per_example_gradients(&net, &data.features, &data.labels, Measurement::TRAINING_LOSS, &device));
+    let factors = layer_factors(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS);
+    let exact = gradient_rows(&per_example_gradients(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS));
     let p = net.num_params();
     let dot = |r: &[f32], i: usize, j: usize, len: usize| -> f64 {
         (0..len).map(|k| f64::from(r[i * len + k]) * f64::from(r[j * len + k])).sum()
@@ -180,8 +173,8 @@ fn projected_inner_products_are_unbiased() {
     ] {
         let samples: Vec<f64> = (0..300)
             .map(|seed| {
-                let proj = Projector::new(spec, seed, &net, &device).unwrap();
-                let rows = gradient_rows_from_blocks(proj.project(&factors, &net));
+                let proj = Projector::new(spec, seed, net.layers(), &device).unwrap();
+                let rows = gradient_rows_from_blocks(proj.project(&factors));
                 dot(&rows, 0, 1, proj.row_len())
             })
             .collect();

@@ -54,14 +54,14 @@ fn idx_folder_loads_raw_and_gzipped_with_pixels_in_unit_range() {
     assert_eq!(train.manifest.num_classes, 3);
     assert_eq!(train.manifest.normalization, Normalization::Scale { divisor: 255.0 });
     // Example 2, row 1, column 3: (2 + 1 + 3) / 255.
-    assert!((train.features[2 * 12 + 4 + 3] - 6.0 / 255.0).abs() < 1e-7);
+    assert!((train.examples.features()[2 * 12 + 4 + 3] - 6.0 / 255.0).abs() < 1e-7);
     assert_eq!(train.manifest.files.len(), 2);
     assert_eq!(train.manifest.files[0].sha256.len(), 64);
 
     let mut test_spec = spec(dir.path());
     test_spec.split = Split::Test;
     let test = Dataset::load(&test_spec, Preprocessing::Reuse(&train.manifest)).unwrap();
-    assert_eq!(test.labels, vec![2, 0]);
+    assert_eq!(test.labels(), vec![2, 0]);
     assert_eq!(test.ids, vec![0, 1]);
 }
 
@@ -103,11 +103,11 @@ fn csv_loads_with_label_column_anywhere_and_skip_limit_keep_source_ids() {
     let p = write(dir.path(), "t.csv", b"a,label,b\n1,0,2\n-4,1,8\n3,2,0\n5,1,1\n");
     let d = Dataset::load(&DataSpec { path: p.clone(), split: Split::Train, skip: 1, limit: Some(2) }, fit()).unwrap();
     assert_eq!(d.ids, vec![1, 2]);
-    assert_eq!(d.labels, vec![1, 2]);
+    assert_eq!(d.labels(), vec![1, 2]);
     // Max-abs over the selected rows is 8.
-    assert_eq!(d.features, vec![-0.5, 1.0, 0.375, 0.0]);
+    assert_eq!(d.examples.features(), vec![-0.5, 1.0, 0.375, 0.0]);
     let std = Dataset::load(&spec(&p), Preprocessing::Fit { normalize: NormalizeMode::Standard, buckets: 32 }).unwrap();
-    let col0: Vec<f32> = std.features.chunks(2).map(|r| r[0]).collect();
+    let col0: Vec<f32> = std.examples.features().chunks(2).map(|r| r[0]).collect();
     let mean: f32 = col0.iter().sum::<f32>() / 4.0;
     let var: f32 = col0.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
     assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "mean {mean} var {var}");
@@ -139,11 +139,11 @@ fn jsonl_loads_plain_and_gzipped_and_rejects_lines_without_text() {
     let gz = write(dir.path(), "t.jsonl.gz", &gzip(body));
     let a = Dataset::load(&spec(&plain), fit()).unwrap();
     let b = Dataset::load(&spec(&gz), fit()).unwrap();
-    assert_eq!(a.features, b.features);
-    assert_eq!(a.labels, vec![1, 0, 1]);
+    assert_eq!(a.examples.features(), b.examples.features());
+    assert_eq!(a.labels(), vec![1, 0, 1]);
     assert_eq!(a.dim(), 32);
     assert_eq!(a.texts.as_ref().unwrap()[2], "money money");
-    for row in a.features.chunks(32) {
+    for row in a.examples.features().chunks(32) {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
     let e = load_err(&write(dir.path(), "bad.jsonl", b"{\"text\": \"ok\", \"label\": 0}\n{\"label\": 1}\n"));
@@ -180,8 +180,8 @@ fn mnist_from_shared_matches_published_hashes() {
         fit(),
     )
     .unwrap();
-    assert_eq!(d.labels, vec![7, 2, 1, 0, 4, 1, 4, 9, 5, 9]);
-    assert!(d.features.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert_eq!(d.labels(), vec![7, 2, 1, 0, 4, 1, 4, 9, 5, 9]);
+    assert!(d.examples.features().iter().all(|v| (0.0..=1.0).contains(v)));
     let (_, digest) = culprit::data::read_file(&shared.join("data/mnist/t10k-labels-idx1-ubyte.gz")).unwrap();
     assert_eq!(digest, d.manifest.files[1].sha256);
 }

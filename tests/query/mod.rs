@@ -3,15 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use culprit::cache::CacheOptions;
+use culprit::commands::cache::CacheOptions;
 use culprit::curvature::{FitOptions, Method};
 use culprit::data::{DataSpec, Dataset, Preprocessing, Split};
 use culprit::gradients::projection::ProjectionSpec;
 use culprit::gradients::{Measurement, Target};
 use culprit::store::Dtype;
-use culprit::trace::{TraceOptions, trace};
-use culprit::training::{TrainOptions, train};
-use culprit_models::{Architecture, Backend, Silent, TrainConfig};
+use culprit::workspace::attribution::{TraceOptions, trace};
+use culprit::workspace::training::{TrainOptions, train};
+use culprit_models::{Architecture, Backend, Batch, Model, Silent, TrainConfig};
 use faer::{Mat, Side};
 
 use crate::common::{digits_csv, shared};
@@ -28,10 +28,10 @@ fn logreg_run(dir: &Path, rows: usize, project: &str, methods: &[Method]) -> Pat
         )
     };
     train(&options).unwrap();
-    culprit::cache::build(&CacheOptions {
+    culprit::commands::cache::build(&CacheOptions {
         run: out.clone(),
         store: None,
-        projection: ProjectionSpec::parse(project).unwrap(),
+        projection: culprit::commands::cache::Projection::Spec(ProjectionSpec::parse(project).unwrap()),
         seed: 3,
         dtype: Dtype::F32,
         batch: 128,
@@ -42,7 +42,7 @@ fn logreg_run(dir: &Path, rows: usize, project: &str, methods: &[Method]) -> Pat
     })
     .unwrap();
     for &method in methods {
-        culprit::fit::fit(&out, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
+        culprit::commands::fit::fit(&out, &FitOptions { method, ..FitOptions::default() }, Backend::default()).unwrap();
     }
     out
 }
@@ -52,7 +52,7 @@ fn trace_all(
     indices: Vec<usize>,
     measurement: Measurement,
     curvature: Method,
-) -> culprit::trace::TraceReport {
+) -> culprit::report::trace::TraceReport {
     trace(&TraceOptions {
         run: run.to_path_buf(),
         store: None,
@@ -91,8 +91,8 @@ fn hand_gradient(theta: &[f64], x: &[f32], c: usize) -> Vec<f64> {
 fn every_score_equals_a_brute_force_inverse_hessian_computation() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 400, "none", &[Method::Exact, Method::Cg]);
-    let r = culprit::run::Run::open(&run).unwrap();
-    let objective = culprit::fit::objective(&r, Backend::default()).unwrap();
+    let r = culprit::workspace::Run::open(&run).unwrap();
+    let (objective, _) = culprit::workspace::objective(&r, Backend::default()).unwrap();
     let h = crate::curvature::hand_hessian(&objective);
     let d = h.len();
     let inverse = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
@@ -106,7 +106,7 @@ fn every_score_equals_a_brute_force_inverse_hessian_computation() {
         let report = trace_all(&run, vec![1300, 1650], Measurement::Loss(Target::Label), method);
         for (k, q) in report.queries.iter().enumerate() {
             let row = q.index - 1297;
-            let x = &test.features[row * 64..(row + 1) * 64];
+            let x = &test.examples.features()[row * 64..(row + 1) * 64];
             let gq = hand_gradient(&theta, x, q.label as usize);
             let mut rhs = Mat::<f64>::from_fn(d, 1, |i, _| gq[i]);
             faer::linalg::solvers::Solve::solve_in_place(&inverse, rhs.as_mut());
@@ -115,8 +115,8 @@ fn every_score_equals_a_brute_force_inverse_hessian_computation() {
                 .map(|i| {
                     let gi = hand_gradient(
                         &theta,
-                        &objective.data.features[i * 64..(i + 1) * 64],
-                        objective.data.labels[i] as usize,
+                        &objective.data.features()[i * 64..(i + 1) * 64],
+                        objective.data.labels()[i] as usize,
                     );
                     (0..d).map(|j| rhs[(j, 0)] * gi[j]).sum::<f64>() / n as f64
                 })
@@ -139,8 +139,8 @@ fn every_score_equals_a_brute_force_inverse_hessian_computation() {
 fn relatif_scores_equal_a_brute_force_computation() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
-    let r = culprit::run::Run::open(&run).unwrap();
-    let objective = culprit::fit::objective(&r, Backend::default()).unwrap();
+    let r = culprit::workspace::Run::open(&run).unwrap();
+    let (objective, _) = culprit::workspace::objective(&r, Backend::default()).unwrap();
     let h = crate::curvature::hand_hessian(&objective);
     let d = h.len();
     let chol = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
@@ -153,7 +153,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let n = objective.len();
     let grads: Vec<Vec<f64>> = (0..n)
         .map(|i| {
-            hand_gradient(&theta, &objective.data.features[i * 64..(i + 1) * 64], objective.data.labels[i] as usize)
+            hand_gradient(&theta, &objective.data.features()[i * 64..(i + 1) * 64], objective.data.labels()[i] as usize)
         })
         .collect();
     let own: Vec<f64> = grads.iter().map(|g| g.iter().zip(solve(g)).map(|(a, b)| a * b).sum::<f64>()).collect();
@@ -178,7 +178,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let mut sum = vec![0.0; n];
     for (k, q) in indices.iter().enumerate() {
         let row = q - 1297;
-        let x = solve(&hand_gradient(&theta, &test.features[row * 64..(row + 1) * 64], 3));
+        let x = solve(&hand_gradient(&theta, &test.examples.features()[row * 64..(row + 1) * 64], 3));
         let want: Vec<f64> =
             (0..n).map(|i| grads[i].iter().zip(&x).map(|(a, b)| a * b).sum::<f64>() / own[i].sqrt()).collect();
         sum.iter_mut().zip(&want).for_each(|(s, w)| *s += w);
@@ -221,7 +221,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let recomputed = again(&run);
     assert_eq!(recomputed.self_influence_cached, Some(false));
     assert_eq!(recomputed.all_scores, report.all_scores);
-    culprit::fit::fit(
+    culprit::commands::fit::fit(
         &run,
         &FitOptions { method: Method::Exact, damping: 0.5, ..FitOptions::default() },
         Backend::default(),
@@ -274,8 +274,8 @@ fn removing_the_top_proponent_and_retraining_raises_the_loss() {
     let rows = 500;
     let run = logreg_run(dir.path(), rows, "kron:65x10", &[Method::Exact]);
     let report = trace_all(&run, vec![1400, 1555], Measurement::Loss(Target::Predicted), Method::Exact);
-    let r = culprit::run::Run::open(&run).unwrap();
-    let data = culprit::cache::training_data(&r).unwrap();
+    let r = culprit::workspace::Run::open(&run).unwrap();
+    let data = culprit::workspace::training_data(&r).unwrap();
     let device = Backend::default().autodiff_device();
     let test = Dataset::load(
         &DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
@@ -285,27 +285,20 @@ fn removing_the_top_proponent_and_retraining_raises_the_loss() {
     for (k, q) in report.queries.iter().enumerate() {
         let row = q.index - 1297;
         let loss_at = |net: &culprit_models::Network| {
-            let x = culprit_models::network::input_batch(
-                &test.features[row * 64..(row + 1) * 64],
-                64,
-                &device,
-                net.dtype(),
-            );
+            let x = test.examples.slice(row..row + 1);
             let y = culprit_models::network::one_hot(&[q.target], 10, &device, net.dtype());
-            culprit_models::network::read_f64(culprit_models::network::cross_entropy(net.forward(x), y))[0]
+            culprit_models::network::read_f64(culprit_models::network::cross_entropy(net.logits(&x), y))[0]
         };
         let base = loss_at(&r.network(&device).unwrap());
         for (influence, sign) in [(&report.proponents[k][0], 1.0), (&report.opponents[k][0], -1.0)] {
             let keep: Vec<usize> = (0..rows).filter(|&i| data.ids[i] != influence.train_index).collect();
-            let features: Vec<f32> = keep.iter().flat_map(|&i| data.features[i * 64..(i + 1) * 64].to_vec()).collect();
-            let labels: Vec<u32> = keep.iter().map(|&i| data.labels[i]).collect();
+            let examples = data.examples.gather(&keep);
             let config = r.config.model.clone();
             // The score predicts the optimum of (1/n) Σ_{j≠i} CE + (λ/2)‖θ‖² with the same n; the
             // trainer divides by n − 1, which with λ' = λ·n/(n − 1) has exactly that minimiser.
             let l2 = r.config.training.l2 * rows as f64 / (rows - 1) as f64;
             let training = TrainConfig { tolerance: 1e-9, l2, ..r.config.training.clone() };
-            let examples = culprit_models::Examples { features: &features, labels: &labels, dim: 64 };
-            let (net, _) = culprit_models::train::train(&config, &training, examples, &device, &mut Silent).unwrap();
+            let (net, _) = culprit_models::train::train(&config, &training, &examples, &device, &mut Silent).unwrap();
             let actual = loss_at(&net) - base;
             let predicted = influence.score;
             eprintln!(
@@ -336,7 +329,7 @@ fn projected_stores_estimate_the_exact_scores() {
     let exact_run = logreg_run(&dir.path().join("a"), 800, "none", &[Method::Exact, Method::Identity]);
     let exact = trace_all(&exact_run, vec![1350, 1600], Measurement::Loss(Target::Label), Method::Exact);
     let plain = trace_all(&exact_run, vec![1350, 1600], Measurement::Loss(Target::Label), Method::Identity);
-    let column = |r: &culprit::trace::TraceReport, k: usize| -> Vec<f64> {
+    let column = |r: &culprit::report::trace::TraceReport, k: usize| -> Vec<f64> {
         r.all_scores.as_ref().unwrap()[k].iter().map(|v| f64::from(*v)).collect()
     };
     // Measured: jl:512 0.99, kron:40x8 0.86 (a 320-dimensional row for 650 parameters).
@@ -352,7 +345,7 @@ fn projected_stores_estimate_the_exact_scores() {
     // TRAK-style projected curvature, (1/n)ΦᵀΦ + λI in the projected space, against exact influence
     // (measured 0.87 and 0.84).
     let run = dir.path().join("jl-512").join("run");
-    culprit::fit::fit_with_store(
+    culprit::commands::fit::fit_with_store(
         &run,
         &FitOptions { method: Method::Projected, ..FitOptions::default() },
         Backend::default(),
@@ -371,7 +364,7 @@ fn projected_stores_estimate_the_exact_scores() {
 fn html_report_embeds_every_example_as_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
-    let (report, queries, training) = culprit::trace::trace_with_data(&TraceOptions {
+    let (report, queries, training) = culprit::workspace::attribution::trace_with_data(&TraceOptions {
         run,
         store: None,
         data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
@@ -386,7 +379,7 @@ fn html_report_embeds_every_example_as_a_png() {
         backend: Backend::default(),
     })
     .unwrap();
-    let html = culprit::report::trace_html(&report, &queries, &training);
+    let html = culprit::report::html::trace_html(&report, &queries, &training);
     let uris: Vec<&str> = html.split("data:image/png;base64,").skip(1).map(|s| s.split('"').next().unwrap()).collect();
     assert_eq!(uris.len(), 1 + report.proponents[0].len() + report.opponents[0].len());
     use base64::Engine as _;
@@ -417,10 +410,10 @@ fn per_layer_scores_sum_to_the_total() {
     })
     .unwrap();
     for (project, store) in [("none", "g-none"), ("kron:8x4", "g-kron")] {
-        culprit::cache::build(&CacheOptions {
+        culprit::commands::cache::build(&CacheOptions {
             run: run.clone(),
             store: Some(run.join(store)),
-            projection: ProjectionSpec::parse(project).unwrap(),
+            projection: culprit::commands::cache::Projection::Spec(ProjectionSpec::parse(project).unwrap()),
             seed: 1,
             dtype: Dtype::F32,
             batch: 64,
@@ -476,9 +469,9 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     train(&options).unwrap();
     let cache = |project: &str| {
         let store = dir.path().join(project.replace(':', "-"));
-        let report = culprit::cache::build(&CacheOptions {
+        let report = culprit::commands::cache::build(&CacheOptions {
             store: Some(store.clone()),
-            projection: ProjectionSpec::parse(project).unwrap(),
+            projection: culprit::commands::cache::Projection::Spec(ProjectionSpec::parse(project).unwrap()),
             seed: 3,
             rows_per_shard: Some(128),
             ..CacheOptions::new(run.clone())
@@ -493,8 +486,12 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     // dense0: 65 inputs (with the bias) → 16, 24 outputs → 8; dense1: 25 → 16, 10 outputs → 8.
     assert_eq!((kron_len, factors_len), (16 * 8 + 16 * 8, 16 + 8 + 16 + 8));
     assert_eq!(exact_len, 65 + 24 + 25 + 10);
-    culprit::fit::fit(&run, &FitOptions { method: Method::Ekfac, ..FitOptions::default() }, Backend::default())
-        .unwrap();
+    culprit::commands::fit::fit(
+        &run,
+        &FitOptions { method: Method::Ekfac, ..FitOptions::default() },
+        Backend::default(),
+    )
+    .unwrap();
     let trace_with = |store: &Path, method: Method| {
         trace(&TraceOptions {
             store: Some(store.to_path_buf()),
@@ -511,14 +508,15 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
         })
         .unwrap()
     };
-    let same = |a: &culprit::trace::TraceReport, b: &culprit::trace::TraceReport, what: &str| {
+    let same = |a: &culprit::report::trace::TraceReport, b: &culprit::report::trace::TraceReport, what: &str| {
         for (x, y) in a.all_scores.as_ref().unwrap().iter().zip(b.all_scores.as_ref().unwrap()) {
             let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 1e-4 * scale, "{what}: max difference {worst:e} of {scale:e}");
         }
-        let ids =
-            |r: &culprit::trace::TraceReport| -> Vec<usize> { r.proponents[0].iter().map(|i| i.train_index).collect() };
+        let ids = |r: &culprit::report::trace::TraceReport| -> Vec<usize> {
+            r.proponents[0].iter().map(|i| i.train_index).collect()
+        };
         assert_eq!(ids(a), ids(b), "{what}");
     };
     let (k, f) = (trace_with(&kron, Method::Ekfac), trace_with(&factors, Method::Ekfac));
@@ -531,7 +529,7 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     // The projected curvature fitted on the expanded factor rows is the kron store's.
     let mut projected = Vec::new();
     for store in [&kron, &factors] {
-        culprit::fit::fit_with_store(
+        culprit::commands::fit::fit_with_store(
             &run,
             &FitOptions { method: Method::Projected, ..FitOptions::default() },
             Backend::default(),
@@ -552,11 +550,14 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     let device = Backend::default().device();
     let net = culprit_models::Network::init(&config, 0, &device, burn::tensor::DType::F32).unwrap();
     let spec = ProjectionSpec::parse("factors:8x8").unwrap();
-    let e = culprit::gradients::projection::Projector::new(spec, 0, &net, &device).err().expect("refused");
+    let e = culprit::gradients::projection::Projector::new(spec, 0, net.layers(), &device).err().expect("refused");
     assert!(e.to_string().contains("convolution") && e.to_string().contains("kron"), "{e}");
     // `--project auto` (the CLI default) stores exact factors for all-dense models, full gradients
     // for models with convolutions.
-    assert_eq!(culprit::cache::exact_projection(&config).unwrap(), ProjectionSpec::None);
-    let mlp = culprit::run::Run::open(&run).unwrap();
-    assert_eq!(culprit::cache::exact_projection(&mlp.config.model).unwrap(), ProjectionSpec::parse("factors").unwrap());
+    assert_eq!(culprit::workspace::exact_projection(&config).unwrap(), ProjectionSpec::None);
+    let mlp = culprit::workspace::Run::open(&run).unwrap();
+    assert_eq!(
+        culprit::workspace::exact_projection(&mlp.config.model).unwrap(),
+        ProjectionSpec::parse("factors").unwrap()
+    );
 }

@@ -6,12 +6,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burn::tensor::DType;
-use culprit::cache::{store_key, training_data};
 use culprit::gradients::projection::ProjectionSpec;
 use culprit::gradients::{Measurement, gradient_rows, per_example_gradients};
-use culprit::run::Run;
 use culprit::store::GradientStore;
-use culprit_models::Backend;
+use culprit::workspace::Run;
+use culprit::workspace::{store_key, training_data};
+use culprit_models::{Backend, Model};
 
 use crate::common::digits_csv;
 
@@ -64,8 +64,7 @@ fn store_rows_are_the_per_example_gradients_in_every_dtype() {
     let device = Backend::default().autodiff_device();
     let net = run.network(&device).unwrap();
     let data = training_data(&run).unwrap();
-    let exact =
-        gradient_rows(&per_example_gradients(&net, &data.features, &data.labels, Measurement::TRAINING_LOSS, &device));
+    let exact = gradient_rows(&per_example_gradients(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS));
     let p = net.num_params();
     for (dtype, tol) in [("f32", 0.0), ("f16", 1e-3), ("bf16", 8e-3)] {
         let store = dir.path().join(format!("store-{dtype}"));

@@ -5,7 +5,7 @@
 use burn::tensor::DType;
 use culprit::data::{DataSpec, Dataset, NormalizeMode, Preprocessing, Split};
 use culprit_models::train::train;
-use culprit_models::{Activation, Architecture, Backend, ModelConfig, Network, Silent, TrainConfig};
+use culprit_models::{Activation, Architecture, Backend, Model, ModelConfig, Network, Silent, TrainConfig};
 
 use crate::common::{digits_csv, shared};
 
@@ -61,7 +61,7 @@ fn logreg_reaches_the_optimum_by_an_independent_gradient() {
     let device = Backend::default().autodiff_device();
     let (net, report) = train(&model, &training, data.examples(), &device, &mut Silent).unwrap();
     assert!(report.gradient_norm < 1e-6, "‖∇L‖ = {}", report.gradient_norm);
-    let g = logreg_gradient(&net.to_flat(), &data.features, &data.labels, 64, 10, 1e-3);
+    let g = logreg_gradient(&net.to_flat(), &data.examples.features(), &data.labels(), 64, 10, 1e-3);
     let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
     // The hand-written gradient agrees that this is the optimum (tolerance: the training target).
     assert!(norm < 1e-6, "hand-computed ‖∇L‖ = {norm}");
@@ -148,8 +148,7 @@ fn mnist(shared: &std::path::Path, split: Split, limit: Option<usize>, reuse: Op
 }
 
 fn test_accuracy(net: &Network, test: &Dataset) -> f64 {
-    let device = net.device();
-    culprit::predict::accuracy(&culprit::predict::predict(net, test, 1000, &device))
+    culprit::workspace::predict::accuracy(&culprit::workspace::predict::predict(net, test, 1000))
 }
 
 #[test]

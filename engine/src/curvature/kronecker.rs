@@ -1,0 +1,303 @@
+//! Kronecker-factored curvature: K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse &
+//! Martens 2016) and EK-FAC (George et al. 2018), as used for influence by Grosse et al. (2023).
+//!
+//! Per layer, in the layer's "Kronecker view" G ∈ ℝ^{m×o} of its gradient (m = inputs + 1 with
+//! the bias as a constant-1 input, o = outputs; for a dense layer this is exactly θ's layout):
+//!
+//! - A = (1/(nL)) Σᵢ Σₗ ãᵢₗ ãᵢₗᵀ (inputs, averaged over the L positions of a convolution),
+//! - S = (1/n) Σᵢ Σ_c p_ic Σₗ δᵢₗ⁽ᶜ⁾ δᵢₗ⁽ᶜ⁾ᵀ, δ⁽ᶜ⁾ the output gradient of −log p_c: the **true**
+//!   Fisher, with the expectation over the model's own predictive distribution computed exactly
+//!   (not sampled, not the empirical Fisher at the labels), which for softmax cross-entropy is the
+//!   GGN's output factor.
+//! - K-FAC: the layer's GGN block ≈ A ⊗ S = (Q_A ⊗ Q_S) diag(λ_A ⊗ λ_S) (Q_A ⊗ Q_S)ᵀ.
+//! - EK-FAC: the same eigenbasis, with the eigenvalues re-fitted to the exact second moments of
+//!   the per-example, per-class gradients in that basis:
+//!   Λ*_{jo} = (1/n) Σᵢ Σ_c p_ic ((Q_Aᵀ Gᵢ⁽ᶜ⁾ Q_S)_{jo})².
+//!
+//! Inverse: (block + (λ + δ) I)⁻¹ V = Q_A [(Q_Aᵀ V Q_S) ⊘ (Λ + λ + δ)] Q_Sᵀ, with λ the objective's
+//! own L2 coefficient (its Hessian term λI is added exactly, not folded into a factor) and δ the
+//! extra damping. What makes this faithful where a published EK-FAC scores 0.02 Pearson on
+//! logistic regression: the bias lives inside the Kronecker factors (ã = [a; 1]) instead of being
+//! dropped, the L2 term of the objective is part of the curvature, the Fisher is the true one
+//! (expectation over the model's classes), and the damping is added in the eigenbasis exactly.
+//!
+//! Cost: C backward passes per pass over the data (two passes for EK-FAC), eigendecompositions of
+//! m×m and o×o per layer, and per solve two small products per layer. Memory: m² + o² + m·o per
+//! layer.
+
+use std::any::Any;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use culprit_models::model::TrackedLayer;
+use faer::{Mat, Side};
+
+use super::{CurvatureError, CurvatureSource, FisherSample, Fitted, LoadContext, Solution};
+use crate::error::Result;
+use crate::gradients::{LayerFactors, read_f64};
+use crate::io::container::Arrays;
+
+/// One layer's factors.
+#[derive(Clone, Debug)]
+pub struct KroneckerLayer {
+    /// m = inputs (+1 with a bias).
+    pub m: usize,
+    /// o = outputs.
+    pub o: usize,
+    /// Eigenvectors of A (m×m).
+    pub q_a: Mat<f64>,
+    /// Eigenvectors of S (o×o).
+    pub q_s: Mat<f64>,
+    /// Eigenvalues Λ (m×o, row-major): λ_A ⊗ λ_S for K-FAC, re-fitted for EK-FAC.
+    pub eigenvalues: Vec<f64>,
+}
+
+/// K-FAC or EK-FAC factors of a whole model.
+#[derive(Clone, Debug)]
+pub struct KroneckerFactors {
+    /// Per tracked layer.
+    pub layers: Vec<KroneckerLayer>,
+    /// The objective's λ.
+    pub l2: f64,
+    /// The extra damping δ of solves through [`Fitted`].
+    pub damping: f64,
+    /// The tracked layers the factors belong to.
+    pub tracked: Vec<TrackedLayer>,
+}
+
+/// Inputs with the constant-1 bias row: `[b, L, m]`.
+fn augmented_inputs(f: &LayerFactors) -> Tensor<3> {
+    let a = f.input.clone().swap_dims(1, 2);
+    if f.bias {
+        let [b, l, _] = a.dims();
+        let ones = Tensor::ones([b, l, 1], (&a.device(), a.dtype()));
+        Tensor::cat(vec![a, ones], 2)
+    } else {
+        a
+    }
+}
+
+fn to_mat(t: Tensor<2>) -> Mat<f64> {
+    let [r, c] = t.dims();
+    let v = read_f64(t);
+    Mat::from_fn(r, c, |i, j| v[i * c + j])
+}
+
+fn from_mat(m: &Mat<f64>, device: &burn::tensor::Device) -> Tensor<2> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let v: Vec<f64> = (0..r * c).map(|k| m[(k / c, k % c)]).collect();
+    Tensor::from_data(TensorData::new(v, [r, c]), (device, DType::F64))
+}
+
+fn add(acc: &mut Option<Tensor<2>>, t: Tensor<2>) {
+    *acc = Some(match acc.take() {
+        Some(a) => a + t,
+        None => t,
+    })
+}
+
+/// The Kronecker statistics A = (1/(nL)) Σ ããᵀ and S = Σ_samples Σᵢ wᵢ Σₗ δδᵀ of every layer.
+fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>, Vec<Tensor<2>>) {
+    let n = source.len() as f64;
+    let count = source.layers().len();
+    let mut a_sum: Vec<Option<Tensor<2>>> = vec![None; count];
+    let mut s_sum: Vec<Option<Tensor<2>>> = vec![None; count];
+    source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
+        let b = sample.weights.len();
+        for (l, f) in sample.factors.iter().enumerate() {
+            let a = augmented_inputs(f); // [b, L, m]
+            let [_, positions, m] = a.dims();
+            if sample.first {
+                let x = a.reshape([b * positions, m]);
+                add(&mut a_sum[l], x.clone().transpose().matmul(x).div_scalar(n * positions as f64));
+            }
+            // Rows (example, position) of the output gradient, weighted by √wᵢ.
+            let weights: Vec<f64> =
+                sample.weights.iter().flat_map(|v| std::iter::repeat_n(v.sqrt(), positions)).collect();
+            let device = f.output_grad.device();
+            let w = Tensor::<1>::from_data(TensorData::new(weights, [b * positions]), (&device, DType::F64))
+                .reshape([b * positions, 1]);
+            let [_, o, _] = f.output_grad.dims();
+            let d = f.output_grad.clone().swap_dims(1, 2).reshape([b * positions, o]) * w;
+            add(&mut s_sum[l], d.clone().transpose().matmul(d));
+        }
+    });
+    let take = |v: Vec<Option<Tensor<2>>>| v.into_iter().map(|t| t.expect("every layer has factors")).collect();
+    (take(a_sum), take(s_sum))
+}
+
+/// Eigendecomposition of a symmetric factor; eigenvalues clipped at 0.
+fn eigen(t: Tensor<2>, what: &str, layer: &str) -> Result<(Mat<f64>, Vec<f64>), CurvatureError> {
+    let mat = to_mat(t);
+    let e = mat
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| CurvatureError::Config(format!("{what} eigendecomposition of layer {layer}: {e:?}")))?;
+    let s = e.S().column_vector();
+    Ok((e.U().to_owned(), (0..mat.nrows()).map(|i| s[i].max(0.0)).collect()))
+}
+
+/// EK-FAC's eigenvalues: Λ*_{jo} = Σ_samples Σᵢ wᵢ ((Q_Aᵀ Gᵢ Q_S)_{jo})² per layer.
+fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [KroneckerLayer]) {
+    let mut bases: Option<Vec<(Tensor<2>, Tensor<2>)>> = None;
+    let mut sums: Vec<Option<Tensor<2>>> = vec![None; layers.len()];
+    source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
+        let b = sample.weights.len();
+        let device = sample.factors[0].input.device();
+        let bases = bases.get_or_insert_with(|| {
+            layers.iter().map(|k| (from_mat(&k.q_a, &device), from_mat(&k.q_s, &device))).collect()
+        });
+        let w = Tensor::<1>::from_data(TensorData::new(sample.weights.to_vec(), [b]), (&device, DType::F64));
+        for (l, f) in sample.factors.iter().enumerate() {
+            let (qa, qs) = &bases[l];
+            let [m, _] = qa.dims();
+            let [o, _] = qs.dims();
+            let a = augmented_inputs(f); // [b, L, m]
+            let positions = a.dims()[1];
+            let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
+            let term = if positions == 1 {
+                // Dense: the gradient in the eigenbasis is rank one, (Q_Aᵀã) ⊗ (Q_Sᵀδ), so its
+                // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product.
+                let pa = a.reshape([b, m]).matmul(qa.clone()).square() * w.clone().reshape([b, 1]);
+                let pd = d.reshape([b, o]).matmul(qs.clone()).square();
+                pa.transpose().matmul(pd)
+            } else {
+                let pa = a.matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
+                let pd = d.matmul(qs.clone().reshape([1, o, o])); // [b, L, o]
+                let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
+                (g.square() * w.clone().reshape([b, 1, 1])).sum_dim(0).reshape([m, o])
+            };
+            add(&mut sums[l], term);
+        }
+    });
+    for (layer, sum) in layers.iter_mut().zip(sums) {
+        layer.eigenvalues = read_f64(sum.expect("every layer"));
+    }
+}
+
+/// Fits K-FAC (`refit = false`) or EK-FAC (`refit = true`) factors of `source`, with `damping`
+/// the δ of later solves. Cost: one (K-FAC) or two (EK-FAC) sweeps of the Fisher samples.
+pub fn fit(
+    source: &dyn CurvatureSource,
+    refit: bool,
+    chunk: usize,
+    damping: f64,
+) -> Result<KroneckerFactors, CurvatureError> {
+    let tracked = source.layers().to_vec();
+    let (a, s) = second_moments(source, chunk);
+    let mut layers = Vec::with_capacity(tracked.len());
+    for ((spec, a), s) in tracked.iter().zip(a).zip(s) {
+        let (m, o) = (spec.view_rows(), spec.outputs);
+        let (q_a, la) = eigen(a, "A", &spec.name)?;
+        let (q_s, ls) = eigen(s, "S", &spec.name)?;
+        let eigenvalues = (0..m * o).map(|k| la[k / o] * ls[k % o]).collect();
+        layers.push(KroneckerLayer { m, o, q_a, q_s, eigenvalues });
+    }
+    if refit {
+        refit_eigenvalues(source, chunk, &mut layers);
+    }
+    Ok(KroneckerFactors { layers, l2: source.l2(), damping, tracked })
+}
+
+impl KroneckerFactors {
+    /// (G̃ + (λ + damping) I)⁻¹ q, layer by layer (block-diagonal). Cost Σ_layers m·o·(m + o).
+    pub fn solve_one(&self, q: &[f64], damping: f64) -> Vec<f64> {
+        let mut out = Vec::with_capacity(q.len());
+        let mut offset = 0;
+        for (spec, k) in self.tracked.iter().zip(&self.layers) {
+            let len = spec.num_params();
+            let view = spec.to_view(&q[offset..offset + len]);
+            let v = Mat::<f64>::from_fn(k.m, k.o, |i, j| view[i * k.o + j]);
+            let mut inner = k.q_a.transpose() * &v * &k.q_s;
+            for i in 0..k.m {
+                for j in 0..k.o {
+                    inner[(i, j)] /= k.eigenvalues[i * k.o + j] + self.l2 + damping;
+                }
+            }
+            let x = &k.q_a * &inner * k.q_s.transpose();
+            let flat: Vec<f64> = (0..k.m * k.o).map(|idx| x[(idx / k.o, idx % k.o)]).collect();
+            out.extend(spec.from_view(&flat));
+            offset += len;
+        }
+        out
+    }
+
+    /// Self-influence gᵢᵀ(G̃ + (λ + damping) I)⁻¹gᵢ of per-example gradients given by their layer
+    /// factors (block-diagonal: summed over layers), without forming gᵢ or solving: in the
+    /// eigenbasis a dense layer's gradient is rank one, (Q_Aᵀãᵢ) ⊗ (Q_Sᵀδᵢ), so its self-influence
+    /// is Σ_jo (Q_Aᵀãᵢ)²_j (Q_Sᵀδᵢ)²_o / (Λ_jo + λ + δ), one product per batch. Cost per example
+    /// Σ_layers (m² + o² + m·o) for dense layers; sums over positions form the m×o gradient in the
+    /// basis (L·m·o more). Factors must be f64.
+    pub fn factored_self_influence(&self, factors: &[LayerFactors], damping: f64) -> Vec<f64> {
+        let device = factors[0].input.device();
+        let b = factors[0].input.dims()[0];
+        let mut total = vec![0.0f64; b];
+        for (f, k) in factors.iter().zip(&self.layers) {
+            let (m, o) = (k.m, k.o);
+            let qa = from_mat(&k.q_a, &device);
+            let qs = from_mat(&k.q_s, &device);
+            let inverse: Vec<f64> = k.eigenvalues.iter().map(|e| 1.0 / (e + self.l2 + damping)).collect();
+            let w = Tensor::<2>::from_data(TensorData::new(inverse, [m, o]), (&device, DType::F64));
+            let a = augmented_inputs(f); // [b, L, m]
+            let positions = a.dims()[1];
+            let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
+            let per = if positions == 1 {
+                let pa = a.reshape([b, m]).matmul(qa).square();
+                let pd = d.reshape([b, o]).matmul(qs).square();
+                (pa.matmul(w) * pd).sum_dim(1).reshape([b])
+            } else {
+                let pa = a.matmul(qa.reshape([1, m, m]));
+                let pd = d.matmul(qs.reshape([1, o, o]));
+                let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
+                (g.square() * w.reshape([1, m, o])).sum_dim(2).sum_dim(1).reshape([b])
+            };
+            for (t, v) in total.iter_mut().zip(read_f64(per)) {
+                *t += v;
+            }
+        }
+        total
+    }
+
+    /// The factors as curvature-file arrays (`q_a.L`, `q_s.L`, `eigenvalues.L` per layer).
+    pub fn push_arrays(&self, arrays: &mut Arrays) {
+        for (l, layer) in self.layers.iter().enumerate() {
+            let values = |m: &Mat<f64>| (0..m.nrows() * m.ncols()).map(|k| m[(k / m.ncols(), k % m.ncols())]).collect();
+            arrays.push(format!("q_a.{l}"), vec![layer.m, layer.m], values(&layer.q_a));
+            arrays.push(format!("q_s.{l}"), vec![layer.o, layer.o], values(&layer.q_s));
+            arrays.push(format!("eigenvalues.{l}"), vec![layer.m, layer.o], layer.eigenvalues.clone());
+        }
+    }
+
+    /// The factors from a curvature file, checked against the model's tracked layers.
+    pub fn from_arrays(arrays: &mut Arrays, ctx: &LoadContext<'_>) -> Result<Self> {
+        let mut layers = Vec::with_capacity(ctx.layers.len());
+        for (l, spec) in ctx.layers.iter().enumerate() {
+            let (m, o) = (spec.view_rows(), spec.outputs);
+            let (_, qa) = arrays.take(ctx.path, &format!("q_a.{l}"), Some(&[m, m]))?;
+            let (_, qs) = arrays.take(ctx.path, &format!("q_s.{l}"), Some(&[o, o]))?;
+            let (_, eigenvalues) = arrays.take(ctx.path, &format!("eigenvalues.{l}"), Some(&[m, o]))?;
+            let q_a = Mat::from_fn(m, m, |i, j| qa[i * m + j]);
+            let q_s = Mat::from_fn(o, o, |i, j| qs[i * o + j]);
+            layers.push(KroneckerLayer { m, o, q_a, q_s, eigenvalues });
+        }
+        Ok(Self { layers, l2: ctx.l2, damping: ctx.options.damping, tracked: ctx.layers.to_vec() })
+    }
+}
+
+impl Fitted for KroneckerFactors {
+    fn solve(&self, _: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>> {
+        Ok(queries.iter().map(|q| (self.solve_one(q, self.damping), None)).collect())
+    }
+
+    fn self_influence(&self, _: &dyn CurvatureSource, factors: &[LayerFactors]) -> Result<Vec<f64>> {
+        Ok(self.factored_self_influence(factors, self.damping))
+    }
+
+    fn arrays(&self) -> Arrays {
+        let mut arrays = Arrays::new();
+        self.push_arrays(&mut arrays);
+        arrays
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

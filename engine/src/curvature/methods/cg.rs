@@ -1,0 +1,112 @@
+//! `cg`: conjugate gradient on exact Gauss–Newton products, optionally preconditioned by EK-FAC
+//! (fitted with the same damping). Nothing but the preconditioner is fitted; every solve runs CG
+//! to the relative residual `--tolerance` (default [`DEFAULT_TOLERANCE`]) or fails saying so.
+//! Cost per solve: iterations × one GGN product (see
+//! [`crate::curvature::operators::GaussNewton`]); exact to the tolerance.
+
+use std::any::Any;
+
+use serde::{Deserialize, Serialize};
+
+use crate::curvature::iterative::ConjugateGradient;
+use crate::curvature::kronecker::{self, KroneckerFactors};
+use crate::curvature::operators::Damped;
+use crate::curvature::{CurvatureMethod, CurvatureSource, FitContext, Fitted, LoadContext, Solution};
+use crate::error::{Error, Result};
+use crate::gradients::LayerFactors;
+use crate::io::container::Arrays;
+
+/// CG's relative-residual tolerance unless `--tolerance` says otherwise.
+pub const DEFAULT_TOLERANCE: f64 = 1e-8;
+
+/// The `cg` method.
+pub struct Cg;
+
+/// CG's own flags.
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
+#[group(skip)]
+pub struct CgParams {
+    /// cg: iteration limit.
+    #[arg(long = "max-iterations", default_value_t = 1000, value_parser = crate::params::at_least_one)]
+    pub max_iterations: usize,
+    /// cg: precondition with EK-FAC.
+    #[arg(long)]
+    pub precondition: bool,
+}
+
+impl Default for CgParams {
+    fn default() -> Self {
+        crate::params::clap_defaults()
+    }
+}
+
+/// A CG solver with its optional EK-FAC preconditioner.
+pub struct FittedCg {
+    /// The solver's parameters.
+    pub solver: ConjugateGradient,
+    /// The preconditioner.
+    pub preconditioner: Option<KroneckerFactors>,
+    damping: f64,
+    chunk: usize,
+}
+
+impl CurvatureMethod for Cg {
+    type Params = CgParams;
+
+    fn fit(params: &CgParams, ctx: &FitContext<'_>) -> Result<Box<dyn Fitted>> {
+        let o = ctx.options;
+        let preconditioner =
+            params.precondition.then(|| kronecker::fit(ctx.source, true, o.chunk, o.damping)).transpose()?;
+        let solver = ConjugateGradient {
+            tolerance: o.tolerance.unwrap_or(DEFAULT_TOLERANCE),
+            max_iterations: params.max_iterations,
+        };
+        Ok(Box::new(FittedCg { solver, preconditioner, damping: o.damping, chunk: o.chunk }))
+    }
+
+    fn load(params: &CgParams, arrays: &mut Arrays, ctx: &LoadContext<'_>) -> Result<Box<dyn Fitted>> {
+        let o = ctx.options;
+        let preconditioner = params.precondition.then(|| KroneckerFactors::from_arrays(arrays, ctx)).transpose()?;
+        let solver = ConjugateGradient {
+            tolerance: o.tolerance.unwrap_or(DEFAULT_TOLERANCE),
+            max_iterations: params.max_iterations,
+        };
+        Ok(Box::new(FittedCg { solver, preconditioner, damping: o.damping, chunk: o.chunk }))
+    }
+}
+
+impl Fitted for FittedCg {
+    fn solve(&self, source: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>> {
+        let ggn = source.gauss_newton(self.chunk)?;
+        let op = Damped { inner: ggn.as_ref(), damping: self.damping };
+        queries
+            .iter()
+            .map(|q| {
+                let (x, info) = match &self.preconditioner {
+                    Some(k) => {
+                        let m = |r: &[f64]| k.solve_one(r, self.damping);
+                        self.solver.solve(&op, q, Some(&m))?
+                    }
+                    None => self.solver.solve(&op, q, None)?,
+                };
+                Ok((x, Some(info)))
+            })
+            .collect()
+    }
+
+    fn self_influence(&self, _: &dyn CurvatureSource, _: &[LayerFactors]) -> Result<Vec<f64>> {
+        Err(Error::Usage(super::super::self_influence::ITERATIVE_REFUSAL.replace("{method}", "cg")))
+    }
+
+    fn arrays(&self) -> Arrays {
+        let mut arrays = Arrays::new();
+        if let Some(k) = &self.preconditioner {
+            k.push_arrays(&mut arrays);
+        }
+        arrays
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,160 @@
+//! The training objective at the trained θ, the object every curvature method approximates.
+//!
+//! L(θ) = (1/n) Σᵢ ℓ(zᵢ; θ) + (λ/2)‖θ‖², with ℓ the example's cross-entropy summed over its
+//! prediction rows, evaluated in f64 at the trained parameters on the data they were trained on.
+//! [`Objective`] holds the model (in f64, on an autodiff device), the training batch and λ, and is
+//! what the curvature methods see, through the object-safe [`CurvatureSource`]: products with the
+//! exact Gauss–Newton matrix and the Hessian, the closed-form Hessian where the model has one, and
+//! samples of the model's predictive distribution for the Fisher. The methods never see the model
+//! type, so every method works for every model that implements [`Model`].
+
+use burn::tensor::{DType, Device};
+use culprit_models::model::{Batch, Model, RowGroups, TrackedLayer, extend, restrict, tracked_len};
+use culprit_models::network::probabilities;
+use faer::Mat;
+
+use crate::curvature::operators::{GaussNewton, HessianFd, LinearOperator, SampledOperator};
+use crate::error::{Error, Result};
+use crate::gradients::{LayerFactors, Measurement, Target, layer_factors, read_f64};
+
+/// The training objective of a model at its trained parameters.
+pub struct Objective<M: Model> {
+    /// The model in f64 on an autodiff device.
+    pub model: M,
+    /// The training examples.
+    pub data: M::Batch,
+    /// The objective's λ.
+    pub l2: f64,
+    /// The device.
+    pub device: Device,
+}
+
+/// One sample of the model's predictive distribution over a chunk of training examples: the
+/// true Fisher F = Σ over samples of Σᵢ weightsᵢ · gᵢ gᵢᵀ, gᵢ the gradient whose layer factors
+/// `factors` holds. Classifiers give the exact expectation (one sample per class c, weights
+/// p_ic / n); `first` marks a chunk's first sample (its inputs are new).
+pub struct FisherSample<'a> {
+    /// The first sample of this chunk of examples.
+    pub first: bool,
+    /// Per example of the chunk, the sample's weight.
+    pub weights: &'a [f64],
+    /// The sample's per-example layer factors (loss gradients at the sampled classes).
+    pub factors: &'a [LayerFactors],
+}
+
+/// What a curvature method may ask of the objective it approximates (object-safe, so that the
+/// methods are independent of the model type). Every vector lives in the tracked space.
+pub trait CurvatureSource: Sync {
+    /// d, the number of tracked parameters.
+    fn dim(&self) -> usize;
+    /// The tracked layers.
+    fn layers(&self) -> &[TrackedLayer];
+    /// The objective's λ.
+    fn l2(&self) -> f64;
+    /// n, the number of training examples.
+    fn len(&self) -> usize;
+    /// Whether there are no training examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Exact Gauss–Newton products, computed in chunks of `chunk` examples.
+    fn gauss_newton(&self, chunk: usize) -> Result<Box<dyn SampledOperator + '_>>;
+    /// Hessian products by central finite differences of the f64 gradient.
+    fn hessian(&self) -> Box<dyn LinearOperator + '_>;
+    /// The Hessian in closed form, where the model has one ([`Model::closed_form_hessian`]).
+    fn closed_form_hessian(&self) -> Option<Mat<f64>>;
+    /// Calls `f` for every [`FisherSample`] over the training data, in chunks of `chunk`.
+    fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>));
+}
+
+impl<M: Model> Objective<M> {
+    /// The objective of `model` (converted to f64 on `device`, which must have autodiff) on
+    /// `data`.
+    pub fn new(model: &M, data: M::Batch, l2: f64, device: &Device) -> Self {
+        Self { model: model.cast(device, DType::F64), data, l2, device: device.clone() }
+    }
+
+    /// θ.
+    pub fn theta(&self) -> Vec<f64> {
+        self.model.to_flat()
+    }
+
+    /// n.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether there is no data.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// ∇L restricted to the tracked space, at θ + t·v for a tracked-space direction v.
+    pub fn gradient_at(&self, v: &[f64], t: f64) -> Vec<f64> {
+        let layers = self.model.layers();
+        let theta = self.theta();
+        let step = extend(layers, v, theta.len());
+        let moved: Vec<f64> = theta.iter().zip(&step).map(|(a, b)| a + t * b).collect();
+        let net = self.model.with_flat(&moved, &self.device, DType::F64).expect("same shape");
+        restrict(layers, &culprit_models::train::full_objective(&net, &self.data, self.l2, 4096).1)
+    }
+
+    /// Class probabilities of every prediction row of `batch`, `rows × classes` row-major.
+    pub fn probabilities(&self, batch: &M::Batch) -> Vec<f64> {
+        read_f64(probabilities(self.model.logits(batch)))
+    }
+}
+
+impl<M: Model> CurvatureSource for Objective<M> {
+    fn dim(&self) -> usize {
+        tracked_len(self.model.layers())
+    }
+
+    fn layers(&self) -> &[TrackedLayer] {
+        self.model.layers()
+    }
+
+    fn l2(&self) -> f64 {
+        self.l2
+    }
+
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn gauss_newton(&self, chunk: usize) -> Result<Box<dyn SampledOperator + '_>> {
+        if self.data.groups() != RowGroups::OnePerExample {
+            return Err(Error::Usage(format!(
+                "exact Gauss–Newton products need one prediction per example; a {} makes several (use kfac or ekfac)",
+                self.model.describe()
+            )));
+        }
+        Ok(Box::new(GaussNewton::new(self, chunk)))
+    }
+
+    fn hessian(&self) -> Box<dyn LinearOperator + '_> {
+        Box::new(HessianFd { objective: self, relative_step: 1e-6 })
+    }
+
+    fn closed_form_hessian(&self) -> Option<Mat<f64>> {
+        self.model.closed_form_hessian(&self.data, self.l2)
+    }
+
+    fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>)) {
+        let classes = self.model.num_classes();
+        let n = self.len();
+        for start in (0..n).step_by(chunk.max(1)) {
+            let batch = self.data.slice(start..(start + chunk).min(n));
+            let b = batch.len();
+            let probabilities = self.probabilities(&batch);
+            let rows = probabilities.len() / classes;
+            assert_eq!(rows, b, "the exact Fisher expectation needs one prediction per example");
+            for c in 0..classes {
+                let targets = vec![c as u32; b];
+                let factors = layer_factors(&self.model, &batch, &targets, Measurement::Loss(Target::Class(c as u32)));
+                let weights: Vec<f64> = (0..b).map(|i| probabilities[i * classes + c] / n as f64).collect();
+                f(FisherSample { first: c == 0, weights: &weights, factors: &factors });
+            }
+        }
+    }
+}

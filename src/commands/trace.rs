@@ -1,0 +1,54 @@
+//! `culprit trace`: for chosen test outputs, the training examples most responsible, as a table,
+//! JSON (`docs/OUTPUT.md`) or a self-contained HTML page, and optionally every score as CSV.
+//! The computation is [`crate::workspace::attribution`].
+
+use std::io::Write;
+
+use super::{Format, ReportArgs, emit};
+use crate::error::Result;
+use crate::report::trace::{TraceReport, to_table};
+use crate::workspace::attribution::{TraceOptions, trace_with_data};
+
+/// The flags of `culprit trace`.
+#[derive(Clone, Debug, clap::Args)]
+#[group(skip)]
+pub struct TraceArgs {
+    /// What to trace.
+    #[command(flatten)]
+    pub options: TraceOptions,
+    /// How to write it.
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// Every score as CSV: `query_index,train_index,score`.
+fn scores_csv(report: &TraceReport) -> Option<String> {
+    use std::fmt::Write as _;
+    let all = report.all_scores.as_ref()?;
+    let mut csv = String::from("query_index,train_index,score\n");
+    for (q, scores) in report.queries.iter().zip(all) {
+        for (id, s) in report.train_ids.iter().zip(scores) {
+            let _ = writeln!(csv, "{},{},{:e}", q.index, id, s);
+        }
+    }
+    Some(csv)
+}
+
+/// Traces and writes the report.
+pub fn run(args: &TraceArgs, stdout: &mut dyn Write) -> Result<()> {
+    args.report.check(&[Format::Table, Format::Json, Format::Html])?;
+    let store = args.options.store.clone().unwrap_or_else(|| args.options.run.join("gradients"));
+    args.report.check_outputs(&[&args.options.data.path], &[&args.options.run, &store])?;
+    let mut options = args.options.clone();
+    options.keep_all = args.report.scores_out.is_some();
+    let (report, queries, training) = trace_with_data(&options)?;
+    if let (Some(path), Some(csv)) = (&args.report.scores_out, scores_csv(&report)) {
+        crate::io::write_atomic(path, csv.as_bytes())?;
+    }
+    let text = match args.report.format {
+        Format::Json => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+        Format::Html => crate::report::html::trace_html(&report, &queries, &training),
+        Format::Table => to_table(&report),
+    };
+    emit(&text, args.report.out.as_deref(), stdout)
+}

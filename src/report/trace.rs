@@ -1,0 +1,269 @@
+//! The report of a trace: what `culprit trace` writes (JSON schema in `docs/OUTPUT.md`), its
+//! plain-text table, and the merge of the reports of a trace split across machines.
+
+use std::path::PathBuf;
+
+use culprit_engine::gradients::{Measurement, Target};
+use culprit_engine::query::ScoreMode;
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataSpec;
+use crate::error::{Error, Result};
+
+/// Version of the JSON output schema (`docs/OUTPUT.md`).
+pub const OUTPUT_SCHEMA_VERSION: u32 = 1;
+
+/// Where the queries came from (`--data --split --skip --limit` of the trace), so later commands
+/// (`culprit purge`) can evaluate them again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuerySource {
+    /// `--data`.
+    pub path: PathBuf,
+    /// `--split`.
+    pub split: crate::data::Split,
+    /// `--skip`.
+    pub skip: usize,
+    /// `--limit`.
+    pub limit: Option<usize>,
+}
+
+impl QuerySource {
+    /// As a data spec.
+    pub fn spec(&self) -> DataSpec {
+        DataSpec { path: self.path.clone(), split: self.split, skip: self.skip, limit: self.limit }
+    }
+}
+
+/// The strongest proponents and opponents of one ranking.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ranking {
+    /// Strongest first.
+    pub proponents: Vec<Influence>,
+    /// Strongest first.
+    pub opponents: Vec<Influence>,
+}
+
+/// A query as the model sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueryInfo {
+    /// Source row id.
+    pub index: usize,
+    /// Its label.
+    pub label: u32,
+    /// The model's prediction.
+    pub predicted: u32,
+    /// Class probabilities.
+    pub probabilities: Vec<f64>,
+    /// The class the measurement refers to.
+    pub target: u32,
+    /// The measurement's value.
+    pub measurement_value: f64,
+    /// Iterations of the curvature solve (iterative methods).
+    pub solve_iterations: Option<usize>,
+    /// Relative residual of the curvature solve (iterative methods).
+    pub solve_residual: Option<f64>,
+}
+
+/// One training example's influence.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Influence {
+    /// Training example id (source row).
+    pub train_index: usize,
+    /// Its label.
+    pub label: u32,
+    /// The score.
+    pub score: f64,
+    /// The score split by layer (`--per-layer`; sums to `score`), for stores whose rows have
+    /// per-layer blocks (`none`, `kron`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub per_layer: Option<Vec<LayerScore>>,
+}
+
+/// One layer's part of a score.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerScore {
+    /// Layer name.
+    pub layer: String,
+    /// Its contribution: (1/n) ⟨query block, row block⟩.
+    pub score: f64,
+}
+
+/// Everything `trace` found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceReport {
+    /// Schema version.
+    pub schema_version: u32,
+    /// What a score is.
+    pub score_definition: String,
+    /// +1 if a positive score marks a proponent of the target class, −1 if a negative one does.
+    pub proponent_sign: i8,
+    /// The measurement.
+    pub measurement: Measurement,
+    /// Curvature method.
+    pub curvature: String,
+    /// Extra damping δ.
+    pub damping: f64,
+    /// The objective's λ.
+    pub l2: f64,
+    /// Number of training examples n.
+    pub n: usize,
+    /// The store's projection.
+    pub projection: String,
+    /// The queries.
+    pub queries: Vec<QueryInfo>,
+    /// Per query, the proponents (strongest first).
+    pub proponents: Vec<Vec<Influence>>,
+    /// Per query, the opponents (strongest first).
+    pub opponents: Vec<Vec<Influence>>,
+    /// Seconds spent scoring (one pass over the store).
+    pub scoring_seconds: f64,
+    /// `[I, N]` when only the shards j with j mod N = I were scored (`--shard I/N`); merge the
+    /// N parts with `culprit merge`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub part: Option<[usize; 2]>,
+    /// Raw influence or RelatIF (see [`ScoreMode`]).
+    #[serde(default)]
+    pub score_mode: ScoreMode,
+    /// Seconds spent on the training examples' self-influence (RelatIF).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub self_influence_seconds: Option<f64>,
+    /// Whether the self-influence came from its cache (`RUN/curvature/METHOD.self.bin`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub self_influence_cached: Option<bool>,
+    /// With several queries: the ranking by the sum of their scores (one extra query, since the
+    /// score is linear in the query): "which examples caused all of these?".
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub combined: Option<Ranking>,
+    /// Where the queries came from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub query_source: Option<QuerySource>,
+    /// Every score, per query, in training-data order (only with `--scores-out`).
+    #[serde(skip)]
+    pub all_scores: Option<Vec<Vec<f32>>>,
+    /// Training ids in store-row order (for `all_scores`).
+    #[serde(skip)]
+    pub train_ids: Vec<usize>,
+}
+
+/// A one-line description of a measurement for people.
+pub fn describe(measurement: Measurement, target: u32) -> String {
+    let t = |t: Target| match t {
+        Target::Label => format!("the label (class {target})"),
+        Target::Predicted => format!("the predicted class {target}"),
+        Target::Class(c) => format!("class {c}"),
+    };
+    match measurement {
+        Measurement::Loss(x) => format!("loss against {}", t(x)),
+        Measurement::Margin(x) => format!("margin of {}", t(x)),
+        Measurement::Logit(x) => format!("logit of {}", t(x)),
+    }
+}
+
+/// The report as a plain-text table.
+pub fn to_table(report: &TraceReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "curvature {} (damping {}, λ {}), store projection {}, n = {}; score = {}",
+        report.curvature,
+        report.damping,
+        report.l2,
+        report.projection,
+        report.n,
+        match report.score_mode {
+            ScoreMode::Raw => "predicted change of the measurement if the example were removed",
+            ScoreMode::Relatif => "RelatIF, influence / √(self-influence) (rank, not a predicted change)",
+        }
+    );
+    let list = |s: &mut String, title: &str, list: &[Influence]| {
+        let _ = writeln!(s, "  top {title}:");
+        let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
+        for (r, i) in list.iter().enumerate() {
+            let layers = i
+                .per_layer
+                .as_ref()
+                .map(|l| {
+                    let parts: Vec<String> = l.iter().map(|x| format!("{} {:+.2e}", x.layer, x.score)).collect();
+                    format!("  [{}]", parts.join(", "))
+                })
+                .unwrap_or_default();
+            let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}{layers}", r + 1, i.train_index, i.label, i.score);
+        }
+    };
+    for (k, q) in report.queries.iter().enumerate() {
+        let p = q.probabilities[q.predicted as usize];
+        let _ = writeln!(
+            s,
+            "\nquery {}: label {}, predicted {} (p = {:.3}); measurement: {} = {:.6}{}",
+            q.index,
+            q.label,
+            q.predicted,
+            p,
+            describe(report.measurement, q.target),
+            q.measurement_value,
+            match (q.solve_iterations, q.solve_residual) {
+                (Some(i), Some(r)) => format!(" [solve: {i} iterations, residual {r:.1e}]"),
+                _ => String::new(),
+            }
+        );
+        list(&mut s, "proponents (pushed the model toward the target class)", &report.proponents[k]);
+        list(&mut s, "opponents (pushed it away)", &report.opponents[k]);
+    }
+    if let Some(c) = &report.combined {
+        let _ = writeln!(s, "\nall {} queries together (scores summed):", report.queries.len());
+        list(&mut s, "proponents", &c.proponents);
+        list(&mut s, "opponents", &c.opponents);
+    }
+    s
+}
+
+/// Merges the reports of `--shard I/N` traces (all N parts, each once, of the same query) into
+/// one, keeping the `top` strongest proponents and opponents per query.
+pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
+    let first = parts.first().ok_or_else(|| Error::Usage("merge needs at least one report".into()))?;
+    let count = first.part.map_or(1, |p| p[1]);
+    let mut seen = vec![false; count];
+    for p in &parts {
+        let same = p.queries.iter().map(|q| q.index).eq(first.queries.iter().map(|q| q.index))
+            && p.measurement == first.measurement
+            && p.curvature == first.curvature
+            && p.n == first.n
+            && p.projection == first.projection
+            && p.damping == first.damping
+            && p.score_mode == first.score_mode;
+        if !same {
+            return Err(Error::Usage("the reports trace different queries, measurements, curvatures or stores".into()));
+        }
+        let [i, n] = p.part.unwrap_or([0, 1]);
+        if n != count || i >= n || std::mem::replace(&mut seen[i], true) {
+            return Err(Error::Usage(format!(
+                "part {i}/{n} is repeated or does not belong to a split in {count} parts"
+            )));
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(Error::Usage(format!("part {missing}/{count} is missing")));
+    }
+    let mut merged = first.clone();
+    merged.part = None;
+    merged.scoring_seconds = parts.iter().map(|p| p.scoring_seconds).sum();
+    let strongest = |lists: Vec<&Vec<Influence>>, descending: bool| {
+        let mut all: Vec<Influence> = lists.into_iter().flatten().cloned().collect();
+        all.sort_by(|a, b| if descending { b.score.total_cmp(&a.score) } else { a.score.total_cmp(&b.score) });
+        all.truncate(top);
+        all
+    };
+    for k in 0..merged.queries.len() {
+        let descending = merged.proponent_sign > 0;
+        merged.proponents[k] = strongest(parts.iter().map(|p| &p.proponents[k]).collect(), descending);
+        merged.opponents[k] = strongest(parts.iter().map(|p| &p.opponents[k]).collect(), !descending);
+    }
+    if let Some(c) = merged.combined.as_mut() {
+        let lists: Vec<&Ranking> = parts.iter().filter_map(|p| p.combined.as_ref()).collect();
+        let descending = merged.proponent_sign > 0;
+        c.proponents = strongest(lists.iter().map(|r| &r.proponents).collect(), descending);
+        c.opponents = strongest(lists.iter().map(|r| &r.opponents).collect(), !descending);
+    }
+    Ok(merged)
+}

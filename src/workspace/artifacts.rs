@@ -1,0 +1,225 @@
+//! What a run's derived files are keyed by, and how they are found, opened and checked.
+//!
+//! Everything computed from a run is tied to the SHA-256 of its `weights.bin` and of its data
+//! manifest (canonical JSON): a gradient store by its [`StoreKey`] (plus the projection and
+//! seed), a curvature file by the two hashes in its header, a self-influence cache by the
+//! curvature file it was computed from. Anything built for other weights or data is refused with a
+//! message saying which differs, so a stale file is never read silently.
+
+use std::path::{Path, PathBuf};
+
+use culprit_engine::curvature::self_influence::{self_influence, store_self_influence};
+use culprit_engine::curvature::{Curvature, FitOptions, Method, Space};
+use culprit_engine::gradients::projection::ProjectionSpec;
+use culprit_engine::io::container::Format;
+use culprit_engine::objective::Objective;
+use culprit_engine::store::{GradientStore, StoreKey, StoreManifest};
+use culprit_models::{Backend, Model, ModelConfig, Network};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::run::Run;
+use crate::data::{DataManifest, DataSpec, Dataset, Preprocessing, hex, read_file};
+use crate::error::{Error, Result};
+
+/// SHA-256 of a file's bytes.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    Ok(hex(&Sha256::digest(std::fs::read(path).map_err(Error::io(path))?)))
+}
+
+/// SHA-256 of a data manifest's canonical JSON.
+pub fn manifest_sha256(manifest: &DataManifest) -> String {
+    hex(&Sha256::digest(serde_json::to_vec(manifest).expect("plain data")))
+}
+
+/// The store key of a run for a projection.
+pub fn store_key(run: &Run, projection: ProjectionSpec, seed: u64) -> Result<StoreKey> {
+    Ok(StoreKey {
+        weights_sha256: file_sha256(&run.dir.join("weights.bin"))?,
+        data_sha256: manifest_sha256(&run.manifest),
+        projection: projection.to_string(),
+        seed,
+    })
+}
+
+/// The exact projection that stores least for a model: per-layer factors when every layer is
+/// dense (the same scores as full gradients, in + out values per layer instead of in·out), full
+/// gradients otherwise (a convolution's gradient is not one outer product). `culprit cache
+/// --project auto`, the default.
+pub fn exact_projection(model: &ModelConfig) -> Result<ProjectionSpec> {
+    let one_position = model.tracked_layers()?.iter().all(|l| l.positions == 1);
+    Ok(if one_position {
+        ProjectionSpec::Factors { k_in: usize::MAX, k_out: usize::MAX }
+    } else {
+        ProjectionSpec::None
+    })
+}
+
+/// Loads a run's training data and checks the files are the ones it was trained on.
+pub fn training_data(run: &Run) -> Result<Dataset> {
+    let m = &run.manifest;
+    for f in &m.files {
+        let (_, sha) = read_file(&f.path)?;
+        if sha != f.sha256 {
+            return Err(Error::data(
+                &f.path,
+                None,
+                format!("changed since the run in {} was trained (SHA-256 differs)", run.dir.display()),
+            ));
+        }
+    }
+    let spec = DataSpec { path: m.path.clone(), split: m.split, skip: m.skip, limit: m.limit };
+    let mut data = Dataset::load(&spec, Preprocessing::Reuse(m))?;
+    data.exclude(&m.excluded)?;
+    Ok(data)
+}
+
+/// The run's default store directory, `RUN/gradients`.
+pub fn default_store(run: &Run) -> PathBuf {
+    run.dir.join("gradients")
+}
+
+/// Opens the store of a run (default `RUN/gradients`), whatever projection it was built with,
+/// checking it was built for this run's weights and data.
+pub fn open_store(run: &Run, store: Option<PathBuf>) -> Result<(GradientStore, ProjectionSpec)> {
+    let dir = store.unwrap_or_else(|| default_store(run));
+    if !dir.join("manifest.json").is_file() {
+        return Err(Error::run(
+            &dir,
+            format!("no gradient store here; build it with `culprit cache --run {}`", run.dir.display()),
+        ));
+    }
+    let manifest = StoreManifest::read(&dir)?;
+    let spec = ProjectionSpec::parse(&manifest.key.projection)?;
+    let key = store_key(run, spec, manifest.key.seed)?;
+    Ok((GradientStore::open(&dir, &key)?, spec))
+}
+
+/// The objective of a run in f64 on `backend` (an autodiff device), with its training data.
+pub fn objective(run: &Run, backend: Backend) -> Result<(Objective<Network>, Dataset)> {
+    let device = backend.autodiff_device();
+    let data = training_data(run)?;
+    let network = run.network(&device)?;
+    Ok((Objective::new(&network, data.examples.clone(), run.config.training.l2, &device), data))
+}
+
+/// Where `culprit fit` stores a method's factors: `RUN/curvature/METHOD.bin`.
+pub fn curvature_path(run_dir: &Path, method: Method) -> PathBuf {
+    run_dir.join("curvature").join(format!("{}.bin", method.name()))
+}
+
+/// Saves a fitted curvature in the run, tied to its weights and data.
+pub fn save_curvature(run: &Run, curvature: &Curvature) -> Result<PathBuf> {
+    let path = curvature_path(&run.dir, curvature.options.method);
+    let key = store_key(run, ProjectionSpec::None, 0)?;
+    curvature.save(&path, &key.weights_sha256, &key.data_sha256, run.config.training.l2)?;
+    Ok(path)
+}
+
+/// Loads a run's fitted curvature (`identity` needs no fit).
+pub fn load_curvature<M: Model>(run: &Run, objective: &Objective<M>, method: Method) -> Result<Curvature> {
+    let key = store_key(run, ProjectionSpec::None, 0)?;
+    let path = curvature_path(&run.dir, method);
+    if path.is_file() {
+        Curvature::load(&path, &key.weights_sha256, &key.data_sha256, objective.model.layers())
+    } else if method == Method::Identity {
+        Curvature::fit(objective, &FitOptions::new(method))
+    } else {
+        Err(Error::run(
+            &path,
+            format!(
+                "no fitted {} curvature; run `culprit fit --run {} --curvature {}` first",
+                method.name(),
+                run.dir.display(),
+                method.name()
+            ),
+        ))
+    }
+}
+
+/// The container of a self-influence cache: magic `CULPRITS`, version 1, f64 values 8-byte
+/// aligned, keyed by the curvature file it was computed from.
+pub const SELF_INFLUENCE_FORMAT: Format =
+    Format { magic: b"CULPRITS", version: 1, readable: 1..=1, align: 8, what: "self-influence cache" };
+
+/// What a self-influence cache was computed from: the curvature file (its length and CRC-32
+/// footer, which change whenever it is refitted; the file itself is tied to the weights and data)
+/// and, for the projected curvature, the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct SelfInfluenceKey {
+    curvature_len: u64,
+    curvature_crc32: u32,
+    store: Option<StoreKey>,
+    rows: usize,
+}
+
+/// How the self-influence cache was used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Read from a valid cache.
+    Read,
+    /// Computed and written.
+    Written,
+    /// Computed, but the cache could not be written (a read-only run): why.
+    NotWritten(String),
+}
+
+fn curvature_file_key(path: &Path) -> Option<(u64, u32)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::End(-4)).ok()?;
+    let mut crc = [0u8; 4];
+    f.read_exact(&mut crc).ok()?;
+    Some((len, u32::from_le_bytes(crc)))
+}
+
+fn read_self_influence(path: &Path, key: &SelfInfluenceKey) -> Option<Vec<f64>> {
+    let bytes = std::fs::read(path).ok()?;
+    let container = SELF_INFLUENCE_FORMAT.parse(path, &bytes).ok()?;
+    let stored: SelfInfluenceKey = serde_json::from_slice(container.header).ok()?;
+    (stored == *key && container.payload.len() == 8 * key.rows).then(|| {
+        container.payload.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+    })
+}
+
+/// Self-influence of every training example of `run` under its fitted `curvature` (from the
+/// store's rows for the projected curvature), cached beside the curvature file in
+/// `RUN/curvature/METHOD.self.bin` (format in docs/FORMAT.md). A cache that is missing, corrupted
+/// or stale (the curvature was refitted, another store) is recomputed and rewritten; one that
+/// cannot be written (a read-only run) is computed in memory. Returns the values, in
+/// training-data order, and how the cache was used.
+pub fn training_self_influence(
+    run: &Run,
+    objective: &Objective<Network>,
+    curvature: &Curvature,
+    store: Option<&GradientStore>,
+) -> Result<(Vec<f64>, CacheUse)> {
+    let curvature_file = curvature_path(&run.dir, curvature.options.method);
+    let projected = matches!(curvature.space(), Space::Projected(_));
+    let key = curvature_file_key(&curvature_file).map(|(curvature_len, curvature_crc32)| SelfInfluenceKey {
+        curvature_len,
+        curvature_crc32,
+        store: if projected { store.map(|s| s.manifest.key.clone()) } else { None },
+        rows: objective.len(),
+    });
+    let cache = curvature_file.with_extension("self.bin");
+    if let Some(values) = key.as_ref().and_then(|k| read_self_influence(&cache, k)) {
+        return Ok((values, CacheUse::Read));
+    }
+    let values = match (projected, store) {
+        (true, Some(store)) => store_self_influence(curvature, store)?,
+        _ => self_influence(objective, curvature, &objective.data)?,
+    };
+    let used = match &key {
+        Some(k) => {
+            let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            match SELF_INFLUENCE_FORMAT.write_file(&cache, k, &payload) {
+                Ok(()) => CacheUse::Written,
+                Err(e) => CacheUse::NotWritten(e.to_string()),
+            }
+        }
+        None => CacheUse::NotWritten("no curvature file to key it by".into()),
+    };
+    Ok((values, used))
+}

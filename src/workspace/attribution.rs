@@ -1,0 +1,255 @@
+//! A trace of a run: for chosen test outputs, the training examples most responsible.
+//!
+//! Loads the run, its gradient store and a fitted curvature, and hands them with the queries to
+//! the engine ([`culprit_engine::query::attribute::attribute`]); then names every scored row by
+//! its training id and label, splits scores by layer on request, orients each ranking so that
+//! proponents come first whatever the measurement, and assembles the [`TraceReport`]. The
+//! score's meaning is in [`culprit_engine::query`] and `docs/OUTPUT.md`. Used by `culprit trace`,
+//! and by `culprit eval`, which checks the scores against retraining.
+
+use std::path::PathBuf;
+
+use culprit_engine::curvature::Method;
+use culprit_engine::gradients::{Measurement, Target};
+use culprit_engine::query::attribute::{Attribution, AttributionOptions, attribute};
+use culprit_engine::query::{ScoreMode, Scored};
+use culprit_engine::store::GradientStore;
+use culprit_models::Backend;
+
+use super::artifacts::{CacheUse, load_curvature, objective, open_store, training_self_influence};
+use super::run::Run;
+use crate::data::{DataSpec, Dataset, Preprocessing};
+use crate::error::Result;
+use crate::report::trace::{
+    Influence, LayerScore, OUTPUT_SCHEMA_VERSION, QueryInfo, QuerySource, Ranking, TraceReport,
+};
+
+/// Options of a trace (the flags of `culprit trace`).
+#[derive(Clone, Debug, clap::Args)]
+#[group(skip)]
+pub struct TraceOptions {
+    /// Run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Where the test inputs are.
+    #[command(flatten)]
+    pub data: DataSpec,
+    /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
+    #[arg(long = "index", value_delimiter = ',', required = true)]
+    pub indices: Vec<usize>,
+    /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C,
+    /// logit | logit:label | logit:C (raw logits; the best choice for backdoors).
+    #[arg(long = "measure", default_value = "predicted")]
+    pub measurement: Measurement,
+    /// Fitted curvature to use (see `culprit fit`).
+    #[arg(long, value_enum, default_value_t = Method::Cg)]
+    pub curvature: Method,
+    /// Proponents and opponents to show.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Keep every score (for `--scores-out`).
+    #[arg(skip)]
+    pub keep_all: bool,
+    /// Split each listed score by layer (stores projected `none` or `kron`).
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Score only the store's shards j with j mod N = I (I/N); combine the N JSON reports with
+    /// `culprit merge`.
+    #[arg(long = "shard", value_parser = culprit_engine::params::part)]
+    pub part: Option<(usize, usize)>,
+    /// raw: the predicted change of the measurement if the example were removed; relatif:
+    /// influence divided by √(the example's self-influence), which ranks by alignment rather than
+    /// gradient size (finds backdoor poisons; needs a curvature with per-example solves).
+    #[arg(long, value_enum, default_value_t = ScoreMode::Raw)]
+    pub score: ScoreMode,
+    /// Gradient store (default RUN/gradients).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Backend (the global `--backend`).
+    #[arg(skip)]
+    pub backend: Backend,
+}
+
+impl TraceOptions {
+    /// Options with the defaults: loss against the predicted class, top 10, raw scores, the whole
+    /// store, the run's own store, no per-layer split, the default backend.
+    pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvature: Method) -> Self {
+        Self {
+            run,
+            store: None,
+            data,
+            indices,
+            measurement: Measurement::Loss(Target::Predicted),
+            curvature,
+            top: 10,
+            keep_all: false,
+            per_layer: false,
+            part: None,
+            score: ScoreMode::Raw,
+            backend: Backend::default(),
+        }
+    }
+}
+
+/// Runs a trace.
+pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
+    Ok(trace_with_data(options)?.0)
+}
+
+/// What the RelatIF denominators cost, and whether they came from the cache.
+struct SelfInfluenceUse {
+    values: Vec<f64>,
+    seconds: f64,
+    cached: bool,
+}
+
+/// Runs a trace and also returns the query examples (in report order) and the training data, for
+/// rendering.
+pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, Dataset)> {
+    let run = Run::open(&options.run)?;
+    let (store, _) = open_store(&run, options.store.clone())?;
+    let (objective, training) = objective(&run, options.backend)?;
+    let curvature = load_curvature(&run, &objective, options.curvature)?;
+    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?.select(&options.indices)?;
+    let own = match options.score {
+        ScoreMode::Raw => None,
+        ScoreMode::Relatif => {
+            let started = std::time::Instant::now();
+            let (values, used) = training_self_influence(&run, &objective, &curvature, Some(&store))?;
+            if let CacheUse::NotWritten(why) = &used {
+                eprintln!("note: the self-influence was computed in memory and not cached ({why})");
+            }
+            Some(SelfInfluenceUse { values, seconds: started.elapsed().as_secs_f64(), cached: used == CacheUse::Read })
+        }
+    };
+    let engine_options = AttributionOptions {
+        measurement: options.measurement,
+        score: options.score,
+        top: options.top,
+        keep_all: options.keep_all,
+        part: options.part.unwrap_or((0, 1)),
+    };
+    let own_values = own.as_ref().map(|o| o.values.as_slice());
+    let attribution = attribute(&objective, &curvature, &store, &queries.examples, own_values, &engine_options)?;
+    let mut report = assemble(options, &attribution, &store, &training, &queries, own.as_ref());
+    report.damping = curvature.options.damping;
+    report.l2 = objective.l2;
+    Ok((report, queries, training))
+}
+
+/// Names scored rows by training id and label, with the per-layer split when asked.
+struct Namer<'a> {
+    attribution: &'a Attribution,
+    store: &'a GradientStore,
+    training: &'a Dataset,
+    per_layer: bool,
+}
+
+impl Namer<'_> {
+    fn name(&self, column: usize, s: &Scored) -> Influence {
+        Influence {
+            train_index: self.training.ids[s.row],
+            label: self.training.labels()[s.row],
+            score: s.score,
+            per_layer: self.per_layer.then(|| {
+                self.attribution
+                    .per_layer(self.store, column, s.row)
+                    .into_iter()
+                    .map(|(layer, score)| LayerScore { layer, score })
+                    .collect()
+            }),
+        }
+    }
+
+    /// Column `column`'s ranking, proponents first: the largest scores when a positive score
+    /// marks a proponent (`sign` +1), else the smallest.
+    fn ranking(&self, column: usize, sign: i8) -> Ranking {
+        let scores = &self.attribution.scores;
+        let hi: Vec<Influence> =
+            scores.largest[column].iter().filter(|s| s.score > 0.0).map(|s| self.name(column, s)).collect();
+        let lo: Vec<Influence> =
+            scores.smallest[column].iter().filter(|s| s.score < 0.0).map(|s| self.name(column, s)).collect();
+        if sign < 0 { Ranking { proponents: lo, opponents: hi } } else { Ranking { proponents: hi, opponents: lo } }
+    }
+}
+
+fn score_definition(score: ScoreMode) -> &'static str {
+    match score {
+        ScoreMode::Raw => {
+            "score(i) = (1/n) ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i): the predicted change of the measurement m if training example i were removed and the model retrained"
+        }
+        ScoreMode::Relatif => {
+            "score(i) = ∇m(z_test)ᵀ (H + δI)⁻¹ ∇ℓ(z_i) / √(∇ℓ(z_i)ᵀ (H + δI)⁻¹ ∇ℓ(z_i)) (ℓ-RelatIF): influence per unit of the example's own self-influence; its sign means what the raw score's does"
+        }
+    }
+}
+
+/// The report of an attribution (damping and λ are filled in by the caller).
+fn assemble(
+    options: &TraceOptions,
+    attribution: &Attribution,
+    store: &GradientStore,
+    training: &Dataset,
+    queries: &Dataset,
+    own: Option<&SelfInfluenceUse>,
+) -> TraceReport {
+    let sign = options.measurement.proponent_sign();
+    let per_layer = options.per_layer && store.manifest.layout.len() > 1;
+    let namer = Namer { attribution, store, training, per_layer };
+    let count = attribution.queries.len();
+    let (proponents, opponents) = (0..count)
+        .map(|k| {
+            let r = namer.ranking(k, sign);
+            (r.proponents, r.opponents)
+        })
+        .unzip();
+    let mut all_scores = attribution.scores.all.clone();
+    if attribution.combined
+        && let Some(all) = all_scores.as_mut()
+    {
+        all.pop();
+    }
+    let query_infos = attribution
+        .queries
+        .iter()
+        .zip(&queries.ids)
+        .map(|(q, &index)| QueryInfo {
+            index,
+            label: q.labels[0],
+            predicted: q.predicted[0],
+            probabilities: q.probabilities[0].clone(),
+            target: q.targets[0],
+            measurement_value: q.value,
+            solve_iterations: q.solve.as_ref().map(|i| i.iterations),
+            solve_residual: q.solve.as_ref().map(|i| i.relative_residual),
+        })
+        .collect();
+    TraceReport {
+        schema_version: OUTPUT_SCHEMA_VERSION,
+        score_definition: score_definition(options.score).into(),
+        proponent_sign: sign,
+        measurement: options.measurement,
+        curvature: options.curvature.name().into(),
+        damping: 0.0,
+        l2: 0.0,
+        n: training.len(),
+        projection: store.manifest.key.projection.clone(),
+        queries: query_infos,
+        proponents,
+        opponents,
+        scoring_seconds: attribution.scoring_seconds,
+        part: options.part.map(|(i, n)| [i, n]),
+        score_mode: options.score,
+        self_influence_seconds: own.map(|o| o.seconds),
+        self_influence_cached: own.map(|o| o.cached),
+        combined: attribution.combined.then(|| namer.ranking(count, sign)),
+        query_source: Some(QuerySource {
+            path: options.data.path.clone(),
+            split: options.data.split,
+            skip: options.data.skip,
+            limit: options.data.limit,
+        }),
+        all_scores,
+        train_ids: training.ids.clone(),
+    }
+}

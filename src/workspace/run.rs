@@ -1,0 +1,188 @@
+//! A run directory: a trained model and everything needed to reproduce and trust it.
+//!
+//! ```text
+//! RUN_DIR/
+//!   config.json    model shape, training settings, backend, final report (RunConfig)
+//!   manifest.json  the data: files and their SHA-256, rows, preprocessing (DataManifest)
+//!   weights.bin    θ as f64, checksummed (format in docs/FORMAT.md)
+//!   train.log      the training log
+//! ```
+//!
+//! A run directory is written whole or not at all: everything goes into a sibling temporary
+//! directory, each file is synced, and the directory is renamed into place. An existing
+//! directory is never overwritten.
+
+use std::path::{Path, PathBuf};
+
+use culprit_models::{Backend, Model, ModelConfig, Network, TrainConfig, TrainReport};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataManifest;
+use crate::error::{Error, Result};
+use crate::io::container::Format;
+use crate::io::{AtomicDir, write_new};
+
+/// The container of `weights.bin` (version 2): magic `CULPRITW`, a JSON header
+/// `{"dtype": "f64", "count": N}`, then θ as N little-endian f64. Version-1 files (no JSON header:
+/// dtype code and count as integers) are still read.
+pub const WEIGHTS_FORMAT: Format =
+    Format { magic: b"CULPRITW", version: 2, readable: 2..=2, align: 8, what: "weights file" };
+
+/// The header of `weights.bin`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct WeightsHeader {
+    dtype: String,
+    count: usize,
+}
+
+/// `config.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// culprit version that wrote the run.
+    pub culprit_version: String,
+    /// The model's shape.
+    pub model: ModelConfig,
+    /// How it was trained.
+    pub training: TrainConfig,
+    /// The backend it was trained on.
+    pub backend: String,
+    /// How training ended.
+    pub report: TrainReport,
+}
+
+/// A loaded run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// The directory.
+    pub dir: PathBuf,
+    /// `config.json`.
+    pub config: RunConfig,
+    /// `manifest.json`.
+    pub manifest: DataManifest,
+    /// θ from `weights.bin`.
+    pub theta: Vec<f64>,
+}
+
+/// Serialises θ into the `weights.bin` container.
+pub fn encode_weights(theta: &[f64]) -> Vec<u8> {
+    let payload: Vec<u8> = theta.iter().flat_map(|v| v.to_le_bytes()).collect();
+    WEIGHTS_FORMAT.encode(&WeightsHeader { dtype: "f64".into(), count: theta.len() }, &payload)
+}
+
+/// Parses and verifies a `weights.bin` image (version 2, or the headerless version 1).
+pub fn decode_weights(path: &Path, bytes: &[u8]) -> Result<Vec<f64>> {
+    if bytes.len() >= 12 && bytes[..8] == *WEIGHTS_FORMAT.magic && bytes[8..12] == 1u32.to_le_bytes() {
+        return decode_weights_v1(path, bytes);
+    }
+    let container = WEIGHTS_FORMAT.parse(path, bytes)?;
+    let header: WeightsHeader = container.header(path, "weights")?;
+    if header.dtype != "f64" {
+        return Err(Error::run(path, format!("unknown dtype `{}`", header.dtype)));
+    }
+    if container.payload.len() != 8 * header.count {
+        return Err(Error::run(
+            path,
+            format!(
+                "header promises {} parameters, the file holds {} bytes of them",
+                header.count,
+                container.payload.len()
+            ),
+        ));
+    }
+    Ok(container.payload.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// Version 1: magic, version, dtype code 1 (f64) as u32, count as u64, values, CRC-32.
+fn decode_weights_v1(path: &Path, bytes: &[u8]) -> Result<Vec<f64>> {
+    if bytes.len() < 28 {
+        return Err(Error::run(path, "not a culprit weights file (too short)"));
+    }
+    let (body, footer) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(footer.try_into().expect("4 bytes"));
+    let actual = crc32fast::hash(body);
+    if stored != actual {
+        return Err(Error::run(
+            path,
+            format!("checksum mismatch (stored {stored:08x}, computed {actual:08x}): the file is corrupted"),
+        ));
+    }
+    if u32::from_le_bytes(body[12..16].try_into().expect("4 bytes")) != 1 {
+        return Err(Error::run(path, "unknown dtype code"));
+    }
+    let count = u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")) as usize;
+    if body.len() != 24 + count.saturating_mul(8) {
+        return Err(Error::run(
+            path,
+            format!("header promises {count} parameters, the file holds {} bytes", body.len()),
+        ));
+    }
+    Ok(body[24..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn pretty(value: &impl Serialize) -> String {
+    serde_json::to_string_pretty(value).expect("plain data serialises") + "\n"
+}
+
+impl Run {
+    /// Writes a new run directory atomically. Refuses to replace an existing one.
+    pub fn create(
+        dir: &Path,
+        network: &Network,
+        training: &TrainConfig,
+        backend: Backend,
+        report: &TrainReport,
+        manifest: &DataManifest,
+        log: &str,
+    ) -> Result<Run> {
+        let tmp = AtomicDir::create(dir)?;
+        let config = RunConfig {
+            culprit_version: env!("CARGO_PKG_VERSION").into(),
+            model: network.config().clone(),
+            training: training.clone(),
+            backend: backend.name().into(),
+            report: report.clone(),
+        };
+        let theta = network.to_flat();
+        write_new(&tmp.path().join("config.json"), pretty(&config).as_bytes())?;
+        write_new(&tmp.path().join("manifest.json"), pretty(manifest).as_bytes())?;
+        write_new(&tmp.path().join("weights.bin"), &encode_weights(&theta))?;
+        write_new(&tmp.path().join("train.log"), log.as_bytes())?;
+        tmp.commit()?;
+        Ok(Run { dir: dir.to_path_buf(), config, manifest: manifest.clone(), theta })
+    }
+
+    /// Opens a run directory, verifying the weights' checksum and size.
+    pub fn open(dir: &Path) -> Result<Run> {
+        if !dir.is_dir() {
+            return Err(Error::run(dir, "no such run directory"));
+        }
+        let read_json = |name: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(Error::io(&p))
+        };
+        let config: RunConfig = serde_json::from_str(&read_json("config.json")?)
+            .map_err(|e| Error::run(&dir.join("config.json"), format!("unreadable: {e}")))?;
+        let manifest: DataManifest = serde_json::from_str(&read_json("manifest.json")?)
+            .map_err(|e| Error::run(&dir.join("manifest.json"), format!("unreadable: {e}")))?;
+        let wpath = dir.join("weights.bin");
+        let theta = decode_weights(&wpath, &std::fs::read(&wpath).map_err(Error::io(&wpath))?)?;
+        let expected = config.model.num_params()?;
+        if theta.len() != expected {
+            return Err(Error::run(
+                &wpath,
+                format!("{} parameters, the model in config.json has {expected}", theta.len()),
+            ));
+        }
+        Ok(Run { dir: dir.to_path_buf(), config, manifest, theta })
+    }
+
+    /// The trained model on `device`, in f64 for convex models and f32 otherwise.
+    pub fn network(&self, device: &burn::tensor::Device) -> Result<Network> {
+        let dtype = if self.config.model.architecture.is_convex() {
+            burn::tensor::DType::F64
+        } else {
+            burn::tensor::DType::F32
+        };
+        Ok(Network::from_flat(&self.config.model, &self.theta, device, dtype)?)
+    }
+}
