@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod curvature;
 mod gradients;
+mod library;
 mod loaders;
 mod query;
 mod store;

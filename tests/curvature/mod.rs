@@ -364,3 +364,43 @@ fn ggn_products_equal_the_dense_ggn_for_every_layer_kind() {
         }
     }
 }
+
+/// The diagonal Fisher is the diagonal of the dense GGN (built independently from per-example,
+/// per-class gradient rows), for dense and convolutional layers; its solves divide by it, its
+/// factored self-influence equals forming each gradient, and it round-trips through its file.
+#[test]
+fn diagonal_fisher_is_the_diagonal_of_the_dense_ggn() {
+    let data = digits(40);
+    let device = Backend::default().autodiff_device();
+    let dir = tempfile::tempdir().unwrap();
+    for (architecture, hidden) in [(Architecture::Mlp, vec![12]), (Architecture::Cnn, vec![8])] {
+        let config = config(&data, architecture, hidden);
+        let net = Network::init(&config, 3, &device, burn::tensor::DType::F64).unwrap();
+        let o = Objective::new(&net, data.examples.clone(), 1e-3, &device);
+        let d = o.model.num_params();
+        let dense = culprit::curvature::dense::dense_ggn(&o, 16);
+        let damping = 0.01;
+        let c = Curvature::fit(&o, &FitOptions { method: Method::Diagonal, damping, ..FitOptions::default() }).unwrap();
+        let q = probe(d, 5);
+        let x = &c.solve(&o, std::slice::from_ref(&q)).unwrap()[0].0;
+        let worst =
+            (0..d).map(|i| (x[i] * (dense[(i, i)] + damping) - q[i]).abs() / q[i].abs().max(1e-12)).fold(0.0, f64::max);
+        assert!(worst < 1e-10, "{architecture:?}: x ⊙ (diag G + δ) vs q, worst relative error {worst:e}");
+        let fast = culprit::curvature::self_influence::self_influence(&o, &c, &o.data).unwrap();
+        let first = o.data.slice(0..8);
+        let rows = culprit::gradients::gradient_rows_f64(&culprit::gradients::per_example_gradients(
+            &o.model,
+            &first,
+            first.labels(),
+            culprit::gradients::Measurement::TRAINING_LOSS,
+        ));
+        for (i, g) in rows.chunks(d).enumerate() {
+            let want: f64 = g.iter().enumerate().map(|(j, v)| v * v / (dense[(j, j)] + damping)).sum();
+            assert!((fast[i] - want).abs() <= 1e-9 * want, "{architecture:?} example {i}: {} vs {want}", fast[i]);
+        }
+        let path = dir.path().join(format!("diagonal-{architecture:?}.bin"));
+        c.save(&path, "w", "d", o.l2).unwrap();
+        let back = Curvature::load(&path, "w", "d", o.model.layers()).unwrap();
+        assert_eq!(&back.solve(&o, std::slice::from_ref(&q)).unwrap()[0].0, x);
+    }
+}

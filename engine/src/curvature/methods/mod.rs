@@ -84,6 +84,8 @@ registry! {
     Kfac = "kfac" => kfac::Kfac,
     /// EK-FAC: K-FAC's eigenbasis with re-fitted eigenvalues.
     Ekfac = "ekfac" => ekfac::Ekfac,
+    /// The diagonal of the true Fisher.
+    Diagonal = "diagonal" => diagonal::Diagonal,
     /// H = I: gradient dot products.
     Identity = "identity" => identity::Identity,
     /// TRAK-style (1/n)ΦᵀΦ + (λ+δ)I in a projected store's space.
