@@ -130,7 +130,8 @@ pub fn rank(root: &Path, store_dir: &Path, query_row: usize, top: usize) -> Vec<
     let model = SoftmaxRegression::zeros(train.dim(), train.manifest.num_classes, &device);
     // 1. Train to the objective's optimum (the library's L-BFGS, as for culprit's own logreg).
     let config = TrainConfig::defaults(true);
-    let (model, _) = culprit_models::train::train_model(model, &config, &train.examples, &mut Silent).expect("training");
+    let (model, _) =
+        culprit_models::train::train_model(model, &config, &train.examples, &mut Silent).expect("training");
     // 2. Cache every training example's gradient, exactly, as its two factors.
     let key = StoreKey {
         weights_sha256: "example".into(),
@@ -171,7 +172,9 @@ fn main() {
     let started = std::time::Instant::now();
     let ranking = rank(&root, &store, query_row, 10);
     let _ = std::fs::remove_dir_all(&store);
-    println!("the training digits behind the prediction on row {query_row} (score: predicted change of its loss if removed):");
+    println!(
+        "the training digits behind the prediction on row {query_row} (score: predicted change of its loss if removed):"
+    );
     for (k, (id, score)) in ranking.iter().enumerate() {
         println!("  {:>2}. training row {id:>4}  {score:+.4e}", k + 1);
     }

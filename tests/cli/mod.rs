@@ -344,3 +344,50 @@ fn backdoor_poison_trace_purge_and_eval_from_the_command_line() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("ids.txt") && stderr(&o).contains("`x7` is not a training index"), "{}", stderr(&o));
 }
+
+/// One `fit` per curvature file at a time: the second fails at once naming the first, and the
+/// file is untouched. Outputs that would replace an input or a file of the run are refused.
+#[test]
+fn a_second_fit_fails_naming_the_first_and_outputs_never_replace_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // A copy: the refusals below must be tested on a file the test may lose.
+    let digits = dir.path().join("digits.csv");
+    std::fs::copy(digits_csv(), &digits).unwrap();
+    let o = culprit(&["train", "--data", s(&digits), "--limit", "300", "--model", "logreg", "--out", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(culprit(&["cache", "--run", s(&run)]).status.success());
+    assert!(culprit(&["fit", "--run", s(&run), "--curvature", "exact"]).status.success());
+    let fitted = std::fs::read(run.join("curvature/exact.bin")).unwrap();
+    let held = culprit::io::lock::Lock::acquire(&run.join("curvature/exact.bin"), "a test's fit").unwrap();
+    let o = culprit(&["fit", "--run", s(&run), "--curvature", "exact", "--damping", "0.5"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("exact.bin") && e.contains(&format!("process {}", std::process::id())), "{e}");
+    drop(held);
+    assert_eq!(std::fs::read(run.join("curvature/exact.bin")).unwrap(), fitted);
+
+    let data = std::fs::read(&digits).unwrap();
+    let o = culprit(&["predict", "--run", s(&run), "--data", s(&digits), "--out", s(&digits)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is the input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&digits).unwrap(), data, "the input is untouched");
+    let weights = std::fs::read(run.join("weights.bin")).unwrap();
+    let trace = ["trace", "--run", s(&run), "--data", s(&digits), "--skip", "1297", "--index", "1300"];
+    let o = culprit(&[&trace[..], &["--curvature", "exact", "--out", s(&run.join("weights.bin"))]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("culprit manages"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(run.join("weights.bin")).unwrap(), weights, "the run is untouched");
+    // Numbers out of range are refused where they are parsed, in either form, with the range.
+    for args in [["--damping", "-1"], ["--damping=-1", ""], ["--damping", "inf"], ["--tolerance=-1", ""]] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let o = culprit(&[&["fit", "--run", s(&run), "--curvature", "cg"][..], &args[..]].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = stderr(&o);
+        assert!(e.contains("must be a finite number") && e.lines().count() == 1, "{args:?}: {e}");
+    }
+    let o = culprit(&["fit", "--run", s(&run), "--curvature", "arnoldi", "--arnoldi-iterations", "0"]);
+    assert!(stderr(&o).contains("≥ 1"), "{}", stderr(&o));
+    let o = culprit(&["cache", "--run", s(&run), "--rows-per-shard", "0", "--store", s(&dir.path().join("s"))]);
+    assert!(stderr(&o).contains("≥ 1") && !dir.path().join("s").exists(), "{}", stderr(&o));
+}

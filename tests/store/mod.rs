@@ -247,3 +247,85 @@ fn shards_split_across_machines_make_one_store() {
     }
     assert_eq!(shard_bytes(&whole), shard_bytes(&split));
 }
+
+/// A cache never deletes or overwrites a file it did not create: a folder of someone else's files
+/// is refused untouched, and in a real store only a killed culprit's own leftovers are removed.
+#[test]
+fn a_cache_never_touches_files_it_did_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train(dir.path(), "run", "logreg", "200");
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let files = [("notes.tmp-1", "mine"), ("shard-00000.grad", "not a shard"), ("data.tmp-x.csv", "1,2")];
+    for (name, text) in files {
+        std::fs::write(theirs.join(name), text).unwrap();
+    }
+    let e = err(&["cache", "--run", s(&run), "--store", s(&theirs), "--rows-per-shard", "50", "--project", "none"]);
+    assert!(e.contains("theirs") && e.contains("no gradient store"), "{e}");
+    for (name, text) in files {
+        assert_eq!(std::fs::read_to_string(theirs.join(name)).unwrap(), text, "{name} was touched");
+    }
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), files.len());
+
+    let store = dir.path().join("store");
+    let args = ["cache", "--run", s(&run), "--store", s(&store), "--rows-per-shard", "50", "--project", "none"];
+    ok(&args);
+    let shard = store.join("shard-00001.grad");
+    let original = std::fs::read(&shard).unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    // A user's file that looks like a temporary, and what a killed culprit leaves for shard 1.
+    std::fs::write(store.join("my.tmp-1"), "keep").unwrap();
+    std::fs::write(store.join(".shard-00001.grad.tmp-4242-0badf00d"), "half a shard").unwrap();
+    std::fs::write(store.join(".shard-00003.grad.tmp-4242-0badf00d"), "another shard's").unwrap();
+    ok(&args);
+    assert_eq!(std::fs::read(&shard).unwrap(), original);
+    assert_eq!(std::fs::read_to_string(store.join("my.tmp-1")).unwrap(), "keep");
+    assert!(!store.join(".shard-00001.grad.tmp-4242-0badf00d").exists(), "the leftover of shard 1 is removed");
+    assert!(store.join(".shard-00003.grad.tmp-4242-0badf00d").exists(), "only the shard being written is cleaned");
+}
+
+/// Shard jobs on one shared store, started at the same moment, all succeed and build the same
+/// store as one job (20 rounds); a writer that finds a shard locked fails at once naming the
+/// holder.
+#[test]
+fn shard_jobs_on_one_shared_store_succeed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train(dir.path(), "run", "logreg", "200");
+    let base = |store: &Path| {
+        ["cache", "--run", s(&run), "--store", s(store), "--rows-per-shard", "10", "--project", "none"]
+            .map(str::to_string)
+            .to_vec()
+    };
+    let reference = dir.path().join("reference");
+    ok(&base(&reference).iter().map(String::as_str).collect::<Vec<_>>());
+    for round in 0..20 {
+        let store = dir.path().join(format!("shared-{round}"));
+        let jobs: Vec<_> = ["0/2", "1/2"]
+            .iter()
+            .map(|part| {
+                Command::new(env!("CARGO_BIN_EXE_culprit"))
+                    .args(base(&store))
+                    .args(["--shard", part, "--quiet"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for job in jobs {
+            let o = job.wait_with_output().unwrap();
+            assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert_eq!(shard_bytes(&store), shard_bytes(&reference), "round {round}");
+    }
+    // A shard being written elsewhere: a second writer fails at once and names the holder.
+    let busy = dir.path().join("busy");
+    ok(&base(&busy).iter().map(String::as_str).collect::<Vec<_>>());
+    std::fs::remove_file(busy.join("shard-00004.grad")).unwrap();
+    let held = culprit::io::lock::Lock::acquire(&busy.join("shard-00004.grad"), "a test's shard").unwrap();
+    let e = err(&base(&busy).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("shard-00004.grad") && e.contains(&format!("process {}", std::process::id())), "{e}");
+    drop(held);
+    ok(&base(&busy).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(shard_bytes(&busy), shard_bytes(&reference));
+}

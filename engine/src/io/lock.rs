@@ -96,6 +96,22 @@ impl Lock {
     }
 }
 
+impl Lock {
+    /// [`Lock::acquire`], but waiting up to `patience` for a holder that is expected to be brief
+    /// (creating a store's manifest) before failing the same way.
+    pub fn acquire_waiting(target: &Path, what: &str, patience: std::time::Duration) -> Result<Lock> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::acquire(target, what) {
+                Err(Error::Busy { .. }) if started.elapsed() < patience => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         // Remove the file while still holding the lock, then release it: a process that opened

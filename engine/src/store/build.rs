@@ -84,21 +84,24 @@ fn holds_other_files(dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Reads the store's manifest, or creates it (under its lock) when the store is new.
+/// Reads the store's manifest, or creates it when the store is new. Creation happens under the
+/// manifest's lock (other writers wait for it), and only in a directory that holds nothing else:
+/// with the manifest absent and its lock held, no culprit can have written a shard there, so any
+/// other file is someone else's.
 fn open_or_create_manifest(dir: &Path, fresh: &StoreManifest) -> Result<StoreManifest> {
     let manifest_path = dir.join("manifest.json");
     if !manifest_path.is_file() {
-        if let Some(other) = holds_other_files(dir)? {
-            return Err(Error::run(
-                dir,
-                format!(
-                    "holds `{other}` but no gradient store (no manifest.json); culprit does not write into a folder it did not create: use a new or empty --store"
-                ),
-            ));
-        }
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        let _lock = Lock::acquire(&manifest_path, "the store manifest")?;
+        let _lock = Lock::acquire_waiting(&manifest_path, "the store manifest", std::time::Duration::from_secs(30))?;
         if !manifest_path.is_file() {
+            if let Some(other) = holds_other_files(dir)? {
+                return Err(Error::run(
+                    dir,
+                    format!(
+                        "holds `{other}` but no gradient store (no manifest.json); culprit does not write into a folder it did not create: use a new or empty --store"
+                    ),
+                ));
+            }
             fresh.write(dir)?;
         }
     }
