@@ -10,6 +10,20 @@ pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
     T::from_arg_matches(&matches).expect("defaults parse")
 }
 
+/// An option struct from the flags `args`, every other option taking the default its `clap`
+/// attribute declares: code that builds options states no default of its own. Panics when the
+/// flags do not parse, which is a bug in the caller, not bad input.
+pub fn clap_parse<T: clap::Args + clap::FromArgMatches>(args: Vec<std::ffi::OsString>) -> T {
+    let command = T::augment_args(clap::Command::new("options").no_binary_name(true));
+    let matches = command.try_get_matches_from(args).unwrap_or_else(|e| panic!("options built in code: {e}"));
+    T::from_arg_matches(&matches).expect("parsed options")
+}
+
+/// The name `clap` knows a `ValueEnum` value by.
+pub fn value_name<T: clap::ValueEnum>(value: &T) -> String {
+    value.to_possible_value().expect("not skipped").get_name().to_string()
+}
+
 fn number(text: &str) -> Result<f64, String> {
     text.trim().parse::<f64>().map_err(|_| format!("`{text}` is not a number"))
 }

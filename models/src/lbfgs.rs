@@ -51,11 +51,13 @@ pub struct LbfgsResult {
     pub iterations: usize,
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+/// Inner product.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-fn norm(a: &[f64]) -> f64 {
+/// Euclidean norm.
+pub fn norm(a: &[f64]) -> f64 {
     dot(a, a).sqrt()
 }
 

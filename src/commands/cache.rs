@@ -78,21 +78,10 @@ pub struct CacheOptions {
 }
 
 impl CacheOptions {
-    /// Options with the defaults: exact gradients (no projection) in f32 in `RUN/gradients`,
-    /// batches of 256, shards of about 256 MiB, the default backend, no progress bar.
+    /// The options of `culprit cache --run RUN` with every default (the `auto` projection, f32
+    /// rows in `RUN/gradients`), the default backend, no progress bar.
     pub fn new(run: PathBuf) -> Self {
-        Self {
-            run,
-            store: None,
-            projection: Projection::Spec(ProjectionSpec::None),
-            seed: 0,
-            dtype: Dtype::F32,
-            batch: 256,
-            part: None,
-            rows_per_shard: None,
-            backend: Backend::default(),
-            quiet: true,
-        }
+        culprit_engine::params::clap_parse(vec!["--run".into(), run.into()])
     }
 }
 

@@ -93,17 +93,11 @@ impl EvalOptions {
     /// Options with the defaults: the loss against the label, retraining to ‖∇L‖ < 1e-9, seed 0,
     /// the default backend, no progress bar.
     pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvatures: Vec<Method>) -> Self {
-        Self {
-            run,
-            data,
-            indices,
-            measurement: Measurement::Loss(culprit_engine::gradients::Target::Label),
-            curvatures,
-            tolerance: 1e-9,
-            seed: 0,
-            backend: Backend::default(),
-            quiet: true,
-        }
+        let mut flags: Vec<std::ffi::OsString> = vec!["loo".into(), "--run".into(), run.into()];
+        flags.extend(data.flags());
+        flags.extend(["--index".into(), "0".into()]);
+        let args: EvalArgs = culprit_engine::params::clap_parse(flags);
+        Self { indices, curvatures, ..args.options(Backend::default(), true) }
     }
 }
 
@@ -568,6 +562,33 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
 }
 
+impl EvalArgs {
+    /// The experiment the flags ask for.
+    pub fn experiment(&self) -> Experiment {
+        match self.experiment {
+            ExperimentKind::Loo => Experiment::Loo { sample: self.sample, remove: self.remove.clone() },
+            ExperimentKind::Lds => {
+                Experiment::Lds { subsets: self.subsets, fraction: self.fraction, seeds: self.seeds }
+            }
+        }
+    }
+
+    /// The options the flags give, on `backend`.
+    pub fn options(&self, backend: Backend, quiet: bool) -> EvalOptions {
+        EvalOptions {
+            run: self.run.clone(),
+            data: self.data.clone(),
+            indices: self.indices.clone(),
+            measurement: self.measurement,
+            curvatures: self.curvatures.clone(),
+            tolerance: self.tolerance,
+            seed: self.seed,
+            backend,
+            quiet,
+        }
+    }
+}
+
 /// Runs the experiment and writes its report.
 pub fn run(args: &EvalArgs, backend: Backend, quiet: bool, stdout: &mut dyn std::io::Write) -> Result<()> {
     if args.format == super::Format::Html {
@@ -576,22 +597,7 @@ pub fn run(args: &EvalArgs, backend: Backend, quiet: bool, stdout: &mut dyn std:
     if let Some(out) = &args.out {
         crate::io::check_output(out, &[&args.data.path], &[&args.run])?;
     }
-    let experiment = match args.experiment {
-        ExperimentKind::Loo => Experiment::Loo { sample: args.sample, remove: args.remove.clone() },
-        ExperimentKind::Lds => Experiment::Lds { subsets: args.subsets, fraction: args.fraction, seeds: args.seeds },
-    };
-    let options = EvalOptions {
-        run: args.run.clone(),
-        data: args.data.clone(),
-        indices: args.indices.clone(),
-        measurement: args.measurement,
-        curvatures: args.curvatures.clone(),
-        tolerance: args.tolerance,
-        seed: args.seed,
-        backend,
-        quiet,
-    };
-    let report = evaluate(&options, &experiment)?;
+    let report = evaluate(&args.options(backend, quiet), &args.experiment())?;
     let text = match args.format {
         super::Format::Json => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
         _ => to_table(&report),

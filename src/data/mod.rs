@@ -260,6 +260,22 @@ impl DataSpec {
     pub fn all(path: PathBuf) -> Self {
         Self { path, split: Split::Train, skip: 0, limit: None }
     }
+
+    /// The flags that select these rows (`--data --split --skip [--limit]`).
+    pub fn flags(&self) -> Vec<std::ffi::OsString> {
+        let mut flags: Vec<std::ffi::OsString> = vec![
+            "--data".into(),
+            self.path.clone().into(),
+            "--split".into(),
+            culprit_engine::params::value_name(&self.split).into(),
+            "--skip".into(),
+            self.skip.to_string().into(),
+        ];
+        if let Some(limit) = self.limit {
+            flags.extend(["--limit".into(), limit.to_string().into()]);
+        }
+        flags
+    }
 }
 
 /// How to preprocess: fit on these rows (training), or reuse a run's manifest (everything else).

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use culprit_engine::curvature::Method;
-use culprit_engine::gradients::{Measurement, Target};
+use culprit_engine::gradients::Measurement;
 use culprit_engine::query::attribute::{Attribution, AttributionOptions, attribute};
 use culprit_engine::query::{ScoreMode, Scored};
 use culprit_engine::store::GradientStore;
@@ -71,23 +71,14 @@ pub struct TraceOptions {
 }
 
 impl TraceOptions {
-    /// Options with the defaults: loss against the predicted class, top 10, raw scores, the whole
-    /// store, the run's own store, no per-layer split, the default backend.
+    /// The options of `culprit trace` for these queries and curvature, with every other default
+    /// (the loss against the predicted class, top 10, raw scores, the run's own store, the whole
+    /// store, no per-layer split), the default backend.
     pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvature: Method) -> Self {
-        Self {
-            run,
-            store: None,
-            data,
-            indices,
-            measurement: Measurement::Loss(Target::Predicted),
-            curvature,
-            top: 10,
-            keep_all: false,
-            per_layer: false,
-            part: None,
-            score: ScoreMode::Raw,
-            backend: Backend::default(),
-        }
+        let mut flags: Vec<std::ffi::OsString> = vec!["--run".into(), run.into()];
+        flags.extend(data.flags());
+        flags.extend(["--index".into(), "0".into(), "--curvature".into(), curvature.name().into()]);
+        Self { indices, ..culprit_engine::params::clap_parse(flags) }
     }
 }
 

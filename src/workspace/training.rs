@@ -68,23 +68,10 @@ impl TrainOptions {
     /// ReLU, the architecture's optimizer and hyper-parameters, seed 0, the default backend, no
     /// progress bar.
     pub fn new(data: DataSpec, architecture: Architecture, out: PathBuf) -> Self {
-        Self {
-            data,
-            normalize: NormalizeMode::default(),
-            buckets: crate::data::text::DEFAULT_BUCKETS,
-            architecture,
-            hidden: None,
-            activation: Activation::default(),
-            optimizer: None,
-            epochs: None,
-            batch_size: None,
-            learning_rate: None,
-            l2: None,
-            seed: 0,
-            backend: Backend::default(),
-            out,
-            quiet: true,
-        }
+        let mut flags = data.flags();
+        flags.extend(["--model".into(), culprit_engine::params::value_name(&architecture).into()]);
+        flags.extend(["--out".into(), out.into()]);
+        culprit_engine::params::clap_parse(flags)
     }
 }
 

@@ -43,9 +43,16 @@ pub struct ConjugateGradient {
     pub max_iterations: usize,
 }
 
+impl ConjugateGradient {
+    /// The relative-residual tolerance unless one is given.
+    pub const DEFAULT_TOLERANCE: f64 = 1e-8;
+    /// The iteration limit unless one is given.
+    pub const DEFAULT_MAX_ITERATIONS: usize = 1000;
+}
+
 impl Default for ConjugateGradient {
     fn default() -> Self {
-        Self { tolerance: 1e-8, max_iterations: 1000 }
+        Self { tolerance: Self::DEFAULT_TOLERANCE, max_iterations: Self::DEFAULT_MAX_ITERATIONS }
     }
 }
 
@@ -132,9 +139,23 @@ pub struct Lissa {
     pub seed: u64,
 }
 
+impl Lissa {
+    /// The recursion depth unless one is given.
+    pub const DEFAULT_DEPTH: usize = 5000;
+    /// The accepted relative residual unless one is given.
+    pub const DEFAULT_TOLERANCE: f64 = 1e-3;
+}
+
 impl Default for Lissa {
     fn default() -> Self {
-        Self { scale: 0.0, depth: 5000, repeats: 1, batch: usize::MAX, tolerance: 1e-3, seed: 0 }
+        Self {
+            scale: 0.0,
+            depth: Self::DEFAULT_DEPTH,
+            repeats: 1,
+            batch: usize::MAX,
+            tolerance: Self::DEFAULT_TOLERANCE,
+            seed: 0,
+        }
     }
 }
 
@@ -199,9 +220,16 @@ pub struct Arnoldi {
     pub seed: u64,
 }
 
+impl Arnoldi {
+    /// The Krylov dimension unless one is given.
+    pub const DEFAULT_ITERATIONS: usize = 100;
+    /// The eigenpairs kept unless a number is given.
+    pub const DEFAULT_TOP_K: usize = 50;
+}
+
 impl Default for Arnoldi {
     fn default() -> Self {
-        Self { iterations: 100, top_k: 50, seed: 0 }
+        Self { iterations: Self::DEFAULT_ITERATIONS, top_k: Self::DEFAULT_TOP_K, seed: 0 }
     }
 }
 

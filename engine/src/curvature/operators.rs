@@ -57,15 +57,7 @@ impl<A: LinearOperator + ?Sized> LinearOperator for Damped<'_, A> {
     }
 }
 
-/// Euclidean norm.
-pub fn norm(v: &[f64]) -> f64 {
-    dot(v, v).sqrt()
-}
-
-/// Inner product.
-pub fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+pub use culprit_models::lbfgs::{dot, norm};
 
 /// Hessian-vector products by central finite differences of the f64 full-batch gradient.
 pub struct HessianFd<'a, M: Model> {

@@ -21,10 +21,10 @@ pub struct Arnoldi;
 #[group(skip)]
 pub struct ArnoldiParams {
     /// arnoldi: Krylov dimension (GGN products).
-    #[arg(long = "arnoldi-iterations", default_value_t = 100, value_parser = crate::params::at_least_one)]
+    #[arg(long = "arnoldi-iterations", default_value_t = Krylov::DEFAULT_ITERATIONS, value_parser = crate::params::at_least_one)]
     pub iterations: usize,
     /// arnoldi: eigenpairs kept.
-    #[arg(long = "top-k", default_value_t = 50, value_parser = crate::params::at_least_one)]
+    #[arg(long = "top-k", default_value_t = Krylov::DEFAULT_TOP_K, value_parser = crate::params::at_least_one)]
     pub top_k: usize,
 }
 

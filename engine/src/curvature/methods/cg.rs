@@ -17,7 +17,7 @@ use crate::gradients::LayerFactors;
 use crate::io::container::Arrays;
 
 /// CG's relative-residual tolerance unless `--tolerance` says otherwise.
-pub const DEFAULT_TOLERANCE: f64 = 1e-8;
+pub const DEFAULT_TOLERANCE: f64 = ConjugateGradient::DEFAULT_TOLERANCE;
 
 /// The `cg` method.
 pub struct Cg;
@@ -27,7 +27,7 @@ pub struct Cg;
 #[group(skip)]
 pub struct CgParams {
     /// cg: iteration limit.
-    #[arg(long = "max-iterations", default_value_t = 1000, value_parser = crate::params::at_least_one)]
+    #[arg(long = "max-iterations", default_value_t = ConjugateGradient::DEFAULT_MAX_ITERATIONS, value_parser = crate::params::at_least_one)]
     pub max_iterations: usize,
     /// cg: precondition with EK-FAC.
     #[arg(long)]

@@ -16,7 +16,7 @@ use crate::gradients::LayerFactors;
 use crate::io::container::Arrays;
 
 /// LiSSA's relative-residual tolerance unless `--tolerance` says otherwise.
-pub const DEFAULT_TOLERANCE: f64 = 1e-3;
+pub const DEFAULT_TOLERANCE: f64 = Neumann::DEFAULT_TOLERANCE;
 
 /// The `lissa` method.
 pub struct Lissa;
@@ -26,7 +26,7 @@ pub struct Lissa;
 #[group(skip)]
 pub struct LissaParams {
     /// lissa: recursion depth.
-    #[arg(long = "lissa-depth", default_value_t = 5000, value_parser = crate::params::at_least_one)]
+    #[arg(long = "lissa-depth", default_value_t = Neumann::DEFAULT_DEPTH, value_parser = crate::params::at_least_one)]
     pub depth: usize,
     /// lissa: scale s, above the largest eigenvalue (0: 1.1 × the top eigenvalue, estimated).
     #[arg(long = "lissa-scale", default_value_t = 0.0, value_parser = crate::params::non_negative)]
