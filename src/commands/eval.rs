@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataSpec, Dataset, Preprocessing};
 use crate::error::{Error, Result};
 use crate::report::trace::TraceReport;
-use crate::workspace::attribution::{TraceOptions, trace};
+use crate::workspace::attribution::{QueryArgs, TraceOptions, trace};
 use crate::workspace::predict::measure;
 use crate::workspace::{Run, curvature_path, load_curvature, objective};
 
@@ -93,9 +93,8 @@ impl EvalOptions {
     /// Options with the defaults: the loss against the label, retraining to ‖∇L‖ < 1e-9, seed 0,
     /// the default backend, no progress bar.
     pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvatures: Vec<Method>) -> Self {
-        let mut flags: Vec<std::ffi::OsString> = vec!["loo".into(), "--run".into(), run.into()];
-        flags.extend(data.flags());
-        flags.extend(["--index".into(), "0".into()]);
+        let mut flags: Vec<std::ffi::OsString> = vec!["loo".into()];
+        flags.extend(QueryArgs { run, data, indices: vec![0] }.flags());
         let args: EvalArgs = culprit_engine::params::clap_parse(flags);
         Self { indices, curvatures, ..args.options(Backend::default(), true) }
     }
@@ -518,15 +517,9 @@ impl std::str::FromStr for ExperimentKind {
 pub struct EvalArgs {
     /// loo or lds.
     pub experiment: ExperimentKind,
-    /// Run directory (with a gradient store and the fitted curvatures).
-    #[arg(long)]
-    pub run: PathBuf,
-    /// Where the test inputs are.
+    /// The run (with a gradient store and the fitted curvatures) and the test inputs.
     #[command(flatten)]
-    pub data: DataSpec,
-    /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
-    #[arg(long = "index", value_delimiter = ',', required = true)]
-    pub indices: Vec<usize>,
+    pub query: QueryArgs,
     /// Measurement (as in trace); default the loss against the label.
     #[arg(long = "measure", default_value = "label")]
     pub measurement: Measurement,
@@ -576,9 +569,9 @@ impl EvalArgs {
     /// The options the flags give, on `backend`.
     pub fn options(&self, backend: Backend, quiet: bool) -> EvalOptions {
         EvalOptions {
-            run: self.run.clone(),
-            data: self.data.clone(),
-            indices: self.indices.clone(),
+            run: self.query.run.clone(),
+            data: self.query.data.clone(),
+            indices: self.query.indices.clone(),
             measurement: self.measurement,
             curvatures: self.curvatures.clone(),
             tolerance: self.tolerance,
@@ -595,7 +588,7 @@ pub fn run(args: &EvalArgs, backend: Backend, quiet: bool, stdout: &mut dyn std:
         return Err(Error::Usage("--format html is not available here (expected table, json)".into()));
     }
     if let Some(out) = &args.out {
-        crate::io::check_output(out, &[&args.data.path], &[&args.run])?;
+        crate::io::check_output(out, &[&args.query.data.path], &[&args.query.run])?;
     }
     let report = evaluate(&args.options(backend, quiet), &args.experiment())?;
     let text = match args.format {

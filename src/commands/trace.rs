@@ -37,8 +37,9 @@ fn scores_csv(report: &TraceReport) -> Option<String> {
 /// Traces and writes the report.
 pub fn run(args: &TraceArgs, stdout: &mut dyn Write) -> Result<()> {
     args.report.check(&[Format::Table, Format::Json, Format::Html])?;
-    let store = args.options.store.clone().unwrap_or_else(|| args.options.run.join("gradients"));
-    args.report.check_outputs(&[&args.options.data.path], &[&args.options.run, &store])?;
+    let q = &args.options.query;
+    let store = args.options.store.clone().unwrap_or_else(|| q.run.join("gradients"));
+    args.report.check_outputs(&[&q.data.path], &[&q.run, &store])?;
     let mut options = args.options.clone();
     options.keep_all = args.report.scores_out.is_some();
     let (report, queries, training) = trace_with_data(&options)?;

@@ -24,10 +24,10 @@ use crate::report::trace::{
     Influence, LayerScore, OUTPUT_SCHEMA_VERSION, QueryInfo, QuerySource, Ranking, TraceReport,
 };
 
-/// Options of a trace (the flags of `culprit trace`).
+/// The run and the test inputs a query is about (`culprit trace`, `culprit eval`).
 #[derive(Clone, Debug, clap::Args)]
 #[group(skip)]
-pub struct TraceOptions {
+pub struct QueryArgs {
     /// Run directory.
     #[arg(long)]
     pub run: PathBuf,
@@ -37,6 +37,26 @@ pub struct TraceOptions {
     /// Source row indices of the test inputs, e.g. 3 or 3,17,42.
     #[arg(long = "index", value_delimiter = ',', required = true)]
     pub indices: Vec<usize>,
+}
+
+impl QueryArgs {
+    /// Their flags.
+    pub fn flags(&self) -> Vec<std::ffi::OsString> {
+        let mut flags: Vec<std::ffi::OsString> = vec!["--run".into(), self.run.clone().into()];
+        flags.extend(self.data.flags());
+        let indices: Vec<String> = self.indices.iter().map(usize::to_string).collect();
+        flags.extend(["--index".into(), indices.join(",").into()]);
+        flags
+    }
+}
+
+/// Options of a trace (the flags of `culprit trace`).
+#[derive(Clone, Debug, clap::Args)]
+#[group(skip)]
+pub struct TraceOptions {
+    /// The run and the test inputs.
+    #[command(flatten)]
+    pub query: QueryArgs,
     /// What to attribute: predicted | label | class:C (losses), margin | margin:label | margin:C,
     /// logit | logit:label | logit:C (raw logits; the best choice for backdoors).
     #[arg(long = "measure", default_value = "predicted")]
@@ -75,10 +95,12 @@ impl TraceOptions {
     /// (the loss against the predicted class, top 10, raw scores, the run's own store, the whole
     /// store, no per-layer split), the default backend.
     pub fn new(run: PathBuf, data: DataSpec, indices: Vec<usize>, curvature: Method) -> Self {
-        let mut flags: Vec<std::ffi::OsString> = vec!["--run".into(), run.into()];
-        flags.extend(data.flags());
-        flags.extend(["--index".into(), "0".into(), "--curvature".into(), curvature.name().into()]);
-        Self { indices, ..culprit_engine::params::clap_parse(flags) }
+        let query = QueryArgs { run, data, indices: vec![0] };
+        let mut flags = query.flags();
+        flags.extend(["--curvature".into(), curvature.name().into()]);
+        let mut options: Self = culprit_engine::params::clap_parse(flags);
+        options.query.indices = indices;
+        options
     }
 }
 
@@ -97,11 +119,12 @@ struct SelfInfluenceUse {
 /// Runs a trace and also returns the query examples (in report order) and the training data, for
 /// rendering.
 pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, Dataset)> {
-    let run = Run::open(&options.run)?;
+    let run = Run::open(&options.query.run)?;
     let (store, _) = open_store(&run, options.store.clone())?;
     let (objective, training) = objective(&run, options.backend)?;
     let curvature = load_curvature(&run, &objective, options.curvature)?;
-    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?.select(&options.indices)?;
+    let q = &options.query;
+    let queries = Dataset::load(&q.data, Preprocessing::Reuse(&run.manifest))?.select(&q.indices)?;
     let own = match options.score {
         ScoreMode::Raw => None,
         ScoreMode::Relatif => {
@@ -235,10 +258,10 @@ fn assemble(
         self_influence_cached: own.map(|o| o.cached),
         combined: attribution.combined.then(|| namer.ranking(count, sign)),
         query_source: Some(QuerySource {
-            path: options.data.path.clone(),
-            split: options.data.split,
-            skip: options.data.skip,
-            limit: options.data.limit,
+            path: options.query.data.path.clone(),
+            split: options.query.data.split,
+            skip: options.query.data.skip,
+            limit: options.query.data.limit,
         }),
         all_scores,
         train_ids: training.ids.clone(),

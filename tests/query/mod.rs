@@ -54,10 +54,12 @@ fn trace_all(
     curvature: Method,
 ) -> culprit::report::trace::TraceReport {
     trace(&TraceOptions {
-        run: run.to_path_buf(),
+        query: culprit::workspace::attribution::QueryArgs {
+            run: run.to_path_buf(),
+            data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+            indices,
+        },
         store: None,
-        data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-        indices,
         measurement,
         curvature,
         top: 10,
@@ -365,10 +367,12 @@ fn html_report_embeds_every_example_as_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
     let (report, queries, training) = culprit::workspace::attribution::trace_with_data(&TraceOptions {
-        run,
+        query: culprit::workspace::attribution::QueryArgs {
+            run,
+            data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+            indices: vec![1310],
+        },
         store: None,
-        data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-        indices: vec![1310],
         measurement: Measurement::Loss(Target::Predicted),
         curvature: Method::Exact,
         top: 4,
@@ -424,10 +428,12 @@ fn per_layer_scores_sum_to_the_total() {
         })
         .unwrap();
         let report = trace(&TraceOptions {
-            run: run.clone(),
+            query: culprit::workspace::attribution::QueryArgs {
+                run: run.clone(),
+                data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+                indices: vec![1400],
+            },
             store: Some(run.join(store)),
-            data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-            indices: vec![1400],
             measurement: Measurement::Margin(Target::Predicted),
             curvature: Method::Identity,
             top: 5,
