@@ -11,6 +11,7 @@ mod common;
 mod curvature;
 mod gradients;
 mod library;
+mod lm;
 mod loaders;
 mod query;
 mod store;

@@ -159,10 +159,14 @@ pub fn extend(layers: &[TrackedLayer], tracked: &[f64], full_len: usize) -> Vec<
 /// What a tapped forward recorded for one tracked layer: its input and the probe on its output.
 #[derive(Clone, Debug)]
 pub struct LayerTap {
-    /// The layer's inputs a, `[batch, inputs, positions]`, detached from the graph.
+    /// The layer's inputs a, `[batch, inputs, positions]`, detached from the graph (zero at
+    /// padding positions).
     pub input: Tensor<3>,
     /// The zero probe added to the layer's output, `[batch, outputs, positions]`.
     pub probe: Tensor<3>,
+    /// `[batch, positions]`: 1 at the positions of real tokens, 0 at padding (sequences of
+    /// different lengths in one batch); `None` when every position is real.
+    pub mask: Option<Tensor<2>>,
 }
 
 impl LayerTap {
@@ -171,7 +175,15 @@ impl LayerTap {
     pub fn new(input: Tensor<3>, outputs: usize) -> Self {
         let [b, _, l] = input.dims();
         let probe = Tensor::zeros([b, outputs, l], (&input.device(), input.dtype())).require_grad();
-        Self { input: input.detach(), probe }
+        Self { input: input.detach(), probe, mask: None }
+    }
+
+    /// [`LayerTap::new`] for a batch with padding: `mask` (`[batch, positions]`, 1 real, 0 pad)
+    /// is kept with the tap and the input is zeroed at padding positions.
+    pub fn masked(input: Tensor<3>, outputs: usize, mask: Tensor<2>) -> Self {
+        let [b, i, l] = input.dims();
+        let input = input.detach() * mask.clone().reshape([b, 1, l]).expand([b, i, l]);
+        Self { mask: Some(mask), ..Self::new(input, outputs) }
     }
 
     /// The per-example output gradients δ, `[batch, outputs, positions]`, after a backward pass of

@@ -66,14 +66,7 @@ pub struct KroneckerFactors {
 
 /// Inputs with the constant-1 bias row: `[b, L, m]`.
 fn augmented_inputs(f: &LayerFactors) -> Tensor<3> {
-    let a = f.input.clone().swap_dims(1, 2);
-    if f.bias {
-        let [b, l, _] = a.dims();
-        let ones = Tensor::ones([b, l, 1], (&a.device(), a.dtype()));
-        Tensor::cat(vec![a, ones], 2)
-    } else {
-        a
-    }
+    f.augmented_inputs()
 }
 
 fn to_mat(t: Tensor<2>) -> Mat<f64> {
@@ -95,11 +88,12 @@ fn add(acc: &mut Option<Tensor<2>>, t: Tensor<2>) {
     })
 }
 
-/// The Kronecker statistics A = (1/(nL)) Σ ããᵀ and S = Σ_samples Σᵢ wᵢ Σₗ δδᵀ of every layer.
+/// The Kronecker statistics A = (1/N) Σ ããᵀ over the N real positions of all examples and
+/// S = Σ_samples Σᵢ wᵢ Σₗ δδᵀ of every layer.
 fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>, Vec<Tensor<2>>) {
-    let n = source.len() as f64;
     let count = source.layers().len();
     let mut a_sum: Vec<Option<Tensor<2>>> = vec![None; count];
+    let mut a_count = vec![0.0f64; count];
     let mut s_sum: Vec<Option<Tensor<2>>> = vec![None; count];
     source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
         let b = sample.weights.len();
@@ -108,7 +102,8 @@ fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>
             let [_, positions, m] = a.dims();
             if sample.first {
                 let x = a.reshape([b * positions, m]);
-                add(&mut a_sum[l], x.clone().transpose().matmul(x).div_scalar(n * positions as f64));
+                add(&mut a_sum[l], x.clone().transpose().matmul(x));
+                a_count[l] += f.positions();
             }
             // Rows (example, position) of the output gradient, weighted by √wᵢ.
             let weights: Vec<f64> =
@@ -121,8 +116,8 @@ fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>
             add(&mut s_sum[l], d.clone().transpose().matmul(d));
         }
     });
-    let take = |v: Vec<Option<Tensor<2>>>| v.into_iter().map(|t| t.expect("every layer has factors")).collect();
-    (take(a_sum), take(s_sum))
+    let a = a_sum.into_iter().zip(a_count).map(|(t, c)| t.expect("every layer has inputs").div_scalar(c)).collect();
+    (a, s_sum.into_iter().map(|t| t.expect("every layer has output gradients")).collect())
 }
 
 /// Eigendecomposition of a symmetric factor; eigenvalues clipped at 0.

@@ -170,9 +170,36 @@ pub struct LayerFactors {
     pub output_grad: Tensor<3>,
     /// Whether the layer has a bias (a constant-1 input row in the Kronecker view).
     pub bias: bool,
+    /// `[batch, L]`: 1 at real positions, 0 at padding; `None` when every position is real.
+    pub mask: Option<Tensor<2>>,
 }
 
 impl LayerFactors {
+    /// The inputs with the bias's constant 1 appended (1 at real positions, 0 at padding),
+    /// `[batch, L, m]`: the rows ã whose outer products the Kronecker factor A averages.
+    pub fn augmented_inputs(&self) -> Tensor<3> {
+        let a = self.input.clone().swap_dims(1, 2);
+        if !self.bias {
+            return a;
+        }
+        let [b, l, _] = a.dims();
+        let ones = match &self.mask {
+            Some(mask) => mask.clone().reshape([b, l, 1]),
+            None => Tensor::ones([b, l, 1], (&a.device(), a.dtype())),
+        };
+        let dtype = a.dtype();
+        Tensor::cat(vec![a, ones.cast(dtype)], 2)
+    }
+
+    /// The number of real positions in the batch (b·L without padding).
+    pub fn positions(&self) -> f64 {
+        let [b, _, l] = self.input.dims();
+        match &self.mask {
+            Some(mask) => mask.clone().sum().into_scalar::<f64>(),
+            None => (b * l) as f64,
+        }
+    }
+
     /// The exact per-example gradient blocks: ∇_W = Σ_l a δᵀ in the weight's layout, ∇_b = Σ_l δ.
     /// Cost: B·in·out·L multiply-adds.
     pub fn gradient(&self, layer: &TrackedLayer) -> LayerGradient {
@@ -212,7 +239,7 @@ pub fn factors_from_taps<M: Model>(model: &M, taps: &[LayerTap], grads: &Gradien
         .map(|(layer, tap)| {
             // A layer the measurement does not reach has zero output gradients.
             let output_grad = tap.output_gradient(grads).unwrap_or_else(|| tap.probe.clone().detach());
-            LayerFactors { input: tap.input.clone(), output_grad, bias: layer.bias }
+            LayerFactors { input: tap.input.clone(), output_grad, bias: layer.bias, mask: tap.mask.clone() }
         })
         .collect()
 }

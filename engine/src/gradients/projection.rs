@@ -420,6 +420,7 @@ impl Projector {
                     input: f.input.clone().cast(DType::F32),
                     output_grad: f.output_grad.clone().cast(DType::F32),
                     bias: f.bias,
+                    mask: f.mask.clone().map(|m| m.cast(DType::F32)),
                 })
                 .collect();
             &cast[..]

@@ -33,13 +33,7 @@ pub struct FittedDiagonal {
 
 /// Inputs with the constant-1 bias row, `[b, L, m]`.
 fn augmented(f: &LayerFactors) -> Tensor<3> {
-    let a = f.input.clone().swap_dims(1, 2);
-    if !f.bias {
-        return a;
-    }
-    let [b, l, _] = a.dims();
-    let ones = Tensor::ones([b, l, 1], (&a.device(), a.dtype()));
-    Tensor::cat(vec![a, ones], 2)
+    f.augmented_inputs()
 }
 
 /// Σᵢ wᵢ (gᵢ)² of one layer in its m×o view, for a batch of factors.
