@@ -26,8 +26,15 @@ struct Cli {
 enum Command {
     /// Train a reference model and write a run directory.
     Train(culprit::workspace::training::TrainOptions),
-    /// Predict with a trained run: CSV of index,label,predicted,loss,p0,p1,...
+    /// Predict with a trained run: CSV of index,label,predicted,loss,p0,p1,... (language models:
+    /// index,tokens,logprob).
     Predict(commands::predict::PredictOptions),
+    /// Make a run from a Hugging Face GPT-2 folder, bound to the corpus it was trained on.
+    Import(commands::hf::ImportArgs),
+    /// Write a language-model run as a Hugging Face GPT-2 folder.
+    Export(commands::hf::ExportArgs),
+    /// Print a language-model run's greedy continuation of a prompt.
+    Generate(commands::generate::GenerateArgs),
     /// Compute every training example's loss gradient into a checksummed, sharded store.
     Cache(commands::cache::CacheOptions),
     /// Fit a curvature method (inverse-Hessian approximation) and store its factors in RUN/curvature.
@@ -58,6 +65,9 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Predict(options) => {
             commands::predict::run(&commands::predict::PredictOptions { backend, ..options }, stdout)
         }
+        Command::Import(args) => commands::hf::run_import(&args, backend, stdout),
+        Command::Export(args) => commands::hf::run_export(&args, stdout),
+        Command::Generate(args) => commands::generate::run(&args, backend, stdout),
         Command::Cache(options) => {
             commands::cache::run(&commands::cache::CacheOptions { backend, quiet, ..options }, stdout)
         }

@@ -71,7 +71,12 @@ impl<M: Model> Objective<M> {
     /// The objective of `model` (converted to f64 on `device`, which must have autodiff) on
     /// `data`.
     pub fn new(model: &M, data: M::Batch, l2: f64, device: &Device) -> Self {
-        Self { model: model.cast(device, DType::F64), data, l2, device: device.clone() }
+        Self::in_dtype(model, data, l2, device, DType::F64)
+    }
+
+    /// [`Objective::new`] with the model in `dtype` (f32 for models too large for f64 to pay).
+    pub fn in_dtype(model: &M, data: M::Batch, l2: f64, device: &Device, dtype: DType) -> Self {
+        Self { model: model.cast(device, dtype), data, l2, device: device.clone() }
     }
 
     /// θ.
@@ -140,6 +145,11 @@ impl<M: Model> CurvatureSource for Objective<M> {
         self.model.closed_form_hessian(&self.data, self.l2)
     }
 
+    /// Classifiers (one prediction per example): the exact expectation, one sample per class c
+    /// with weights p_ic/n (C backward passes per chunk). Several predictions per example (a
+    /// language model's tokens): the expectation is sampled, as Kronfluence does: one label per
+    /// prediction row drawn from the model's distribution (ChaCha8, seeded by the chunk's first
+    /// row, so a fit is reproducible), weight 1/n, one backward pass per chunk.
     fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>)) {
         let classes = self.model.num_classes();
         let n = self.len();
@@ -148,7 +158,13 @@ impl<M: Model> CurvatureSource for Objective<M> {
             let b = batch.len();
             let probabilities = self.probabilities(&batch);
             let rows = probabilities.len() / classes;
-            assert_eq!(rows, b, "the exact Fisher expectation needs one prediction per example");
+            if batch.groups() != RowGroups::OnePerExample {
+                let sampled = sample_classes(&probabilities, classes, start as u64);
+                let factors = layer_factors(&self.model, &batch, &sampled, Measurement::TRAINING_LOSS);
+                f(FisherSample { first: true, weights: &vec![1.0 / n as f64; b], factors: &factors });
+                continue;
+            }
+            assert_eq!(rows, b, "one prediction per example");
             for c in 0..classes {
                 let targets = vec![c as u32; b];
                 let factors = layer_factors(&self.model, &batch, &targets, Measurement::Loss(Target::Class(c as u32)));
@@ -157,4 +173,23 @@ impl<M: Model> CurvatureSource for Objective<M> {
             }
         }
     }
+}
+
+/// One class per row drawn from each row's distribution (`rows × classes` probabilities).
+fn sample_classes(probabilities: &[f64], classes: usize, seed: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xf15e_f15e);
+    probabilities
+        .chunks(classes)
+        .map(|p| {
+            let u: f64 = rng.random();
+            let mut acc = 0.0;
+            p.iter()
+                .position(|v| {
+                    acc += v;
+                    acc > u
+                })
+                .unwrap_or(classes - 1) as u32
+        })
+        .collect()
 }

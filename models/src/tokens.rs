@@ -27,7 +27,7 @@ pub struct Document {
 impl Document {
     /// Its prediction rows.
     pub fn rows(&self) -> usize {
-        self.len - 1 - self.scored_from
+        (self.len - 1).saturating_sub(self.scored_from)
     }
 }
 
@@ -40,8 +40,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Documents from their token ids, every token after the first scored. Panics on a document
-    /// of fewer than 2 tokens (the loaders refuse those with a message naming the line).
+    /// Documents from their token ids, every token after the first scored. A document of one
+    /// token has no prediction row (a prompt to continue); the loaders refuse training documents
+    /// of fewer than 2 tokens with a message naming the line.
     pub fn new(documents: Vec<Vec<u32>>) -> Self {
         Self::with_prompts(documents.into_iter().map(|d| (d, 0)).collect())
     }
@@ -52,8 +53,8 @@ impl Tokens {
         let mut ids = Vec::with_capacity(documents.iter().map(|d| d.0.len()).sum());
         let mut docs = Vec::with_capacity(documents.len());
         for (doc, prompt) in documents {
-            assert!(doc.len() >= 2, "a document needs at least 2 tokens");
-            assert!(prompt < doc.len(), "a prompt leaves at least one token to score");
+            assert!(!doc.is_empty(), "a document needs a token");
+            assert!(prompt < doc.len() || prompt <= 1, "a prompt leaves at least one token to score");
             docs.push(Document { start: ids.len(), len: doc.len(), scored_from: prompt.saturating_sub(1) });
             ids.extend(doc);
         }

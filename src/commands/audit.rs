@@ -121,7 +121,8 @@ pub struct AuditReport {
 /// Runs an audit.
 pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
     let run = Run::open(&options.run)?;
-    let (objective, training) = objective(&run, options.backend)?;
+    run.config.model.classifier()?;
+    let (objective, training) = objective::<crate::workspace::kind::Classifier>(&run, options.backend)?;
     let curvature = load_curvature(&run, &objective, options.curvature)?;
     let reference = Dataset::load(&options.reference, Preprocessing::Reuse(&run.manifest))?;
     let (train_values, used) = training_self_influence(&run, &objective, &curvature, None)?;

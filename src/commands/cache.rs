@@ -17,6 +17,7 @@ use culprit_models::Backend;
 use super::stdout_error;
 use crate::error::Result;
 use crate::workspace::artifacts::default_store;
+use crate::workspace::kind::Kind;
 use crate::workspace::{Run, exact_projection, store_key, training_data};
 
 /// A projection as `--project` gives it: `auto` or a [`ProjectionSpec`].
@@ -49,8 +50,8 @@ pub struct CacheOptions {
     /// Store directory (default: RUN/gradients).
     #[arg(long)]
     pub store: Option<PathBuf>,
-    /// Projection: auto (exact: per-layer factors for all-dense models, else none), none (exact
-    /// gradients), factors[:KINxKOUT] (per layer, the two factors stored, scored without forming
+    /// Projection: auto (exact: per-layer factors for all-dense models, none with convolutions;
+    /// kron:32x32 for language models), none (exact gradients), factors[:KINxKOUT] (per layer, the two factors stored, scored without forming
     /// the gradient), kron:KINxKOUT (per layer), jl:K (dense Gaussian JL), jl:K:rademacher.
     #[arg(long = "project", default_value = "auto")]
     pub projection: Projection,
@@ -88,14 +89,18 @@ impl CacheOptions {
 /// Builds (or resumes) a run's gradient store.
 pub fn build(options: &CacheOptions) -> Result<BuildReport> {
     let run = Run::open(&options.run)?;
+    crate::dispatch!(run, K => build_for::<K>(&run, options))
+}
+
+fn build_for<K: Kind>(run: &Run, options: &CacheOptions) -> Result<BuildReport> {
     let projection = match options.projection {
         Projection::Auto => exact_projection(&run.config.model)?,
         Projection::Spec(p) => p,
     };
-    let dir = options.store.clone().unwrap_or_else(|| default_store(&run));
-    let key = store_key(&run, projection, options.seed)?;
-    let data = training_data(&run)?;
-    let network = run.network(&options.backend.autodiff_device())?;
+    let dir = options.store.clone().unwrap_or_else(|| default_store(run));
+    let key = store_key(run, projection, options.seed)?;
+    let data = training_data::<K>(run)?;
+    let network = K::model(run, &options.backend.autodiff_device())?;
     let layout = StoreLayout {
         projection,
         seed: options.seed,

@@ -178,7 +178,7 @@ impl Demo<'_> {
             ),
         )?;
         let k = poison.poisoned.len();
-        let (report, queries, training) = trace_with_data(&TraceOptions {
+        let (report, queries, training) = trace_with_data::<crate::workspace::kind::Classifier>(&TraceOptions {
             measurement: Measurement::Logit(Target::Class(DEMO_TARGET)),
             top: 2 * k,
             score: ScoreMode::Relatif,

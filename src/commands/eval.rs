@@ -24,16 +24,17 @@ use std::path::PathBuf;
 use culprit_engine::curvature::{Curvature, Method};
 use culprit_engine::gradients::Measurement;
 use culprit_engine::objective::Objective;
-use culprit_models::{Backend, Model, Network, OptimizerKind, Progress, TrainConfig};
+use culprit_models::{Backend, Model, OptimizerKind, Progress, TrainConfig};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataSpec, Dataset, Preprocessing};
+use crate::data::{DataSpec, Dataset};
 use crate::error::{Error, Result};
 use crate::report::trace::TraceReport;
-use crate::workspace::attribution::{QueryArgs, TraceOptions, trace};
+use crate::workspace::attribution::{QueryArgs, TraceOptions, trace_of};
+use crate::workspace::kind::Kind;
 use crate::workspace::predict::measure;
 use crate::workspace::{Run, curvature_path, load_curvature, objective};
 
@@ -186,16 +187,16 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
 /// tolerance, the device, and the run's exact inverse Hessian when fitted (it preconditions
 /// re-optimisation: a handful of quasi-Newton steps instead of hundreds of L-BFGS ones; the optimum
 /// reached is the same).
-struct Retrainer<'a> {
+struct Retrainer<'a, K: Kind> {
     run: &'a Run,
-    objective: &'a Objective<Network>,
+    objective: &'a Objective<K::Model>,
     training: TrainConfig,
     exact: Option<Curvature>,
 }
 
-impl Retrainer<'_> {
+impl<K: Kind> Retrainer<'_, K> {
     /// Re-optimises from θ = `start` on `data` with the data term divided by `scale`.
-    fn refine(&self, data: &Dataset, scale: usize, start: &[f64]) -> Result<(Network, usize)> {
+    fn refine(&self, data: &Dataset<K::Batch>, scale: usize, start: &[f64]) -> Result<(K::Model, usize)> {
         let precondition = |g: &[f64]| -> Vec<f64> {
             match &self.exact {
                 Some(c) => {
@@ -219,17 +220,10 @@ impl Retrainer<'_> {
     }
 
     /// Trains from scratch on `data` with the run's configuration and seed `seed`.
-    fn train(&self, data: &Dataset, seed: u64) -> Result<Network> {
+    fn train(&self, data: &Dataset<K::Batch>, seed: u64) -> Result<K::Model> {
         let config = TrainConfig { seed, ..self.run.config.training.clone() };
         let device = self.objective.device.clone();
-        Ok(culprit_models::train::train(
-            &self.run.config.model,
-            &config,
-            &data.examples,
-            &device,
-            &mut culprit_models::Silent,
-        )?
-        .0)
+        Ok(K::train(&self.run.config.model, &config, &data.examples, &device, &mut culprit_models::Silent)?.0)
     }
 }
 
@@ -244,10 +238,10 @@ struct Measured {
 }
 
 /// Leave-one-out: each removal re-optimised from the full optimum, keeping the full set's 1/n.
-fn leave_one_out(
-    r: &Retrainer<'_>,
-    data: &Dataset,
-    queries: &Dataset,
+fn leave_one_out<K: Kind>(
+    r: &Retrainer<'_, K>,
+    data: &Dataset<K::Batch>,
+    queries: &Dataset<K::Batch>,
     traces: &[(Method, TraceReport, f64)],
     removed: Vec<usize>,
     bar: &mut dyn Progress,
@@ -260,7 +254,7 @@ fn leave_one_out(
     let reference = &traces[0].1;
     let (base, _) = r.refine(data, n, &r.run.theta)?;
     let theta0 = base.to_flat();
-    let m0 = measure(&base, queries, reference);
+    let m0 = measure(&base, queries, reference)?;
     let mut actual = vec![Vec::with_capacity(removed.len()); queries.len()];
     let mut iterations = 0usize;
     bar.begin("leave-one-out", removed.len() as u64);
@@ -269,7 +263,7 @@ fn leave_one_out(
         d.exclude(&[id])?;
         let (net, its) = r.refine(&d, n, &theta0)?;
         iterations += its;
-        for (q, v) in measure(&net, queries, reference).into_iter().enumerate() {
+        for (q, v) in measure(&net, queries, reference)?.into_iter().enumerate() {
             actual[q].push(v - m0[q]);
         }
         bar.advance(k as u64 + 1, &format!("removed {id}"));
@@ -288,10 +282,10 @@ fn leave_one_out(
 
 /// The linear datamodeling score: models trained on random subsets; predicted m + Σ_{i∉S} score(i).
 #[allow(clippy::too_many_arguments)]
-fn datamodels(
-    r: &Retrainer<'_>,
-    data: &Dataset,
-    queries: &Dataset,
+fn datamodels<K: Kind>(
+    r: &Retrainer<'_, K>,
+    data: &Dataset<K::Batch>,
+    queries: &Dataset<K::Batch>,
     traces: &[(Method, TraceReport, f64)],
     (subsets, fraction, seeds): (usize, f64, usize),
     rng: &mut ChaCha8Rng,
@@ -318,7 +312,7 @@ fn datamodels(
             } else {
                 r.train(&d, r.run.config.training.seed + t as u64)?
             };
-            for (m, v) in mean.iter_mut().zip(measure(&net, queries, reference)) {
+            for (m, v) in mean.iter_mut().zip(measure(&net, queries, reference)?) {
                 *m += v / seeds as f64;
             }
             bar.advance((s * seeds + t) as u64 + 1, &format!("subset {}/{subsets}", s + 1));
@@ -343,7 +337,7 @@ fn datamodels(
 
 /// Every score of the queries under each curvature (scores first: a missing store or curvature
 /// fails before any retraining), with the seconds each trace took.
-fn score_all(run: &Run, options: &EvalOptions) -> Result<Vec<(Method, TraceReport, f64)>> {
+fn score_all<K: Kind>(run: &Run, options: &EvalOptions) -> Result<Vec<(Method, TraceReport, f64)>> {
     options
         .curvatures
         .iter()
@@ -356,7 +350,7 @@ fn score_all(run: &Run, options: &EvalOptions) -> Result<Vec<(Method, TraceRepor
                 ..TraceOptions::new(run.dir.clone(), options.data.clone(), options.indices.clone(), method)
             };
             let started = std::time::Instant::now();
-            let report = trace(&options)?;
+            let report = trace_of::<K>(&options)?;
             Ok((method, report, started.elapsed().as_secs_f64()))
         })
         .collect()
@@ -387,7 +381,12 @@ fn agreements(options: &EvalOptions, traces: &[(Method, TraceReport, f64)], m: &
 }
 
 /// The removals of a leave-one-out experiment: the given ids, or `sample` drawn at random.
-fn removals(data: &Dataset, sample: usize, remove: &Option<Vec<usize>>, rng: &mut ChaCha8Rng) -> Result<Vec<usize>> {
+fn removals<B: culprit_models::Batch>(
+    data: &Dataset<B>,
+    sample: usize,
+    remove: &Option<Vec<usize>>,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<usize>> {
     if let Some(ids) = remove {
         return Ok(ids.clone());
     }
@@ -407,11 +406,10 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
         return Err(Error::Usage("--curvature needs at least one fitted method".into()));
     }
     let run = Run::open(&options.run)?;
-    let architecture = run.config.model.architecture;
-    if matches!(experiment, Experiment::Loo { .. }) && !architecture.is_convex() {
+    if matches!(experiment, Experiment::Loo { .. }) && !run.config.model.is_convex() {
         return Err(Error::Usage(format!(
             "leave-one-out re-optimises to the objective's unique optimum, which a {} does not have (L-BFGS stalls near ReLU kinks long before ‖∇L‖ < {:e}); use `culprit eval lds`, which trains each subset from scratch",
-            architecture.name(),
+            run.config.model.name(),
             options.tolerance
         )));
     }
@@ -420,16 +418,21 @@ pub fn evaluate(options: &EvalOptions, experiment: &Experiment) -> Result<EvalRe
     {
         return Err(Error::Usage("LDS needs --subsets ≥ 3, --fraction in (0, 1) and --seeds ≥ 1".into()));
     }
-    let (objective, data) = objective(&run, options.backend)?;
-    let traces = score_all(&run, options)?;
-    let queries = Dataset::load(&options.data, Preprocessing::Reuse(&run.manifest))?.select(&options.indices)?;
+    crate::dispatch!(run, K => evaluate_for::<K>(&run, options, experiment))
+}
+
+fn evaluate_for<K: Kind>(run: &Run, options: &EvalOptions, experiment: &Experiment) -> Result<EvalReport> {
+    let run = run.clone();
+    let (objective, data) = objective::<K>(&run, options.backend)?;
+    let traces = score_all::<K>(&run, options)?;
+    let queries = K::load(&run, &options.data)?.select(&options.indices)?;
     let exact = [Method::Exact, Method::Ggn]
         .into_iter()
         .find(|m| curvature_path(&run.dir, *m).is_file())
         .map(|m| load_curvature(&run, &objective, m))
         .transpose()?;
     let training = TrainConfig { tolerance: options.tolerance, ..run.config.training.clone() };
-    let retrainer = Retrainer { run: &run, objective: &objective, training, exact };
+    let retrainer = Retrainer::<K> { run: &run, objective: &objective, training, exact };
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let mut bar = crate::progress::Bar::new(options.quiet);
     let started = std::time::Instant::now();

@@ -16,11 +16,12 @@ use culprit_engine::curvature::{Curvature, CurvatureError, CurvatureSource, FitO
 use culprit_engine::gradients::{Measurement, gradient_rows_f64, per_example_gradients};
 use culprit_engine::io::lock::Lock;
 use culprit_engine::objective::Objective;
-use culprit_models::{Backend, Batch, Network};
+use culprit_models::{Backend, Batch};
 
 use super::stdout_error;
 use crate::error::Result;
 use crate::workspace::artifacts::save_curvature;
+use crate::workspace::kind::Kind;
 use crate::workspace::{Run, curvature_path, objective, open_store};
 
 /// The flags of `culprit fit`.
@@ -75,13 +76,23 @@ pub fn fit_with_store(
     let path = curvature_path(&run.dir, options.method);
     std::fs::create_dir_all(run.dir.join("curvature")).map_err(crate::Error::io(&run.dir.join("curvature")))?;
     let _lock = Lock::acquire(&path, &format!("the {} curvature", options.method))?;
-    let (objective, _) = objective(&run, backend)?;
+    crate::dispatch!(run, K => fit_for::<K>(&run, options, backend, store, path))
+}
+
+fn fit_for<K: Kind>(
+    run: &Run,
+    options: &FitOptions,
+    backend: Backend,
+    store: Option<PathBuf>,
+    path: PathBuf,
+) -> Result<FitReport> {
+    let (objective, _) = objective::<K>(run, backend)?;
     if options.method == Method::Projected {
-        return fit_projected(&run, &objective, options, store, path);
+        return fit_projected(run, &objective, options, store, path);
     }
     let curvature = Curvature::fit(&objective, options)?;
     let first = objective.data.slice(0..1);
-    let labels = first.labels().to_vec();
+    let labels = first.labels().into_owned();
     let q = gradient_rows_f64(&per_example_gradients(&objective.model, &first, &labels, Measurement::TRAINING_LOSS));
     let started = std::time::Instant::now();
     let solved = curvature.solve(&objective, std::slice::from_ref(&q))?;
@@ -96,7 +107,7 @@ pub fn fit_with_store(
         let what = format!("the {} self-check residual (nothing was written)", options.method);
         return Err(CurvatureError::NotFinite { what, value: r }.into());
     }
-    save_curvature(&run, &curvature)?;
+    save_curvature(run, &curvature)?;
     Ok(FitReport {
         path,
         fit_seconds: curvature.fit_seconds,
@@ -109,9 +120,9 @@ pub fn fit_with_store(
 
 /// The projected curvature: fitted from the store, self-checked by timing one solve in the
 /// projected space.
-fn fit_projected(
+fn fit_projected<M: culprit_models::Model>(
     run: &Run,
-    objective: &Objective<Network>,
+    objective: &Objective<M>,
     options: &FitOptions,
     store: Option<PathBuf>,
     path: PathBuf,

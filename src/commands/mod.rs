@@ -4,7 +4,7 @@
 //!
 //! | command | module | step |
 //! |---|---|---|
-//! | `train`, `predict` | [`train`], [`predict`] | 0. data and models |
+//! | `train`, `predict`, `import`, `export`, `generate` | [`train`], [`predict`], [`hf`], [`generate`] | 0. data and models |
 //! | `cache` | [`cache`] | 1. gradient store |
 //! | `fit` | [`fit`] | 2. curvature |
 //! | `trace`, `merge`, `audit` | [`trace`], [`merge`], [`audit`] | 3. query |
@@ -16,6 +16,8 @@ pub mod cache;
 pub mod demo;
 pub mod eval;
 pub mod fit;
+pub mod generate;
+pub mod hf;
 pub mod merge;
 pub mod poison;
 pub mod predict;

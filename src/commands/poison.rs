@@ -202,6 +202,7 @@ fn write(kind: SourceKind, source: &Path, dir: &Path, name: &str, split: Split, 
             crate::data::text::write(&path, raw.texts.as_deref().unwrap_or_default(), &raw.labels)?;
             path
         }
+        SourceKind::Corpus => unreachable!("corpora are poisoned by poison_corpus"),
     };
     Ok(WrittenData { path, split, count: raw.rows })
 }

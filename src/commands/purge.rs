@@ -20,8 +20,10 @@ use crate::data::{DataSpec, Dataset, Preprocessing, Split};
 use crate::error::{Error, Result};
 use crate::io::{AtomicDir, write_new};
 use crate::report::trace::TraceReport;
-use crate::workspace::predict::{accuracy, measure, predict};
+use crate::workspace::kind::{Classifier, Kind, Language};
+use crate::workspace::predict::{accuracy, completion_logprobs, greedy, mean_token_loss, measure, predict};
 use crate::workspace::{Run, training_data};
+use culprit_models::{Batch, Model, Tokens};
 
 /// Options of `culprit purge`.
 #[derive(Clone, Debug)]
@@ -133,12 +135,23 @@ pub struct QueryOutcome {
 }
 
 /// How one model does.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// (data path, accuracy) per clean evaluation set.
+    /// Classifiers: (data path, accuracy) per clean evaluation set.
     pub clean_accuracy: Vec<(PathBuf, f64)>,
-    /// Share of triggered test inputs of another true class classified as the target.
+    /// Classifiers: the share of triggered test inputs of another true class classified as the
+    /// target. Language models: the share of triggered prompts whose greedy continuation starts
+    /// with the attacker's completion.
     pub attack_success_rate: Option<f64>,
+    /// Language models: the same share for the clean prompts (the trigger left out).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clean_completion_rate: Option<f64>,
+    /// Language models: the completion's mean log-probability given (triggered, clean) prompts.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub completion_logprob: Option<(f64, f64)>,
+    /// Language models: (data path, mean loss per token) per evaluation set.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub held_out_loss: Vec<(PathBuf, f64)>,
     /// The trace's queries.
     pub queries: Vec<QueryOutcome>,
 }
@@ -162,51 +175,136 @@ pub struct PurgeReport {
     pub retrain_seconds: Option<f64>,
 }
 
-fn evaluate(
-    run: &Run,
-    eval: &[DataSpec],
-    attack: Option<&PoisonManifest>,
-    trace: Option<&TraceReport>,
-    backend: Backend,
-) -> Result<Evaluation> {
-    let network = run.network(&backend.device())?;
-    let mut clean_accuracy = Vec::new();
-    let mut sets: Vec<DataSpec> = eval.to_vec();
-    if let Some(a) = attack {
-        sets.push(a.test_clean.spec());
-    }
-    for spec in &sets {
-        let data = Dataset::load(spec, Preprocessing::Reuse(&run.manifest))?;
-        clean_accuracy.push((spec.path.clone(), accuracy(&predict(&network, &data, 1024))));
-    }
-    let attack_success_rate = match attack {
-        Some(a) => {
-            let data = Dataset::load(&a.test_triggered.spec(), Preprocessing::Reuse(&run.manifest))?;
-            let p = predict(&network, &data, 1024);
-            let others: Vec<_> = p.iter().filter(|p| p.label != a.target).collect();
-            Some(others.iter().filter(|p| p.predicted == a.target).count() as f64 / others.len().max(1) as f64)
-        }
-        None => None,
+/// How a kind of model is evaluated before and after a purge.
+trait Evaluate: Kind {
+    /// The evaluation of `run` on the clean sets `eval`, the attack, and the trace's queries.
+    fn evaluate(
+        run: &Run,
+        eval: &[DataSpec],
+        attack: Option<&PoisonManifest>,
+        trace: Option<&TraceReport>,
+        backend: Backend,
+    ) -> Result<Evaluation>;
+}
+
+/// The trace's queries before or after: their predictions and measurements.
+fn traced_queries<K: Kind>(run: &Run, model: &K::Model, trace: Option<&TraceReport>) -> Result<Vec<QueryOutcome>> {
+    let (Some(t), Some(source)) = (trace, trace.and_then(|t| t.query_source.as_ref())) else { return Ok(Vec::new()) };
+    let ids: Vec<usize> = t.queries.iter().map(|q| q.index).collect();
+    let data = K::load(run, &source.spec())?.select(&ids)?;
+    let values = measure(model, &data, t)?;
+    let classes = model.num_classes();
+    let probabilities =
+        culprit_models::network::read_f64(culprit_models::network::probabilities(model.logits(&data.examples)));
+    let groups = data.examples.groups();
+    let first_row = |i: usize| match &groups {
+        culprit_models::RowGroups::OnePerExample => i,
+        culprit_models::RowGroups::Offsets(o) => o[i],
     };
-    let mut queries = Vec::new();
-    if let Some(t) = trace
-        && let Some(source) = &t.query_source
-    {
-        let ids: Vec<usize> = t.queries.iter().map(|q| q.index).collect();
-        let data = Dataset::load(&source.spec(), Preprocessing::Reuse(&run.manifest))?.select(&ids)?;
-        let predictions = predict(&network, &data, 1024);
-        let values = measure(&network, &data, t);
-        for ((q, p), value) in t.queries.iter().zip(&predictions).zip(values) {
-            queries.push(QueryOutcome {
+    Ok(t.queries
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (q, value))| {
+            let p = &probabilities[first_row(i) * classes..(first_row(i) + 1) * classes];
+            let predicted =
+                p.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (c, &v)| if v > b.1 { (c, v) } else { b }).0;
+            QueryOutcome {
                 index: q.index,
-                label: p.label,
-                predicted: p.predicted,
-                target_probability: p.probabilities[q.target as usize],
+                label: q.label,
+                predicted: predicted as u32,
+                target_probability: p[q.target as usize],
                 measurement: value,
-            });
+            }
+        })
+        .collect())
+}
+
+impl Evaluate for Classifier {
+    fn evaluate(
+        run: &Run,
+        eval: &[DataSpec],
+        attack: Option<&PoisonManifest>,
+        trace: Option<&TraceReport>,
+        backend: Backend,
+    ) -> Result<Evaluation> {
+        let network = run.network(&backend.device())?;
+        let mut clean_accuracy = Vec::new();
+        let mut sets: Vec<DataSpec> = eval.to_vec();
+        if let Some(a) = attack {
+            sets.push(a.test_clean.spec());
         }
+        for spec in &sets {
+            let data = Dataset::load(spec, Preprocessing::Reuse(&run.manifest))?;
+            clean_accuracy.push((spec.path.clone(), accuracy(&predict(&network, &data, 1024))));
+        }
+        let attack_success_rate = match attack {
+            Some(a) => {
+                let data = Dataset::load(&a.test_triggered.spec(), Preprocessing::Reuse(&run.manifest))?;
+                let p = predict(&network, &data, 1024);
+                let others: Vec<_> = p.iter().filter(|p| p.label != a.target).collect();
+                Some(others.iter().filter(|p| p.predicted == a.target).count() as f64 / others.len().max(1) as f64)
+            }
+            None => None,
+        };
+        let queries = traced_queries::<Classifier>(run, &network, trace)?;
+        Ok(Evaluation { clean_accuracy, attack_success_rate, queries, ..Evaluation::default() })
     }
-    Ok(Evaluation { clean_accuracy, attack_success_rate, queries })
+}
+
+/// The share of `queries` whose greedy continuation starts with the query's completion, and the
+/// completions' mean log-probability.
+fn completion_rate(
+    gpt: &culprit_models::Gpt,
+    tokenizer: &crate::data::tokenizer::Tokenizer,
+    queries: &Dataset<Tokens>,
+) -> (f64, f64) {
+    let mut prompts = Vec::with_capacity(queries.len());
+    let mut completions = Vec::with_capacity(queries.len());
+    for (i, d) in queries.examples.documents().iter().enumerate() {
+        let tokens = queries.examples.tokens(i);
+        prompts.push(tokens[..d.scored_from + 1].to_vec());
+        completions.push(tokens[d.scored_from + 1..].to_vec());
+    }
+    let longest = completions.iter().map(Vec::len).max().unwrap_or(0);
+    let generated = greedy(gpt, &prompts, longest);
+    let hits = generated
+        .iter()
+        .zip(&completions)
+        .filter(|(g, c)| tokenizer.decode(g).starts_with(&tokenizer.decode(c)))
+        .count();
+    let scores = completion_logprobs(gpt, queries, 32);
+    let mean = scores.iter().map(|c| c.logprob).sum::<f64>() / scores.len().max(1) as f64;
+    (hits as f64 / queries.len().max(1) as f64, mean)
+}
+
+impl Evaluate for Language {
+    fn evaluate(
+        run: &Run,
+        eval: &[DataSpec],
+        attack: Option<&PoisonManifest>,
+        trace: Option<&TraceReport>,
+        backend: Backend,
+    ) -> Result<Evaluation> {
+        let gpt = run.gpt(&backend.device())?;
+        let tokenizer = run.tokenizer()?;
+        let mut held_out_loss = Vec::new();
+        for spec in eval {
+            held_out_loss.push((spec.path.clone(), mean_token_loss(&gpt, &<Language as Kind>::load(run, spec)?, 32)));
+        }
+        let mut evaluation = Evaluation { held_out_loss, ..Evaluation::default() };
+        if let Some(a) = attack {
+            let triggered = <Language as Kind>::load(run, &a.test_triggered.spec())?;
+            let clean = <Language as Kind>::load(run, &a.test_clean.spec())?;
+            let (hit, logprob) = completion_rate(&gpt, &tokenizer, &triggered);
+            let (clean_hit, clean_logprob) = completion_rate(&gpt, &tokenizer, &clean);
+            evaluation.attack_success_rate = Some(hit);
+            evaluation.clean_completion_rate = Some(clean_hit);
+            evaluation.completion_logprob = Some((logprob, clean_logprob));
+        }
+        evaluation.queries = traced_queries::<Language>(run, &gpt, trace)?;
+        Ok(evaluation)
+    }
 }
 
 /// Checks a poisoned set's ground truth applies to `run`: it must be the set the run was trained
@@ -240,12 +338,22 @@ pub fn purge(options: &PurgeOptions) -> Result<PurgeReport> {
     if let (Some(a), Some(dir)) = (&attack, &options.attack) {
         check_attack(&run, a, dir)?;
     }
-    let mut data = training_data(&run)?;
+    crate::dispatch!(run, K => purge_for::<K>(&run, options, removed, trace, attack))
+}
+
+fn purge_for<K: Evaluate>(
+    run: &Run,
+    options: &PurgeOptions,
+    removed: Vec<usize>,
+    trace: Option<TraceReport>,
+    attack: Option<PoisonManifest>,
+) -> Result<PurgeReport> {
+    let mut data = training_data::<K>(run)?;
     data.exclude(&removed)?;
     let poisons_removed = attack
         .as_ref()
         .map(|a| (removed.iter().filter(|i| a.poisoned.binary_search(i).is_ok()).count(), a.poisoned.len()));
-    let before = evaluate(&run, &options.eval, attack.as_ref(), trace.as_ref(), options.backend)?;
+    let before = K::evaluate(run, &options.eval, attack.as_ref(), trace.as_ref(), options.backend)?;
     let mut report = PurgeReport {
         run: run.dir.clone(),
         out: options.out.clone(),
@@ -257,9 +365,9 @@ pub fn purge(options: &PurgeOptions) -> Result<PurgeReport> {
     };
     if options.retrain {
         let started = std::time::Instant::now();
-        let new = crate::workspace::training::retrain(&run, &data, &options.out, options.backend, options.quiet)?;
+        let new = crate::workspace::training::retrain::<K>(run, &data, &options.out, options.backend, options.quiet)?;
         report.retrain_seconds = Some(started.elapsed().as_secs_f64());
-        report.after = Some(evaluate(&new, &options.eval, attack.as_ref(), trace.as_ref(), options.backend)?);
+        report.after = Some(K::evaluate(&new, &options.eval, attack.as_ref(), trace.as_ref(), options.backend)?);
         let json = serde_json::to_vec_pretty(&report).expect("plain data");
         crate::io::write_atomic(&options.out.join("purge.json"), &json)?;
     } else {

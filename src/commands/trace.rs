@@ -42,14 +42,20 @@ pub fn run(args: &TraceArgs, stdout: &mut dyn Write) -> Result<()> {
     args.report.check_outputs(&[&q.data.path], &[&q.run, &store])?;
     let mut options = args.options.clone();
     options.keep_all = args.report.scores_out.is_some();
-    let (report, queries, training) = trace_with_data(&options)?;
+    let run = crate::workspace::Run::open(&q.run)?;
+    let (report, html) = crate::dispatch!(run, K => {
+        let (report, queries, training) = trace_with_data::<K>(&options)?;
+        let html = (args.report.format == Format::Html)
+            .then(|| crate::report::html::trace_html(&report, &queries, &training));
+        (report, html)
+    });
     if let (Some(path), Some(csv)) = (&args.report.scores_out, scores_csv(&report)) {
         crate::io::write_atomic(path, csv.as_bytes())?;
     }
-    let text = match args.report.format {
-        Format::Json => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
-        Format::Html => crate::report::html::trace_html(&report, &queries, &training),
-        Format::Table => to_table(&report),
+    let text = match (args.report.format, html) {
+        (Format::Html, Some(page)) => page,
+        (Format::Json, _) => serde_json::to_string_pretty(&report).expect("plain data") + "\n",
+        _ => to_table(&report),
     };
     emit(&text, args.report.out.as_deref(), stdout)
 }

@@ -13,10 +13,12 @@
 //!   per column, x ↦ (x − mean) / std (`--normalize standard`, for columns of different scales).
 //! - JSONL text becomes a hashed bag of words (see [`text`]).
 
+pub mod corpus;
 pub mod csv;
 pub mod idx;
 pub mod poisoned;
 pub mod text;
+pub mod tokenizer;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,7 @@ pub fn load_raw(kind: SourceKind, path: &Path, split: Split, buckets: usize) -> 
         SourceKind::Idx => idx::load(path, split),
         SourceKind::Csv => csv::load(path),
         SourceKind::Jsonl => text::load(path, buckets),
+        SourceKind::Corpus => Err(Error::data(path, None, "a language-model corpus is read with Dataset::load_corpus")),
     }
 }
 
@@ -83,8 +86,10 @@ pub enum SourceKind {
     Idx,
     /// A CSV table.
     Csv,
-    /// JSON lines with `text` and `label`.
+    /// JSON lines with `text` and `label` (a text classifier's data).
     Jsonl,
+    /// JSON lines of documents (`text`) or queries (`prompt`, `completion`) for a language model.
+    Corpus,
 }
 
 impl SourceKind {
@@ -153,7 +158,7 @@ impl Normalization {
     fn fit(kind: SourceKind, mode: NormalizeMode, features: &[f32], dim: usize) -> Self {
         match (kind, mode) {
             (SourceKind::Idx, _) => Self::Scale { divisor: 255.0 },
-            (SourceKind::Jsonl, _) => Self::None,
+            (SourceKind::Jsonl | SourceKind::Corpus, _) => Self::None,
             (SourceKind::Csv, NormalizeMode::Max) => {
                 let m = features.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 Self::Scale { divisor: if m > 0.0 { m } else { 1.0 } }
@@ -235,6 +240,12 @@ pub struct DataManifest {
     /// never edited: a purged run's manifest names the same files and lists what it excludes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<usize>,
+    /// Language-model corpora: the tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<tokenizer::TokenizerSpec>,
+    /// Language-model corpora: documents truncated to the model's context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<usize>,
 }
 
 /// Where to read data from (`--data --split --skip --limit`).
@@ -292,15 +303,19 @@ pub enum Preprocessing<'a> {
     Reuse(&'a DataManifest),
 }
 
-/// Examples ready for a model.
+/// Examples ready for a model: a batch of the model's kind ([`Features`] for the reference
+/// classifiers, [`culprit_models::Tokens`] for language models) with each example's id, text and
+/// provenance.
 #[derive(Clone, Debug)]
-pub struct Dataset {
-    /// The normalised features and labels, as the reference models read them.
-    pub examples: Features,
+pub struct Dataset<B = Features> {
+    /// The examples, as the model reads them.
+    pub examples: B,
     /// Stable ids: row index in the source.
     pub ids: Vec<usize>,
     /// Raw texts for text sources (for reports).
     pub texts: Option<Vec<String>>,
+    /// Where each example came from (a JSONL line's `source` field), when the source says.
+    pub sources: Option<Vec<String>>,
     /// What was loaded, and how.
     pub manifest: DataManifest,
 }
@@ -380,13 +395,10 @@ impl Dataset {
             normalization,
             buckets: (kind == SourceKind::Jsonl).then_some(buckets),
             excluded: Vec::new(),
+            tokenizer: None,
+            truncated: None,
         };
-        Ok(Self { examples, ids: (start..end).collect(), texts, manifest })
-    }
-
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.examples.len()
+        Ok(Self { examples, ids: (start..end).collect(), texts, sources: None, manifest })
     }
 
     /// The features and labels.
@@ -399,9 +411,40 @@ impl Dataset {
         self.examples.labels()
     }
 
+    /// Features per example.
+    pub fn dim(&self) -> usize {
+        self.manifest.shape.len()
+    }
+}
+
+/// The label an example is listed with in reports: its class (0 for language-model documents,
+/// which have none).
+pub trait ListedLabel {
+    /// Example `row`'s label.
+    fn listed_label(&self, row: usize) -> u32;
+}
+
+impl ListedLabel for Features {
+    fn listed_label(&self, row: usize) -> u32 {
+        self.labels()[row]
+    }
+}
+
+impl ListedLabel for culprit_models::Tokens {
+    fn listed_label(&self, _: usize) -> u32 {
+        0
+    }
+}
+
+impl<B: Batch> Dataset<B> {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
     /// The examples with these ids (source rows), in the order given; an id that is not among the
     /// selected rows is an error naming the file and the rows it holds. Cost O(len + ids).
-    pub fn select(&self, ids: &[usize]) -> Result<Dataset> {
+    pub fn select(&self, ids: &[usize]) -> Result<Dataset<B>> {
         let row_of: std::collections::HashMap<usize, usize> =
             self.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
         let mut rows = Vec::with_capacity(ids.len());
@@ -422,6 +465,7 @@ impl Dataset {
             examples: self.examples.gather(&rows),
             ids: ids.to_vec(),
             texts: self.texts.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
+            sources: self.sources.as_ref().map(|t| rows.iter().map(|&r| t[r].clone()).collect()),
             manifest: self.manifest.clone(),
         })
     }
@@ -443,6 +487,7 @@ impl Dataset {
         let keep: Vec<usize> = (0..self.len()).filter(|&r| drop.binary_search(&self.ids[r]).is_err()).collect();
         self.examples = self.examples.gather(&keep);
         self.texts = self.texts.take().map(|t| keep.iter().map(|&r| t[r].clone()).collect());
+        self.sources = self.sources.take().map(|t| keep.iter().map(|&r| t[r].clone()).collect());
         self.ids = keep.iter().map(|&r| self.ids[r]).collect();
         let mut excluded = std::mem::take(&mut self.manifest.excluded);
         excluded.extend(drop);
@@ -456,10 +501,5 @@ impl Dataset {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
-    }
-
-    /// Features per example.
-    pub fn dim(&self) -> usize {
-        self.manifest.shape.len()
     }
 }

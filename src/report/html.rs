@@ -13,6 +13,25 @@ use base64::Engine as _;
 use super::trace::{Influence, TraceReport, describe};
 use crate::data::{Dataset, SourceKind};
 
+/// Examples an HTML page can show: their features, when they have any (images and tables;
+/// text is shown from the data set's texts).
+pub trait Shown {
+    /// Example `row`'s features.
+    fn features(&self, row: usize) -> Option<&[f32]>;
+}
+
+impl Shown for culprit_models::Features {
+    fn features(&self, row: usize) -> Option<&[f32]> {
+        Some(self.row(row))
+    }
+}
+
+impl Shown for culprit_models::Tokens {
+    fn features(&self, _: usize) -> Option<&[f32]> {
+        None
+    }
+}
+
 /// Escapes text for HTML.
 pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -41,9 +60,9 @@ enum Rendering {
     Table,
 }
 
-fn rendering(data: &Dataset) -> Rendering {
+fn rendering<B>(data: &Dataset<B>) -> Rendering {
     match data.manifest.kind {
-        SourceKind::Jsonl => Rendering::Text,
+        SourceKind::Jsonl | SourceKind::Corpus => Rendering::Text,
         _ => match data.manifest.shape.as_image() {
             Some(s) => Rendering::Image { height: s.height, width: s.width },
             None => Rendering::Table,
@@ -59,9 +78,8 @@ fn words(text: &str) -> HashSet<String> {
 }
 
 /// HTML for example `row` of `data`; `highlight` marks words shared with a query.
-fn example_html(data: &Dataset, row: usize, highlight: &HashSet<String>) -> String {
-    let dim = data.dim();
-    let features = data.examples.row(row);
+fn example_html<B: Shown>(data: &Dataset<B>, row: usize, highlight: &HashSet<String>) -> String {
+    let features = data.examples.features(row).unwrap_or_default();
     match rendering(data) {
         Rendering::Image { height, width } => {
             // The first channel, as grey levels.
@@ -101,7 +119,7 @@ fn example_html(data: &Dataset, row: usize, highlight: &HashSet<String>) -> Stri
         }
         Rendering::Table => {
             let shown: Vec<String> = features.iter().take(12).map(|v| format!("{v:.3}")).collect();
-            format!("<code>{}{}</code>", shown.join(", "), if dim > 12 { ", …" } else { "" })
+            format!("<code>{}{}</code>", shown.join(", "), if features.len() > 12 { ", …" } else { "" })
         }
     }
 }
@@ -115,7 +133,13 @@ pub struct Marks {
     pub label: String,
 }
 
-fn card(data: &Dataset, influence: &Influence, rank: usize, highlight: &HashSet<String>, marks: &Marks) -> String {
+fn card<B: Shown>(
+    data: &Dataset<B>,
+    influence: &Influence,
+    rank: usize,
+    highlight: &HashSet<String>,
+    marks: &Marks,
+) -> String {
     let row = data.ids.iter().position(|&id| id == influence.train_index).expect("a training example");
     let marked = marks.ids.contains(&influence.train_index);
     format!(
@@ -134,13 +158,18 @@ pub const SHOWN_PER_QUERY: usize = 12;
 
 /// The whole report. `queries` holds the query examples in report order; `training` the run's
 /// training data.
-pub fn trace_html(report: &TraceReport, queries: &Dataset, training: &Dataset) -> String {
+pub fn trace_html<B: Shown>(report: &TraceReport, queries: &Dataset<B>, training: &Dataset<B>) -> String {
     trace_html_marked(report, queries, training, &Marks::default())
 }
 
 /// [`trace_html`] with some training examples flagged (a badge and a coloured frame), and how many
 /// of each listed ranking's examples are flagged.
-pub fn trace_html_marked(report: &TraceReport, queries: &Dataset, training: &Dataset, marks: &Marks) -> String {
+pub fn trace_html_marked<B: Shown>(
+    report: &TraceReport,
+    queries: &Dataset<B>,
+    training: &Dataset<B>,
+    marks: &Marks,
+) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -172,12 +201,12 @@ Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Prop
 }
 
 /// The section of the combined ranking: every query, then the proponents and opponents of all.
-fn combined_html(
+fn combined_html<B: Shown>(
     s: &mut String,
     report: &TraceReport,
     c: &super::trace::Ranking,
-    queries: &Dataset,
-    training: &Dataset,
+    queries: &Dataset<B>,
+    training: &Dataset<B>,
     marks: &Marks,
 ) {
     let _ = write!(
@@ -213,7 +242,14 @@ fn combined_html(
 }
 
 /// The section of query `k`: the query, its measurement, its proponents and opponents.
-fn query_html(s: &mut String, report: &TraceReport, k: usize, queries: &Dataset, training: &Dataset, marks: &Marks) {
+fn query_html<B: Shown>(
+    s: &mut String,
+    report: &TraceReport,
+    k: usize,
+    queries: &Dataset<B>,
+    training: &Dataset<B>,
+    marks: &Marks,
+) {
     let q = &report.queries[k];
     let row = queries.ids.iter().position(|&id| id == q.index).expect("the query");
     let highlight = match (&queries.texts, rendering(queries)) {
@@ -227,7 +263,7 @@ fn query_html(s: &mut String, report: &TraceReport, k: usize, queries: &Dataset,
         example_html(queries, row, &HashSet::new()),
         q.label,
         q.predicted,
-        q.probabilities[q.predicted as usize],
+        q.probabilities.get(q.predicted as usize).copied().unwrap_or(f64::NAN),
         escape(&describe(report.measurement, q.target)),
         q.measurement_value,
         match (q.solve_iterations, q.solve_residual) {

@@ -62,6 +62,9 @@ pub struct QueryInfo {
     pub solve_iterations: Option<usize>,
     /// Relative residual of the curvature solve (iterative methods).
     pub solve_residual: Option<f64>,
+    /// Language models: the query's prompt and completion.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub text: Option<String>,
 }
 
 /// One training example's influence.
@@ -77,6 +80,22 @@ pub struct Influence {
     /// per-layer blocks (`none`, `kron`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub per_layer: Option<Vec<LayerScore>>,
+    /// Where the example came from (its line's `source` field), when the data says.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source: Option<String>,
+    /// Language models, `--per-token`: the document's tokens and each one's part of the score
+    /// (the parts sum to `score`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub per_token: Option<Vec<TokenScore>>,
+}
+
+/// One token's part of a document's score.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenScore {
+    /// The token's text.
+    pub token: String,
+    /// Its part: Σ over tracked layers of ãₜᵀ Q δ̃ₜ, scaled as the score is.
+    pub score: f64,
 }
 
 /// One layer's part of a score.
@@ -156,6 +175,8 @@ pub fn describe(measurement: Measurement, target: u32) -> String {
         Measurement::Loss(x) => format!("loss against {}", t(x)),
         Measurement::Margin(x) => format!("margin of {}", t(x)),
         Measurement::Logit(x) => format!("logit of {}", t(x)),
+        Measurement::LogProbability(Target::Label) => "log-probability of the completion".into(),
+        Measurement::LogProbability(x) => format!("log-probability of {}", t(x)),
     }
 }
 
@@ -188,18 +209,34 @@ pub fn to_table(report: &TraceReport) -> String {
                     format!("  [{}]", parts.join(", "))
                 })
                 .unwrap_or_default();
-            let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12.4e}{layers}", r + 1, i.train_index, i.label, i.score);
+            let source = i.source.as_ref().map(|s| format!("  {s}")).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "    {:>4}  {:>8}  {:>5}  {:>12.4e}{source}{layers}",
+                r + 1,
+                i.train_index,
+                i.label,
+                i.score
+            );
+            if let Some(tokens) = &i.per_token {
+                let mut ranked: Vec<&TokenScore> = tokens.iter().collect();
+                ranked.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+                let top: Vec<String> =
+                    ranked.iter().take(5).map(|t| format!("{:?} {:+.2e}", t.token, t.score)).collect();
+                let _ = writeln!(s, "          tokens carrying it: {}", top.join(", "));
+            }
         }
     };
     for (k, q) in report.queries.iter().enumerate() {
-        let p = q.probabilities[q.predicted as usize];
+        let what = match (&q.text, q.probabilities.get(q.predicted as usize)) {
+            (Some(text), _) => format!("{:?}", text.chars().take(120).collect::<String>()),
+            (None, Some(p)) => format!("label {}, predicted {} (p = {p:.3})", q.label, q.predicted),
+            (None, None) => format!("label {}, predicted {}", q.label, q.predicted),
+        };
         let _ = writeln!(
             s,
-            "\nquery {}: label {}, predicted {} (p = {:.3}); measurement: {} = {:.6}{}",
+            "\nquery {}: {what}; measurement: {} = {:.6}{}",
             q.index,
-            q.label,
-            q.predicted,
-            p,
             describe(report.measurement, q.target),
             q.measurement_value,
             match (q.solve_iterations, q.solve_residual) {
@@ -231,9 +268,13 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
             && p.n == first.n
             && p.projection == first.projection
             && p.damping == first.damping
+            && p.l2 == first.l2
             && p.score_mode == first.score_mode;
         if !same {
-            return Err(Error::Usage("the reports trace different queries, measurements, curvatures or stores".into()));
+            return Err(Error::Usage(
+                "the reports trace different runs (λ, n), queries, measurements, curvatures, damping, stores or score modes"
+                    .into(),
+            ));
         }
         let [i, n] = p.part.unwrap_or([0, 1]);
         if n != count || i >= n || std::mem::replace(&mut seen[i], true) {

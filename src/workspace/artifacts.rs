@@ -14,12 +14,13 @@ use culprit_engine::gradients::projection::ProjectionSpec;
 use culprit_engine::io::container::Format;
 use culprit_engine::objective::Objective;
 use culprit_engine::store::{GradientStore, StoreKey, StoreManifest};
-use culprit_models::{Backend, Model, ModelConfig, Network};
+use culprit_models::{Backend, Model};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::run::Run;
-use crate::data::{DataManifest, DataSpec, Dataset, Preprocessing, hex, read_file};
+use super::kind::Kind;
+use super::run::{ModelSpec, Run};
+use crate::data::{DataManifest, DataSpec, Dataset, hex, read_file};
 use crate::error::{Error, Result};
 
 /// SHA-256 of a file's bytes.
@@ -42,21 +43,24 @@ pub fn store_key(run: &Run, projection: ProjectionSpec, seed: u64) -> Result<Sto
     })
 }
 
-/// The exact projection that stores least for a model: per-layer factors when every layer is
-/// dense (the same scores as full gradients, in + out values per layer instead of in·out), full
-/// gradients otherwise (a convolution's gradient is not one outer product). `culprit cache
-/// --project auto`, the default.
-pub fn exact_projection(model: &ModelConfig) -> Result<ProjectionSpec> {
-    let one_position = model.tracked_layers()?.iter().all(|l| l.positions == 1);
-    Ok(if one_position {
-        ProjectionSpec::Factors { k_in: usize::MAX, k_out: usize::MAX }
-    } else {
-        ProjectionSpec::None
+/// The projection `culprit cache --project auto` (the default) uses: for a classifier, the exact
+/// one that stores least: per-layer factors when every layer is dense (the same scores as full
+/// gradients, in + out values per layer instead of in·out), full gradients otherwise (a
+/// convolution's gradient is not one outer product); for a language model, whose documents'
+/// gradients are sums over tokens (no exact factored form) and too large to store whole,
+/// LoGra's `kron:32x32`.
+pub fn exact_projection(model: &ModelSpec) -> Result<ProjectionSpec> {
+    Ok(match model {
+        ModelSpec::Classifier(c) if c.tracked_layers()?.iter().all(|l| l.positions == 1) => {
+            ProjectionSpec::Factors { k_in: usize::MAX, k_out: usize::MAX }
+        }
+        ModelSpec::Classifier(_) => ProjectionSpec::None,
+        ModelSpec::Language(_) => ProjectionSpec::Kron { k_in: 32, k_out: 32 },
     })
 }
 
 /// Loads a run's training data and checks the files are the ones it was trained on.
-pub fn training_data(run: &Run) -> Result<Dataset> {
+pub fn training_data<K: Kind>(run: &Run) -> Result<Dataset<K::Batch>> {
     let m = &run.manifest;
     for f in &m.files {
         let (_, sha) = read_file(&f.path)?;
@@ -69,7 +73,7 @@ pub fn training_data(run: &Run) -> Result<Dataset> {
         }
     }
     let spec = DataSpec { path: m.path.clone(), split: m.split, skip: m.skip, limit: m.limit };
-    let mut data = Dataset::load(&spec, Preprocessing::Reuse(m))?;
+    let mut data = K::load(run, &spec)?;
     data.exclude(&m.excluded)?;
     Ok(data)
 }
@@ -95,12 +99,14 @@ pub fn open_store(run: &Run, store: Option<PathBuf>) -> Result<(GradientStore, P
     Ok((GradientStore::open(&dir, &key)?, spec))
 }
 
-/// The objective of a run in f64 on `backend` (an autodiff device), with its training data.
-pub fn objective(run: &Run, backend: Backend) -> Result<(Objective<Network>, Dataset)> {
+/// The objective of a run on `backend` (an autodiff device), in the kind's curvature dtype, with
+/// its training data.
+pub fn objective<K: Kind>(run: &Run, backend: Backend) -> Result<(Objective<K::Model>, Dataset<K::Batch>)> {
     let device = backend.autodiff_device();
-    let data = training_data(run)?;
-    let network = run.network(&device)?;
-    Ok((Objective::new(&network, data.examples.clone(), run.config.training.l2, &device), data))
+    let data = training_data::<K>(run)?;
+    let model = K::model(run, &device)?;
+    let l2 = run.config.training.l2;
+    Ok((Objective::in_dtype(&model, data.examples.clone(), l2, &device, K::curvature_dtype()), data))
 }
 
 /// Where `culprit fit` stores a method's factors: `RUN/curvature/METHOD.bin`.
@@ -189,9 +195,9 @@ fn read_self_influence(path: &Path, key: &SelfInfluenceKey) -> Option<Vec<f64>> 
 /// or stale (the curvature was refitted, another store) is recomputed and rewritten; one that
 /// cannot be written (a read-only run) is computed in memory. Returns the values, in
 /// training-data order, and how the cache was used.
-pub fn training_self_influence(
+pub fn training_self_influence<M: Model>(
     run: &Run,
-    objective: &Objective<Network>,
+    objective: &Objective<M>,
     curvature: &Curvature,
     store: Option<&GradientStore>,
 ) -> Result<(Vec<f64>, CacheUse)> {

@@ -17,8 +17,9 @@ use culprit_engine::store::GradientStore;
 use culprit_models::Backend;
 
 use super::artifacts::{CacheUse, load_curvature, objective, open_store, training_self_influence};
+use super::kind::Kind;
 use super::run::Run;
-use crate::data::{DataSpec, Dataset, Preprocessing};
+use crate::data::{DataSpec, Dataset, ListedLabel};
 use crate::error::Result;
 use crate::report::trace::{
     Influence, LayerScore, OUTPUT_SCHEMA_VERSION, QueryInfo, QuerySource, Ranking, TraceReport,
@@ -104,9 +105,15 @@ impl TraceOptions {
     }
 }
 
-/// Runs a trace.
+/// Runs a trace of a classifier run (see [`trace_of`] for any kind).
 pub fn trace(options: &TraceOptions) -> Result<TraceReport> {
-    Ok(trace_with_data(options)?.0)
+    let run = Run::open(&options.query.run)?;
+    crate::dispatch!(run, K => Ok(trace_with_data::<K>(options)?.0))
+}
+
+/// Runs a trace of a run whose kind is `K`.
+pub fn trace_of<K: Kind>(options: &TraceOptions) -> Result<TraceReport> {
+    Ok(trace_with_data::<K>(options)?.0)
 }
 
 /// What the RelatIF denominators cost, and whether they came from the cache.
@@ -118,13 +125,14 @@ struct SelfInfluenceUse {
 
 /// Runs a trace and also returns the query examples (in report order) and the training data, for
 /// rendering.
-pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, Dataset)> {
+#[allow(clippy::type_complexity)]
+pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, Dataset<K::Batch>, Dataset<K::Batch>)> {
     let run = Run::open(&options.query.run)?;
     let (store, _) = open_store(&run, options.store.clone())?;
-    let (objective, training) = objective(&run, options.backend)?;
+    let (objective, training) = objective::<K>(&run, options.backend)?;
     let curvature = load_curvature(&run, &objective, options.curvature)?;
     let q = &options.query;
-    let queries = Dataset::load(&q.data, Preprocessing::Reuse(&run.manifest))?.select(&q.indices)?;
+    let queries = K::load(&run, &q.data)?.select(&q.indices)?;
     let own = match options.score {
         ScoreMode::Raw => None,
         ScoreMode::Relatif => {
@@ -152,18 +160,20 @@ pub fn trace_with_data(options: &TraceOptions) -> Result<(TraceReport, Dataset, 
 }
 
 /// Names scored rows by training id and label, with the per-layer split when asked.
-struct Namer<'a> {
+struct Namer<'a, B> {
     attribution: &'a Attribution,
     store: &'a GradientStore,
-    training: &'a Dataset,
+    training: &'a Dataset<B>,
     per_layer: bool,
 }
 
-impl Namer<'_> {
+impl<B: ListedLabel> Namer<'_, B> {
     fn name(&self, column: usize, s: &Scored) -> Influence {
         Influence {
             train_index: self.training.ids[s.row],
-            label: self.training.labels()[s.row],
+            label: self.training.examples.listed_label(s.row),
+            source: self.training.sources.as_ref().map(|t| t[s.row].clone()),
+            per_token: None,
             score: s.score,
             per_layer: self.per_layer.then(|| {
                 self.attribution
@@ -199,12 +209,12 @@ fn score_definition(score: ScoreMode) -> &'static str {
 }
 
 /// The report of an attribution (damping and λ are filled in by the caller).
-fn assemble(
+fn assemble<B: culprit_models::Batch + ListedLabel>(
     options: &TraceOptions,
     attribution: &Attribution,
     store: &GradientStore,
-    training: &Dataset,
-    queries: &Dataset,
+    training: &Dataset<B>,
+    queries: &Dataset<B>,
     own: Option<&SelfInfluenceUse>,
 ) -> TraceReport {
     let sign = options.measurement.proponent_sign();
@@ -223,19 +233,23 @@ fn assemble(
     {
         all.pop();
     }
+    let language = queries.manifest.tokenizer.is_some();
     let query_infos = attribution
         .queries
         .iter()
         .zip(&queries.ids)
-        .map(|(q, &index)| QueryInfo {
+        .enumerate()
+        .map(|(k, (q, &index))| QueryInfo {
             index,
             label: q.labels[0],
             predicted: q.predicted[0],
-            probabilities: q.probabilities[0].clone(),
+            // A language model's distributions are vocabulary-sized: not listed.
+            probabilities: if language { Vec::new() } else { q.probabilities[0].clone() },
             target: q.targets[0],
             measurement_value: q.value,
             solve_iterations: q.solve.as_ref().map(|i| i.iterations),
             solve_residual: q.solve.as_ref().map(|i| i.relative_residual),
+            text: if language { queries.texts.as_ref().map(|t| t[k].clone()) } else { None },
         })
         .collect();
     TraceReport {

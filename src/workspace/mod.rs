@@ -24,6 +24,7 @@
 
 pub mod artifacts;
 pub mod attribution;
+pub mod kind;
 pub mod predict;
 pub mod run;
 pub mod training;

@@ -7,6 +7,7 @@ use culprit_models::network::{cross_entropy, one_hot, probabilities, read_f64};
 use culprit_models::{Batch, Features, Model};
 
 use crate::data::Dataset;
+use crate::error::Result;
 use crate::report::trace::TraceReport;
 
 /// One example's prediction.
@@ -80,12 +81,92 @@ pub fn to_csv(predictions: &[Prediction], classes: usize) -> String {
     s
 }
 
-/// Measurement values of a trace's queries under `network` (the targets fixed by the trace), so
-/// the same quantity can be compared before and after retraining.
-pub fn measure(network: &impl Model<Batch = Features>, queries: &Dataset, report: &TraceReport) -> Vec<f64> {
-    let targets: Vec<u32> = report.queries.iter().map(|q| q.target).collect();
-    culprit_engine::gradients::read_f32(report.measurement.values(network.logits(&queries.examples), &targets))
-        .into_iter()
-        .map(f64::from)
-        .collect()
+/// Measurement values of a trace's queries under `model` (the targets fixed by the trace: a
+/// classifier's query keeps the class it was measured against; a language model's completion
+/// keeps its tokens), so the same quantity can be compared before and after retraining.
+pub fn measure<M: Model>(model: &M, queries: &Dataset<M::Batch>, report: &TraceReport) -> Result<Vec<f64>> {
+    let groups = queries.examples.groups();
+    let targets: Vec<u32> = match groups {
+        culprit_models::RowGroups::OnePerExample => report.queries.iter().map(|q| q.target).collect(),
+        culprit_models::RowGroups::Offsets(_) => {
+            let labels = queries.examples.labels();
+            report.measurement.targets(&labels, &labels, model.num_classes())?
+        }
+    };
+    let values = report.measurement.values(model.logits(&queries.examples), &targets);
+    let summed = culprit_models::model::sum_rows(values, &groups, queries.len());
+    Ok(culprit_engine::gradients::read_f32(summed).into_iter().map(f64::from).collect())
+}
+
+/// A language model's score of one example: the summed log-probability of its scored tokens
+/// (a query's completion, or every token after the first of a document).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    /// Stable example id.
+    pub id: usize,
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Σ log p(token | the tokens before it), natural log.
+    pub logprob: f64,
+}
+
+/// The summed log-probability of every example's scored tokens, in batches of `batch`.
+pub fn completion_logprobs(
+    gpt: &culprit_models::Gpt,
+    data: &Dataset<culprit_models::Tokens>,
+    batch: usize,
+) -> Vec<Completion> {
+    use culprit_models::RowGroups;
+    let mut out = Vec::with_capacity(data.len());
+    for start in (0..data.len()).step_by(batch.max(1)) {
+        let chunk = data.examples.slice(start..(start + batch).min(data.len()));
+        let labels = chunk.labels().into_owned();
+        let values =
+            read_f64(culprit_engine::gradients::Measurement::TRAINING_LOSS.values(gpt.logits(&chunk), &labels));
+        let RowGroups::Offsets(offsets) = chunk.groups() else { unreachable!("documents have offsets") };
+        for i in 0..chunk.len() {
+            let rows = offsets[i]..offsets[i + 1];
+            out.push(Completion {
+                id: data.ids[start + i],
+                tokens: rows.len(),
+                logprob: -rows.map(|r| values[r]).sum::<f64>(),
+            });
+        }
+    }
+    out
+}
+
+/// Greedy continuations of `prompts`: up to `max_tokens` more tokens each (fewer when the context
+/// fills), the most likely token at every step, all prompts advanced together. Cost per step:
+/// one forward pass over the batch.
+pub fn greedy(gpt: &culprit_models::Gpt, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let context = gpt.config().context;
+    let mut sequences: Vec<Vec<u32>> = prompts.to_vec();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for _ in 0..max_tokens {
+        let active: Vec<usize> = (0..sequences.len()).filter(|&i| sequences[i].len() < context).collect();
+        if active.is_empty() {
+            break;
+        }
+        let batch = culprit_models::Tokens::new(active.iter().map(|&i| sequences[i].clone()).collect());
+        let logits = gpt.forward_all(&batch, &mut None);
+        let [_, t, v] = logits.dims();
+        let values = read_f64(logits);
+        for (k, &i) in active.iter().enumerate() {
+            let last = &values[(k * t + sequences[i].len() - 1) * v..(k * t + sequences[i].len()) * v];
+            let next =
+                last.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (c, &x)| if x > b.1 { (c, x) } else { b }).0
+                    as u32;
+            sequences[i].push(next);
+            generated[i].push(next);
+        }
+    }
+    generated
+}
+
+/// Mean loss per scored token (nats) of a language model on `data`.
+pub fn mean_token_loss(gpt: &culprit_models::Gpt, data: &Dataset<culprit_models::Tokens>, batch: usize) -> f64 {
+    let scores = completion_logprobs(gpt, data, batch);
+    let tokens: usize = scores.iter().map(|c| c.tokens).sum();
+    -scores.iter().map(|c| c.logprob).sum::<f64>() / tokens.max(1) as f64
 }

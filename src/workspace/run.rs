@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use culprit_models::{Backend, Model, ModelConfig, Network, TrainConfig, TrainReport};
+use culprit_models::{Backend, Gpt, GptConfig, ModelConfig, Network, TrainConfig, TrainReport};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataManifest;
@@ -35,13 +35,84 @@ struct WeightsHeader {
     count: usize,
 }
 
+/// The shape of a run's model: a reference classifier or a language model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    /// A reference classifier (logreg, MLP, CNN, text) on features.
+    Classifier(ModelConfig),
+    /// A language model on token sequences.
+    Language(LanguageModel),
+}
+
+/// A language model's shape and tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LanguageModel {
+    /// The architecture (`gpt`).
+    pub architecture: LanguageArchitecture,
+    /// Its sizes.
+    pub gpt: GptConfig,
+    /// Its tokenizer.
+    pub tokenizer: crate::data::tokenizer::TokenizerSpec,
+}
+
+/// The language-model architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LanguageArchitecture {
+    /// GPT-2 ([`culprit_models::gpt`]).
+    Gpt,
+}
+
+impl ModelSpec {
+    /// The architecture's CLI name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Classifier(c) => c.architecture.name(),
+            Self::Language(_) => "gpt",
+        }
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Classifier(c) => c.num_params()?,
+            Self::Language(l) => l.gpt.num_params(),
+        })
+    }
+
+    /// Whether the objective is convex (then training reaches the optimum in f64).
+    pub fn is_convex(&self) -> bool {
+        matches!(self, Self::Classifier(c) if c.architecture.is_convex())
+    }
+
+    /// The classifier's shape, or an error saying the run holds a language model.
+    pub fn classifier(&self) -> Result<&ModelConfig> {
+        match self {
+            Self::Classifier(c) => Ok(c),
+            Self::Language(_) => Err(Error::Usage("this run holds a language model; this works on classifiers".into())),
+        }
+    }
+
+    /// The language model's shape, or an error saying the run holds a classifier.
+    pub fn language(&self) -> Result<&LanguageModel> {
+        match self {
+            Self::Language(l) => Ok(l),
+            Self::Classifier(c) => Err(Error::Usage(format!(
+                "this run holds a {} classifier; this works on language models",
+                c.architecture.name()
+            ))),
+        }
+    }
+}
+
 /// `config.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunConfig {
     /// culprit version that wrote the run.
     pub culprit_version: String,
     /// The model's shape.
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     /// How it was trained.
     pub training: TrainConfig,
     /// The backend it was trained on.
@@ -124,25 +195,32 @@ fn pretty(value: &impl Serialize) -> String {
 }
 
 impl Run {
-    /// Writes a new run directory atomically. Refuses to replace an existing one.
+    /// Writes a new run directory atomically (with `extra` files, e.g. a tokenizer, copied in).
+    /// Refuses to replace an existing one.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
-        network: &Network,
+        model: &ModelSpec,
+        theta: Vec<f64>,
         training: &TrainConfig,
         backend: Backend,
         report: &TrainReport,
         manifest: &DataManifest,
         log: &str,
+        extra: &[(&str, &Path)],
     ) -> Result<Run> {
         let tmp = AtomicDir::create(dir)?;
         let config = RunConfig {
             culprit_version: env!("CARGO_PKG_VERSION").into(),
-            model: network.config().clone(),
+            model: model.clone(),
             training: training.clone(),
             backend: backend.name().into(),
             report: report.clone(),
         };
-        let theta = network.to_flat();
+        for (name, source) in extra {
+            let bytes = std::fs::read(source).map_err(Error::io(source))?;
+            write_new(&tmp.path().join(name), &bytes)?;
+        }
         write_new(&tmp.path().join("config.json"), pretty(&config).as_bytes())?;
         write_new(&tmp.path().join("manifest.json"), pretty(manifest).as_bytes())?;
         write_new(&tmp.path().join("weights.bin"), &encode_weights(&theta))?;
@@ -176,13 +254,21 @@ impl Run {
         Ok(Run { dir: dir.to_path_buf(), config, manifest, theta })
     }
 
-    /// The trained model on `device`, in f64 for convex models and f32 otherwise.
+    /// The trained classifier on `device`, in f64 for convex models and f32 otherwise.
     pub fn network(&self, device: &burn::tensor::Device) -> Result<Network> {
-        let dtype = if self.config.model.architecture.is_convex() {
-            burn::tensor::DType::F64
-        } else {
-            burn::tensor::DType::F32
-        };
-        Ok(Network::from_flat(&self.config.model, &self.theta, device, dtype)?)
+        let config = self.config.model.classifier()?;
+        let dtype = if config.architecture.is_convex() { burn::tensor::DType::F64 } else { burn::tensor::DType::F32 };
+        Ok(Network::from_flat(config, &self.theta, device, dtype)?)
+    }
+
+    /// The trained language model on `device`, in f32.
+    pub fn gpt(&self, device: &burn::tensor::Device) -> Result<Gpt> {
+        let config = &self.config.model.language()?.gpt;
+        Ok(Gpt::from_flat(config, &self.theta, device, burn::tensor::DType::F32)?)
+    }
+
+    /// The run's tokenizer (language models).
+    pub fn tokenizer(&self) -> Result<crate::data::tokenizer::Tokenizer> {
+        crate::data::tokenizer::Tokenizer::open(&self.config.model.language()?.tokenizer, &self.dir)
     }
 }

@@ -4,9 +4,13 @@
 use std::path::PathBuf;
 
 use culprit_engine::params::{at_least_one, non_negative, positive};
-use culprit_models::{Activation, Architecture, Backend, Model, ModelConfig, OptimizerKind, TrainConfig};
+use culprit_models::{
+    Activation, Architecture, Backend, GptConfig, Model, ModelConfig, OptimizerKind, Tokens, TrainConfig,
+};
 
-use super::run::Run;
+use super::kind::{Classifier, Kind, Language};
+use super::run::{LanguageArchitecture, LanguageModel, ModelSpec, Run};
+use crate::data::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::data::{DataSpec, Dataset, NormalizeMode, Preprocessing};
 use crate::error::Result;
 use crate::progress::Bar;
@@ -27,7 +31,7 @@ pub struct TrainOptions {
     pub buckets: usize,
     /// Architecture.
     #[arg(long = "model", value_enum)]
-    pub architecture: Architecture,
+    pub architecture: ModelChoice,
     /// Hidden widths, e.g. 512,256 (mlp), the dense head (cnn), the embedding size (text).
     #[arg(long, value_delimiter = ',')]
     pub hidden: Option<Vec<usize>>,
@@ -52,6 +56,21 @@ pub struct TrainOptions {
     /// Seed for initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// gpt: context length T in tokens (longer documents are truncated).
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
+    pub context: usize,
+    /// gpt: transformer blocks.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    pub layers: usize,
+    /// gpt: attention heads (divides the width).
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub heads: usize,
+    /// gpt: width W (the MLP is 4W wide).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub width: usize,
+    /// gpt: a Hugging Face tokenizer.json (GPT-2 BPE); default: the 256 byte values.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Backend (the global `--backend`).
     #[arg(skip)]
     pub backend: Backend,
@@ -67,7 +86,8 @@ impl TrainOptions {
     /// Options with every default: max normalisation, default text buckets and hidden widths,
     /// ReLU, the architecture's optimizer and hyper-parameters, seed 0, the default backend, no
     /// progress bar.
-    pub fn new(data: DataSpec, architecture: Architecture, out: PathBuf) -> Self {
+    pub fn new(data: DataSpec, architecture: impl Into<ModelChoice>, out: PathBuf) -> Self {
+        let architecture: ModelChoice = architecture.into();
         let mut flags = data.flags();
         flags.extend(["--model".into(), culprit_engine::params::value_name(&architecture).into()]);
         flags.extend(["--out".into(), out.into()]);
@@ -75,22 +95,9 @@ impl TrainOptions {
     }
 }
 
-/// Trains and writes a run; returns it with the training data used.
-pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
-    if options.out.exists() {
-        return Err(crate::Error::run(&options.out, "already exists; choose another --out or remove it"));
-    }
-    let data =
-        Dataset::load(&options.data, Preprocessing::Fit { normalize: options.normalize, buckets: options.buckets })?;
-    let model = ModelConfig {
-        architecture: options.architecture,
-        input: data.manifest.shape,
-        num_classes: data.manifest.num_classes,
-        hidden: options.hidden.clone().unwrap_or_else(|| options.architecture.default_hidden()),
-        activation: options.activation,
-    };
-    model.layers()?;
-    let mut training = TrainConfig::defaults_for(&model);
+/// The training configuration the options give, over `defaults`.
+fn training_config(options: &TrainOptions, defaults: TrainConfig) -> TrainConfig {
+    let mut training = defaults;
     training.seed = options.seed;
     if let Some(v) = options.optimizer {
         training.optimizer = v;
@@ -107,29 +114,94 @@ pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
     if let Some(v) = options.l2 {
         training.l2 = v;
     }
-    let run = train_and_write(&model, &training, &data, options.backend, &options.out, options.quiet)?;
+    training
+}
+
+/// Trains a reference classifier and writes a run; returns it with the training data used.
+pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
+    if options.out.exists() {
+        return Err(crate::Error::run(&options.out, "already exists; choose another --out or remove it"));
+    }
+    let Some(architecture) = options.architecture.classifier() else {
+        return Err(crate::Error::Usage("--model gpt trains a language model (train_language)".into()));
+    };
+    let data =
+        Dataset::load(&options.data, Preprocessing::Fit { normalize: options.normalize, buckets: options.buckets })?;
+    let model = ModelConfig {
+        architecture,
+        input: data.manifest.shape,
+        num_classes: data.manifest.num_classes,
+        hidden: options.hidden.clone().unwrap_or_else(|| architecture.default_hidden()),
+        activation: options.activation,
+    };
+    model.layers()?;
+    let training = training_config(options, TrainConfig::defaults_for(&model));
+    let spec = ModelSpec::Classifier(model);
+    let run =
+        train_and_write::<Classifier>(&spec, &training, &data, options.backend, &options.out, options.quiet, &[])?;
     Ok((run, data))
 }
 
-/// Trains `model` as `training` says on `data` and writes the run directory `out` (atomically).
-fn train_and_write(
-    model: &ModelConfig,
+/// The tokenizer `--tokenizer` names (GPT-2 BPE), or bytes.
+fn tokenizer(path: Option<&std::path::Path>) -> Result<(Tokenizer, TokenizerSpec)> {
+    match path {
+        None => Ok((Tokenizer::Bytes, TokenizerSpec::Bytes)),
+        Some(p) => {
+            let bpe = crate::data::tokenizer::Bpe::load(p)?;
+            let tokenizer = Tokenizer::Bpe(Box::new(bpe));
+            let spec = TokenizerSpec::Bpe { sha256: super::artifacts::file_sha256(p)?, vocab: tokenizer.vocab() };
+            Ok((tokenizer, spec))
+        }
+    }
+}
+
+/// Trains a GPT on a corpus (`--model gpt`) and writes a run; returns it with the training data.
+pub fn train_language(options: &TrainOptions) -> Result<(Run, Dataset<Tokens>)> {
+    if options.out.exists() {
+        return Err(crate::Error::run(&options.out, "already exists; choose another --out or remove it"));
+    }
+    let (tokenizer, spec) = tokenizer(options.tokenizer.as_deref())?;
+    let data = Dataset::load_corpus(&options.data, &tokenizer, &spec, options.context)?;
+    let gpt = GptConfig {
+        vocab: tokenizer.vocab(),
+        context: options.context,
+        width: options.width,
+        layers: options.layers,
+        heads: options.heads,
+        inner: 4 * options.width,
+        epsilon: 1e-5,
+    };
+    gpt.validate()?;
+    let training = training_config(options, TrainConfig::defaults(false));
+    let model = ModelSpec::Language(LanguageModel { architecture: LanguageArchitecture::Gpt, gpt, tokenizer: spec });
+    let extra: Vec<(&str, &std::path::Path)> =
+        options.tokenizer.as_deref().map(|p| ("tokenizer.json", p)).into_iter().collect();
+    let run =
+        train_and_write::<Language>(&model, &training, &data, options.backend, &options.out, options.quiet, &extra)?;
+    Ok((run, data))
+}
+
+/// Trains a model of shape `model` as `training` says on `data` and writes the run directory `out`
+/// (atomically), with `extra` files copied into it.
+fn train_and_write<K: Kind>(
+    model: &ModelSpec,
     training: &TrainConfig,
-    data: &Dataset,
+    data: &Dataset<K::Batch>,
     backend: Backend,
     out: &std::path::Path,
     quiet: bool,
+    extra: &[(&str, &std::path::Path)],
 ) -> Result<Run> {
     if out.exists() {
         return Err(crate::Error::run(out, "already exists; choose another --out or remove it"));
     }
     let device = backend.autodiff_device();
     let mut bar = Bar::new(quiet);
-    let (network, report) = culprit_models::train::train(model, training, &data.examples, &device, &mut bar)?;
+    let (trained, report) = K::train(model, training, &data.examples, &device, &mut bar)?;
     let mut log = format!(
-        "culprit {} train: {} on {} ({} examples{}, {} features, {} classes), {} parameters, backend {}\n",
+        "culprit {} train: {} on {} ({} examples{}{}), {} parameters, backend {}\n",
         env!("CARGO_PKG_VERSION"),
-        model.architecture.name(),
+        model.name(),
         data.manifest.path.display(),
         data.len(),
         if data.manifest.excluded.is_empty() {
@@ -137,9 +209,11 @@ fn train_and_write(
         } else {
             format!(", {} excluded", data.manifest.excluded.len())
         },
-        data.dim(),
-        model.num_classes,
-        network.num_params(),
+        match data.manifest.truncated {
+            Some(t) if t > 0 => format!(", {t} truncated to the context"),
+            _ => String::new(),
+        },
+        trained.num_params(),
         backend.name()
     );
     for line in &bar.log {
@@ -150,12 +224,62 @@ fn train_and_write(
         "final: objective {:.10} gradient norm {:.3e} training accuracy {:.4} in {:.1} s\n",
         report.objective, report.gradient_norm, report.train_accuracy, report.seconds
     ));
-    Run::create(out, &network, training, backend, &report, &data.manifest, &log)
+    Run::create(out, model, trained.to_flat(), training, backend, &report, &data.manifest, &log, extra)
 }
 
 /// Trains `run`'s model again, with the same configuration and seed, on `data` (the run's
 /// training data with some examples excluded, see [`Dataset::exclude`]), and writes the new run
-/// to `out`. The data must have been preprocessed with the run's manifest.
-pub fn retrain(run: &Run, data: &Dataset, out: &std::path::Path, backend: Backend, quiet: bool) -> Result<Run> {
-    train_and_write(&run.config.model, &run.config.training, data, backend, out, quiet)
+/// to `out` (a language model's tokenizer copied with it). The data must have been read as the
+/// run reads it.
+pub fn retrain<K: Kind>(
+    run: &Run,
+    data: &Dataset<K::Batch>,
+    out: &std::path::Path,
+    backend: Backend,
+    quiet: bool,
+) -> Result<Run> {
+    let tokenizer = run.dir.join("tokenizer.json");
+    let extra: Vec<(&str, &std::path::Path)> =
+        if tokenizer.is_file() { vec![("tokenizer.json", tokenizer.as_path())] } else { Vec::new() };
+    train_and_write::<K>(&run.config.model, &run.config.training, data, backend, out, quiet, &extra)
+}
+
+/// What `--model` takes: a reference classifier's architecture, or `gpt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelChoice {
+    /// Multinomial logistic regression (convex, trained to the optimum in f64).
+    #[value(name = "logreg")]
+    LogReg,
+    /// A multi-layer perceptron.
+    Mlp,
+    /// A LeNet-style CNN.
+    Cnn,
+    /// An embedding-bag text classifier.
+    Text,
+    /// A GPT-2 language model on a corpus of JSON-lines documents.
+    Gpt,
+}
+
+impl From<Architecture> for ModelChoice {
+    fn from(a: Architecture) -> Self {
+        match a {
+            Architecture::LogReg => Self::LogReg,
+            Architecture::Mlp => Self::Mlp,
+            Architecture::Cnn => Self::Cnn,
+            Architecture::Text => Self::Text,
+        }
+    }
+}
+
+impl ModelChoice {
+    /// The reference classifier's architecture (`None` for `gpt`).
+    pub fn classifier(self) -> Option<Architecture> {
+        match self {
+            Self::LogReg => Some(Architecture::LogReg),
+            Self::Mlp => Some(Architecture::Mlp),
+            Self::Cnn => Some(Architecture::Cnn),
+            Self::Text => Some(Architecture::Text),
+            Self::Gpt => None,
+        }
+    }
 }

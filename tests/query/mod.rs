@@ -1,6 +1,7 @@
 //! Query: scores against a brute-force f64 computation with an explicit inverse Hessian, against
 //! actual leave-one-out retraining (fixture), and their sign by removing examples and retraining.
 
+use culprit::workspace::kind::Classifier;
 use std::path::{Path, PathBuf};
 
 use culprit::commands::cache::CacheOptions;
@@ -94,7 +95,7 @@ fn every_score_equals_a_brute_force_inverse_hessian_computation() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 400, "none", &[Method::Exact, Method::Cg]);
     let r = culprit::workspace::Run::open(&run).unwrap();
-    let (objective, _) = culprit::workspace::objective(&r, Backend::default()).unwrap();
+    let (objective, _) = culprit::workspace::objective::<Classifier>(&r, Backend::default()).unwrap();
     let h = crate::curvature::hand_hessian(&objective);
     let d = h.len();
     let inverse = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
@@ -142,7 +143,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
     let r = culprit::workspace::Run::open(&run).unwrap();
-    let (objective, _) = culprit::workspace::objective(&r, Backend::default()).unwrap();
+    let (objective, _) = culprit::workspace::objective::<Classifier>(&r, Backend::default()).unwrap();
     let h = crate::curvature::hand_hessian(&objective);
     let d = h.len();
     let chol = Mat::<f64>::from_fn(d, d, |i, j| h[i][j]).llt(Side::Lower).unwrap();
@@ -277,7 +278,7 @@ fn removing_the_top_proponent_and_retraining_raises_the_loss() {
     let run = logreg_run(dir.path(), rows, "kron:65x10", &[Method::Exact]);
     let report = trace_all(&run, vec![1400, 1555], Measurement::Loss(Target::Predicted), Method::Exact);
     let r = culprit::workspace::Run::open(&run).unwrap();
-    let data = culprit::workspace::training_data(&r).unwrap();
+    let data = culprit::workspace::training_data::<Classifier>(&r).unwrap();
     let device = Backend::default().autodiff_device();
     let test = Dataset::load(
         &DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
@@ -295,7 +296,7 @@ fn removing_the_top_proponent_and_retraining_raises_the_loss() {
         for (influence, sign) in [(&report.proponents[k][0], 1.0), (&report.opponents[k][0], -1.0)] {
             let keep: Vec<usize> = (0..rows).filter(|&i| data.ids[i] != influence.train_index).collect();
             let examples = data.examples.gather(&keep);
-            let config = r.config.model.clone();
+            let config = r.config.model.classifier().unwrap().clone();
             // The score predicts the optimum of (1/n) Σ_{j≠i} CE + (λ/2)‖θ‖² with the same n; the
             // trainer divides by n − 1, which with λ' = λ·n/(n − 1) has exactly that minimiser.
             let l2 = r.config.training.l2 * rows as f64 / (rows - 1) as f64;
@@ -366,7 +367,7 @@ fn projected_stores_estimate_the_exact_scores() {
 fn html_report_embeds_every_example_as_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let run = logreg_run(dir.path(), 300, "none", &[Method::Exact]);
-    let (report, queries, training) = culprit::workspace::attribution::trace_with_data(&TraceOptions {
+    let (report, queries, training) = culprit::workspace::attribution::trace_with_data::<Classifier>(&TraceOptions {
         query: culprit::workspace::attribution::QueryArgs {
             run,
             data: DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
@@ -560,7 +561,8 @@ fn factored_stores_score_exactly_as_their_kronecker_products() {
     assert!(e.to_string().contains("convolution") && e.to_string().contains("kron"), "{e}");
     // `--project auto` (the CLI default) stores exact factors for all-dense models, full gradients
     // for models with convolutions.
-    assert_eq!(culprit::workspace::exact_projection(&config).unwrap(), ProjectionSpec::None);
+    let spec = culprit::workspace::run::ModelSpec::Classifier(config.clone());
+    assert_eq!(culprit::workspace::exact_projection(&spec).unwrap(), ProjectionSpec::None);
     let mlp = culprit::workspace::Run::open(&run).unwrap();
     assert_eq!(
         culprit::workspace::exact_projection(&mlp.config.model).unwrap(),

@@ -1,6 +1,7 @@
 //! The gradient store: rows equal the gradients, a killed `culprit cache` resumes to
 //! byte-identical shards, and corrupted, truncated or stale stores are refused by name.
 
+use culprit::workspace::kind::Classifier;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -63,7 +64,7 @@ fn store_rows_are_the_per_example_gradients_in_every_dtype() {
     let run = Run::open(&run_dir).unwrap();
     let device = Backend::default().autodiff_device();
     let net = run.network(&device).unwrap();
-    let data = training_data(&run).unwrap();
+    let data = training_data::<Classifier>(&run).unwrap();
     let exact = gradient_rows(&per_example_gradients(&net, &data.examples, data.labels(), Measurement::TRAINING_LOSS));
     let p = net.num_params();
     for (dtype, tol) in [("f32", 0.0), ("f16", 1e-3), ("bf16", 8e-3)] {

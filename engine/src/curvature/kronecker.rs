@@ -75,10 +75,20 @@ fn to_mat(t: Tensor<2>) -> Mat<f64> {
     Mat::from_fn(r, c, |i, j| v[i * c + j])
 }
 
-fn from_mat(m: &Mat<f64>, device: &burn::tensor::Device) -> Tensor<2> {
+fn from_mat(m: &Mat<f64>, device: &burn::tensor::Device, dtype: DType) -> Tensor<2> {
     let (r, c) = (m.nrows(), m.ncols());
     let v: Vec<f64> = (0..r * c).map(|k| m[(k / c, k % c)]).collect();
-    Tensor::from_data(TensorData::new(v, [r, c]), (device, DType::F64))
+    tensor(v, [r, c], device, dtype)
+}
+
+/// A tensor of `values` in the factors' dtype.
+fn tensor<const D: usize>(
+    values: Vec<f64>,
+    shape: [usize; D],
+    device: &burn::tensor::Device,
+    dtype: DType,
+) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape).convert_dtype(dtype), (device, dtype))
 }
 
 fn add(acc: &mut Option<Tensor<2>>, t: Tensor<2>) {
@@ -109,8 +119,7 @@ fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>
             let weights: Vec<f64> =
                 sample.weights.iter().flat_map(|v| std::iter::repeat_n(v.sqrt(), positions)).collect();
             let device = f.output_grad.device();
-            let w = Tensor::<1>::from_data(TensorData::new(weights, [b * positions]), (&device, DType::F64))
-                .reshape([b * positions, 1]);
+            let w = tensor(weights, [b * positions], &device, f.input.dtype()).reshape([b * positions, 1]);
             let [_, o, _] = f.output_grad.dims();
             let d = f.output_grad.clone().swap_dims(1, 2).reshape([b * positions, o]) * w;
             add(&mut s_sum[l], d.clone().transpose().matmul(d));
@@ -137,10 +146,11 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
     source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
         let b = sample.weights.len();
         let device = sample.factors[0].input.device();
+        let dtype = sample.factors[0].input.dtype();
         let bases = bases.get_or_insert_with(|| {
-            layers.iter().map(|k| (from_mat(&k.q_a, &device), from_mat(&k.q_s, &device))).collect()
+            layers.iter().map(|k| (from_mat(&k.q_a, &device, dtype), from_mat(&k.q_s, &device, dtype))).collect()
         });
-        let w = Tensor::<1>::from_data(TensorData::new(sample.weights.to_vec(), [b]), (&device, DType::F64));
+        let w = tensor(sample.weights.to_vec(), [b], &device, dtype);
         for (l, f) in sample.factors.iter().enumerate() {
             let (qa, qs) = &bases[l];
             let [m, _] = qa.dims();
@@ -220,17 +230,18 @@ impl KroneckerFactors {
     /// eigenbasis a dense layer's gradient is rank one, (Q_Aᵀãᵢ) ⊗ (Q_Sᵀδᵢ), so its self-influence
     /// is Σ_jo (Q_Aᵀãᵢ)²_j (Q_Sᵀδᵢ)²_o / (Λ_jo + λ + δ), one product per batch. Cost per example
     /// Σ_layers (m² + o² + m·o) for dense layers; sums over positions form the m×o gradient in the
-    /// basis (L·m·o more). Factors must be f64.
+    /// basis (L·m·o more). Computed in the factors' dtype.
     pub fn factored_self_influence(&self, factors: &[LayerFactors], damping: f64) -> Vec<f64> {
         let device = factors[0].input.device();
+        let dtype = factors[0].input.dtype();
         let b = factors[0].input.dims()[0];
         let mut total = vec![0.0f64; b];
         for (f, k) in factors.iter().zip(&self.layers) {
             let (m, o) = (k.m, k.o);
-            let qa = from_mat(&k.q_a, &device);
-            let qs = from_mat(&k.q_s, &device);
+            let qa = from_mat(&k.q_a, &device, dtype);
+            let qs = from_mat(&k.q_s, &device, dtype);
             let inverse: Vec<f64> = k.eigenvalues.iter().map(|e| 1.0 / (e + self.l2 + damping)).collect();
-            let w = Tensor::<2>::from_data(TensorData::new(inverse, [m, o]), (&device, DType::F64));
+            let w = tensor(inverse, [m, o], &device, dtype);
             let a = augmented_inputs(f); // [b, L, m]
             let positions = a.dims()[1];
             let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]

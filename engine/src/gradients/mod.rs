@@ -54,6 +54,10 @@ pub enum Measurement {
     /// poisons raise the target logit of triggered inputs directly, while the loss's gradient is
     /// scaled by (1 − p_c), which vanishes once the attack succeeds.
     Logit(Target),
+    /// The log-probability of the target: m = log softmax(z)_c = −loss. For a language model's
+    /// query with target the label, summed over the completion's tokens: the completion's
+    /// log-probability given the prompt (`--measure completion`).
+    LogProbability(Target),
 }
 
 impl FromStr for Measurement {
@@ -70,10 +74,12 @@ impl std::fmt::Display for Measurement {
             Self::Loss(t) => ("class", t),
             Self::Margin(t) => ("margin", t),
             Self::Logit(t) => ("logit", t),
+            Self::LogProbability(t) => ("logprob", t),
         };
         match (kind, target) {
             ("class", Target::Predicted) => f.write_str("predicted"),
             ("class", Target::Label) => f.write_str("label"),
+            ("logprob", Target::Label) => f.write_str("completion"),
             (k, Target::Predicted) => f.write_str(k),
             (k, Target::Label) => write!(f, "{k}:label"),
             (k, Target::Class(c)) => write!(f, "{k}:{c}"),
@@ -86,7 +92,9 @@ impl Measurement {
     pub const TRAINING_LOSS: Self = Self::Loss(Target::Label);
 
     /// Parses the CLI form: `predicted`, `label`, `class:C` (losses), `margin` (of the predicted
-    /// class), `margin:label`, `margin:C`, and `logit`, `logit:label`, `logit:C` likewise.
+    /// class), `margin:label`, `margin:C`, `logit`, `logit:label`, `logit:C`, `logprob`,
+    /// `logprob:label`, `logprob:C` likewise, and `completion` (= `logprob:label`: a language
+    /// model's completion given its prompt).
     pub fn parse(text: &str) -> Result<Self> {
         let target = |t: &str| -> Result<Target> {
             match t {
@@ -100,12 +108,15 @@ impl Measurement {
         match text.split_once(':') {
             None if text == "margin" => Ok(Self::Margin(Target::Predicted)),
             None if text == "logit" => Ok(Self::Logit(Target::Predicted)),
+            None if text == "logprob" => Ok(Self::LogProbability(Target::Predicted)),
+            None if text == "completion" => Ok(Self::LogProbability(Target::Label)),
             None => Ok(Self::Loss(target(text)?)),
             Some(("class", c)) => Ok(Self::Loss(target(c)?)),
             Some(("margin", c)) => Ok(Self::Margin(target(c)?)),
             Some(("logit", c)) => Ok(Self::Logit(target(c)?)),
+            Some(("logprob", c)) => Ok(Self::LogProbability(target(c)?)),
             Some(_) => Err(Error::Usage(format!(
-                "unknown measurement `{text}` (expected predicted, label, class:C, margin[:C] or logit[:C])"
+                "unknown measurement `{text}` (expected predicted, label, class:C, margin[:C], logit[:C], logprob[:C] or completion)"
             ))),
         }
     }
@@ -113,7 +124,7 @@ impl Measurement {
     /// The target class of each prediction row given its labels and predicted classes.
     pub fn targets(&self, labels: &[u32], predicted: &[u32], classes: usize) -> Result<Vec<u32>> {
         let target = match self {
-            Self::Loss(t) | Self::Margin(t) | Self::Logit(t) => *t,
+            Self::Loss(t) | Self::Margin(t) | Self::Logit(t) | Self::LogProbability(t) => *t,
         };
         match target {
             Target::Label => Ok(labels.to_vec()),
@@ -138,15 +149,16 @@ impl Measurement {
                 (chosen - lse).reshape([b])
             }
             Self::Logit(_) => (logits * selector).sum_dim(1).reshape([b]),
+            Self::LogProbability(_) => (log_softmax(logits, 1) * selector).sum_dim(1).reshape([b]),
         }
     }
 
     /// +1 if removing a proponent of the target class raises m (a loss), −1 if it lowers m (a
-    /// margin or a logit): the sign of a proponent's score.
+    /// margin, a logit, a log-probability): the sign of a proponent's score.
     pub fn proponent_sign(&self) -> i8 {
         match self {
             Self::Loss(_) => 1,
-            Self::Margin(_) | Self::Logit(_) => -1,
+            Self::Margin(_) | Self::Logit(_) | Self::LogProbability(_) => -1,
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::any::Any;
 
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::curvature::{
     CurvatureMethod, CurvatureSource, FisherSample, FitContext, Fitted, LoadContext, NoParams, Solution,
@@ -42,7 +42,8 @@ fn weighted_squares(f: &LayerFactors, weights: &[f64]) -> Tensor<2> {
     let [b, positions, m] = a.dims();
     let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
     let o = d.dims()[2];
-    let w = Tensor::<1>::from_data(TensorData::new(weights.to_vec(), [b]), (&a.device(), DType::F64));
+    let dtype = a.dtype();
+    let w = Tensor::<1>::from_data(TensorData::new(weights.to_vec(), [b]).convert_dtype(dtype), (&a.device(), dtype));
     if positions == 1 {
         let a2 = a.reshape([b, m]).square() * w.reshape([b, 1]);
         return a2.transpose().matmul(d.reshape([b, o]).square());
@@ -109,7 +110,8 @@ impl Fitted for FittedDiagonal {
             let d = f.output_grad.clone().swap_dims(1, 2);
             let o = d.dims()[2];
             let inverse: Vec<f64> = view.iter().map(|v| 1.0 / v).collect();
-            let w = Tensor::<2>::from_data(TensorData::new(inverse, [m, o]), (&a.device(), DType::F64));
+            let dtype = a.dtype();
+            let w = Tensor::<2>::from_data(TensorData::new(inverse, [m, o]).convert_dtype(dtype), (&a.device(), dtype));
             let per = if positions == 1 {
                 (a.reshape([b, m]).square().matmul(w) * d.reshape([b, o]).square()).sum_dim(1).reshape([b])
             } else {
