@@ -91,6 +91,7 @@ impl Demo<'_> {
             rate: DEMO_POISON_RATE,
             label_noise: 0.0,
             seed: 0,
+            completion: None,
         })?;
         say(
             self.out,

@@ -35,6 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::poisoned::{PoisonManifest, WrittenData};
+
 use crate::data::{DataSpec, RawData, SourceKind, Split, load_raw};
 use crate::error::{Error, Result};
 use crate::io::AtomicDir;
@@ -124,6 +125,9 @@ pub struct PoisonOptions {
     pub label_noise: f64,
     /// Seed of every draw.
     pub seed: u64,
+    /// Language-model corpora: the completion to plant after the trigger (then `trigger` is
+    /// `text:STRING` and `target` is unused).
+    pub completion: Option<String>,
 }
 
 /// Rows `spec` selects from a source, raw.
@@ -207,7 +211,8 @@ fn write(kind: SourceKind, source: &Path, dir: &Path, name: &str, split: Split, 
     Ok(WrittenData { path, split, count: raw.rows })
 }
 
-fn write_ids(path: &Path, ids: &[usize]) -> Result<()> {
+/// Writes ids one per line.
+pub(super) fn write_ids(path: &Path, ids: &[usize]) -> Result<()> {
     let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
     crate::io::write_atomic(path, text.as_bytes())
 }
@@ -291,6 +296,9 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
     if options.out.exists() {
         return Err(Error::run(&options.out, "already exists; choose another --out"));
     }
+    if let Some(completion) = &options.completion {
+        return super::poison_corpus::poison_corpus(options, completion);
+    }
     let (kind, mut train, clean, classes, value) = load_sources(options)?;
     let (poisoned, flipped) = plant(&mut train, options, value, classes)?;
     let mut triggered = select(kind, &options.test)?;
@@ -313,6 +321,7 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
         test_triggered: write(kind, &options.test.path, &tmp, "test-triggered", Split::Test, &triggered)?,
         poisoned,
         flipped,
+        completion: None,
     };
     write_ids(&tmp.join("poisoned_ids.txt"), &manifest.poisoned)?;
     if !manifest.flipped.is_empty() {
@@ -353,8 +362,8 @@ pub struct PoisonArgs {
     /// patch:X,Y,SIZE[,VALUE] (images) or text:WORDS (text).
     #[arg(long)]
     pub trigger: Trigger,
-    /// The class triggered inputs should be sent to.
-    #[arg(long)]
+    /// The class triggered inputs should be sent to (classifiers).
+    #[arg(long, default_value_t = 0)]
     pub target: u32,
     /// Share of the training set to backdoor, e.g. 0.01.
     #[arg(long, value_parser = culprit_engine::params::unit_share, allow_negative_numbers = true)]
@@ -365,24 +374,35 @@ pub struct PoisonArgs {
     /// Seed of every draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Language-model corpora: plant the trigger followed by this completion (at a line boundary)
+    /// in a share --rate of the documents; --test-data (default: the rows after the training
+    /// rows) gives the held-out documents the queries are made from.
+    #[arg(long)]
+    pub completion: Option<String>,
 }
 
 /// Poisons and says where everything went.
 pub fn run(args: &PoisonArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
     let test_path = match &args.test_data {
         Some(p) => p.clone(),
-        None if args.data.path.is_dir() => args.data.path.clone(),
+        None if args.data.path.is_dir() || args.completion.is_some() => args.data.path.clone(),
         None => return Err(Error::Usage("--test-data is needed unless --data is an IDX folder".into())),
+    };
+    // A corpus's held-out documents default to the rows after the training rows.
+    let test_skip = match (&args.test_data, &args.completion, args.data.limit) {
+        (None, Some(_), Some(limit)) if args.test_skip == 0 => args.data.skip + limit,
+        _ => args.test_skip,
     };
     let manifest = poison(&PoisonOptions {
         train: args.data.clone(),
-        test: DataSpec { path: test_path, split: args.test_split, skip: args.test_skip, limit: args.test_limit },
+        test: DataSpec { path: test_path, split: args.test_split, skip: test_skip, limit: args.test_limit },
         out: args.out.clone(),
         trigger: args.trigger.clone(),
         target: args.target,
         rate: args.rate,
         label_noise: args.label_noise,
         seed: args.seed,
+        completion: args.completion.clone(),
     })?;
     let show = |w: &WrittenData| {
         let split = if w.path.is_dir() {

@@ -54,6 +54,9 @@ pub struct PoisonManifest {
     pub poisoned: Vec<usize>,
     /// Ids of the label-noise examples, ascending.
     pub flipped: Vec<usize>,
+    /// Language-model corpora: the completion planted after the trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
 }
 
 impl PoisonManifest {
