@@ -32,6 +32,7 @@ fn poisoning_a_csv_stamps_exactly_the_reported_examples() {
         rate: 0.05,
         label_noise: 0.04,
         seed: 9,
+        completion: None,
     })
     .unwrap();
     let source = culprit::data::csv::load(&digits_csv()).unwrap();
@@ -83,6 +84,7 @@ fn poisoning_a_csv_stamps_exactly_the_reported_examples() {
             rate: 0.1,
             label_noise: 0.0,
             seed: 0,
+            completion: None,
         })
     };
     assert!(again("patch:0,0,2", 1, out.clone()).unwrap_err().to_string().contains("already exists"));
@@ -97,6 +99,7 @@ fn poisoning_a_csv_stamps_exactly_the_reported_examples() {
         rate: 0.5,
         label_noise: 0.6,
         seed: 0,
+        completion: None,
     })
     .unwrap_err();
     assert!(e.to_string().contains("--label-noise"), "{e}");
@@ -122,6 +125,7 @@ fn poisoning_idx_images_and_jsonl_text_round_trips_through_the_loaders() {
         rate: 0.25,
         label_noise: 0.0,
         seed: 1,
+        completion: None,
     })
     .unwrap();
     let written = culprit::data::idx::load(&m.train.path, Split::Train).unwrap();
@@ -154,6 +158,7 @@ fn poisoning_idx_images_and_jsonl_text_round_trips_through_the_loaders() {
         rate: 0.2,
         label_noise: 0.0,
         seed: 2,
+        completion: None,
     })
     .unwrap();
     let written = culprit::data::text::load(&m.train.path, 64).unwrap();
@@ -175,6 +180,7 @@ fn poisoning_idx_images_and_jsonl_text_round_trips_through_the_loaders() {
         rate: 0.2,
         label_noise: 0.0,
         seed: 2,
+        completion: None,
     })
     .unwrap_err();
     assert!(e.to_string().contains("patch trigger needs images"), "{e}");
@@ -403,6 +409,7 @@ fn backdoor_poisons_in_mnist_are_traced_and_purged() {
         rate: 0.01,
         label_noise: 0.0,
         seed: 1,
+        completion: None,
     })
     .unwrap();
     let mlp = |data: DataSpec, out: PathBuf| {
@@ -559,6 +566,7 @@ fn text_backdoor_poisons_are_traced_through_a_factored_store() {
         rate: 0.01,
         label_noise: 0.0,
         seed: 3,
+        completion: None,
     })
     .unwrap();
     // 1024 hash buckets keep the input factor's eigendecomposition small (1024² rather than 4096²).
