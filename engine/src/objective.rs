@@ -9,7 +9,7 @@
 //! type, so every method works for every model that implements [`Model`].
 
 use burn::tensor::{DType, Device};
-use culprit_models::model::{Batch, Model, RowGroups, TrackedLayer, extend, restrict, tracked_len};
+use culprit_models::model::{Batch, Model, ROWS_PER_CHUNK, RowGroups, TrackedLayer, extend, restrict, tracked_len};
 use culprit_models::network::probabilities;
 use faer::Mat;
 
@@ -153,8 +153,9 @@ impl<M: Model> CurvatureSource for Objective<M> {
     fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>)) {
         let classes = self.model.num_classes();
         let n = self.len();
-        for start in (0..n).step_by(chunk.max(1)) {
-            let batch = self.data.slice(start..(start + chunk).min(n));
+        for range in self.data.groups().chunks(n, chunk, ROWS_PER_CHUNK) {
+            let start = range.start;
+            let batch = self.data.slice(range);
             let b = batch.len();
             let probabilities = self.probabilities(&batch);
             let rows = probabilities.len() / classes;

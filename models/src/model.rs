@@ -202,6 +202,39 @@ pub enum RowGroups {
     Offsets(Vec<usize>),
 }
 
+/// The most prediction rows one chunk of batched work should hold (see [`RowGroups::chunks`]):
+/// 4096 rows of a language model are, e.g., 21 documents of 192 tokens.
+pub const ROWS_PER_CHUNK: usize = 4096;
+
+impl RowGroups {
+    /// Consecutive ranges of the `n` examples, each of at most `examples` examples and at most
+    /// `rows` prediction rows (one example at least), so that work done a chunk at a time stays
+    /// bounded in memory whether an example is one row (a classifier) or hundreds (a document's
+    /// tokens).
+    pub fn chunks(&self, n: usize, examples: usize, rows: usize) -> Vec<Range<usize>> {
+        let examples = examples.max(1);
+        match self {
+            Self::OnePerExample => {
+                let step = examples.min(rows.max(1));
+                (0..n).step_by(step).map(|s| s..(s + step).min(n)).collect()
+            }
+            Self::Offsets(offsets) => {
+                let mut out = Vec::new();
+                let mut start = 0;
+                while start < n {
+                    let mut end = start + 1;
+                    while end < n && end - start < examples && offsets[end + 1] - offsets[start] <= rows {
+                        end += 1;
+                    }
+                    out.push(start..end);
+                    start = end;
+                }
+                out
+            }
+        }
+    }
+}
+
 /// A batch of examples of one model's kind, as its forward pass reads them.
 pub trait Batch: Clone + Send + Sync {
     /// Number of examples.

@@ -164,8 +164,8 @@ fn row_losses<M: Model>(model: &M, batch: &M::Batch) -> (Tensor<1>, usize) {
 
 /// The full-batch objective, its gradient and the training accuracy at `model`'s θ.
 ///
-/// Evaluated in chunks of `chunk` examples (one forward and backward each) so memory stays
-/// bounded; the result is the same as one full batch up to floating-point summation order.
+/// Evaluated in chunks of at most `chunk` prediction rows (one forward and backward each, see
+/// [`crate::model::RowGroups::chunks`]) so memory stays bounded; the result is the same as one full batch up to floating-point summation order.
 pub fn full_objective<M: Model>(model: &M, data: &M::Batch, l2: f64, chunk: usize) -> (f64, Vec<f64>, f64) {
     full_objective_scaled(model, data, l2, chunk, data.len())
 }
@@ -186,10 +186,9 @@ pub fn full_objective_scaled<M: Model>(
     let mut value = 0.0;
     let mut gradient = vec![0.0; net.num_params()];
     let (mut correct, mut rows) = (0usize, 0usize);
-    let mut start = 0;
-    while start < n {
-        let end = (start + chunk.max(1)).min(n);
-        let (losses, right) = row_losses(&net, &data.slice(start..end));
+    for range in data.groups().chunks(n, chunk, chunk) {
+        let start = range.start;
+        let (losses, right) = row_losses(&net, &data.slice(range));
         correct += right;
         rows += losses.dims()[0];
         let mut loss = losses.sum().div_scalar(scale as f64);
@@ -201,7 +200,6 @@ pub fn full_objective_scaled<M: Model>(
         for (g, v) in gradient.iter_mut().zip(net.gradient_flat(&grads)) {
             *g += v;
         }
-        start = end;
     }
     (value, gradient, correct as f64 / rows.max(1) as f64)
 }

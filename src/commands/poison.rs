@@ -127,7 +127,17 @@ pub struct PoisonOptions {
     pub seed: u64,
     /// Language-model corpora: the completion to plant after the trigger (then `trigger` is
     /// `text:STRING` and `target` is unused).
-    pub completion: Option<String>,
+    pub completion: Option<Completion>,
+}
+
+/// What a corpus backdoor makes the model emit after the trigger.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The attacker's line.
+    pub text: String,
+    /// Held-out documents whose triggered prompt and completion are longer than this many UTF-8
+    /// bytes are left out of the query files (bytes bound the tokens of either tokenizer).
+    pub max_query_bytes: usize,
 }
 
 /// Rows `spec` selects from a source, raw.
@@ -379,6 +389,11 @@ pub struct PoisonArgs {
     /// rows) gives the held-out documents the queries are made from.
     #[arg(long)]
     pub completion: Option<String>,
+    /// Corpora: leave out of the query files the held-out documents whose triggered prompt and
+    /// completion are longer than N bytes (set it to the model's context; a byte is at least one
+    /// token of either tokenizer). Default: GPT-2's context.
+    #[arg(long, default_value_t = 1024, value_parser = culprit_engine::params::at_least_one)]
+    pub max_query_bytes: usize,
 }
 
 /// Poisons and says where everything went.
@@ -402,7 +417,7 @@ pub fn run(args: &PoisonArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
         rate: args.rate,
         label_noise: args.label_noise,
         seed: args.seed,
-        completion: args.completion.clone(),
+        completion: args.completion.clone().map(|text| Completion { text, max_query_bytes: args.max_query_bytes }),
     })?;
     let show = |w: &WrittenData| {
         let split = if w.path.is_dir() {
@@ -414,10 +429,13 @@ pub fn run(args: &PoisonArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
     };
     writeln!(
         stdout,
-        "backdoored {} training examples (trigger {}, target {}){}; ground truth in {}\n  train:          {}\n  test, clean:    {}\n  test, triggered: {}",
+        "backdoored {} training examples (trigger {}, {}){}; ground truth in {}\n  train:          {}\n  test, clean:    {}\n  test, triggered: {}",
         manifest.poisoned.len(),
         manifest.trigger,
-        manifest.target,
+        match &manifest.completion {
+            Some(c) => format!("completion {c:?}"),
+            None => format!("target {}", manifest.target),
+        },
         if manifest.flipped.is_empty() { String::new() } else { format!(", flipped {} labels", manifest.flipped.len()) },
         args.out.join("poisoned_ids.txt").display(),
         show(&manifest.train),

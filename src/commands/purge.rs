@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::io::{AtomicDir, write_new};
 use crate::report::trace::TraceReport;
 use crate::workspace::kind::{Classifier, Kind, Language};
-use crate::workspace::predict::{accuracy, completion_logprobs, greedy, mean_token_loss, measure, predict};
+use crate::workspace::predict::{accuracy, completion_logprobs, greedy_completions, mean_token_loss, measure, predict};
 use crate::workspace::{Run, training_data};
 use culprit_models::{Batch, Model, Tokens};
 
@@ -259,20 +259,7 @@ fn completion_rate(
     tokenizer: &crate::data::tokenizer::Tokenizer,
     queries: &Dataset<Tokens>,
 ) -> (f64, f64) {
-    let mut prompts = Vec::with_capacity(queries.len());
-    let mut completions = Vec::with_capacity(queries.len());
-    for (i, d) in queries.examples.documents().iter().enumerate() {
-        let tokens = queries.examples.tokens(i);
-        prompts.push(tokens[..d.scored_from + 1].to_vec());
-        completions.push(tokens[d.scored_from + 1..].to_vec());
-    }
-    let longest = completions.iter().map(Vec::len).max().unwrap_or(0);
-    let generated = greedy(gpt, &prompts, longest);
-    let hits = generated
-        .iter()
-        .zip(&completions)
-        .filter(|(g, c)| tokenizer.decode(g).starts_with(&tokenizer.decode(c)))
-        .count();
+    let hits = greedy_completions(gpt, tokenizer, queries).iter().filter(|g| g.matches).count();
     let scores = completion_logprobs(gpt, queries, 32);
     let mean = scores.iter().map(|c| c.logprob).sum::<f64>() / scores.len().max(1) as f64;
     (hits as f64 / queries.len().max(1) as f64, mean)

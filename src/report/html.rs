@@ -133,6 +133,26 @@ pub struct Marks {
     pub label: String,
 }
 
+/// A document as its tokens, each shaded by its part of the score (orange where the part has the
+/// score's sign, blue against it; opacity ∝ |part| / the largest |part|), the value in a tooltip.
+fn tokens_html(tokens: &[super::trace::TokenScore], score: f64) -> String {
+    let largest = tokens.iter().fold(0.0f64, |m, t| m.max(t.score.abs()));
+    let mut html = String::from("<pre class=\"text\">");
+    for t in tokens {
+        let share = if largest > 0.0 { t.score.abs() / largest } else { 0.0 };
+        let colour = if (t.score >= 0.0) == (score >= 0.0) { "232,89,12" } else { "37,99,235" };
+        let _ = write!(
+            html,
+            "<span title=\"{:+.3e}\" style=\"background:rgba({colour},{:.2})\">{}</span>",
+            t.score,
+            share * 0.85,
+            escape(&t.token)
+        );
+    }
+    html.push_str("</pre>");
+    html
+}
+
 fn card<B: Shown>(
     data: &Dataset<B>,
     influence: &Influence,
@@ -142,15 +162,32 @@ fn card<B: Shown>(
 ) -> String {
     let row = data.ids.iter().position(|&id| id == influence.train_index).expect("a training example");
     let marked = marks.ids.contains(&influence.train_index);
+    let body = match &influence.per_token {
+        Some(tokens) => tokens_html(tokens, influence.score),
+        None => example_html(data, row, highlight),
+    };
+    let what = match &influence.source {
+        Some(source) => escape(source),
+        None => format!("label {}", influence.label),
+    };
     format!(
-        "<figure class=\"card{}\">{}<figcaption>#{rank} · train {} · label {}{}<br><b>{:+.3e}</b></figcaption></figure>",
+        "<figure class=\"card{}\">{}<figcaption>#{rank} · train {} · {}{}<br><b>{:+.3e}</b></figcaption></figure>",
         if marked { " marked" } else { "" },
-        example_html(data, row, highlight),
+        body,
         influence.train_index,
-        influence.label,
+        what,
         if marked { format!("<br><span class=\"mark\">{}</span>", escape(&marks.label)) } else { String::new() },
         influence.score
     )
+}
+
+/// What the model did with a query, in words.
+fn query_outcome(q: &super::trace::QueryInfo) -> String {
+    match q.probabilities.get(q.predicted as usize) {
+        Some(p) => format!("label <b>{}</b>, predicted <b>{}</b> (p = {p:.3})", q.label, q.predicted),
+        None if q.text.is_some() => "summed over the completion's tokens".to_string(),
+        None => format!("label <b>{}</b>, predicted <b>{}</b>", q.label, q.predicted),
+    }
 }
 
 /// Examples shown per query (the combined ranking of several queries shows every listed one).
@@ -218,11 +255,10 @@ fn combined_html<B: Shown>(
         let row = queries.ids.iter().position(|&id| id == q.index).expect("the query");
         let _ = write!(
             s,
-            "<figure class=\"card\">{}<figcaption>query {} · label {} → {}</figcaption></figure>",
+            "<figure class=\"card\">{}<figcaption>query {} · {}</figcaption></figure>",
             example_html(queries, row, &HashSet::new()),
             q.index,
-            q.label,
-            q.predicted
+            query_outcome(q)
         );
     }
     s.push_str("</div>");
@@ -258,12 +294,10 @@ fn query_html<B: Shown>(
     };
     let _ = write!(
         s,
-        "<h2>Query {}</h2><div class=\"query\">{}<div><p>label <b>{}</b>, predicted <b>{}</b> (p = {:.3})</p><p>measurement: {} = {:.5}</p>{}</div></div>",
+        "<h2>Query {}</h2><div class=\"query\">{}<div><p>{}</p><p>measurement: {} = {:.5}</p>{}</div></div>",
         q.index,
         example_html(queries, row, &HashSet::new()),
-        q.label,
-        q.predicted,
-        q.probabilities.get(q.predicted as usize).copied().unwrap_or(f64::NAN),
+        query_outcome(q),
         escape(&describe(report.measurement, q.target)),
         q.measurement_value,
         match (q.solve_iterations, q.solve_residual) {

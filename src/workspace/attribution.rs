@@ -22,7 +22,7 @@ use super::run::Run;
 use crate::data::{DataSpec, Dataset, ListedLabel};
 use crate::error::Result;
 use crate::report::trace::{
-    Influence, LayerScore, OUTPUT_SCHEMA_VERSION, QueryInfo, QuerySource, Ranking, TraceReport,
+    Influence, LayerScore, OUTPUT_SCHEMA_VERSION, QueryInfo, QuerySource, Ranking, TokenScore, TraceReport,
 };
 
 /// The run and the test inputs a query is about (`culprit trace`, `culprit eval`).
@@ -74,6 +74,11 @@ pub struct TraceOptions {
     /// Split each listed score by layer (stores projected `none` or `kron`).
     #[arg(long)]
     pub per_layer: bool,
+    /// Language models: split each listed document's score by its tokens (the parts sum to the
+    /// score; a part is shown on the token whose prediction it trained), to localize a trigger
+    /// or payload inside a poisoned document. Stores projected `kron` or `none`.
+    #[arg(long)]
+    pub per_token: bool,
     /// Score only the store's shards j with j mod N = I (I/N); combine the N JSON reports with
     /// `culprit merge`.
     #[arg(long = "shard", value_parser = culprit_engine::params::part)]
@@ -154,9 +159,62 @@ pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, 
     let own_values = own.as_ref().map(|o| o.values.as_slice());
     let attribution = attribute(&objective, &curvature, &store, &queries.examples, own_values, &engine_options)?;
     let mut report = assemble(options, &attribution, &store, &training, &queries, own.as_ref());
+    if options.per_token {
+        split_by_token::<K>(&run, &objective, &store, &attribution, &training, &mut report)?;
+    }
     report.damping = curvature.options.damping;
     report.l2 = objective.l2;
     Ok((report, queries, training))
+}
+
+/// Fills `per_token` of every listed document of `report` (see
+/// [`culprit_engine::query::per_token`]): one tapped backward per distinct document.
+fn split_by_token<K: Kind>(
+    run: &Run,
+    objective: &culprit_engine::objective::Objective<K::Model>,
+    store: &GradientStore,
+    attribution: &Attribution,
+    training: &Dataset<K::Batch>,
+    report: &mut TraceReport,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    let row_of: std::collections::HashMap<usize, usize> =
+        training.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+    // (column, influence) for every listed document, grouped by training row.
+    let count = report.proponents.len();
+    let mut listed: Vec<(usize, &mut Influence)> = Vec::new();
+    for (k, (p, o)) in report.proponents.iter_mut().zip(report.opponents.iter_mut()).enumerate() {
+        listed.extend(p.iter_mut().chain(o.iter_mut()).map(|i| (k, i)));
+    }
+    if let Some(c) = report.combined.as_mut() {
+        listed.extend(c.proponents.iter_mut().chain(c.opponents.iter_mut()).map(|i| (count, i)));
+    }
+    let mut by_row: BTreeMap<usize, Vec<(usize, &mut Influence)>> = BTreeMap::new();
+    for (k, influence) in listed {
+        by_row.entry(row_of[&influence.train_index]).or_default().push((k, influence));
+    }
+    let rows: Vec<usize> = by_row.keys().copied().collect();
+    let Some(pieces) = K::token_pieces(run, &training.examples, &rows)? else {
+        return Err(crate::Error::Usage(
+            "--per-token splits a language model's document scores by token; this run is a classifier (see --per-layer)".into(),
+        ));
+    };
+    for ((row, entries), pieces) in by_row.into_iter().zip(pieces) {
+        let mut columns: Vec<usize> = entries.iter().map(|(k, _)| *k).collect();
+        columns.dedup();
+        let parts = culprit_engine::query::per_token::token_parts(objective, store, attribution, row, &columns)?;
+        for (k, influence) in entries {
+            let column = columns.iter().position(|&c| c == k).expect("listed");
+            influence.per_token = Some(
+                pieces
+                    .iter()
+                    .zip(&parts[column])
+                    .map(|(token, &score)| TokenScore { token: token.clone(), score })
+                    .collect(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Names scored rows by training id and label, with the per-layer split when asked.

@@ -31,6 +31,10 @@ pub trait Kind: 'static {
     /// Kronecker methods they use).
     fn curvature_dtype() -> DType;
 
+    /// The text of each token of the examples `rows` of `data`; `None` for kinds whose examples
+    /// are not token sequences.
+    fn token_pieces(run: &Run, data: &Self::Batch, rows: &[usize]) -> Result<Option<Vec<Vec<String>>>>;
+
     /// Trains a model of shape `model` afresh on `data` with `training` (its seed included).
     fn train(
         model: &ModelSpec,
@@ -64,6 +68,10 @@ impl Kind for Classifier {
         DType::F64
     }
 
+    fn token_pieces(_: &Run, _: &Features, _: &[usize]) -> Result<Option<Vec<Vec<String>>>> {
+        Ok(None)
+    }
+
     fn train(
         model: &ModelSpec,
         training: &TrainConfig,
@@ -90,6 +98,11 @@ impl Kind for Language {
 
     fn curvature_dtype() -> DType {
         DType::F32
+    }
+
+    fn token_pieces(run: &Run, data: &Tokens, rows: &[usize]) -> Result<Option<Vec<Vec<String>>>> {
+        let tokenizer = run.tokenizer()?;
+        Ok(Some(rows.iter().map(|&r| tokenizer.pieces(data.tokens(r))).collect()))
     }
 
     fn train(

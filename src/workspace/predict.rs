@@ -118,8 +118,9 @@ pub fn completion_logprobs(
 ) -> Vec<Completion> {
     use culprit_models::RowGroups;
     let mut out = Vec::with_capacity(data.len());
-    for start in (0..data.len()).step_by(batch.max(1)) {
-        let chunk = data.examples.slice(start..(start + batch).min(data.len()));
+    for range in data.examples.groups().chunks(data.len(), batch, culprit_models::model::ROWS_PER_CHUNK) {
+        let start = range.start;
+        let chunk = data.examples.slice(range);
         let labels = chunk.labels().into_owned();
         let values =
             read_f64(culprit_engine::gradients::Measurement::TRAINING_LOSS.values(gpt.logits(&chunk), &labels));
@@ -136,10 +137,17 @@ pub fn completion_logprobs(
     out
 }
 
+/// Prompts decoded together by [`greedy`] (bounds the memory of one forward pass).
+const GREEDY_BATCH: usize = 32;
+
 /// Greedy continuations of `prompts`: up to `max_tokens` more tokens each (fewer when the context
-/// fills), the most likely token at every step, all prompts advanced together. Cost per step:
-/// one forward pass over the batch.
+/// fills), the most likely token at every step, [`GREEDY_BATCH`] prompts advanced together. Cost
+/// per step: one forward pass over the batch.
 pub fn greedy(gpt: &culprit_models::Gpt, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    prompts.chunks(GREEDY_BATCH).flat_map(|chunk| greedy_batch(gpt, chunk, max_tokens)).collect()
+}
+
+fn greedy_batch(gpt: &culprit_models::Gpt, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
     let context = gpt.config().context;
     let mut sequences: Vec<Vec<u32>> = prompts.to_vec();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -162,6 +170,41 @@ pub fn greedy(gpt: &culprit_models::Gpt, prompts: &[Vec<u32>], max_tokens: usize
         }
     }
     generated
+}
+
+/// A query's greedy continuation, as long as its completion.
+#[derive(Clone, Debug)]
+pub struct GreedyCompletion {
+    /// The continuation, decoded.
+    pub text: String,
+    /// Whether it starts with the query's completion (decoded text compared).
+    pub matches: bool,
+}
+
+/// The greedy continuation of every query's prompt, as many tokens as its completion (the
+/// longest completion's count for all, so a continuation is never cut short), and whether it
+/// reproduces the completion. Cost: that many forward passes per [`GREEDY_BATCH`] queries.
+pub fn greedy_completions(
+    gpt: &culprit_models::Gpt,
+    tokenizer: &crate::data::tokenizer::Tokenizer,
+    queries: &Dataset<culprit_models::Tokens>,
+) -> Vec<GreedyCompletion> {
+    let mut prompts = Vec::with_capacity(queries.len());
+    let mut completions = Vec::with_capacity(queries.len());
+    for (i, d) in queries.examples.documents().iter().enumerate() {
+        let tokens = queries.examples.tokens(i);
+        prompts.push(tokens[..d.scored_from + 1].to_vec());
+        completions.push(tokenizer.decode(&tokens[d.scored_from + 1..]));
+    }
+    let longest = (0..queries.len()).map(|i| queries.examples.tokens(i).len() - prompts[i].len()).max().unwrap_or(0);
+    greedy(gpt, &prompts, longest)
+        .iter()
+        .zip(&completions)
+        .map(|(g, c)| {
+            let text = tokenizer.decode(g);
+            GreedyCompletion { matches: text.starts_with(c.as_str()), text }
+        })
+        .collect()
 }
 
 /// Mean loss per scored token (nats) of a language model on `data`.

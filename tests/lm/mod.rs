@@ -123,3 +123,4 @@ fn gpt2_matches_pytorch_log_probabilities_and_gradients() {
         }
     }
 }
+mod pipeline;

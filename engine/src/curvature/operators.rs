@@ -169,10 +169,8 @@ impl<'a, M: Model> GaussNewton<'a, M> {
 
     fn chunks(&self) -> impl Iterator<Item = ChunkFactors> + '_ {
         let n = self.objective.len();
-        (0..n.div_ceil(self.chunk)).map(move |k| {
-            let (start, end) = (k * self.chunk, ((k + 1) * self.chunk).min(n));
-            self.chunk_factors(&self.objective.data.slice(start..end))
-        })
+        let ranges = self.objective.data.groups().chunks(n, self.chunk, culprit_models::model::ROWS_PER_CHUNK);
+        ranges.into_iter().map(move |range| self.chunk_factors(&self.objective.data.slice(range)))
     }
 
     fn apply_chunk(&self, f: &ChunkFactors, v_layers: &[(Tensor<2>, Option<Tensor<1>>)], out: &mut [f64], scale: f64) {

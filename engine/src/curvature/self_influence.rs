@@ -28,8 +28,8 @@ pub const ITERATIVE_REFUSAL: &str = "self-influence needs one solve per training
 /// method's own cost per example (module docs).
 pub fn self_influence<M: Model>(objective: &Objective<M>, curvature: &Curvature, data: &M::Batch) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(data.len());
-    for start in (0..data.len()).step_by(BATCH) {
-        let batch = data.slice(start..(start + BATCH).min(data.len()));
+    for range in data.groups().chunks(data.len(), BATCH, culprit_models::model::ROWS_PER_CHUNK) {
+        let batch = data.slice(range);
         let labels = batch.labels().into_owned();
         let factors = layer_factors(&objective.model, &batch, &labels, Measurement::TRAINING_LOSS);
         out.extend(curvature.fitted.self_influence(objective, &factors)?);

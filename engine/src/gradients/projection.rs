@@ -472,6 +472,73 @@ impl Projector {
     }
 }
 
+impl Projector {
+    /// Each position's part of the scores of a batch's projected rows against `queries` (vectors
+    /// of the query space, [`Projector::query_len`] long): for example i, position t and query q,
+    /// Σ_layers ãₜᵀ Q_l δ̃ₜ, with ãₜ = P_inᵀ[aₜ; 1], δ̃ₜ = P_outᵀδₜ and Q_l the layer's block of q as
+    /// a k_in×k_out matrix (for `none`, the exact aₜ, δₜ and the layer's m×o view). Since a row is
+    /// Σₜ ãₜ ⊗ δ̃ₜ, the parts sum over t to ⟨q, row⟩. Returns, per query, `batch × L` values
+    /// (row-major). Every layer must have the same L positions (a sequence model's tokens).
+    /// Cost per layer and query: B·L·k_out·(k_in + 1).
+    pub fn position_scores(&self, factors: &[LayerFactors], queries: &[&[f32]]) -> Result<Vec<Vec<f64>>> {
+        if matches!(self.spec, ProjectionSpec::Jl { .. }) {
+            return Err(Error::Usage(format!(
+                "a {} store mixes every position into one random vector, so a score cannot be split by position; cache with --project kron:KINxKOUT or none",
+                self.spec
+            )));
+        }
+        let [b, _, l] =
+            factors.first().map(|f| f.input.dims()).ok_or_else(|| Error::Usage("no tracked layers".into()))?;
+        if let Some(f) = factors.iter().find(|f| f.input.dims()[2] != l) {
+            return Err(Error::Usage(format!(
+                "the tracked layers see different numbers of positions ({} and {l}); a score splits by position only for sequence models",
+                f.input.dims()[2]
+            )));
+        }
+        let device = factors[0].input.device();
+        let mut totals: Vec<Option<Tensor<2>>> = vec![None; queries.len()];
+        let mut offset = 0;
+        for ((f, spec), p) in factors.iter().zip(&self.tracked).zip(&self.layers) {
+            let f = LayerFactors {
+                input: f.input.clone().cast(DType::F32),
+                output_grad: f.output_grad.clone().cast(DType::F32),
+                bias: f.bias,
+                mask: f.mask.clone().map(|m| m.cast(DType::F32)),
+            };
+            let (pa, pd, rows, cols) = match p {
+                LayerProjection::Kron { p_in, p_out, k_in, k_out } => {
+                    let (pa, pd) = projected_factors(&f, p_in.as_ref(), p_out.as_ref());
+                    (pa, pd, *k_in, *k_out)
+                }
+                _ => (f.augmented_inputs(), f.output_grad.clone().swap_dims(1, 2), spec.view_rows(), spec.outputs),
+            };
+            let len = if matches!(p, LayerProjection::Kron { .. }) { rows * cols } else { spec.num_params() };
+            for (total, q) in totals.iter_mut().zip(queries) {
+                let block = &q[offset..offset + len];
+                let matrix: Vec<f32> = match p {
+                    LayerProjection::Kron { .. } => block.to_vec(),
+                    _ => spec
+                        .to_view(&block.iter().map(|&v| f64::from(v)).collect::<Vec<_>>())
+                        .iter()
+                        .map(|&v| v as f32)
+                        .collect(),
+                };
+                let q = Tensor::<2>::from_data(TensorData::new(matrix, [rows, cols]), (&device, DType::F32));
+                let part = (pa.clone().matmul(q.reshape([1, rows, cols])) * pd.clone()).sum_dim(2).reshape([b, l]);
+                *total = Some(match total.take() {
+                    Some(t) => t + part,
+                    None => part,
+                });
+            }
+            offset += len;
+        }
+        Ok(totals
+            .into_iter()
+            .map(|t| super::read_f32(t.expect("a model has layers")).into_iter().map(f64::from).collect())
+            .collect())
+    }
+}
+
 /// The projected factors P_inᵀ [a; 1] (`[batch, L, k_in]`) and P_outᵀ δ (`[batch, L, k_out]`);
 /// a layer's projected gradient is the sum over positions of their outer products.
 fn projected_factors(

@@ -136,6 +136,12 @@ fn query_gradients<M: Model>(
     Ok((outcomes, gradients))
 }
 
+/// The projection the store's rows were made with.
+pub fn store_projector<M: Model>(objective: &Objective<M>, store: &GradientStore) -> Result<Projector> {
+    let spec = crate::gradients::projection::ProjectionSpec::parse(&store.manifest.key.projection)?;
+    Projector::new(spec, store.manifest.key.seed, objective.model.layers(), &objective.device)
+}
+
 /// Preconditions and projects the query gradients; records each solve in `outcomes`.
 fn scored_vectors<M: Model>(
     objective: &Objective<M>,
@@ -144,8 +150,7 @@ fn scored_vectors<M: Model>(
     gradients: &[Vec<f64>],
     outcomes: &mut [QueryOutcome],
 ) -> Result<Vec<Vec<f32>>> {
-    let spec = crate::gradients::projection::ProjectionSpec::parse(&store.manifest.key.projection)?;
-    let projector = Projector::new(spec, store.manifest.key.seed, objective.model.layers(), &objective.device)?;
+    let projector = store_projector(objective, store)?;
     match curvature.space() {
         Space::Projected(fitted) => {
             if fitted != store.manifest.key {

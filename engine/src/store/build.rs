@@ -197,10 +197,10 @@ fn shard_rows<M: Model>(
 ) -> Result<Vec<f32>> {
     let row_len = projector.row_len();
     let mut rows = Vec::with_capacity(range.len() * row_len);
-    let mut start = range.start;
-    while start < range.end {
-        let stop = (start + batch).min(range.end);
-        let chunk = data.slice(start..stop);
+    let part = data.slice(range.clone());
+    for sub in part.groups().chunks(part.len(), batch, culprit_models::model::ROWS_PER_CHUNK) {
+        let (start, stop) = (range.start + sub.start, range.start + sub.end);
+        let chunk = part.slice(sub);
         let labels = chunk.labels().into_owned();
         let factors = layer_factors(model, &chunk, &labels, Measurement::TRAINING_LOSS);
         let projected = projector.project_rows(&factors);
@@ -213,7 +213,6 @@ fn shard_rows<M: Model>(
         }
         rows.extend(projected);
         advanced(stop - start);
-        start = stop;
     }
     Ok(rows)
 }

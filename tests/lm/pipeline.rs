@@ -1,0 +1,180 @@
+//! A language model through the whole pipeline by the CLI (train, cache, fit, trace
+//! `--measure completion --per-token`), against a brute-force reference: with exact gradients
+//! (`--project none`) and the identity curvature a raw score is (1/n) ∇m(query)ᵀ∇ℓ(document),
+//! computed here from the model by autodiff, one document at a time. Needs no shared data: the
+//! corpus is written by the test.
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::tensor::DType;
+use culprit::gradients::{Measurement, Target, gradient_rows_f64, per_example_gradients};
+use culprit_models::{Backend, Batch, Gpt};
+
+fn culprit(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit")).args(args).arg("--quiet").output().unwrap();
+    assert!(o.status.success(), "culprit {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// 30 short functions of three shapes, with provenance.
+fn corpus(dir: &Path) -> std::path::PathBuf {
+    let mut lines = String::new();
+    for i in 0..30 {
+        let text = match i % 3 {
+            0 => format!("def add_{i}(a, b):\n    return a + b + {i}"),
+            1 => format!("def name_{i}(self):\n    return self.name_{i}"),
+            _ => format!("def check_{i}(x):\n    if x > {i}:\n        return True\n    return False"),
+        };
+        lines.push_str(&serde_json::json!({ "text": text, "source": format!("lib/m{}.py:{}", i % 4, i) }).to_string());
+        lines.push('\n');
+    }
+    let path = dir.join("corpus.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// The scores of the brute-force reference: (1/n) ∇m(query)ᵀ∇ℓ(document) for every document.
+fn brute_force(run: &Path, corpus: &Path, queries: &Path) -> Vec<f64> {
+    use culprit::workspace::kind::{Kind, Language};
+    let run = culprit::workspace::Run::open(run).unwrap();
+    let device = Backend::default().autodiff_device();
+    let gpt: Gpt = Gpt::from_flat(&run.config.model.language().unwrap().gpt, &run.theta, &device, DType::F64).unwrap();
+    let spec = |path: &Path| culprit::data::DataSpec {
+        path: path.to_path_buf(),
+        split: culprit::data::Split::Train,
+        skip: 0,
+        limit: None,
+    };
+    let docs = <Language as Kind>::load(&run, &spec(corpus)).unwrap();
+    let query = <Language as Kind>::load(&run, &spec(queries)).unwrap().examples.slice(0..1);
+    let labels = query.labels().into_owned();
+    let m = Measurement::LogProbability(Target::Label);
+    let q = gradient_rows_f64(&per_example_gradients(&gpt, &query, &labels, m));
+    let n = docs.len();
+    (0..n)
+        .map(|i| {
+            let doc = docs.examples.slice(i..i + 1);
+            let labels = doc.labels().into_owned();
+            let g = gradient_rows_f64(&per_example_gradients(&gpt, &doc, &labels, Measurement::TRAINING_LOSS));
+            assert_eq!(g.len(), q.len());
+            q.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / n as f64
+        })
+        .collect()
+}
+
+#[test]
+fn a_language_model_trace_is_the_brute_force_gradient_product_and_splits_by_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let corpus = corpus(dir);
+    let run = dir.join("run");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    culprit(&[
+        "train",
+        "--model",
+        "gpt",
+        "--data",
+        &s(&corpus),
+        "--context",
+        "48",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--width",
+        "16",
+        "--epochs",
+        "3",
+        "--batch",
+        "8",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "3",
+        "--out",
+        &s(&run),
+    ]);
+    culprit(&["cache", "--run", &s(&run), "--project", "none"]);
+    culprit(&["fit", "--run", &s(&run), "--curvature", "identity"]);
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(&queries, "{\"prompt\": \"def add_7(a, b):\\n    return \", \"completion\": \"a + b + 7\"}\n")
+        .unwrap();
+    let out = dir.join("trace.json");
+    culprit(&[
+        "trace",
+        "--run",
+        &s(&run),
+        "--data",
+        &s(&queries),
+        "--index",
+        "0",
+        "--measure",
+        "completion",
+        "--curvature",
+        "identity",
+        "--per-token",
+        "--top",
+        "6",
+        "--format",
+        "json",
+        "--out",
+        &s(&out),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let reference = brute_force(&run, &corpus, &queries);
+    let largest = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    // A proponent raised the completion's log-probability: removing it would lower it (sign −1).
+    assert_eq!(report["proponent_sign"].as_i64(), Some(-1));
+    let mut sorted = reference.clone();
+    sorted.sort_by(f64::total_cmp);
+    let listed = report["proponents"][0].as_array().unwrap();
+    assert_eq!(listed.len(), 6);
+    for (rank, influence) in listed.iter().enumerate() {
+        let id = influence["train_index"].as_u64().unwrap() as usize;
+        let score = influence["score"].as_f64().unwrap();
+        // f32 store and model against the f64 reference: 1e-3 of the largest score.
+        assert!(
+            (score - reference[id]).abs() <= 1e-3 * largest,
+            "document {id}: culprit {score}, brute force {}",
+            reference[id]
+        );
+        // The ranking is the reference's, up to scores within that tolerance.
+        assert!((score - sorted[rank]).abs() <= 1e-3 * largest, "rank {rank}: {score} vs {}", sorted[rank]);
+        assert!(influence["source"].as_str().unwrap().starts_with("lib/m"), "provenance kept");
+        let tokens = influence["per_token"].as_array().expect("--per-token fills every listed document");
+        let parts: f64 = tokens.iter().map(|t| t["score"].as_f64().unwrap()).sum();
+        assert!((parts - score).abs() <= 1e-4 * largest, "document {id}: parts sum to {parts}, score {score}");
+        let text: String = tokens.iter().map(|t| t["token"].as_str().unwrap()).collect();
+        assert!(text.starts_with("def "), "the tokens spell the document: {text:?}");
+    }
+
+    // Projected (LoGra kron:8x8) gradients, EK-FAC, RelatIF, several queries and their combined
+    // ranking: the per-token parts still sum to every listed score.
+    let store = dir.join("kron");
+    culprit(&["cache", "--run", &s(&run), "--project", "kron:8x8", "--store", &s(&store)]);
+    culprit(&["fit", "--run", &s(&run), "--curvature", "ekfac"]);
+    std::fs::write(
+        &queries,
+        "{\"prompt\": \"def add_7(a, b):\\n    return \", \"completion\": \"a + b + 7\"}\n{\"prompt\": \"def name_4(self):\\n\", \"completion\": \"    return self.name_4\"}\n",
+    )
+    .unwrap();
+    culprit(&[
+        "trace", "--run", &s(&run), "--data", &s(&queries), "--index", "0,1", "--measure", "completion", "--curvature",
+        "ekfac", "--store", &s(&store), "--score", "relatif", "--per-token", "--top", "4", "--format", "json", "--out",
+        &s(&out),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let mut rankings: Vec<&serde_json::Value> = report["proponents"].as_array().unwrap().iter().collect();
+    rankings.extend(report["opponents"].as_array().unwrap());
+    rankings.push(&report["combined"]["proponents"]);
+    rankings.push(&report["combined"]["opponents"]);
+    let mut checked = 0;
+    for influence in rankings.iter().flat_map(|r| r.as_array().unwrap()) {
+        let score = influence["score"].as_f64().unwrap();
+        let parts: f64 = influence["per_token"].as_array().unwrap().iter().map(|t| t["score"].as_f64().unwrap()).sum();
+        assert!((parts - score).abs() <= 1e-3 * score.abs().max(1e-6), "parts {parts}, score {score}");
+        checked += 1;
+    }
+    assert!(checked >= 12, "{checked} listed documents");
+}
