@@ -154,6 +154,9 @@ pub struct Evaluation {
     pub held_out_loss: Vec<(PathBuf, f64)>,
     /// The trace's queries.
     pub queries: Vec<QueryOutcome>,
+    /// Whether the model is a language model (its queries have no single label or class).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub language: bool,
 }
 
 /// What `culprit purge` did and found.
@@ -279,7 +282,7 @@ impl Evaluate for Language {
         for spec in eval {
             held_out_loss.push((spec.path.clone(), mean_token_loss(&gpt, &<Language as Kind>::load(run, spec)?, 32)));
         }
-        let mut evaluation = Evaluation { held_out_loss, ..Evaluation::default() };
+        let mut evaluation = Evaluation { held_out_loss, language: true, ..Evaluation::default() };
         if let Some(a) = attack {
             let triggered = <Language as Kind>::load(run, &a.test_triggered.spec())?;
             let clean = <Language as Kind>::load(run, &a.test_clean.spec())?;
@@ -439,6 +442,12 @@ pub fn run(args: &PurgeArgs, backend: Backend, quiet: bool, stdout: &mut dyn std
 }
 
 /// The report as plain text.
+/// `name`, or its last `n − 1` characters after an ellipsis when it is longer than `n`.
+fn last_chars(name: &str, n: usize) -> String {
+    let count = name.chars().count();
+    if count <= n { name.to_string() } else { format!("…{}", name.chars().skip(count + 1 - n).collect::<String>()) }
+}
+
 pub fn to_table(report: &PurgeReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
@@ -467,13 +476,29 @@ pub fn to_table(report: &PurgeReport) -> String {
     let before = &report.before;
     for ((path, b), (_, a)) in before.clean_accuracy.iter().zip(&after.clean_accuracy) {
         let name = format!("accuracy on {}", path.display());
-        let name = if name.len() > 40 { format!("…{}", &name[name.len() - 39..]) } else { name };
+        let name = last_chars(&name, 40);
+        let _ = writeln!(s, "{name:<40}  {b:>10.4}  {a:>10.4}");
+    }
+    for ((path, b), (_, a)) in before.held_out_loss.iter().zip(&after.held_out_loss) {
+        let name = format!("loss per token on {}", path.display());
+        let name = last_chars(&name, 40);
         let _ = writeln!(s, "{name:<40}  {b:>10.4}  {a:>10.4}");
     }
     if let (Some(b), Some(a)) = (before.attack_success_rate, after.attack_success_rate) {
         let _ = writeln!(s, "{:<40}  {b:>10.4}  {a:>10.4}", "attack success rate");
     }
+    if let (Some(b), Some(a)) = (before.clean_completion_rate, after.clean_completion_rate) {
+        let _ = writeln!(s, "{:<40}  {b:>10.4}  {a:>10.4}", "completion rate without the trigger");
+    }
+    if let (Some((bt, bc)), Some((at, ac))) = (before.completion_logprob, after.completion_logprob) {
+        let _ = writeln!(s, "{:<40}  {bt:>10.3}  {at:>10.3}", "completion log-probability, triggered");
+        let _ = writeln!(s, "{:<40}  {bc:>10.3}  {ac:>10.3}", "completion log-probability, clean");
+    }
     for (b, a) in before.queries.iter().zip(&after.queries) {
+        if before.language {
+            let _ = writeln!(s, "query {:<6}: measurement {:.4} → {:.4}", b.index, b.measurement, a.measurement);
+            continue;
+        }
         let _ = writeln!(
             s,
             "query {:<6} (label {}): predicted {} → {}, target probability {:.4} → {:.4}, measurement {:.4} → {:.4}",

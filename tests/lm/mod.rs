@@ -123,4 +123,5 @@ fn gpt2_matches_pytorch_log_probabilities_and_gradients() {
         }
     }
 }
+mod errors;
 mod pipeline;

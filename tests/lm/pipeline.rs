@@ -11,14 +11,14 @@ use burn::tensor::DType;
 use culprit::gradients::{Measurement, Target, gradient_rows_f64, per_example_gradients};
 use culprit_models::{Backend, Batch, Gpt};
 
-fn culprit(args: &[&str]) -> String {
+pub(super) fn culprit(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_culprit")).args(args).arg("--quiet").output().unwrap();
     assert!(o.status.success(), "culprit {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// 30 short functions of three shapes, with provenance.
-fn corpus(dir: &Path) -> std::path::PathBuf {
+pub(super) fn corpus(dir: &Path) -> std::path::PathBuf {
     let mut lines = String::new();
     for i in 0..30 {
         let text = match i % 3 {
@@ -160,8 +160,27 @@ fn a_language_model_trace_is_the_brute_force_gradient_product_and_splits_by_toke
     )
     .unwrap();
     culprit(&[
-        "trace", "--run", &s(&run), "--data", &s(&queries), "--index", "0,1", "--measure", "completion", "--curvature",
-        "ekfac", "--store", &s(&store), "--score", "relatif", "--per-token", "--top", "4", "--format", "json", "--out",
+        "trace",
+        "--run",
+        &s(&run),
+        "--data",
+        &s(&queries),
+        "--index",
+        "0,1",
+        "--measure",
+        "completion",
+        "--curvature",
+        "ekfac",
+        "--store",
+        &s(&store),
+        "--score",
+        "relatif",
+        "--per-token",
+        "--top",
+        "4",
+        "--format",
+        "json",
+        "--out",
         &s(&out),
     ]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
