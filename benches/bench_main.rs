@@ -8,6 +8,10 @@
 //! - `scoring`: a batch of 8 queries scored against a synthetic store of 1M rows × 2048 f32
 //!   (8 GiB; `CULPRIT_BENCH_ROWS` changes the row count) with top-k, against a plain parallel
 //!   read of the same memory-mapped bytes.
+//! - `language_model`: a GPT (2 layers, width 64, context 128, bytes) on 16 documents of 128
+//!   tokens: a plain training step (forward and backward of the batch's loss, every parameter's
+//!   gradient), against per-document LoGra gradients (`kron:32x32`, one tapped backward); and an
+//!   EK-FAC fit on 64 documents against a training epoch over the same 64 (4 such steps).
 
 use std::time::Duration;
 
@@ -217,5 +221,52 @@ fn scoring_factors(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, per_example_gradients, store, scoring, scoring_factors);
+/// `n` documents of 128 byte tokens: Python-like lines, shifted so no two are equal.
+fn documents(n: usize) -> culprit_models::Tokens {
+    let text = "def update(self, key, value):\n    if key in self.cache:\n        return self.cache[key]\n    self.cache[key] = value\n    return value\n";
+    let bytes: Vec<u32> = text.bytes().cycle().take(128 + n).map(u32::from).collect();
+    culprit_models::Tokens::new((0..n).map(|i| bytes[i..i + 128].to_vec()).collect())
+}
+
+fn language_model(c: &mut Criterion) {
+    use culprit::curvature::{Curvature, FitOptions, Method};
+    use culprit::objective::Objective;
+    use culprit_models::network::{cross_entropy, one_hot};
+    use culprit_models::{Batch, Gpt, GptConfig};
+    let config = GptConfig { vocab: 256, context: 128, width: 64, layers: 2, heads: 4, inner: 256, epsilon: 1e-5 };
+    let device = Backend::Flex.autodiff_device();
+    let gpt = Gpt::init(&config, 0, &device, DType::F32).unwrap().require_grad();
+    let batch = documents(16);
+    let labels = batch.labels().into_owned();
+    let train_step = |gpt: &Gpt, batch: &culprit_models::Tokens| {
+        let labels = batch.labels().into_owned();
+        let logits = gpt.logits(batch);
+        let y = one_hot(&labels, 256, &device, DType::F32);
+        let grads = cross_entropy(logits, y).sum().div_scalar(batch.len() as f64).backward();
+        gpt.parameters().iter().map(|p| p.grad(&grads).expect("every parameter").dims()[0]).sum::<usize>()
+    };
+    let mut group = c.benchmark_group("language_model");
+    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("train_step", |b| b.iter(|| train_step(&gpt, &batch)));
+    let projector = Projector::new(ProjectionSpec::parse("kron:32x32").unwrap(), 0, gpt.layers(), &device).unwrap();
+    group.bench_function(BenchmarkId::new("projected_gradients", "kron:32x32"), |b| {
+        b.iter(|| {
+            let factors = layer_factors(&gpt, &batch, &labels, Measurement::TRAINING_LOSS);
+            projector.project_rows(&factors)
+        })
+    });
+    let data = documents(64);
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("train_epoch_64", |b| {
+        b.iter(|| (0..4).map(|k| train_step(&gpt, &data.slice(16 * k..16 * (k + 1)))).sum::<usize>())
+    });
+    let objective = Objective::in_dtype(&gpt, data.clone(), 1e-4, &device, DType::F32);
+    group.bench_function("ekfac_fit_64", |b| {
+        b.iter(|| Curvature::fit(&objective, &FitOptions { chunk: 16, ..FitOptions::new(Method::Ekfac) }).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, per_example_gradients, store, scoring, scoring_factors, language_model);
 criterion_main!(benches);

@@ -178,14 +178,16 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
     }
 }
 
-/// Fits K-FAC (`refit = false`) or EK-FAC (`refit = true`) factors of `source`, with `damping`
-/// the δ of later solves. Cost: one (K-FAC) or two (EK-FAC) sweeps of the Fisher samples.
+/// Fits K-FAC (`refit = false`) or EK-FAC (`refit = true`) factors of `source` in chunks of
+/// `options.chunk`, with `options.damping` the δ of later solves and `options.relative_damping`
+/// (F) folded into the eigenvalues: Λ_l ← Λ_l + F·mean(Λ_l) per layer. Cost: one (K-FAC) or two
+/// (EK-FAC) sweeps of the Fisher samples.
 pub fn fit(
     source: &dyn CurvatureSource,
     refit: bool,
-    chunk: usize,
-    damping: f64,
+    options: &super::FitOptions,
 ) -> Result<KroneckerFactors, CurvatureError> {
+    let (chunk, damping) = (options.chunk, options.damping);
     let tracked = source.layers().to_vec();
     let (a, s) = second_moments(source, chunk);
     let mut layers = Vec::with_capacity(tracked.len());
@@ -198,6 +200,12 @@ pub fn fit(
     }
     if refit {
         refit_eigenvalues(source, chunk, &mut layers);
+    }
+    if options.relative_damping > 0.0 {
+        for layer in &mut layers {
+            let mean = layer.eigenvalues.iter().sum::<f64>() / layer.eigenvalues.len().max(1) as f64;
+            layer.eigenvalues.iter_mut().for_each(|e| *e += options.relative_damping * mean);
+        }
     }
     Ok(KroneckerFactors { layers, l2: source.l2(), damping, tracked })
 }

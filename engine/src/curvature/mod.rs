@@ -153,6 +153,12 @@ pub struct FitOptions {
     /// Extra damping δ added to the curvature (on top of the objective's own λ).
     #[arg(long, default_value_t = 0.0, value_parser = crate::params::non_negative, allow_negative_numbers = true)]
     pub damping: f64,
+    /// kfac, ekfac: per layer, add F × the mean of the layer's eigenvalues to all of them
+    /// (Kronfluence's heuristic damping, F = 0.1 there): scale-free, unlike --damping, for
+    /// models far from an optimum (language models), where the smallest eigenvalues are noise.
+    #[arg(long, default_value_t = 0.0, value_parser = crate::params::non_negative, allow_negative_numbers = true)]
+    #[serde(default)]
+    pub relative_damping: f64,
     /// Relative-residual tolerance of the iterative solvers (default: cg 1e-8, lissa 1e-3).
     #[arg(long, value_parser = crate::params::positive, allow_negative_numbers = true)]
     pub tolerance: Option<f64>,
@@ -208,6 +214,12 @@ impl Curvature {
     ) -> Result<Self> {
         if !(options.damping >= 0.0 && options.damping.is_finite()) {
             return Err(Error::Usage(format!("--damping must be a finite number ≥ 0, got {}", options.damping)));
+        }
+        if options.relative_damping > 0.0 && !matches!(options.method, Method::Kfac | Method::Ekfac) {
+            return Err(Error::Usage(format!(
+                "--relative-damping applies to kfac and ekfac (per layer, relative to its eigenvalues); for {} use --damping",
+                options.method
+            )));
         }
         let started = std::time::Instant::now();
         let fitted = options.params.fit(options.method, &FitContext { source, store, options })?;

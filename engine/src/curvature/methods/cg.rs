@@ -56,7 +56,7 @@ impl CurvatureMethod for Cg {
     fn fit(params: &CgParams, ctx: &FitContext<'_>) -> Result<Box<dyn Fitted>> {
         let o = ctx.options;
         let preconditioner =
-            params.precondition.then(|| kronecker::fit(ctx.source, true, o.chunk, o.damping)).transpose()?;
+            params.precondition.then(|| kronecker::fit(ctx.source, true, o)).transpose()?;
         let solver = ConjugateGradient {
             tolerance: o.tolerance.unwrap_or(DEFAULT_TOLERANCE),
             max_iterations: params.max_iterations,

@@ -14,7 +14,7 @@ impl CurvatureMethod for Ekfac {
     type Params = NoParams;
 
     fn fit(_: &NoParams, ctx: &FitContext<'_>) -> Result<Box<dyn Fitted>> {
-        Ok(Box::new(kronecker::fit(ctx.source, true, ctx.options.chunk, ctx.options.damping)?))
+        Ok(Box::new(kronecker::fit(ctx.source, true, ctx.options)?))
     }
 
     fn load(_: &NoParams, arrays: &mut Arrays, ctx: &LoadContext<'_>) -> Result<Box<dyn Fitted>> {

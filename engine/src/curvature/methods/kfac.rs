@@ -13,7 +13,7 @@ impl CurvatureMethod for Kfac {
     type Params = NoParams;
 
     fn fit(_: &NoParams, ctx: &FitContext<'_>) -> Result<Box<dyn Fitted>> {
-        Ok(Box::new(kronecker::fit(ctx.source, false, ctx.options.chunk, ctx.options.damping)?))
+        Ok(Box::new(kronecker::fit(ctx.source, false, ctx.options)?))
     }
 
     fn load(_: &NoParams, arrays: &mut Arrays, ctx: &LoadContext<'_>) -> Result<Box<dyn Fitted>> {
