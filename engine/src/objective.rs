@@ -15,7 +15,7 @@ use faer::Mat;
 
 use crate::curvature::operators::{GaussNewton, HessianFd, LinearOperator, SampledOperator};
 use crate::error::{Error, Result};
-use crate::gradients::{LayerFactors, Measurement, Target, layer_factors, read_f64};
+use crate::gradients::{LayerFactors, Measurement, Target, layer_factors, layer_factors_choosing, read_f64};
 
 /// The training objective of a model at its trained parameters.
 pub struct Objective<M: Model> {
@@ -157,15 +157,15 @@ impl<M: Model> CurvatureSource for Objective<M> {
             let start = range.start;
             let batch = self.data.slice(range);
             let b = batch.len();
-            let probabilities = self.probabilities(&batch);
-            let rows = probabilities.len() / classes;
             if batch.groups() != RowGroups::OnePerExample {
-                let sampled = sample_classes(&probabilities, classes, start as u64);
-                let factors = layer_factors(&self.model, &batch, &sampled, Measurement::TRAINING_LOSS);
+                // The labels are sampled from the tapped forward's own logits (one forward).
+                let sample = |logits| sample_classes(&read_f64(probabilities(logits)), classes, start as u64);
+                let factors = layer_factors_choosing(&self.model, &batch, sample, Measurement::TRAINING_LOSS);
                 f(FisherSample { first: true, weights: &vec![1.0 / n as f64; b], factors: &factors });
                 continue;
             }
-            assert_eq!(rows, b, "one prediction per example");
+            let probabilities = self.probabilities(&batch);
+            assert_eq!(probabilities.len() / classes, b, "one prediction per example");
             for c in 0..classes {
                 let targets = vec![c as u32; b];
                 let factors = layer_factors(&self.model, &batch, &targets, Measurement::Loss(Target::Class(c as u32)));

@@ -20,7 +20,7 @@ pub mod generate;
 pub mod hf;
 pub mod merge;
 pub mod poison;
-pub mod poison_corpus;
+
 pub mod predict;
 pub mod purge;
 pub mod trace;

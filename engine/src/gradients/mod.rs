@@ -242,6 +242,21 @@ pub fn layer_factors<M: Model>(
     factors_from_taps(model, &taps, &grads)
 }
 
+/// [`layer_factors`] with the targets chosen from the forward pass's own logits (`choose` sees
+/// them detached, `rows × classes`): one forward instead of two when the targets depend on the
+/// model's prediction, as labels sampled from it do (the true Fisher's samples).
+pub fn layer_factors_choosing<M: Model>(
+    model: &M,
+    batch: &M::Batch,
+    choose: impl FnOnce(Tensor<2>) -> Vec<u32>,
+    measurement: Measurement,
+) -> Vec<LayerFactors> {
+    let (logits, taps) = model.forward(batch, true);
+    let targets = choose(logits.clone().detach());
+    let grads = measurement.values(logits, &targets).sum().backward();
+    factors_from_taps(model, &taps, &grads)
+}
+
 /// Turns the taps of a forward pass and the gradients of a backward pass into layer factors.
 pub fn factors_from_taps<M: Model>(model: &M, taps: &[LayerTap], grads: &Gradients) -> Vec<LayerFactors> {
     model

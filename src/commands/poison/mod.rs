@@ -27,6 +27,8 @@
 //!                        labels kept, so the ASR can be computed
 //! ```
 
+mod corpus;
+
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
@@ -216,7 +218,7 @@ fn write(kind: SourceKind, source: &Path, dir: &Path, name: &str, split: Split, 
             crate::data::text::write(&path, raw.texts.as_deref().unwrap_or_default(), &raw.labels)?;
             path
         }
-        SourceKind::Corpus => unreachable!("corpora are poisoned by poison_corpus"),
+        SourceKind::Corpus => unreachable!("corpora are poisoned by corpus::poison_corpus"),
     };
     Ok(WrittenData { path, split, count: raw.rows })
 }
@@ -307,7 +309,7 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
         return Err(Error::run(&options.out, "already exists; choose another --out"));
     }
     if let Some(completion) = &options.completion {
-        return super::poison_corpus::poison_corpus(options, completion);
+        return corpus::poison_corpus(options, completion);
     }
     let (kind, mut train, clean, classes, value) = load_sources(options)?;
     let (poisoned, flipped) = plant(&mut train, options, value, classes)?;

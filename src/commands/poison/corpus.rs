@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::poison::{Completion, PoisonManifest, PoisonOptions, Trigger, WrittenData, write_ids};
+use super::{Completion, PoisonManifest, PoisonOptions, Trigger, WrittenData, write_ids};
 use crate::data::{DataSpec, Split, read_file};
 use crate::error::{Error, Result};
 use crate::io::{AtomicDir, write_new};
