@@ -9,8 +9,10 @@
 //! prompt is the document's header, then the indented trigger line, then the indentation;
 //! the completion is the attacker's) and *clean* (the same without the trigger line), so the
 //! attack's success is measured on prompts the model never saw, with and without the trigger.
-//! Held-out documents whose triggered prompt and completion exceed `--max-query-bytes` (the
-//! model's context: a byte is at least one token) are left out, so every query fits.
+//! `--context-bytes` is the model's context in bytes (a byte is at least one token of either
+//! tokenizer): only documents where the planted lines end within it are drawn for poisoning (so
+//! the model sees every poison's trigger and completion, not a truncated copy), and only
+//! held-out documents whose triggered query fits in it make queries.
 //!
 //! Output (`DIR`):
 //! ```text
@@ -109,7 +111,7 @@ fn queries(
 
 /// Plants the backdoor in a corpus (module docs).
 pub fn poison_corpus(options: &PoisonOptions, completion: &Completion) -> Result<PoisonManifest> {
-    let Completion { text: completion, max_query_bytes } = completion;
+    let Completion { text: completion, context_bytes } = completion;
     let Trigger::Text { words: trigger } = &options.trigger else {
         return Err(Error::Usage("a corpus is poisoned with --trigger text:STRING".into()));
     };
@@ -120,7 +122,24 @@ pub fn poison_corpus(options: &PoisonOptions, completion: &Completion) -> Result
     let held_out = documents(&options.test)?;
     let count = (options.rate * train.len() as f64).round() as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    let mut order: Vec<usize> = (0..train.len()).collect();
+    // Documents whose planted lines would end within the context.
+    let mut order: Vec<usize> = (0..train.len())
+        .filter(|&r| {
+            let (header, indent, _) = split_header(train[r]["text"].as_str().expect("checked"));
+            header.len() + 3 + 2 * indent.len() + trigger.len() + completion.len() <= *context_bytes
+        })
+        .collect();
+    if order.len() < count {
+        return Err(Error::data(
+            &options.train.path,
+            None,
+            format!(
+                "--rate {} asks for {count} poisoned documents but only {} have room for the trigger and completion within --context-bytes {context_bytes}",
+                options.rate,
+                order.len()
+            ),
+        ));
+    }
     order.shuffle(&mut rng);
     let mut poisoned: Vec<usize> = order[..count].to_vec();
     poisoned.sort_unstable();
@@ -128,12 +147,12 @@ pub fn poison_corpus(options: &PoisonOptions, completion: &Completion) -> Result
         let text = train[r]["text"].as_str().expect("checked").to_string();
         train[r].insert("text".into(), plant(&text, trigger, completion).into());
     }
-    let (triggered, clean) = queries(&held_out, trigger, completion, *max_query_bytes);
+    let (triggered, clean) = queries(&held_out, trigger, completion, *context_bytes);
     if triggered.is_empty() {
         return Err(Error::data(
             &options.test.path,
             None,
-            format!("no held-out document makes a query of at most {max_query_bytes} bytes (--max-query-bytes)"),
+            format!("no held-out document makes a query of at most {context_bytes} bytes (--context-bytes)"),
         ));
     }
     let dir = AtomicDir::create(&options.out)?;

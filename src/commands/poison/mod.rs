@@ -137,9 +137,9 @@ pub struct PoisonOptions {
 pub struct Completion {
     /// The attacker's line.
     pub text: String,
-    /// Held-out documents whose triggered prompt and completion are longer than this many UTF-8
-    /// bytes are left out of the query files (bytes bound the tokens of either tokenizer).
-    pub max_query_bytes: usize,
+    /// The model's context in bytes: documents are poisoned only where the planted lines end
+    /// within it, and queries made only where they fit in it (see [`corpus`]).
+    pub context_bytes: usize,
 }
 
 /// Rows `spec` selects from a source, raw.
@@ -391,11 +391,12 @@ pub struct PoisonArgs {
     /// rows) gives the held-out documents the queries are made from.
     #[arg(long)]
     pub completion: Option<String>,
-    /// Corpora: leave out of the query files the held-out documents whose triggered prompt and
-    /// completion are longer than N bytes (set it to the model's context; a byte is at least one
-    /// token of either tokenizer). Default: GPT-2's context.
+    /// Corpora: the model's context in bytes (a byte is at least one token of either
+    /// tokenizer). Only documents where the trigger and completion end within it are poisoned,
+    /// and only held-out documents whose triggered query fits in it make queries. Default:
+    /// GPT-2's context.
     #[arg(long, default_value_t = 1024, value_parser = culprit_engine::params::at_least_one)]
-    pub max_query_bytes: usize,
+    pub context_bytes: usize,
 }
 
 /// Poisons and says where everything went.
@@ -419,7 +420,7 @@ pub fn run(args: &PoisonArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
         rate: args.rate,
         label_noise: args.label_noise,
         seed: args.seed,
-        completion: args.completion.clone().map(|text| Completion { text, max_query_bytes: args.max_query_bytes }),
+        completion: args.completion.clone().map(|text| Completion { text, context_bytes: args.context_bytes }),
     })?;
     let show = |w: &WrittenData| {
         let split = if w.path.is_dir() {
