@@ -46,8 +46,13 @@ pub struct DemoOptions {
     pub quiet: bool,
 }
 
+/// Narrates one line. A closed standard output (`culprit demo | head -1`) does not stop the demo:
+/// its files are still all written.
 fn say(out: &mut dyn Write, line: impl AsRef<str>) -> Result<()> {
-    writeln!(out, "{}", line.as_ref()).map_err(Error::io(Path::new("<stdout>")))
+    match writeln!(out, "{}", line.as_ref()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(Error::io(Path::new("<stdout>"))),
+    }
 }
 
 /// Training digits poisoned by the demo.

@@ -41,7 +41,7 @@ pub struct ReportArgs {
     /// Write the report here instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Write every score here as CSV (trace: query_index,train_index,score; audit:
+    /// Write every score here as CSV (trace: query_index,train_index,score,proponent_score; audit:
     /// train_index,label,predicted,self_influence,loss,loo_loss,percentile).
     #[arg(long)]
     pub scores_out: Option<PathBuf>,

@@ -21,14 +21,17 @@ pub struct TraceArgs {
     pub report: ReportArgs,
 }
 
-/// Every score as CSV: `query_index,train_index,score`.
+/// Every score as CSV: `query_index,train_index,score,proponent_score`.
 fn scores_csv(report: &TraceReport) -> Option<String> {
     use std::fmt::Write as _;
     let all = report.all_scores.as_ref()?;
-    let mut csv = String::from("query_index,train_index,score\n");
+    // proponent_score = score × proponent_sign: sorting it descending lists proponents first
+    // whatever the measurement's sign convention.
+    let sign = f32::from(report.proponent_sign);
+    let mut csv = String::from("query_index,train_index,score,proponent_score\n");
     for (q, scores) in report.queries.iter().zip(all) {
         for (id, s) in report.train_ids.iter().zip(scores) {
-            let _ = writeln!(csv, "{},{},{:e}", q.index, id, s);
+            let _ = writeln!(csv, "{},{},{:e},{:e}", q.index, id, s, s * sign);
         }
     }
     Some(csv)

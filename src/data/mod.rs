@@ -448,7 +448,13 @@ impl<B: Batch> Dataset<B> {
         let row_of: std::collections::HashMap<usize, usize> =
             self.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
         let mut rows = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::new();
         for &id in ids {
+            if !seen.insert(id) {
+                return Err(Error::Usage(format!(
+                    "index {id} is listed twice; each example is one query (a repeated one would count twice in the combined ranking)"
+                )));
+            }
             rows.push(*row_of.get(&id).ok_or_else(|| {
                 Error::data(
                     &self.manifest.path,

@@ -114,6 +114,35 @@ fn the_demo_runs_end_to_end_on_the_embedded_data() {
     assert!(html.contains("planted poison"), "the report marks the planted poisons");
     // A second run into the same directory is refused, not overwritten.
     assert_eq!(culprit(&["demo", "--out", s(&out)]).status.code(), Some(2));
+    // `culprit demo | head -1`: with standard output closed at once the demo still writes every
+    // file, and exits 0.
+    let closed = dir.path().join("closed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .args(["demo", "--quiet", "--out", s(&closed)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    assert!(child.wait().unwrap().success());
+    let files = |d: &Path| -> Vec<String> {
+        let mut names: Vec<String> = walk(d).iter().map(|p| p.strip_prefix(d).unwrap().display().to_string()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(&closed), files(&out));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
 }
 
 #[test]
@@ -390,4 +419,70 @@ fn a_second_fit_fails_naming_the_first_and_outputs_never_replace_inputs() {
     assert!(stderr(&o).contains("≥ 1"), "{}", stderr(&o));
     let o = culprit(&["cache", "--run", s(&run), "--rows-per-shard", "0", "--store", s(&dir.path().join("s"))]);
     assert!(stderr(&o).contains("≥ 1") && !dir.path().join("s").exists(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_repeated_query_is_refused_and_scores_out_ranks_proponents_first_for_any_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let digits = digits_csv();
+    let o = culprit(&["train", "--data", s(&digits), "--limit", "300", "--model", "logreg", "--out", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(culprit(&["cache", "--run", s(&run)]).status.success());
+    assert!(culprit(&["fit", "--run", s(&run), "--curvature", "exact"]).status.success());
+    let trace = |index: &str, measure: &str, json: &Path, csv: &Path| {
+        culprit(&[
+            "trace",
+            "--run",
+            s(&run),
+            "--data",
+            s(&digits),
+            "--skip",
+            "1700",
+            "--index",
+            index,
+            "--measure",
+            measure,
+            "--curvature",
+            "exact",
+            "--top",
+            "3",
+            "--format",
+            "json",
+            "--out",
+            s(json),
+            "--scores-out",
+            s(csv),
+        ])
+    };
+    let (json, csv) = (dir.path().join("t.json"), dir.path().join("s.csv"));
+    let o = trace("1700,1703,1700", "label", &json, &csv);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("index 1700 is listed twice"), "{}", stderr(&o));
+    assert!(!json.exists() && !csv.exists());
+    // A loss (proponents positive) and a logit (proponents negative): sorting proponent_score
+    // descending gives the report's proponents in order either way.
+    for measure in ["label", "logit:label"] {
+        let (json, csv) = (dir.path().join(format!("{measure}.json")), dir.path().join(format!("{measure}.csv")));
+        let o = trace("1700", measure, &json, &csv);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let expected: Vec<u64> =
+            report["proponents"][0].as_array().unwrap().iter().map(|i| i["train_index"].as_u64().unwrap()).collect();
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("query_index,train_index,score,proponent_score"));
+        let mut rows: Vec<(u64, f64, f64)> = lines
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap())
+            })
+            .collect();
+        assert_eq!(rows.len(), 300);
+        let sign = report["proponent_sign"].as_f64().unwrap();
+        assert!(rows.iter().all(|r| r.2 == r.1 * sign));
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let first: Vec<u64> = rows.iter().take(expected.len()).map(|r| r.0).collect();
+        assert_eq!(first, expected, "{measure}");
+    }
 }
