@@ -31,6 +31,11 @@ pub use idx::Split;
 
 use crate::error::{Error, Result};
 
+/// The most classes a classifier may have: its output layer and every per-class sweep (the
+/// exact Fisher, the Gauss–Newton products) grow with C, so a label meant as an id (1000000)
+/// is refused before anything is allocated.
+pub const MAX_CLASSES: usize = 65_536;
+
 /// A source as loaded, before selection and normalisation.
 pub struct RawData {
     /// `rows × shape.len()` raw features.
@@ -353,6 +358,16 @@ impl Dataset {
         let (normalization, num_classes) = match preprocessing {
             Preprocessing::Fit { normalize, .. } => {
                 let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+                if classes > MAX_CLASSES {
+                    let label = classes - 1;
+                    return Err(Error::data(
+                        &spec.path,
+                        None,
+                        format!(
+                            "label {label} makes {classes} classes; culprit's classifiers take at most {MAX_CLASSES} (labels are class numbers 0..C−1, not ids)"
+                        ),
+                    ));
+                }
                 if classes < 2 {
                     return Err(Error::data(
                         &spec.path,

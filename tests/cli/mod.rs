@@ -96,6 +96,13 @@ fn data_that_does_not_fit_the_model_is_refused() {
     assert!(e.contains("other.csv") && e.contains("2 features but the model takes 64"), "{e}");
     let o = culprit(&["train", "--data", s(&other), "--model", "cnn", "--out", s(&dir.path().join("r2"))]);
     assert_eq!(o.status.code(), Some(2));
+    // A label meant as an id would make a million classes: refused before anything is allocated.
+    let ids = write(dir.path(), "ids.csv", b"x,y,label\n1,2,0\n3,4,1000000\n");
+    let o = culprit(&["train", "--data", s(&ids), "--model", "logreg", "--out", s(&dir.path().join("r3"))]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("ids.csv") && e.contains("label 1000000 makes 1000001 classes") && e.contains("65536"), "{e}");
+    assert!(!dir.path().join("r3").exists());
 }
 
 #[test]
