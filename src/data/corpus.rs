@@ -148,6 +148,7 @@ impl Dataset<Tokens> {
             excluded: Vec::new(),
             tokenizer: Some(tokenizer_spec.clone()),
             truncated: Some(truncated),
+            columns: None,
         };
         let sources: Vec<Option<String>> = lines.iter().map(|l| l.source.clone()).collect();
         Ok(Self {

@@ -1,6 +1,8 @@
 //! CSV tables: a header row, numeric feature columns and one integer `label` column.
 //!
-//! Every non-label column is a feature, in file order. Rows are numbered from 1 for the first
+//! Every non-label column is a feature, in file order; a run records the columns' names, and data
+//! read for it later is matched to them by name (see `RawData::match_columns`). Header names
+//! must be unique. Rows are numbered from 1 for the first
 //! data row (the header is row 0) in error messages, and from 0 as example ids.
 
 use std::path::Path;
@@ -26,6 +28,16 @@ pub fn load(path: &Path) -> Result<RawData> {
             format!("no `label` column in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(",")),
         )
     })?;
+    let mut seen = std::collections::HashMap::new();
+    for (c, h) in headers.iter().enumerate() {
+        if let Some(first) = seen.insert(h.trim(), c) {
+            return Err(Error::data(
+                path,
+                Some(0),
+                format!("column `{}` appears twice in the header (columns {} and {})", h.trim(), first + 1, c + 1),
+            ));
+        }
+    }
     let width = headers.len();
     let dim = width - 1;
     if dim == 0 {
@@ -71,6 +83,9 @@ pub fn load(path: &Path) -> Result<RawData> {
         texts: None,
         files: vec![(path.to_path_buf(), sha)],
         rows,
+        columns: Some(
+            headers.iter().enumerate().filter(|(c, _)| *c != label_col).map(|(_, h)| h.trim().to_string()).collect(),
+        ),
     })
 }
 

@@ -113,6 +113,7 @@ pub fn load(dir: &Path, split: Split) -> Result<RawData> {
         texts: None,
         files: vec![(images_path, images_sha), (labels_path, labels_sha)],
         rows: n,
+        columns: None,
     })
 }
 

@@ -50,6 +50,43 @@ pub struct RawData {
     pub files: Vec<(PathBuf, String)>,
     /// Number of examples.
     pub rows: usize,
+    /// The feature columns' names, in order (CSV tables).
+    pub columns: Option<Vec<String>>,
+}
+
+impl RawData {
+    /// Reorders the feature columns to `trained` (the run's columns, by name), so a table whose
+    /// columns were permuted reads the same; a missing or an extra column is an error naming it.
+    /// Cost: one pass over the features.
+    fn match_columns(&mut self, path: &Path, trained: &[String]) -> Result<()> {
+        let Some(columns) = &self.columns else { return Ok(()) };
+        if columns == trained {
+            return Ok(());
+        }
+        let missing: Vec<&str> = trained.iter().filter(|c| !columns.contains(c)).map(String::as_str).collect();
+        let extra: Vec<&str> = columns.iter().filter(|c| !trained.contains(c)).map(String::as_str).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let list = |v: &[&str]| v.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+            let mut problems = Vec::new();
+            if !missing.is_empty() {
+                problems.push(format!("no column {} that the run was trained with", list(&missing)));
+            }
+            if !extra.is_empty() {
+                problems.push(format!("column {} that the run was not trained with", list(&extra)));
+            }
+            return Err(Error::data(path, Some(0), problems.join("; ")));
+        }
+        let source: Vec<usize> =
+            trained.iter().map(|c| columns.iter().position(|x| x == c).expect("checked")).collect();
+        let dim = columns.len();
+        let mut reordered = Vec::with_capacity(self.features.len());
+        for row in self.features.chunks(dim) {
+            reordered.extend(source.iter().map(|&j| row[j]));
+        }
+        self.features = reordered;
+        self.columns = Some(trained.to_vec());
+        Ok(())
+    }
 }
 
 /// Reads a whole file, gunzipping it when it starts with the gzip magic; returns the
@@ -251,6 +288,10 @@ pub struct DataManifest {
     /// Language-model corpora: documents truncated to the model's context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated: Option<usize>,
+    /// CSV tables: the feature columns' names, in the order the model reads them (data read for
+    /// the run later is matched to them by name). Runs written before 0.2 have none: positional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
 }
 
 /// Where to read data from (`--data --split --skip --limit`).
@@ -333,7 +374,10 @@ impl Dataset {
             Preprocessing::Fit { buckets, .. } => buckets,
             Preprocessing::Reuse(m) => m.buckets.unwrap_or(text::DEFAULT_BUCKETS),
         };
-        let raw = load_raw(kind, &spec.path, spec.split, buckets)?;
+        let mut raw = load_raw(kind, &spec.path, spec.split, buckets)?;
+        if let Preprocessing::Reuse(DataManifest { columns: Some(trained), .. }) = preprocessing {
+            raw.match_columns(&spec.path, trained)?;
+        }
         let dim = raw.shape.len();
         let start = spec.skip.min(raw.rows);
         let end = match spec.limit {
@@ -412,6 +456,7 @@ impl Dataset {
             excluded: Vec::new(),
             tokenizer: None,
             truncated: None,
+            columns: raw.columns,
         };
         Ok(Self { examples, ids: (start..end).collect(), texts, sources: None, manifest })
     }

@@ -92,6 +92,7 @@ pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
         texts: Some(texts),
         files: vec![(path.to_path_buf(), sha)],
         rows,
+        columns: None,
     })
 }
 

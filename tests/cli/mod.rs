@@ -493,3 +493,58 @@ fn a_repeated_query_is_refused_and_scores_out_ranks_proponents_first_for_any_mea
         assert_eq!(first, expected, "{measure}");
     }
 }
+
+#[test]
+fn csv_columns_are_matched_by_name_and_a_missing_extra_or_repeated_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let digits = digits_csv();
+    let o = culprit(&["train", "--data", s(&digits), "--limit", "300", "--model", "logreg", "--out", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same table with its columns reversed (header included): the same predictions.
+    let text = std::fs::read_to_string(&digits).unwrap();
+    let reversed: String = text
+        .lines()
+        .map(|l| {
+            let mut cells: Vec<&str> = l.split(',').collect();
+            cells.reverse();
+            cells.join(",") + "\n"
+        })
+        .collect();
+    let permuted = write(dir.path(), "reversed.csv", reversed.as_bytes());
+    let predict = |data: &Path| culprit(&["predict", "--run", s(&run), "--data", s(data), "--skip", "1700"]);
+    let (a, b) = (predict(&digits), predict(&permuted));
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&b));
+    assert_eq!(a.stdout, b.stdout, "permuted columns predict the same");
+    // A column dropped, a column added, a column named twice.
+    let edit = |name: &str, f: &dyn Fn(Vec<String>) -> Vec<String>| {
+        let body: String =
+            text.lines().map(|l| f(l.split(',').map(str::to_string).collect()).join(",") + "\n").collect();
+        write(dir.path(), name, body.as_bytes())
+    };
+    let header: Vec<String> = text.lines().next().unwrap().split(',').map(str::to_string).collect();
+    let first = header[0].clone();
+    let dropped = edit("dropped.csv", &|mut c| {
+        c.remove(0);
+        c
+    });
+    let e = stderr(&predict(&dropped));
+    assert!(
+        e.contains("dropped.csv") && e.contains(&format!("no column `{first}` that the run was trained with")),
+        "{e}"
+    );
+    let added = edit("added.csv", &|mut c| {
+        let v = if c[0] == first { "extra".to_string() } else { "0".to_string() };
+        c.push(v);
+        c
+    });
+    let e = stderr(&predict(&added));
+    assert!(e.contains("column `extra` that the run was not trained with"), "{e}");
+    let twice = edit("twice.csv", &|mut c| {
+        let v = if c[0] == first { "label".to_string() } else { "1".to_string() };
+        c.push(v);
+        c
+    });
+    let e = stderr(&predict(&twice));
+    assert!(e.contains("twice.csv") && e.contains("column `label` appears twice in the header"), "{e}");
+}
