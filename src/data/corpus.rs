@@ -135,8 +135,8 @@ impl Dataset<Tokens> {
         let truncated = lines.iter().filter(|l| l.truncated).count();
         let manifest = DataManifest {
             kind: SourceKind::Corpus,
-            path: spec.path.clone(),
-            files: vec![FileDigest { path: spec.path.clone(), sha256: sha }],
+            path: super::absolute(&spec.path),
+            files: vec![FileDigest { path: super::absolute(&spec.path), sha256: sha }],
             split: spec.split,
             skip: spec.skip,
             limit: spec.limit,

@@ -31,6 +31,12 @@ pub use idx::Split;
 
 use crate::error::{Error, Result};
 
+/// `path` made absolute against the working directory (not resolving links), so that a run or a
+/// poisoned set written here is found from anywhere; unchanged if the directory is unknown.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The most classes a classifier may have: its output layer and every per-class sweep (the
 /// exact Fisher, the Gauss–Newton products) grow with C, so a label meant as an id (1000000)
 /// is refused before anything is allocated.
@@ -398,7 +404,7 @@ impl Dataset {
         let labels = raw.labels[start..end].to_vec();
         let count = labels.len();
         let texts = raw.texts.map(|t| t[start..end].to_vec());
-        let files = raw.files.into_iter().map(|(path, sha256)| FileDigest { path, sha256 }).collect();
+        let files = raw.files.into_iter().map(|(path, sha256)| FileDigest { path: absolute(&path), sha256 }).collect();
         let (normalization, num_classes) = match preprocessing {
             Preprocessing::Fit { normalize, .. } => {
                 let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
@@ -443,7 +449,7 @@ impl Dataset {
         let examples = Features::new(features, labels, dim);
         let manifest = DataManifest {
             kind,
-            path: spec.path.clone(),
+            path: absolute(&spec.path),
             files,
             split: spec.split,
             skip: spec.skip,

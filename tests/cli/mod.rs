@@ -548,3 +548,58 @@ fn csv_columns_are_matched_by_name_and_a_missing_extra_or_repeated_one_is_named(
     let e = stderr(&predict(&twice));
     assert!(e.contains("twice.csv") && e.contains("column `label` appears twice in the header"), "{e}");
 }
+
+#[test]
+fn a_run_and_a_poisoned_set_made_with_relative_paths_work_from_another_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::copy(digits_csv(), work.join("digits.csv")).unwrap();
+    let here = |args: &[&str], cwd: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_culprit")).args(args).arg("--quiet").current_dir(cwd).output().unwrap()
+    };
+    let o = here(
+        &[
+            "poison",
+            "--data",
+            "digits.csv",
+            "--limit",
+            "300",
+            "--test-data",
+            "digits.csv",
+            "--test-skip",
+            "1700",
+            "--out",
+            "bd",
+            "--trigger",
+            "patch:6,6,2",
+            "--target",
+            "0",
+            "--rate",
+            "0.05",
+        ],
+        &work,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = here(&["train", "--data", "bd/train.csv", "--model", "logreg", "--out", "run"], &work);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // From the parent directory, with the run named by another relative path.
+    for args in [
+        vec!["cache", "--run", "work/run"],
+        vec!["fit", "--run", "work/run", "--curvature", "exact"],
+        vec![
+            "purge",
+            "--run",
+            "work/run",
+            "--ids",
+            "work/bd/poisoned_ids.txt",
+            "--out",
+            "work/purged",
+            "--attack",
+            "work/bd",
+        ],
+    ] {
+        let o = here(&args, dir.path());
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+}

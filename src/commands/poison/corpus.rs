@@ -161,7 +161,11 @@ pub fn poison_corpus(options: &PoisonOptions, completion: &Completion) -> Result
     write_new(&dir.path().join("test-triggered.jsonl"), jsonl(&triggered).as_bytes())?;
     write_new(&dir.path().join("test-clean.jsonl"), jsonl(&clean).as_bytes())?;
     write_ids(&dir.path().join("poisoned_ids.txt"), &poisoned)?;
-    let written = |name: &str, count: usize| WrittenData { path: options.out.join(name), split: Split::Train, count };
+    let written = |name: &str, count: usize| WrittenData {
+        path: crate::data::absolute(&options.out.join(name)),
+        split: Split::Train,
+        count,
+    };
     let manifest = PoisonManifest {
         trigger: options.trigger.describe(),
         patch_value: None,

@@ -341,7 +341,7 @@ pub fn poison(options: &PoisonOptions) -> Result<PoisonManifest> {
     }
     // Paths name the final directory.
     for w in [&mut manifest.train, &mut manifest.test_clean, &mut manifest.test_triggered] {
-        w.path = options.out.join(w.path.strip_prefix(&tmp).expect("written under tmp"));
+        w.path = crate::data::absolute(&options.out.join(w.path.strip_prefix(&tmp).expect("written under tmp")));
     }
     let json = serde_json::to_vec_pretty(&manifest).expect("plain data");
     crate::io::write_atomic(&tmp.join("poison.json"), &json)?;
