@@ -108,6 +108,15 @@ fn execute(cli: Cli) -> Result<()> {
 /// Parses the command line; a usage error becomes one line and exit code 2 (help and version
 /// print as clap does).
 fn parse() -> std::result::Result<Cli, ExitCode> {
+    // Paths end up in JSON files (run manifests, reports), which hold UTF-8 only: refuse others
+    // here, before anything is written, rather than fail halfway.
+    if let Some(bad) = std::env::args_os().skip(1).find(|a| a.to_str().is_none()) {
+        eprintln!(
+            "culprit: error: argument {} is not valid UTF-8; culprit records paths in JSON files, which need UTF-8 names (rename it)",
+            bad.to_string_lossy()
+        );
+        return Err(ExitCode::from(2));
+    }
     Cli::try_parse().map_err(|e| {
         use clap::error::ErrorKind;
         match e.kind() {

@@ -603,3 +603,23 @@ fn a_run_and_a_poisoned_set_made_with_relative_paths_work_from_another_directory
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn a_path_that_is_not_utf8_is_refused_before_anything_is_written() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join(std::ffi::OsStr::from_bytes(b"d\xff.csv"));
+    std::fs::copy(digits_csv(), &data).unwrap();
+    let run = dir.path().join(std::ffi::OsStr::from_bytes(b"r\xff"));
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .args([std::ffi::OsStr::new("train"), "--data".as_ref(), data.as_os_str(), "--model".as_ref()])
+        .args(["logreg", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("is not valid UTF-8") && e.trim_end().lines().count() == 1, "{e}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing written");
+}
