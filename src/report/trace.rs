@@ -128,6 +128,9 @@ pub struct TraceReport {
     pub n: usize,
     /// The store's projection.
     pub projection: String,
+    /// SHA-256 of the traced run's `weights.bin` (reports of other runs are never merged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
     /// The queries.
     pub queries: Vec<QueryInfo>,
     /// Per query, the proponents (strongest first).
@@ -267,6 +270,7 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
             && p.curvature == first.curvature
             && p.n == first.n
             && p.projection == first.projection
+            && p.weights_sha256 == first.weights_sha256
             && p.damping == first.damping
             && p.l2 == first.l2
             && p.score_mode == first.score_mode;

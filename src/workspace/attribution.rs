@@ -320,6 +320,7 @@ fn assemble<B: culprit_models::Batch + ListedLabel>(
         l2: 0.0,
         n: training.len(),
         projection: store.manifest.key.projection.clone(),
+        weights_sha256: Some(store.manifest.key.weights_sha256.clone()),
         queries: query_infos,
         proponents,
         opponents,

@@ -206,6 +206,15 @@ fn traces_split_across_shards_merge_into_the_whole() {
     let o = culprit(&["merge", s(&parts[0]), s(&parts[2])]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("part 1/3 is missing"), "{}", stderr(&o));
+    // A part traced on another run (other weights, same λ and n) is refused.
+    let mut other = read(&parts[1]);
+    assert!(other["weights_sha256"].is_string());
+    other["weights_sha256"] = "0".repeat(64).into();
+    let foreign = dir.path().join("foreign.json");
+    std::fs::write(&foreign, other.to_string()).unwrap();
+    let o = culprit(&["merge", s(&parts[0]), s(&foreign), s(&parts[2])]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("different runs"), "{}", stderr(&o));
 }
 
 /// The act loop from the command line: poison, train, cache, fit, trace with RelatIF on the
