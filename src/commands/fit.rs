@@ -76,6 +76,8 @@ pub fn fit_with_store(
     let path = curvature_path(&run.dir, options.method);
     std::fs::create_dir_all(run.dir.join("curvature")).map_err(crate::Error::io(&run.dir.join("curvature")))?;
     let _lock = Lock::acquire(&path, &format!("the {} curvature", options.method))?;
+    // Holding the lock: what a killed fit of this curvature left is a leftover.
+    crate::io::remove_stale_temporaries(&path)?;
     crate::dispatch!(run, K => fit_for::<K>(&run, options, backend, store, path))
 }
 

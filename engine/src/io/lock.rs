@@ -96,6 +96,14 @@ impl Lock {
     }
 }
 
+/// Removes `target`'s lock file if a killed process left it: taken at once and released (which
+/// removes it); a lock someone holds is left alone.
+pub fn clear_stale(target: &Path) {
+    if lock_path(target).exists() {
+        drop(Lock::acquire(target, "a stale lock"));
+    }
+}
+
 impl Lock {
     /// [`Lock::acquire`], but waiting up to `patience` for a holder that is expected to be brief
     /// (creating a store's manifest) before failing the same way.

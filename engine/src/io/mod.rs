@@ -152,19 +152,25 @@ pub struct AtomicDir {
     target: PathBuf,
     temporary: PathBuf,
     committed: bool,
+    // Held until the directory is committed or dropped: one writer per target.
+    _lock: lock::Lock,
 }
 
 impl AtomicDir {
-    /// Starts filling `target`, which must not exist (its parent is created if needed).
+    /// Starts filling `target`, which must not exist (its parent is created if needed). Takes
+    /// `target`'s lock (a second writer of the same directory fails at once, naming the first)
+    /// and, holding it, removes what a killed culprit left filling the same target.
     pub fn create(target: &Path) -> Result<Self> {
         if target.exists() {
             return Err(Error::run(target, "already exists; choose another --out or remove it"));
         }
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+        let lock = lock::Lock::acquire(target, "this output directory")?;
+        remove_stale_temporaries(target)?;
         let temporary = temporary_name(target, "partial")?;
         std::fs::create_dir(&temporary).map_err(Error::io(&temporary))?;
-        Ok(Self { target: target.to_path_buf(), temporary, committed: false })
+        Ok(Self { target: target.to_path_buf(), temporary, committed: false, _lock: lock })
     }
 
     /// Where to write the directory's files until it is committed.

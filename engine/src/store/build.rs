@@ -173,6 +173,16 @@ pub fn build<M: Model>(
         }
     }
     progress.finish();
+    // Lock files of this part's shards and of the manifest that a killed build left behind.
+    for &j in &mine {
+        crate::io::lock::clear_stale(&dir.join(&manifest.shards[j].file));
+    }
+    {
+        // Under the manifest's lock, what a killed build left writing the manifest.
+        let manifest_path = dir.join("manifest.json");
+        let _lock = Lock::acquire_waiting(&manifest_path, "the store manifest", std::time::Duration::from_secs(30))?;
+        crate::io::remove_stale_temporaries(&manifest_path)?;
+    }
     Ok(BuildReport {
         store: dir.to_path_buf(),
         rows_computed: total_rows,
