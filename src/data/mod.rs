@@ -62,25 +62,18 @@ pub struct RawData {
 
 impl RawData {
     /// Reorders the feature columns to `trained` (the run's columns, by name), so a table whose
-    /// columns were permuted reads the same; a missing or an extra column is an error naming it.
+    /// columns were permuted reads the same; a missing or an extra column is an error naming it
+    /// (with a different count, where the sizes are checked).
     /// Cost: one pass over the features.
     fn match_columns(&mut self, path: &Path, trained: &[String]) -> Result<()> {
         let Some(columns) = &self.columns else { return Ok(()) };
-        if columns == trained {
+        // A different count is reported, with the names, where the sizes are checked.
+        if columns == trained || columns.len() != trained.len() {
             return Ok(());
         }
-        let missing: Vec<&str> = trained.iter().filter(|c| !columns.contains(c)).map(String::as_str).collect();
-        let extra: Vec<&str> = columns.iter().filter(|c| !trained.contains(c)).map(String::as_str).collect();
-        if !missing.is_empty() || !extra.is_empty() {
-            let list = |v: &[&str]| v.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
-            let mut problems = Vec::new();
-            if !missing.is_empty() {
-                problems.push(format!("no column {} that the run was trained with", list(&missing)));
-            }
-            if !extra.is_empty() {
-                problems.push(format!("column {} that the run was not trained with", list(&extra)));
-            }
-            return Err(Error::data(path, Some(0), problems.join("; ")));
+        let difference = column_difference(columns, trained);
+        if !difference.is_empty() {
+            return Err(Error::data(path, Some(0), difference));
         }
         let source: Vec<usize> =
             trained.iter().map(|c| columns.iter().position(|x| x == c).expect("checked")).collect();
@@ -372,6 +365,70 @@ pub struct Dataset<B = Features> {
     pub manifest: DataManifest,
 }
 
+/// The number of classes the training labels make (max + 1), within [2, [`MAX_CLASSES`]].
+fn count_classes(path: &Path, labels: &[u32]) -> Result<usize> {
+    let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+    if classes > MAX_CLASSES {
+        let label = classes - 1;
+        return Err(Error::data(
+            path,
+            None,
+            format!(
+                "label {label} makes {classes} classes; culprit's classifiers take at most {MAX_CLASSES} (labels are class numbers 0..C−1, not ids)"
+            ),
+        ));
+    }
+    if classes < 2 {
+        return Err(Error::data(path, None, "the selected rows hold a single class; a classifier needs two"));
+    }
+    Ok(classes)
+}
+
+/// Checks examples (`dim` features, in `columns` when named; `labels` from row `start`) fit the
+/// model a run's manifest `m` describes.
+fn check_fits(
+    path: &Path,
+    m: &DataManifest,
+    dim: usize,
+    columns: Option<&[String]>,
+    labels: &[u32],
+    start: usize,
+) -> Result<()> {
+    if m.shape.len() != dim {
+        let names = match (columns, &m.columns) {
+            (Some(c), Some(t)) => format!(" ({})", column_difference(c, t)),
+            _ => String::new(),
+        };
+        return Err(Error::data(
+            path,
+            None,
+            format!("examples have {dim} features but the model takes {}{names}", m.shape.len()),
+        ));
+    }
+    if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y as usize >= m.num_classes) {
+        return Err(Error::data(
+            path,
+            Some(start + i + 1),
+            format!("label {y} is outside the model's {} classes", m.num_classes),
+        ));
+    }
+    Ok(())
+}
+
+/// What separates a table's `columns` from the run's `trained` ones, in words.
+fn column_difference(columns: &[String], trained: &[String]) -> String {
+    let missing: Vec<String> = trained.iter().filter(|c| !columns.contains(c)).map(|c| format!("`{c}`")).collect();
+    let extra: Vec<String> = columns.iter().filter(|c| !trained.contains(c)).map(|c| format!("`{c}`")).collect();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("no column {} that the run was trained with", missing.join(", ")));
+    }
+    if !extra.is_empty() {
+        problems.push(format!("column {} that the run was not trained with", extra.join(", ")));
+    }
+    problems.join("; ")
+}
+
 impl Dataset {
     /// Loads, selects and preprocesses a source.
     pub fn load(spec: &DataSpec, preprocessing: Preprocessing<'_>) -> Result<Self> {
@@ -407,41 +464,10 @@ impl Dataset {
         let files = raw.files.into_iter().map(|(path, sha256)| FileDigest { path: absolute(&path), sha256 }).collect();
         let (normalization, num_classes) = match preprocessing {
             Preprocessing::Fit { normalize, .. } => {
-                let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
-                if classes > MAX_CLASSES {
-                    let label = classes - 1;
-                    return Err(Error::data(
-                        &spec.path,
-                        None,
-                        format!(
-                            "label {label} makes {classes} classes; culprit's classifiers take at most {MAX_CLASSES} (labels are class numbers 0..C−1, not ids)"
-                        ),
-                    ));
-                }
-                if classes < 2 {
-                    return Err(Error::data(
-                        &spec.path,
-                        None,
-                        "the selected rows hold a single class; a classifier needs two",
-                    ));
-                }
-                (Normalization::fit(kind, normalize, &features, dim), classes)
+                (Normalization::fit(kind, normalize, &features, dim), count_classes(&spec.path, &labels)?)
             }
             Preprocessing::Reuse(m) => {
-                if m.shape.len() != dim {
-                    return Err(Error::data(
-                        &spec.path,
-                        None,
-                        format!("examples have {dim} features but the model takes {}", m.shape.len()),
-                    ));
-                }
-                if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y as usize >= m.num_classes) {
-                    return Err(Error::data(
-                        &spec.path,
-                        Some(start + i + 1),
-                        format!("label {y} is outside the model's {} classes", m.num_classes),
-                    ));
-                }
+                check_fits(&spec.path, m, dim, raw.columns.as_deref(), &labels, start)?;
                 (m.normalization.clone(), m.num_classes)
             }
         };
