@@ -188,7 +188,11 @@ impl Gpt {
 
     /// A fresh model as GPT-2 initialises one: weights N(0, 0.02²) (the blocks' output
     /// projections N(0, (0.02/√(2L))²)), biases 0, LayerNorm scales 1, from a ChaCha8 generator
-    /// seeded by `seed`.
+    /// seeded by `seed`; except the (learned) position embeddings, which start as the sinusoids
+    /// of Vaswani et al. (2017), PE(p, 2k) = a·sin(p/10000^(2k/W)), PE(p, 2k+1) = a·cos(…), with
+    /// a = 0.02·√2 so their norm is a token embedding's: a relative offset is then a rotation, so
+    /// a small model learns to attend a fixed distance back (repeated characters, runs of digits)
+    /// far sooner than from noise.
     pub fn init(config: &GptConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         config.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -201,6 +205,8 @@ impl Gpt {
                 theta.extend(std::iter::repeat_n(one, len));
             } else if name.ends_with(".bias") {
                 theta.extend(std::iter::repeat_n(0.0, len));
+            } else if name == "transformer.wpe.weight" {
+                theta.extend(sinusoids(config.context, config.width, 0.02 * std::f64::consts::SQRT_2));
             } else {
                 let sd = if name.ends_with("c_proj.weight") { projection } else { 0.02 };
                 theta.extend((0..len).map(|_| sd * standard_normal(&mut rng)));
@@ -303,6 +309,19 @@ impl Gpt {
         let out = self.layer_norm(h, &self.ln_f);
         out.reshape([b * t, width]).matmul(wte.transpose()).reshape([b, t, vocab])
     }
+}
+
+/// `positions × width` sinusoidal position embeddings of amplitude `a`, row-major.
+fn sinusoids(positions: usize, width: usize, a: f64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(positions * width);
+    for p in 0..positions {
+        for i in 0..width {
+            let k = (i / 2) as f64;
+            let angle = p as f64 / 10000f64.powf(2.0 * k / width as f64);
+            out.push(a * if i % 2 == 0 { angle.sin() } else { angle.cos() });
+        }
+    }
+    out
 }
 
 /// One N(0, 1) draw (Box–Muller).
