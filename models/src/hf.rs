@@ -252,7 +252,11 @@ mod tests {
         assert_eq!(t["a"], (vec![2, 2], a.to_vec()));
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        assert!(read_safetensors(&path).unwrap_err().to_string().contains("holds"));
+        assert!(read_safetensors(&path).unwrap_err().to_string().contains("runs past the end of the file"));
+        // A shape that does not match its bytes: [2, 2] declared over three values.
+        std::fs::write(&path, encode_safetensors(&[("a".into(), vec![2, 2], &a[..3])])).unwrap();
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains("shape [2, 2] (F32) holds 12 bytes"), "{err}");
         std::fs::write(&path, &bytes[..5]).unwrap();
         assert!(read_safetensors(&path).unwrap_err().to_string().contains("truncated header"));
         std::fs::remove_dir_all(&dir).unwrap();
