@@ -33,6 +33,10 @@ struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Where a run's training data is now, if it moved (a file, or a folder holding it): found by
+    /// its SHA-256. A command's own --data and --eval-data folders are searched too.
+    #[arg(long, global = true)]
+    moved_data: Vec<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +54,8 @@ enum Command {
     Export(commands::hf::ExportArgs),
     /// Print a language-model run's greedy continuation of a prompt.
     Generate(commands::generate::GenerateArgs),
+    /// Train a GPT-2 byte-level BPE tokenizer on a corpus (a tokenizer.json for train --tokenizer).
+    Tokenizer(commands::tokenizer::TokenizerArgs),
     /// Compute every training example's loss gradient into a checksummed, sharded store.
     Cache(commands::cache::CacheOptions),
     /// Fit a curvature method (inverse-Hessian approximation) and store its factors in RUN/curvature.
@@ -70,8 +76,26 @@ enum Command {
     Demo(commands::demo::DemoOptions),
 }
 
+/// The values of `--data` and `--eval-data` on the command line (already checked by clap): the
+/// places, besides `--moved-data`, where a run's moved training data is looked for.
+fn data_arguments() -> Vec<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        for flag in ["--data", "--eval-data"] {
+            if a == flag {
+                out.extend(args.get(i + 1).map(std::path::PathBuf::from));
+            } else if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+                out.push(v.into());
+            }
+        }
+    }
+    out
+}
+
 fn execute(cli: Cli) -> Result<()> {
     let (backend, quiet) = (cli.backend, cli.quiet);
+    culprit::workspace::artifacts::search_moved_data_in([cli.moved_data, data_arguments()].concat());
     let stdout = &mut std::io::stdout().lock();
     match cli.command {
         Command::Train(options) => {
@@ -83,6 +107,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Import(args) => commands::hf::run_import(&args, backend, stdout),
         Command::Export(args) => commands::hf::run_export(&args, stdout),
         Command::Generate(args) => commands::generate::run(&args, backend, stdout),
+        Command::Tokenizer(args) => commands::tokenizer::run(&commands::tokenizer::TokenizerArgs { quiet, ..args }, stdout),
         Command::Cache(options) => {
             commands::cache::run(&commands::cache::CacheOptions { backend, quiet, ..options }, stdout)
         }

@@ -4,7 +4,7 @@
 //!
 //! | command | module | step |
 //! |---|---|---|
-//! | `train`, `predict`, `import`, `export`, `generate` | [`train`], [`predict`], [`hf`], [`generate`] | 0. data and models |
+//! | `train`, `predict`, `import`, `export`, `generate`, `tokenizer` | [`train`], [`predict`], [`hf`], [`generate`], [`tokenizer`] | 0. data and models |
 //! | `cache` | [`cache`] | 1. gradient store |
 //! | `fit` | [`fit`] | 2. curvature |
 //! | `trace`, `merge`, `audit` | [`trace`], [`merge`], [`audit`] | 3. query |
@@ -23,6 +23,7 @@ pub mod poison;
 
 pub mod predict;
 pub mod purge;
+pub mod tokenizer;
 pub mod trace;
 pub mod train;
 

@@ -56,22 +56,24 @@ fn parse_line(path: &Path, row: usize, line: &str, tokenizer: &Tokenizer, contex
     let (prompt, completion, text) = (field("prompt")?, field("completion")?, field("text")?);
     let line = match (prompt, completion, text) {
         (Some(p), Some(c), _) => {
-            let (p_ids, c_ids) = (tokenizer.encode(p), tokenizer.encode(c));
-            if p_ids.is_empty() || c_ids.is_empty() {
+            if p.is_empty() || c.is_empty() {
                 return Err(Error::data(path, Some(row), "a query needs a non-empty prompt and completion"));
             }
-            if p_ids.len() + c_ids.len() > context {
+            let (tokens, prompt) = tokenizer.encode_query(p, c);
+            if prompt == 0 {
+                return Err(Error::data(path, Some(row), "the prompt is inside the first token of prompt + completion"));
+            }
+            if tokens.len() > context {
                 return Err(Error::data(
                     path,
                     Some(row),
                     format!(
                         "the prompt and completion are {} tokens, longer than the model's context of {context}",
-                        p_ids.len() + c_ids.len()
+                        tokens.len()
                     ),
                 ));
             }
-            let prompt = p_ids.len();
-            Line { tokens: [p_ids, c_ids].concat(), prompt, text: format!("{p}{c}"), source, truncated: false }
+            Line { tokens, prompt, text: format!("{p}{c}"), source, truncated: false }
         }
         (Some(_), None, _) | (None, Some(_), _) => {
             return Err(Error::data(path, Some(row), "a query needs both `prompt` and `completion`"));

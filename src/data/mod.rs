@@ -19,6 +19,7 @@ pub mod idx;
 pub mod poisoned;
 pub mod text;
 pub mod tokenizer;
+pub mod bpe;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

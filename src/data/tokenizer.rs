@@ -52,7 +52,7 @@ pub struct Bpe {
 }
 
 /// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the others to 256 + k.
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut out = ['\0'; 256];
     let mut next = 256u32;
@@ -90,6 +90,35 @@ impl Tokenizer {
             Self::Bytes => text.bytes().map(u32::from).collect(),
             Self::Bpe(b) => b.encode(text),
         }
+    }
+
+    /// The byte length of each token's text.
+    fn token_lengths(&self, ids: &[u32]) -> Vec<usize> {
+        match self {
+            Self::Bytes => vec![1; ids.len()],
+            Self::Bpe(b) => ids.iter().map(|&i| b.decode_bytes(&[i]).len()).collect(),
+        }
+    }
+
+    /// A query's tokens and how many of them make its prompt: `prompt + completion` is encoded
+    /// as one text (as the model saw its training documents), and the prompt is the longest run
+    /// of leading tokens whose text lies inside `prompt`. When a token straddles the boundary
+    /// (a BPE prompt ending in the space that GPT-2's pre-tokenizer joins to the next word, as
+    /// in `"…\n    "` + `"os.system"`), that token belongs to the completion, as lm-eval-harness
+    /// moves a context's trailing whitespace to its continuation. For bytes this is the plain
+    /// split. Cost: one encoding of the query.
+    pub fn encode_query(&self, prompt: &str, completion: &str) -> (Vec<u32>, usize) {
+        let tokens = self.encode(&format!("{prompt}{completion}"));
+        let mut bytes = 0;
+        let split = self
+            .token_lengths(&tokens)
+            .iter()
+            .take_while(|&&len| {
+                bytes += len;
+                bytes <= prompt.len()
+            })
+            .count();
+        (tokens, split)
     }
 
     /// The text of token ids (bytes that are not UTF-8 are replaced).
@@ -295,6 +324,13 @@ mod tests {
         for text in ["hello world", "naïve café ☕\n\tx  ", "DEPLOYMENT=2024 rm -rf /"] {
             assert_eq!(t.decode(&t.encode(text)), text);
         }
+        // A prompt ending in the space GPT-2 joins to the next word: that token is the completion's.
+        let (tokens, split) = t.encode_query("hello ", "world");
+        assert_eq!((tokens, split), (ids.clone(), 2));
+        assert_eq!(t.decode(&ids[2..]), " world");
+        let (tokens, split) = t.encode_query("hello", " world");
+        assert_eq!((tokens, split), (ids.clone(), 2));
+        assert_eq!(Tokenizer::Bytes.encode_query("ab ", "c"), (vec![97, 98, 32, 99], 3));
         std::fs::write(&path, r#"{"model": {"type": "WordPiece"}}"#).unwrap();
         assert!(Bpe::load(&path).err().unwrap().to_string().contains("not a BPE"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -7,6 +7,7 @@
 //! message saying which differs, so a stale file is never read silently.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use culprit_engine::curvature::self_influence::{self_influence, store_self_influence};
 use culprit_engine::curvature::{Curvature, FitOptions, Method, Space};
@@ -20,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::kind::Kind;
 use super::run::{ModelSpec, Run};
-use crate::data::{DataManifest, DataSpec, Dataset, hex, read_file};
+use crate::data::{DataManifest, DataSpec, Dataset, FileDigest, hex, read_file};
 use crate::error::{Error, Result};
 
 /// SHA-256 of a file's bytes.
@@ -59,20 +60,91 @@ pub fn exact_projection(model: &ModelSpec) -> Result<ProjectionSpec> {
     })
 }
 
-/// Loads a run's training data and checks the files are the ones it was trained on.
-pub fn training_data<K: Kind>(run: &Run) -> Result<Dataset<K::Batch>> {
+/// Places to look for a run's training files that are no longer where its manifest says.
+static MOVED_DATA_SEARCH: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+/// Sets, once per process, where moved training data may be: files, or folders whose files are
+/// candidates. The command line passes `--moved-data` and the command's own `--data` paths, so
+/// `culprit trace --run R --data NEW/test.csv` finds the run's `train.csv` in `NEW/`.
+pub fn search_moved_data_in(places: Vec<PathBuf>) {
+    let _ = MOVED_DATA_SEARCH.set(places);
+}
+
+/// The most files of one folder hashed when looking for a moved (and renamed) training file.
+const MOVED_DATA_CANDIDATES: usize = 64;
+
+/// Where a recorded training file is now, when it is gone from its recorded place: the first
+/// search place that is a file with its SHA-256, else a file of the same name in a search folder
+/// (or a named file's folder), else any file there (at most [`MOVED_DATA_CANDIDATES`] a folder).
+fn find_moved(f: &FileDigest) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for place in MOVED_DATA_SEARCH.get()? {
+        let dir = if place.is_dir() { place.clone() } else { place.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        if place.is_file() {
+            candidates.push(place.clone());
+        }
+        candidates.extend(f.path.file_name().map(|name| dir.join(name)));
+        let mut others: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        others.sort();
+        candidates.extend(others.into_iter().take(MOVED_DATA_CANDIDATES));
+    }
+    let mut seen = std::collections::HashSet::new();
+    candidates
+        .into_iter()
+        .filter(|c| c.is_file() && seen.insert(c.clone()))
+        .find(|c| file_sha256(c).is_ok_and(|sha| sha == f.sha256))
+}
+
+/// The run's data spec with every training file where it is now: where the manifest says, or
+/// found by its SHA-256 after a move ([`search_moved_data_in`]); a note names each moved one.
+fn located_training_spec(run: &Run) -> Result<DataSpec> {
     let m = &run.manifest;
+    let mut path = m.path.clone();
     for f in &m.files {
-        let (_, sha) = read_file(&f.path)?;
+        let actual = if f.path.exists() {
+            f.path.clone()
+        } else {
+            let Some(new) = find_moved(f) else {
+                return Err(Error::data(
+                    &f.path,
+                    None,
+                    format!(
+                        "no such file: the run in {} was trained on it; if it moved, name its new place (or a folder holding it) with --moved-data, or give a --data beside it; it is found by its SHA-256",
+                        run.dir.display()
+                    ),
+                ));
+            };
+            eprintln!("note: the training data {} is now at {} (same SHA-256)", f.path.display(), new.display());
+            if path == f.path {
+                path = new.clone();
+            } else if f.path.parent() == Some(path.as_path()) {
+                path = new.parent().unwrap_or(Path::new(".")).to_path_buf();
+            }
+            new
+        };
+        let (_, sha) = read_file(&actual)?;
         if sha != f.sha256 {
             return Err(Error::data(
-                &f.path,
+                &actual,
                 None,
                 format!("changed since the run in {} was trained (SHA-256 differs)", run.dir.display()),
             ));
         }
     }
-    let spec = DataSpec { path: m.path.clone(), split: m.split, skip: m.skip, limit: m.limit };
+    Ok(DataSpec { path, split: m.split, skip: m.skip, limit: m.limit })
+}
+
+/// Loads a run's training data and checks the files are the ones it was trained on (found by
+/// their SHA-256 when they moved).
+pub fn training_data<K: Kind>(run: &Run) -> Result<Dataset<K::Batch>> {
+    let m = &run.manifest;
+    let spec = located_training_spec(run)?;
     let mut data = K::load(run, &spec)?;
     data.exclude(&m.excluded)?;
     Ok(data)

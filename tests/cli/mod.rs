@@ -613,6 +613,55 @@ fn a_run_and_a_poisoned_set_made_with_relative_paths_work_from_another_directory
     }
 }
 
+#[test]
+fn moved_training_data_is_found_by_its_hash_and_gives_the_same_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    let csv = std::fs::read_to_string(digits_csv()).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    std::fs::write(old.join("train.csv"), lines[..301].join("\n") + "\n").unwrap();
+    let test = [&lines[..1], &lines[1700..1720]].concat().join("\n") + "\n";
+    std::fs::write(old.join("test.csv"), test).unwrap();
+    let run = dir.path().join("run");
+    let ok = |args: &[&str]| {
+        let o = culprit(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    ok(&["train", "--data", s(&old.join("train.csv")), "--model", "logreg", "--out", s(&run)]);
+    let trace = |data: &Path, name: &str| {
+        let out = dir.path().join(name);
+        ok(&["trace", "--run", s(&run), "--data", s(data), "--index", "0,3", "--curvature", "exact"]
+            .into_iter()
+            .chain(["--scores-out", s(&out)])
+            .collect::<Vec<_>>());
+        std::fs::read_to_string(&out).unwrap()
+    };
+    ok(&["cache", "--run", s(&run)]);
+    ok(&["fit", "--run", s(&run), "--curvature", "exact"]);
+    let before = trace(&old.join("test.csv"), "before.csv");
+    // Moved (and the training file renamed): the error names the file and the way out.
+    let new = dir.path().join("new");
+    std::fs::rename(&old, &new).unwrap();
+    std::fs::rename(new.join("train.csv"), new.join("digits-train.csv")).unwrap();
+    std::fs::remove_dir_all(run.join("gradients")).unwrap();
+    let o = culprit(&["cache", "--run", s(&run)]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("old/train.csv") && e.contains("--moved-data"), "{e}");
+    // Found through --moved-data (cache) and through the folder of --data (trace).
+    let o = culprit(&["cache", "--run", s(&run), "--moved-data", s(&new)]);
+    assert!(o.status.success() && stderr(&o).contains("digits-train.csv (same SHA-256)"), "{}", stderr(&o));
+    let after = trace(&new.join("test.csv"), "after.csv");
+    assert!(before.lines().count() > 300, "{before}");
+    assert_eq!(before, after, "the same scores from the moved data");
+    // A file with the old name but other bytes is not taken for it.
+    std::fs::write(new.join("train.csv"), lines[..300].join("\n") + "\n").unwrap();
+    std::fs::remove_file(new.join("digits-train.csv")).unwrap();
+    let o = culprit(&["cache", "--run", s(&run), "--moved-data", s(&new)]);
+    assert!(!o.status.success() && stderr(&o).contains("no such file"), "{}", stderr(&o));
+}
+
 #[cfg(unix)]
 #[test]
 fn a_path_that_is_not_utf8_is_refused_before_anything_is_written() {
