@@ -40,7 +40,10 @@ pub fn run(args: &MergeArgs, stdout: &mut dyn Write) -> Result<()> {
         .iter()
         .map(|p| {
             let text = std::fs::read_to_string(p).map_err(Error::io(p))?;
-            serde_json::from_str(&text).map_err(|e| Error::data(p, None, format!("not a trace JSON report: {e}")))
+            let report: TraceReport = serde_json::from_str(&text)
+                .map_err(|e| Error::data(p, None, format!("not a trace JSON report: {e}")))?;
+            report.check_shape().map_err(|problem| Error::data(p, None, format!("a damaged trace report: {problem}")))?;
+            Ok(report)
         })
         .collect::<Result<Vec<TraceReport>>>()?;
     let merged = merge(parts, args.top)?;

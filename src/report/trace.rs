@@ -258,13 +258,30 @@ pub fn to_table(report: &TraceReport) -> String {
     s
 }
 
+impl TraceReport {
+    /// Checks a report read from a file agrees with itself: one proponent and one opponent list
+    /// per query. Returns the problem.
+    pub fn check_shape(&self) -> std::result::Result<(), String> {
+        let q = self.queries.len();
+        if self.proponents.len() != q || self.opponents.len() != q {
+            return Err(format!(
+                "{q} queries but {} proponent and {} opponent lists",
+                self.proponents.len(),
+                self.opponents.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Merges the reports of `--shard I/N` traces (all N parts, each once, of the same query) into
 /// one, keeping the `top` strongest proponents and opponents per query.
 pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
     let first = parts.first().ok_or_else(|| Error::Usage("merge needs at least one report".into()))?;
     let count = first.part.map_or(1, |p| p[1]);
-    let mut seen = vec![false; count];
+    let mut seen = std::collections::BTreeSet::new();
     for p in &parts {
+        p.check_shape().map_err(|problem| Error::Usage(format!("a damaged report: {problem}")))?;
         let same = p.queries.iter().map(|q| q.index).eq(first.queries.iter().map(|q| q.index))
             && p.measurement == first.measurement
             && p.curvature == first.curvature
@@ -281,13 +298,13 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
             ));
         }
         let [i, n] = p.part.unwrap_or([0, 1]);
-        if n != count || i >= n || std::mem::replace(&mut seen[i], true) {
+        if n != count || i >= n || !seen.insert(i) {
             return Err(Error::Usage(format!(
                 "part {i}/{n} is repeated or does not belong to a split in {count} parts"
             )));
         }
     }
-    if let Some(missing) = seen.iter().position(|s| !s) {
+    if let Some(missing) = (0..count).find(|i| !seen.contains(i)) {
         return Err(Error::Usage(format!("part {missing}/{count} is missing")));
     }
     let mut merged = first.clone();

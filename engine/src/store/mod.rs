@@ -201,7 +201,48 @@ impl StoreManifest {
                 format!("store format version {}; this culprit reads {STORE_VERSION}", m.format_version),
             ));
         }
+        m.check_consistent().map_err(|problem| Error::run(&path, format!("damaged store manifest: {problem}")))?;
         Ok(m)
+    }
+
+    /// Checks the manifest agrees with itself (the shards are the layout [`StoreManifest::new`]
+    /// makes of `rows` and `rows_per_shard`; the blocks tile within `row_len` with lengths their
+    /// shapes imply), so a damaged one is refused here rather than misread later.
+    fn check_consistent(&self) -> std::result::Result<(), String> {
+        if self.rows_per_shard == 0 {
+            return Err("rows_per_shard is 0".into());
+        }
+        let expected =
+            Self::new(self.key.clone(), self.dtype, self.rows, self.row_len, Vec::new(), self.rows_per_shard).shards;
+        if expected != self.shards {
+            return Err(format!(
+                "its {} shards are not the {} that {} rows in shards of {} make",
+                self.shards.len(),
+                expected.len(),
+                self.rows,
+                self.rows_per_shard
+            ));
+        }
+        let mut end = 0usize;
+        for b in &self.layout {
+            let implied = match (b.kron, b.factored) {
+                (Some((ki, ko)), true) => ki.checked_add(ko),
+                (Some((ki, ko)), false) => ki.checked_mul(ko),
+                (None, true) => return Err(format!("block `{}` is factored without a kron shape", b.name)),
+                (None, false) => Some(b.len),
+            };
+            if b.offset != end || implied != Some(b.len) || b.offset.checked_add(b.len).is_none_or(|e| e > self.row_len) {
+                return Err(format!(
+                    "block `{}` (offset {}, length {}) does not fit rows of {}",
+                    b.name, b.offset, b.len, self.row_len
+                ));
+            }
+            end = b.offset + b.len;
+        }
+        if end != self.row_len {
+            return Err(format!("its blocks cover {end} of the {} values in a row", self.row_len));
+        }
+        Ok(())
     }
 
     /// Writes `dir/manifest.json` atomically.
