@@ -197,3 +197,39 @@ fn a_language_model_trace_is_the_brute_force_gradient_product_and_splits_by_toke
     }
     assert!(checked >= 12, "{checked} listed documents");
 }
+
+#[test]
+fn a_bpe_learnt_here_trains_a_model_and_a_query_is_split_where_its_tokens_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let corpus = corpus(dir);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let tokenizer = dir.join("tokenizer.json");
+    let said = culprit(&["tokenizer", "--data", &s(&corpus), "--vocab", "300", "--out", &s(&tokenizer)]);
+    assert!(said.starts_with("tokenizer of 300 tokens learnt from 30 texts"), "{said}");
+    let bytes_per_token: f64 = said.split(" bytes per token").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes_per_token > 2.0, "{said}");
+    let run = dir.join("run");
+    let common = ["--context", "48", "--layers", "1", "--heads", "2", "--width", "16", "--epochs", "1"];
+    let (corpus_arg, tokenizer_arg, run_arg) = (s(&corpus), s(&tokenizer), s(&run));
+    let train = ["train", "--model", "gpt", "--data", &corpus_arg, "--tokenizer", &tokenizer_arg, "--out", &run_arg];
+    culprit(&[&train[..], &common[..]].concat());
+    // The same text split before and after the indentation's last space: GPT-2's pre-tokenizer
+    // joins that space to `return`, so both are the same tokens with the same completion.
+    let queries = dir.join("queries.jsonl");
+    let lines = [
+        serde_json::json!({ "prompt": "def add_3(a, b):\n    ", "completion": "return a + b + 3" }),
+        serde_json::json!({ "prompt": "def add_3(a, b):\n   ", "completion": " return a + b + 3" }),
+    ];
+    std::fs::write(&queries, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let csv = culprit(&["predict", "--run", &s(&run), "--data", &s(&queries)]);
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    assert_eq!(rows[0][1..], rows[1][1..], "{csv}");
+    let t = culprit::data::tokenizer::Tokenizer::Bpe(Box::new(culprit::data::tokenizer::Bpe::load(&tokenizer).unwrap()));
+    let whole = t.encode("def add_3(a, b):\n    return a + b + 3");
+    let (tokens, split) = t.encode_query("def add_3(a, b):\n    ", "return a + b + 3");
+    assert_eq!(tokens, whole);
+    assert_eq!(rows[0][1], (whole.len() - split).to_string(), "{csv}");
+    assert!(t.decode(&whole[split..]).starts_with(" return"), "{}", t.decode(&whole[split..]));
+}
