@@ -206,8 +206,8 @@ impl StoreManifest {
     }
 
     /// Checks the manifest agrees with itself (the shards are the layout [`StoreManifest::new`]
-    /// makes of `rows` and `rows_per_shard`; the blocks tile within `row_len` with lengths their
-    /// shapes imply), so a damaged one is refused here rather than misread later.
+    /// makes of `rows` and `rows_per_shard`; the blocks, if any, tile `row_len` with the lengths
+    /// their shapes imply), so a damaged one is refused here rather than misread later.
     fn check_consistent(&self) -> std::result::Result<(), String> {
         if self.rows_per_shard == 0 {
             return Err("rows_per_shard is 0".into());
@@ -239,7 +239,8 @@ impl StoreManifest {
             }
             end = b.offset + b.len;
         }
-        if end != self.row_len {
+        // No layout at all is a store of plain rows (written through the library, say).
+        if !self.layout.is_empty() && end != self.row_len {
             return Err(format!("its blocks cover {end} of the {} values in a row", self.row_len));
         }
         Ok(())
