@@ -58,7 +58,7 @@ impl GptConfig {
         if positive.contains(&0) {
             return Err(ModelError::Config(format!("every size of a GPT must be positive: {self:?}")));
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(ModelError::Config(format!("{} heads do not divide the width {}", self.heads, self.width)));
         }
         Ok(())

@@ -115,7 +115,7 @@ impl Dataset<Tokens> {
         let text =
             std::str::from_utf8(&bytes).map_err(|e| Error::data(&spec.path, None, format!("not UTF-8 text: {e}")))?;
         let rows: Vec<(usize, &str)> =
-            text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i, l)).collect();
+            text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
         let start = spec.skip.min(rows.len());
         let end = spec.limit.map_or(rows.len(), |l| (start + l).min(rows.len()));
         if start >= end {
