@@ -107,7 +107,9 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Import(args) => commands::hf::run_import(&args, backend, stdout),
         Command::Export(args) => commands::hf::run_export(&args, stdout),
         Command::Generate(args) => commands::generate::run(&args, backend, stdout),
-        Command::Tokenizer(args) => commands::tokenizer::run(&commands::tokenizer::TokenizerArgs { quiet, ..args }, stdout),
+        Command::Tokenizer(args) => {
+            commands::tokenizer::run(&commands::tokenizer::TokenizerArgs { quiet, ..args }, stdout)
+        }
         Command::Cache(options) => {
             commands::cache::run(&commands::cache::CacheOptions { backend, quiet, ..options }, stdout)
         }

@@ -42,7 +42,9 @@ pub fn run(args: &MergeArgs, stdout: &mut dyn Write) -> Result<()> {
             let text = std::fs::read_to_string(p).map_err(Error::io(p))?;
             let report: TraceReport = serde_json::from_str(&text)
                 .map_err(|e| Error::data(p, None, format!("not a trace JSON report: {e}")))?;
-            report.check_shape().map_err(|problem| Error::data(p, None, format!("a damaged trace report: {problem}")))?;
+            report
+                .check_shape()
+                .map_err(|problem| Error::data(p, None, format!("a damaged trace report: {problem}")))?;
             Ok(report)
         })
         .collect::<Result<Vec<TraceReport>>>()?;

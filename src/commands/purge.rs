@@ -65,7 +65,9 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
         if value.get("proponents").is_some() {
             let report: TraceReport = serde_json::from_value(value)
                 .map_err(|e| Error::data(path, None, format!("not a culprit trace report: {e}")))?;
-            report.check_shape().map_err(|problem| Error::data(path, None, format!("a damaged trace report: {problem}")))?;
+            report
+                .check_shape()
+                .map_err(|problem| Error::data(path, None, format!("a damaged trace report: {problem}")))?;
             let ids = match (&report.combined, report.proponents.as_slice()) {
                 (Some(c), _) => c.proponents.iter().map(|i| i.train_index).collect(),
                 (None, [one]) => one.iter().map(|i| i.train_index).collect(),

@@ -223,8 +223,7 @@ mod tests {
             }
         }
         for (w, _) in &words {
-            let text: String =
-                w.iter().map(|&i| trained.symbols[i as usize].clone()).collect::<Vec<_>>().concat();
+            let text: String = w.iter().map(|&i| trained.symbols[i as usize].clone()).collect::<Vec<_>>().concat();
             let bytes = t.decode(w);
             assert_eq!(t.encode(&bytes), *w, "{text}");
         }

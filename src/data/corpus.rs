@@ -61,7 +61,11 @@ fn parse_line(path: &Path, row: usize, line: &str, tokenizer: &Tokenizer, contex
             }
             let (tokens, prompt) = tokenizer.encode_query(p, c);
             if prompt == 0 {
-                return Err(Error::data(path, Some(row), "the prompt is inside the first token of prompt + completion"));
+                return Err(Error::data(
+                    path,
+                    Some(row),
+                    "the prompt is inside the first token of prompt + completion",
+                ));
             }
             if tokens.len() > context {
                 return Err(Error::data(
@@ -114,8 +118,7 @@ impl Dataset<Tokens> {
         let (bytes, sha) = read_file(&spec.path)?;
         let text =
             std::str::from_utf8(&bytes).map_err(|e| Error::data(&spec.path, None, format!("not UTF-8 text: {e}")))?;
-        let rows: Vec<(usize, &str)> =
-            text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+        let rows: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
         let start = spec.skip.min(rows.len());
         let end = spec.limit.map_or(rows.len(), |l| (start + l).min(rows.len()));
         if start >= end {

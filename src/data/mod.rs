@@ -13,13 +13,13 @@
 //!   per column, x ↦ (x − mean) / std (`--normalize standard`, for columns of different scales).
 //! - JSONL text becomes a hashed bag of words (see [`text`]).
 
+pub mod bpe;
 pub mod corpus;
 pub mod csv;
 pub mod idx;
 pub mod poisoned;
 pub mod text;
 pub mod tokenizer;
-pub mod bpe;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -84,13 +84,8 @@ fn find_moved(f: &FileDigest) -> Option<PathBuf> {
             candidates.push(place.clone());
         }
         candidates.extend(f.path.file_name().map(|name| dir.join(name)));
-        let mut others: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
+        let mut others: Vec<PathBuf> =
+            std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
         others.sort();
         candidates.extend(others.into_iter().take(MOVED_DATA_CANDIDATES));
     }

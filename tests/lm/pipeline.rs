@@ -207,7 +207,8 @@ fn a_bpe_learnt_here_trains_a_model_and_a_query_is_split_where_its_tokens_are() 
     let tokenizer = dir.join("tokenizer.json");
     let said = culprit(&["tokenizer", "--data", &s(&corpus), "--vocab", "300", "--out", &s(&tokenizer)]);
     assert!(said.starts_with("tokenizer of 300 tokens learnt from 30 texts"), "{said}");
-    let bytes_per_token: f64 = said.split(" bytes per token").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let bytes_per_token: f64 =
+        said.split(" bytes per token").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(bytes_per_token > 2.0, "{said}");
     let run = dir.join("run");
     let common = ["--context", "48", "--layers", "1", "--heads", "2", "--width", "16", "--epochs", "1"];
@@ -226,7 +227,8 @@ fn a_bpe_learnt_here_trains_a_model_and_a_query_is_split_where_its_tokens_are() 
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 2, "{csv}");
     assert_eq!(rows[0][1..], rows[1][1..], "{csv}");
-    let t = culprit::data::tokenizer::Tokenizer::Bpe(Box::new(culprit::data::tokenizer::Bpe::load(&tokenizer).unwrap()));
+    let t =
+        culprit::data::tokenizer::Tokenizer::Bpe(Box::new(culprit::data::tokenizer::Bpe::load(&tokenizer).unwrap()));
     let whole = t.encode("def add_3(a, b):\n    return a + b + 3");
     let (tokens, split) = t.encode_query("def add_3(a, b):\n    ", "return a + b + 3");
     assert_eq!(tokens, whole);

@@ -231,7 +231,8 @@ impl StoreManifest {
                 (None, true) => return Err(format!("block `{}` is factored without a kron shape", b.name)),
                 (None, false) => Some(b.len),
             };
-            if b.offset != end || implied != Some(b.len) || b.offset.checked_add(b.len).is_none_or(|e| e > self.row_len) {
+            if b.offset != end || implied != Some(b.len) || b.offset.checked_add(b.len).is_none_or(|e| e > self.row_len)
+            {
                 return Err(format!(
                     "block `{}` (offset {}, length {}) does not fit rows of {}",
                     b.name, b.offset, b.len, self.row_len
