@@ -106,6 +106,27 @@ fn parse_line(path: &Path, row: usize, line: &str, tokenizer: &Tokenizer, contex
     Ok(line)
 }
 
+/// The non-empty lines `spec`'s `--skip` and `--limit` select from a corpus's text, each with
+/// its 0-based line number, and how many non-empty lines were skipped (the first one's id).
+pub(crate) fn selected_lines<'a>(spec: &DataSpec, text: &'a str) -> Result<(usize, Vec<(usize, &'a str)>)> {
+    let rows: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let start = spec.skip.min(rows.len());
+    let end = spec.limit.map_or(rows.len(), |l| (start + l).min(rows.len()));
+    if start >= end {
+        return Err(Error::data(
+            &spec.path,
+            None,
+            format!(
+                "no examples selected: the file has {} lines, --skip {} --limit {:?}",
+                rows.len(),
+                spec.skip,
+                spec.limit
+            ),
+        ));
+    }
+    Ok((start, rows[start..end].to_vec()))
+}
+
 impl Dataset<Tokens> {
     /// Loads and tokenizes the lines `spec` selects. `tokenizer` and `context` are the model's;
     /// `spec_of_tokenizer` is what the manifest records of the tokenizer.
@@ -118,23 +139,10 @@ impl Dataset<Tokens> {
         let (bytes, sha) = read_file(&spec.path)?;
         let text =
             std::str::from_utf8(&bytes).map_err(|e| Error::data(&spec.path, None, format!("not UTF-8 text: {e}")))?;
-        let rows: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
-        let start = spec.skip.min(rows.len());
-        let end = spec.limit.map_or(rows.len(), |l| (start + l).min(rows.len()));
-        if start >= end {
-            return Err(Error::data(
-                &spec.path,
-                None,
-                format!(
-                    "no examples selected: the file has {} lines, --skip {} --limit {:?}",
-                    rows.len(),
-                    spec.skip,
-                    spec.limit
-                ),
-            ));
-        }
+        let (start, selected) = selected_lines(spec, text)?;
+        let end = start + selected.len();
         let mut lines = Vec::with_capacity(end - start);
-        for &(i, line) in &rows[start..end] {
+        for &(i, line) in &selected {
             lines.push(parse_line(&spec.path, i + 1, line, tokenizer, context)?);
         }
         let truncated = lines.iter().filter(|l| l.truncated).count();

@@ -36,17 +36,8 @@ use crate::io::{AtomicDir, write_new};
 fn documents(spec: &DataSpec) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let (bytes, _) = read_file(&spec.path)?;
     let text = std::str::from_utf8(&bytes).map_err(|e| Error::data(&spec.path, None, format!("not UTF-8: {e}")))?;
-    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
-    let start = spec.skip.min(lines.len());
-    let end = spec.limit.map_or(lines.len(), |l| (start + l).min(lines.len()));
-    if start >= end {
-        return Err(Error::data(
-            &spec.path,
-            None,
-            format!("no documents selected: the file has {} lines", lines.len()),
-        ));
-    }
-    lines[start..end]
+    let (_, lines) = crate::data::corpus::selected_lines(spec, text)?;
+    lines
         .iter()
         .map(|&(i, line)| {
             let value: serde_json::Value = serde_json::from_str(line)
