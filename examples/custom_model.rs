@@ -159,6 +159,7 @@ pub fn rank(root: &Path, store_dir: &Path, query_row: usize, top: usize) -> Vec<
         top,
         keep_all: false,
         part: (0, 1),
+        combine: culprit::query::Combine::Sum,
     };
     let scores = attribute(&objective, &curvature, &store, &query.examples, None, &options).expect("the ranking");
     scores.scores.largest[0].iter().map(|s| (train.ids[s.row], s.score)).collect()

@@ -246,9 +246,15 @@ fn combined_html<B: Shown>(
     training: &Dataset<B>,
     marks: &Marks,
 ) {
+    let how = match report.combine {
+        culprit_engine::query::Combine::Sum => "each example's scores summed over the queries",
+        culprit_engine::query::Combine::Strongest => {
+            "each example's strongest query, every query's scores divided by their root mean square over the training set"
+        }
+    };
     let _ = write!(
         s,
-        "<h2>All {} queries together</h2><p class=\"meta\">The training examples behind all of them: each example's scores summed over the queries.</p><div class=\"grid\">",
+        "<h2>All {} queries together</h2><p class=\"meta\">The training examples behind all of them: {how}.</p><div class=\"grid\">",
         report.queries.len()
     );
     for q in &report.queries {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use culprit_engine::gradients::{Measurement, Target};
-use culprit_engine::query::ScoreMode;
+use culprit_engine::query::{Combine, ScoreMode};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataSpec;
@@ -146,14 +146,20 @@ pub struct TraceReport {
     /// Raw influence or RelatIF (see [`ScoreMode`]).
     #[serde(default)]
     pub score_mode: ScoreMode,
+    /// How the combined ranking joins the queries (see [`Combine`]; reports before it existed
+    /// summed).
+    #[serde(default)]
+    pub combine: Combine,
     /// Seconds spent on the training examples' self-influence (RelatIF).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub self_influence_seconds: Option<f64>,
     /// Whether the self-influence came from its cache (`RUN/curvature/METHOD.self.bin`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub self_influence_cached: Option<bool>,
-    /// With several queries: the ranking by the sum of their scores (one extra query, since the
-    /// score is linear in the query): "which examples caused all of these?".
+    /// With several queries, their combined ranking (`combine`): by the sum of their scores (one
+    /// extra query, since the score is linear in the query: "which examples caused all of
+    /// these?"), or by each example's strongest query, scores scaled by each query's spread
+    /// ("which examples stand out behind any of these?").
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub combined: Option<Ranking>,
     /// Where the queries came from.
@@ -251,7 +257,11 @@ pub fn to_table(report: &TraceReport) -> String {
         list(&mut s, "opponents (pushed it away)", &report.opponents[k]);
     }
     if let Some(c) = &report.combined {
-        let _ = writeln!(s, "\nall {} queries together (scores summed):", report.queries.len());
+        let how = match report.combine {
+            Combine::Sum => "scores summed",
+            Combine::Strongest => "each example's strongest query, scores over the query's spread",
+        };
+        let _ = writeln!(s, "\nall {} queries together ({how}):", report.queries.len());
         list(&mut s, "proponents", &c.proponents);
         list(&mut s, "opponents", &c.opponents);
     }
@@ -290,10 +300,11 @@ pub fn merge(parts: Vec<TraceReport>, top: usize) -> Result<TraceReport> {
             && p.weights_sha256 == first.weights_sha256
             && p.damping == first.damping
             && p.l2 == first.l2
-            && p.score_mode == first.score_mode;
+            && p.score_mode == first.score_mode
+            && p.combine == first.combine;
         if !same {
             return Err(Error::Usage(
-                "the reports trace different runs (λ, n), queries, measurements, curvatures, damping, stores or score modes"
+                "the reports trace different runs (λ, n), queries, measurements, curvatures, damping, stores, score modes or combinations"
                     .into(),
             ));
         }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use culprit_engine::curvature::Method;
 use culprit_engine::gradients::Measurement;
 use culprit_engine::query::attribute::{Attribution, AttributionOptions, attribute};
-use culprit_engine::query::{ScoreMode, Scored};
+use culprit_engine::query::{Combine, ScoreMode, Scored};
 use culprit_engine::store::GradientStore;
 use culprit_models::Backend;
 
@@ -88,6 +88,11 @@ pub struct TraceOptions {
     /// gradient size (finds backdoor poisons; needs a curvature with per-example solves).
     #[arg(long, value_enum, default_value_t = ScoreMode::Raw)]
     pub score: ScoreMode,
+    /// With several queries, the combined ranking: sum (the scores summed) or strongest (each
+    /// query's scores scaled by their spread, then the strongest query per training example:
+    /// for many prompts of one behaviour, such as a language model's triggered prompts).
+    #[arg(long, value_enum, default_value_t = Combine::Sum)]
+    pub combine: Combine,
     /// Gradient store (default RUN/gradients).
     #[arg(long)]
     pub store: Option<PathBuf>,
@@ -155,6 +160,7 @@ pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, 
         top: options.top,
         keep_all: options.keep_all,
         part: options.part.unwrap_or((0, 1)),
+        combine: options.combine,
     };
     let own_values = own.as_ref().map(|o| o.values.as_slice());
     let attribution = attribute(&objective, &curvature, &store, &queries.examples, own_values, &engine_options)?;
@@ -200,11 +206,12 @@ fn split_by_token<K: Kind>(
         ));
     };
     for ((row, entries), pieces) in by_row.into_iter().zip(pieces) {
-        let mut columns: Vec<usize> = entries.iter().map(|(k, _)| *k).collect();
+        // One column per (column, score): a row can sit at both ends of a combined ranking.
+        let mut columns: Vec<(usize, f64)> = entries.iter().map(|(k, i)| (*k, i.score)).collect();
         columns.dedup();
         let parts = culprit_engine::query::per_token::token_parts(objective, store, attribution, row, &columns)?;
         for (k, influence) in entries {
-            let column = columns.iter().position(|&c| c == k).expect("listed");
+            let column = columns.iter().position(|&c| c == (k, influence.score)).expect("listed");
             influence.per_token = Some(
                 pieces
                     .iter()
@@ -235,7 +242,7 @@ impl<B: ListedLabel> Namer<'_, B> {
             score: s.score,
             per_layer: self.per_layer.then(|| {
                 self.attribution
-                    .per_layer(self.store, column, s.row)
+                    .per_layer(self.store, column, s.row, s.score)
                     .into_iter()
                     .map(|(layer, score)| LayerScore { layer, score })
                     .collect()
@@ -327,6 +334,7 @@ fn assemble<B: culprit_models::Batch + ListedLabel>(
         scoring_seconds: attribution.scoring_seconds,
         part: options.part.map(|(i, n)| [i, n]),
         score_mode: options.score,
+        combine: options.combine,
         self_influence_seconds: own.map(|o| o.seconds),
         self_influence_cached: own.map(|o| o.cached),
         combined: attribution.combined.then(|| namer.ranking(count, sign)),

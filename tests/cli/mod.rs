@@ -202,6 +202,12 @@ fn traces_split_across_shards_merge_into_the_whole() {
     assert_eq!(w["opponents"], m["opponents"]);
     assert!(w["combined"]["proponents"].as_array().is_some_and(|a| a.len() == 6));
     assert_eq!(w["combined"], m["combined"]);
+    // The strongest-query combination needs every row's score: one part cannot make it.
+    let mut args = vec!["trace", "--run", s(&run), "--data", s(&digits), "--skip", "1297", "--index", "1301,1444"];
+    args.extend_from_slice(&["--curvature", "exact", "--shard", "0/3", "--combine", "strongest"]);
+    let o = culprit(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("use --combine sum with --shard"), "{}", stderr(&o));
     // A missing part is an error, not a silently partial answer.
     let o = culprit(&["merge", s(&parts[0]), s(&parts[2])]);
     assert_eq!(o.status.code(), Some(2));

@@ -159,43 +159,49 @@ fn a_language_model_trace_is_the_brute_force_gradient_product_and_splits_by_toke
         "{\"prompt\": \"def add_7(a, b):\\n    return \", \"completion\": \"a + b + 7\"}\n{\"prompt\": \"def name_4(self):\\n\", \"completion\": \"    return self.name_4\"}\n",
     )
     .unwrap();
-    culprit(&[
-        "trace",
-        "--run",
-        &s(&run),
-        "--data",
-        &s(&queries),
-        "--index",
-        "0,1",
-        "--measure",
-        "completion",
-        "--curvature",
-        "ekfac",
-        "--store",
-        &s(&store),
-        "--score",
-        "relatif",
-        "--per-token",
-        "--top",
-        "4",
-        "--format",
-        "json",
-        "--out",
-        &s(&out),
-    ]);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let mut rankings: Vec<&serde_json::Value> = report["proponents"].as_array().unwrap().iter().collect();
-    rankings.extend(report["opponents"].as_array().unwrap());
-    rankings.push(&report["combined"]["proponents"]);
-    rankings.push(&report["combined"]["opponents"]);
-    let mut checked = 0;
-    for influence in rankings.iter().flat_map(|r| r.as_array().unwrap()) {
-        let score = influence["score"].as_f64().unwrap();
-        let parts: f64 = influence["per_token"].as_array().unwrap().iter().map(|t| t["score"].as_f64().unwrap()).sum();
-        assert!((parts - score).abs() <= 1e-3 * score.abs().max(1e-6), "parts {parts}, score {score}");
-        checked += 1;
+    // Both combinations: with `strongest` a combined entry is split by the query it came from.
+    for combine in ["sum", "strongest"] {
+        culprit(&[
+            "trace",
+            "--run",
+            &s(&run),
+            "--data",
+            &s(&queries),
+            "--index",
+            "0,1",
+            "--measure",
+            "completion",
+            "--curvature",
+            "ekfac",
+            "--store",
+            &s(&store),
+            "--score",
+            "relatif",
+            "--combine",
+            combine,
+            "--per-token",
+            "--top",
+            "4",
+            "--format",
+            "json",
+            "--out",
+            &s(&out),
+        ]);
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let mut rankings: Vec<&serde_json::Value> = report["proponents"].as_array().unwrap().iter().collect();
+        rankings.extend(report["opponents"].as_array().unwrap());
+        rankings.push(&report["combined"]["proponents"]);
+        rankings.push(&report["combined"]["opponents"]);
+        let mut checked = 0;
+        for influence in rankings.iter().flat_map(|r| r.as_array().unwrap()) {
+            let score = influence["score"].as_f64().unwrap();
+            let parts: f64 =
+                influence["per_token"].as_array().unwrap().iter().map(|t| t["score"].as_f64().unwrap()).sum();
+            assert!((parts - score).abs() <= 1e-3 * score.abs().max(1e-6), "{combine}: parts {parts}, score {score}");
+            checked += 1;
+        }
+        assert!(checked >= 12, "{combine}: {checked} listed documents");
     }
-    assert!(checked >= 12, "{checked} listed documents");
 }
 
 #[test]

@@ -69,6 +69,7 @@ fn trace_all(
         per_token: false,
         part: None,
         score: culprit::query::ScoreMode::Raw,
+        combine: culprit::query::Combine::Sum,
         backend: Backend::default(),
     })
     .unwrap()
@@ -180,12 +181,14 @@ fn relatif_scores_equal_a_brute_force_computation() {
     })
     .unwrap();
     let mut sum = vec![0.0; n];
+    let mut wants = Vec::new();
     for (k, q) in indices.iter().enumerate() {
         let row = q - 1297;
         let x = solve(&hand_gradient(&theta, &test.examples.features()[row * 64..(row + 1) * 64], 3));
         let want: Vec<f64> =
             (0..n).map(|i| grads[i].iter().zip(&x).map(|(a, b)| a * b).sum::<f64>() / own[i].sqrt()).collect();
         sum.iter_mut().zip(&want).for_each(|(s, w)| *s += w);
+        wants.push(want.clone());
         let got = &report.all_scores.as_ref().unwrap()[k];
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let worst = got.iter().zip(&want).map(|(g, w)| (f64::from(*g) - w).abs()).fold(0.0, f64::max);
@@ -197,6 +200,49 @@ fn relatif_scores_equal_a_brute_force_computation() {
     let combined = report.combined.as_ref().expect("two queries");
     let top: Vec<usize> = combined.proponents.iter().take(5).map(|i| i.train_index).collect();
     assert_eq!(top, order[..5].to_vec());
+    // --combine strongest: each query's scores over their root mean square, then the largest
+    // (proponents of a loss) and the smallest (opponents) over the queries, per example.
+    let strongest = trace(&TraceOptions {
+        measurement: Measurement::Loss(Target::Class(3)),
+        score: culprit::query::ScoreMode::Relatif,
+        combine: culprit::query::Combine::Strongest,
+        top: 6,
+        ..TraceOptions::new(
+            run.clone(),
+            DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+            indices.clone(),
+            Method::Exact,
+        )
+    })
+    .unwrap();
+    assert_eq!(strongest.combine, culprit::query::Combine::Strongest);
+    let factors: Vec<f64> =
+        wants.iter().map(|w| 1.0 / (w.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt()).collect();
+    let scaled = |i: usize| wants.iter().zip(&factors).map(move |(w, f)| w[i] * f);
+    let high: Vec<f64> = (0..n).map(|i| scaled(i).fold(f64::NEG_INFINITY, f64::max)).collect();
+    let low: Vec<f64> = (0..n).map(|i| scaled(i).fold(f64::INFINITY, f64::min)).collect();
+    let ranked = |values: &[f64], descending: bool| {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(
+            |a, b| if descending { values[*b].total_cmp(&values[*a]) } else { values[*a].total_cmp(&values[*b]) },
+        );
+        order
+    };
+    let combined = strongest.combined.as_ref().expect("two queries");
+    for (listed, values, descending) in [(&combined.proponents, &high, true), (&combined.opponents, &low, false)] {
+        let order = ranked(values, descending);
+        let got: Vec<usize> = listed.iter().map(|i| i.train_index).collect();
+        assert_eq!(got, order[..listed.len()].to_vec());
+        for i in listed.iter() {
+            let want = values[i.train_index];
+            assert!((i.score - want).abs() <= 1e-5 * want.abs(), "example {}: {} vs {want}", i.train_index, i.score);
+        }
+    }
+    // The per-query lists are the same as with the sum.
+    assert_eq!(
+        strongest.proponents[0].iter().map(|i| i.train_index).collect::<Vec<_>>(),
+        report.proponents[0].iter().take(6).map(|i| i.train_index).collect::<Vec<_>>()
+    );
     // The training examples' self-influence is cached beside the curvature: the next trace reads
     // it back, a corrupted cache is recomputed, and a refitted curvature is never served stale.
     assert_eq!(report.self_influence_cached, Some(false));
@@ -383,6 +429,7 @@ fn html_report_embeds_every_example_as_a_png() {
         per_token: false,
         part: None,
         score: culprit::query::ScoreMode::Raw,
+        combine: culprit::query::Combine::Sum,
         backend: Backend::default(),
     })
     .unwrap();
@@ -445,6 +492,7 @@ fn per_layer_scores_sum_to_the_total() {
             per_token: false,
             part: None,
             score: culprit::query::ScoreMode::Raw,
+            combine: culprit::query::Combine::Sum,
             backend: Backend::default(),
         })
         .unwrap();

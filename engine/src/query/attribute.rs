@@ -4,8 +4,9 @@
 //! 1. its gradient ∇m(z) from one tapped backward over all the queries together;
 //! 2. x = (H + δI)⁻¹∇m(z) with the fitted curvature, then x projected like the store's rows
 //!    (for the `projected` curvature: ∇m(z) projected first, then solved in the store's space);
-//! 3. with several queries, one more vector, their sum: scores are linear in the query, so the
-//!    combined ranking (the queries' scores summed) costs one extra column;
+//! 3. with several queries, a combined ranking ([`Combine`]): their sum is one more vector
+//!    (scores are linear in the query, so it costs one extra column), or the strongest query per
+//!    row, each query's scores scaled by their spread, which needs every row's score;
 //! 4. one pass over the store scores every query against every row ([`super::score_store_part`]):
 //!    score(i) = (1/n) xᵀ∇ℓ(zᵢ) (raw), or xᵀ∇ℓ(zᵢ)/√self(i) (RelatIF, with the training examples'
 //!    self-influence given by the caller, who caches it).
@@ -15,7 +16,7 @@
 
 use culprit_models::model::{Batch, Model, RowGroups, sum_rows};
 
-use super::{ScoreMode, ScoreResult, score_store_part};
+use super::{Combine, ScoreMode, ScoreResult, StrongestQuery, score_store_part, strongest_of};
 use crate::curvature::iterative::SolveInfo;
 use crate::curvature::{Curvature, Space};
 use crate::error::{Error, Result};
@@ -37,6 +38,8 @@ pub struct AttributionOptions {
     pub keep_all: bool,
     /// Score only the store's shards j with j mod N = I (`(I, N)`).
     pub part: (usize, usize),
+    /// How several queries' scores are combined.
+    pub combine: Combine,
 }
 
 /// One query as the model sees it.
@@ -65,7 +68,10 @@ pub struct Attribution {
     pub scores: ScoreResult,
     /// Whether the last column is the combined ranking.
     pub combined: bool,
-    /// The scored vectors (preconditioned, projected), one per column.
+    /// With [`Combine::Strongest`]: which query each row's combined score came from.
+    pub strongest: Option<StrongestQuery>,
+    /// The scored vectors (preconditioned, projected), one per column (for
+    /// [`Combine::Strongest`], one per query: the combined column has no vector of its own).
     pub projected: Vec<Vec<f32>>,
     /// The factor every raw score carries (1/n), or 1 for RelatIF.
     pub scale: f64,
@@ -76,11 +82,26 @@ pub struct Attribution {
 }
 
 impl Attribution {
-    /// Row `row`'s score for column `k` split by the store's blocks (layers): (name, part).
-    pub fn per_layer(&self, store: &GradientStore, k: usize, row: usize) -> Vec<(String, f64)> {
+    /// The scored vector behind row `row`'s `score` in column `k`, and the factor on top of the
+    /// row's weight: column k itself, or for the [`Combine::Strongest`] column the query it came
+    /// from (chosen at the end of the ranking the score's sign says) and its 1/σ.
+    pub fn source_of(&self, k: usize, row: usize, score: f64) -> (usize, f64) {
+        match &self.strongest {
+            Some(s) if k == self.queries.len() => {
+                let q = if score >= 0.0 { s.largest[row] } else { s.smallest[row] } as usize;
+                (q, s.factors[q])
+            }
+            _ => (k, 1.0),
+        }
+    }
+
+    /// Row `row`'s score (`score`) in column `k` split by the store's blocks (layers):
+    /// (name, part); the parts sum to the score.
+    pub fn per_layer(&self, store: &GradientStore, k: usize, row: usize, score: f64) -> Vec<(String, f64)> {
         let blocks = &store.manifest.layout;
         let expanded = expand_row(blocks, &store.row(row));
-        let weight = self.row_weights.as_ref().map_or(self.scale, |w| self.scale * w[row]);
+        let (k, factor) = self.source_of(k, row, score);
+        let weight = factor * self.row_weights.as_ref().map_or(self.scale, |w| self.scale * w[row]);
         let mut offset = 0;
         blocks
             .iter()
@@ -205,7 +226,13 @@ pub fn attribute<M: Model>(
         }
     };
     let combined = projected.len() > 1;
-    if combined {
+    let strongest = combined && options.combine == Combine::Strongest;
+    if strongest && options.part != (0, 1) {
+        return Err(Error::Usage(
+            "--combine strongest scales each query by the spread of all its scores, which one --shard part does not see; use --combine sum with --shard".into(),
+        ));
+    }
+    if combined && !strongest {
         let mut sum = vec![0.0f32; projected[0].len()];
         for q in &projected {
             sum.iter_mut().zip(q).for_each(|(s, v)| *s += v);
@@ -213,8 +240,17 @@ pub fn attribute<M: Model>(
         projected.push(sum);
     }
     let started = std::time::Instant::now();
-    let scores =
-        score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, options.keep_all, options.part);
+    let keep_all = options.keep_all || strongest;
+    let mut scores =
+        score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part);
+    let strongest = strongest.then(|| {
+        let all = scores.all.clone().expect("kept");
+        let choice = strongest_of(&mut scores, &all, options.top);
+        if !options.keep_all {
+            scores.all = None;
+        }
+        choice
+    });
     let scoring_seconds = started.elapsed().as_secs_f64();
-    Ok(Attribution { queries: outcomes, scores, combined, projected, scale, row_weights, scoring_seconds })
+    Ok(Attribution { queries: outcomes, scores, combined, strongest, projected, scale, row_weights, scoring_seconds })
 }

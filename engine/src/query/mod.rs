@@ -165,6 +165,86 @@ impl ScoreMode {
     }
 }
 
+/// How several queries' scores become one combined ranking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    /// c(i) = Σₖ sₖ(i): the queries' scores summed (for raw scores, the predicted change of the
+    /// measurements' sum). One extra scored column; works with `--shard`.
+    #[default]
+    Sum,
+    /// c(i) = sₖ*(i)/σₖ* for the query k* where that is strongest (largest at one end of the
+    /// ranking, smallest at the other), σₖ = √(mean over i of sₖ(i)²) the spread of query k's
+    /// scores: a training example ranks high when it is an outlying proponent of any one query.
+    /// For many queries of one behaviour whose scores disagree in sign on some poisons (a
+    /// language model's triggered prompts: a poison's other tokens can pull against some
+    /// queries), this keeps such poisons that a sum cancels. Needs every row's score (n·q values);
+    /// not with `--shard`.
+    Strongest,
+}
+
+impl Combine {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sum => "sum",
+            Self::Strongest => "strongest",
+        }
+    }
+}
+
+/// [`Combine::Strongest`]'s choices: the per-query factors 1/σₖ and, per training row, which
+/// query gave its largest and its smallest scaled score.
+#[derive(Clone, Debug)]
+pub struct StrongestQuery {
+    /// 1/σₖ per query (0 for a query whose scores are all 0).
+    pub factors: Vec<f64>,
+    /// Per row: the query of max_k sₖ(i)/σₖ.
+    pub largest: Vec<u32>,
+    /// Per row: the query of min_k sₖ(i)/σₖ.
+    pub smallest: Vec<u32>,
+}
+
+/// The [`Combine::Strongest`] column of `all` (one score vector per query, n each): appended
+/// to `result` as its last column (its `all` column holds the largest scaled score per row),
+/// with the choices made. O(n·q).
+pub fn strongest_of(result: &mut ScoreResult, all: &[Vec<f32>], k: usize) -> StrongestQuery {
+    let n = result.rows;
+    let factors: Vec<f64> = all
+        .iter()
+        .map(|s| {
+            let rms = (s.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n.max(1) as f64).sqrt();
+            if rms > 0.0 { 1.0 / rms } else { 0.0 }
+        })
+        .collect();
+    let scaled = |q: usize, i: usize| f64::from(all[q][i]) * factors[q];
+    let (mut high, mut low) = (TopK::new(k), TopK::new(k));
+    let mut column = vec![0.0f32; n];
+    let (mut largest_query, mut smallest_query) = (vec![0u32; n], vec![0u32; n]);
+    for (i, ((value, hi_of), lo_of)) in column.iter_mut().zip(&mut largest_query).zip(&mut smallest_query).enumerate() {
+        let (mut hi, mut lo) = (0, 0);
+        for q in 1..all.len() {
+            if scaled(q, i) > scaled(hi, i) {
+                hi = q;
+            }
+            if scaled(q, i) < scaled(lo, i) {
+                lo = q;
+            }
+        }
+        (*hi_of, *lo_of) = (hi as u32, lo as u32);
+        *value = scaled(hi, i) as f32;
+        high.push(Scored { row: i, score: scaled(hi, i) });
+        low.push(Scored { row: i, score: scaled(lo, i) });
+    }
+    let (largest, smallest) = (high.finish().0, low.finish().1);
+    result.largest.push(largest);
+    result.smallest.push(smallest);
+    if let Some(kept) = result.all.as_mut() {
+        kept.push(column);
+    }
+    StrongestQuery { factors, largest: largest_query, smallest: smallest_query }
+}
+
 /// Scores of every query against a store.
 #[derive(Clone, Debug)]
 pub struct ScoreResult {

@@ -25,28 +25,31 @@ use crate::gradients::{Measurement, layer_factors};
 use crate::objective::Objective;
 use crate::store::GradientStore;
 
-/// For training example `row` and each of `columns` (of `attribution`), the score's part carried
-/// by each of the example's tokens (module docs): one vector per column, as long as the document.
+/// For training example `row` and each of `columns` (of `attribution`, each with the score the
+/// row has there), the score's part carried by each of the example's tokens (module docs): one
+/// vector per column, as long as the document.
 pub fn token_parts<M: Model>(
     objective: &Objective<M>,
     store: &GradientStore,
     attribution: &Attribution,
     row: usize,
-    columns: &[usize],
+    columns: &[(usize, f64)],
 ) -> Result<Vec<Vec<f64>>> {
     let projector = store_projector(objective, store)?;
     let document = objective.data.slice(row..row + 1);
     let labels = document.labels().into_owned();
     let factors = layer_factors(&objective.model, &document, &labels, Measurement::TRAINING_LOSS);
-    let queries: Vec<&[f32]> = columns.iter().map(|&k| attribution.projected[k].as_slice()).collect();
+    let sources: Vec<(usize, f64)> = columns.iter().map(|&(k, score)| attribution.source_of(k, row, score)).collect();
+    let queries: Vec<&[f32]> = sources.iter().map(|&(k, _)| attribution.projected[k].as_slice()).collect();
     let weight = attribution.row_weights.as_ref().map_or(attribution.scale, |w| attribution.scale * w[row]);
     let positions = projector.position_scores(&factors, &queries)?;
     Ok(positions
         .into_iter()
-        .map(|parts| {
+        .zip(&sources)
+        .map(|(parts, &(_, factor))| {
             let mut tokens = vec![0.0; parts.len()];
             for (t, part) in parts.iter().enumerate().take(parts.len().saturating_sub(1)) {
-                tokens[t + 1] = part * weight;
+                tokens[t + 1] = part * weight * factor;
             }
             tokens
         })
