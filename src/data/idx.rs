@@ -90,6 +90,13 @@ fn header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
 
 /// Loads one split of an IDX folder. Pixels stay raw (0..255); the caller normalises.
 pub fn load(dir: &Path, split: Split) -> Result<RawData> {
+    Ok(load_selected(dir, split, 0, None)?.0)
+}
+
+/// Loads the rows `--skip skip --limit limit` select of one split of an IDX folder, and the
+/// source row of the first: only those images are converted to f32. Both files are still read
+/// whole (their SHA-256 identifies the data) and checked against their headers.
+pub fn load_selected(dir: &Path, split: Split, skip: usize, limit: Option<usize>) -> Result<(RawData, usize)> {
     let images_path = find(dir, split, "images-idx3-ubyte")?;
     let labels_path = find(dir, split, "labels-idx1-ubyte")?;
     let (images, images_sha) = read_file(&images_path)?;
@@ -104,17 +111,21 @@ pub fn load(dir: &Path, split: Split) -> Result<RawData> {
         ));
     }
     let (n, h, w) = (idims[0], idims[1], idims[2]);
-    let features: Vec<f32> = images[ioff..].iter().map(|&p| f32::from(p)).collect();
-    let labels: Vec<u32> = labels[loff..].iter().map(|&l| u32::from(l)).collect();
-    Ok(RawData {
+    let rows = super::selected_rows(dir, n, skip, limit)?;
+    let pixels = h * w;
+    let features: Vec<f32> =
+        images[ioff + rows.start * pixels..ioff + rows.end * pixels].iter().map(|&p| f32::from(p)).collect();
+    let labels: Vec<u32> = labels[loff + rows.start..loff + rows.end].iter().map(|&l| u32::from(l)).collect();
+    let raw = RawData {
         features,
         labels,
         shape: culprit_models::InputShape { channels: 1, height: h, width: w },
         texts: None,
         files: vec![(images_path, images_sha), (labels_path, labels_sha)],
-        rows: n,
+        rows: rows.len(),
         columns: None,
-    })
+    };
+    Ok((raw, rows.start))
 }
 
 /// Writes one split of an IDX folder (uncompressed, MNIST's names): `pixels` are

@@ -66,6 +66,29 @@ fn idx_folder_loads_raw_and_gzipped_with_pixels_in_unit_range() {
 }
 
 #[test]
+fn idx_skip_and_limit_convert_only_the_selected_images_and_keep_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "train-images-idx3-ubyte", &idx_images(7, 2, 3));
+    write(dir.path(), "train-labels-idx1-ubyte", &idx_labels(&[0, 1, 2, 3, 4, 5, 6]));
+    let reuse = Dataset::load(&spec(dir.path()), fit()).unwrap();
+    let selected = DataSpec { skip: 2, limit: Some(3), ..spec(dir.path()) };
+    let part = Dataset::load(&selected, Preprocessing::Reuse(&reuse.manifest)).unwrap();
+    assert_eq!(part.ids, vec![2, 3, 4]);
+    assert_eq!(part.labels(), vec![2, 3, 4]);
+    // Pixel (i, r, c) = (i + r + c) / 255 for the source's row i, read from the file's bytes.
+    for (k, i) in (2..5).enumerate() {
+        for (p, v) in part.examples.features()[k * 6..(k + 1) * 6].iter().enumerate() {
+            let want = (i + p / 3 + p % 3) as f32 / 255.0;
+            assert!((v - want).abs() < 1e-7, "row {i}, pixel {p}: {v} vs {want}");
+        }
+    }
+    // The whole source's digest, whatever is selected; a selection past the end is an error.
+    assert_eq!(part.manifest.files[0].sha256, reuse.manifest.files[0].sha256);
+    let e = Dataset::load(&DataSpec { skip: 7, ..spec(dir.path()) }, fit()).unwrap_err().to_string();
+    assert!(e.contains("no examples selected: the source has 7 rows, --skip 7"), "{e}");
+}
+
+#[test]
 fn idx_truncated_mismatched_and_foreign_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let mut images = idx_images(4, 2, 2);

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::data::poisoned::{PoisonManifest, WrittenData};
 
-use crate::data::{DataSpec, RawData, SourceKind, Split, load_raw};
+use crate::data::{DataSpec, RawData, SourceKind, Split};
 use crate::error::{Error, Result};
 use crate::io::AtomicDir;
 
@@ -144,18 +144,7 @@ pub struct Completion {
 
 /// Rows `spec` selects from a source, raw.
 fn select(kind: SourceKind, spec: &DataSpec) -> Result<RawData> {
-    let mut raw = load_raw(kind, &spec.path, spec.split, crate::data::text::DEFAULT_BUCKETS)?;
-    let dim = raw.shape.len();
-    let start = spec.skip.min(raw.rows);
-    let end = spec.limit.map_or(raw.rows, |l| (start + l).min(raw.rows));
-    if start >= end {
-        return Err(Error::data(&spec.path, None, format!("no examples selected: the source has {} rows", raw.rows)));
-    }
-    raw.features = raw.features[start * dim..end * dim].to_vec();
-    raw.labels = raw.labels[start..end].to_vec();
-    raw.texts = raw.texts.map(|t| t[start..end].to_vec());
-    raw.rows = end - start;
-    Ok(raw)
+    Ok(crate::data::load_selected(kind, spec, crate::data::text::DEFAULT_BUCKETS)?.0)
 }
 
 /// Stamps the trigger on row `r` of `raw` (a patch on features, words on the text).
