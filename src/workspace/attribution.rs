@@ -90,7 +90,8 @@ pub struct TraceOptions {
     pub score: ScoreMode,
     /// With several queries, the combined ranking: sum (the scores summed) or strongest (each
     /// query's scores scaled by their spread, then the strongest query per training example:
-    /// for many prompts of one behaviour, such as a language model's triggered prompts).
+    /// for many prompts of one behaviour whose scores disagree, such as a language model's
+    /// triggered prompts; a classifier's backdoor ranks better summed).
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Gradient store (default RUN/gradients).

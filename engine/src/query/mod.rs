@@ -178,8 +178,9 @@ pub enum Combine {
     /// scores: a training example ranks high when it is an outlying proponent of any one query.
     /// For many queries of one behaviour whose scores disagree in sign on some poisons (a
     /// language model's triggered prompts: a poison's other tokens can pull against some
-    /// queries), this keeps such poisons that a sum cancels. Needs every row's score (n·q values);
-    /// not with `--shard`.
+    /// queries), this keeps such poisons that a sum cancels. Where every query pulls the same
+    /// way (a classifier's triggered inputs), the sum averages out more noise and ranks better.
+    /// Needs every row's score (n·q values); not with `--shard`.
     Strongest,
 }
 
