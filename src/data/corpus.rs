@@ -110,21 +110,9 @@ fn parse_line(path: &Path, row: usize, line: &str, tokenizer: &Tokenizer, contex
 /// its 0-based line number, and how many non-empty lines were skipped (the first one's id).
 pub(crate) fn selected_lines<'a>(spec: &DataSpec, text: &'a str) -> Result<(usize, Vec<(usize, &'a str)>)> {
     let rows: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
-    let start = spec.skip.min(rows.len());
-    let end = spec.limit.map_or(rows.len(), |l| (start + l).min(rows.len()));
-    if start >= end {
-        return Err(Error::data(
-            &spec.path,
-            None,
-            format!(
-                "no examples selected: the file has {} lines, --skip {} --limit {:?}",
-                rows.len(),
-                spec.skip,
-                spec.limit
-            ),
-        ));
-    }
-    Ok((start, rows[start..end].to_vec()))
+    let holds = format!("the file has {} lines", rows.len());
+    let range = super::selected_rows(&spec.path, rows.len(), spec.skip, spec.limit, &holds)?;
+    Ok((range.start, rows[range].to_vec()))
 }
 
 impl Dataset<Tokens> {

@@ -111,7 +111,7 @@ pub fn load_selected(dir: &Path, split: Split, skip: usize, limit: Option<usize>
         ));
     }
     let (n, h, w) = (idims[0], idims[1], idims[2]);
-    let rows = super::selected_rows(dir, n, skip, limit)?;
+    let rows = super::selected_rows(dir, n, skip, limit, &format!("the source has {n} rows"))?;
     let pixels = h * w;
     let features: Vec<f32> =
         images[ioff + rows.start * pixels..ioff + rows.end * pixels].iter().map(|&p| f32::from(p)).collect();

@@ -120,17 +120,15 @@ pub fn load_raw(kind: SourceKind, path: &Path, split: Split, buckets: usize) -> 
 /// 188 MB as f32, 47 MB as stored bytes); a table or JSON lines are parsed whole, then cut.
 pub fn load_selected(kind: SourceKind, spec: &DataSpec, buckets: usize) -> Result<(RawData, usize)> {
     let path = &spec.path;
-    if kind == SourceKind::Idx {
-        return idx::load_selected(path, spec.split, spec.skip, spec.limit);
-    }
     let mut raw = match kind {
+        SourceKind::Idx => return idx::load_selected(path, spec.split, spec.skip, spec.limit),
         SourceKind::Csv => csv::load(path)?,
         SourceKind::Jsonl => text::load(path, buckets)?,
-        SourceKind::Idx | SourceKind::Corpus => {
+        SourceKind::Corpus => {
             return Err(Error::data(path, None, "a language-model corpus is read with Dataset::load_corpus"));
         }
     };
-    let rows = selected_rows(path, raw.rows, spec.skip, spec.limit)?;
+    let rows = selected_rows(path, raw.rows, spec.skip, spec.limit, &format!("the source has {} rows", raw.rows))?;
     let dim = raw.shape.len();
     if rows.len() < raw.rows {
         raw.features = raw.features[rows.start * dim..rows.end * dim].to_vec();
@@ -142,16 +140,18 @@ pub fn load_selected(kind: SourceKind, spec: &DataSpec, buckets: usize) -> Resul
 }
 
 /// The rows `--skip skip --limit limit` select of a source of `total` rows; selecting none is
-/// an error naming the file.
-pub fn selected_rows(path: &Path, total: usize, skip: usize, limit: Option<usize>) -> Result<std::ops::Range<usize>> {
+/// an error naming the file and how much it holds (`holds`, e.g. "the source has 7 rows").
+pub fn selected_rows(
+    path: &Path,
+    total: usize,
+    skip: usize,
+    limit: Option<usize>,
+    holds: &str,
+) -> Result<std::ops::Range<usize>> {
     let start = skip.min(total);
     let end = limit.map_or(total, |l| start.saturating_add(l).min(total));
     if start >= end {
-        return Err(Error::data(
-            path,
-            None,
-            format!("no examples selected: the source has {total} rows, --skip {skip} --limit {limit:?}"),
-        ));
+        return Err(Error::data(path, None, format!("no examples selected: {holds}, --skip {skip} --limit {limit:?}")));
     }
     Ok(start..end)
 }

@@ -168,18 +168,24 @@ fn relatif_scores_equal_a_brute_force_computation() {
     )
     .unwrap();
     let indices = vec![1310, 1500];
-    let report = trace(&TraceOptions {
-        measurement: Measurement::Loss(Target::Class(3)),
-        keep_all: true,
-        score: culprit::query::ScoreMode::Relatif,
-        ..TraceOptions::new(
-            run.clone(),
-            DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-            indices.clone(),
-            Method::Exact,
-        )
-    })
-    .unwrap();
+    // RelatIF of the class-3 loss under the exact curvature, every score kept, top 10.
+    let relatif = |run: &Path, combine, top| {
+        trace(&TraceOptions {
+            measurement: Measurement::Loss(Target::Class(3)),
+            keep_all: true,
+            score: culprit::query::ScoreMode::Relatif,
+            combine,
+            top,
+            ..TraceOptions::new(
+                run.to_path_buf(),
+                DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
+                indices.clone(),
+                Method::Exact,
+            )
+        })
+        .unwrap()
+    };
+    let report = relatif(&run, culprit::query::Combine::Sum, 10);
     let mut sum = vec![0.0; n];
     let mut wants = Vec::new();
     for (k, q) in indices.iter().enumerate() {
@@ -202,19 +208,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     assert_eq!(top, order[..5].to_vec());
     // --combine strongest: each query's scores over their root mean square, then the largest
     // (proponents of a loss) and the smallest (opponents) over the queries, per example.
-    let strongest = trace(&TraceOptions {
-        measurement: Measurement::Loss(Target::Class(3)),
-        score: culprit::query::ScoreMode::Relatif,
-        combine: culprit::query::Combine::Strongest,
-        top: 6,
-        ..TraceOptions::new(
-            run.clone(),
-            DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-            indices.clone(),
-            Method::Exact,
-        )
-    })
-    .unwrap();
+    let strongest = relatif(&run, culprit::query::Combine::Strongest, 6);
     assert_eq!(strongest.combine, culprit::query::Combine::Strongest);
     let factors: Vec<f64> =
         wants.iter().map(|w| 1.0 / (w.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt()).collect();
@@ -246,20 +240,7 @@ fn relatif_scores_equal_a_brute_force_computation() {
     // The training examples' self-influence is cached beside the curvature: the next trace reads
     // it back, a corrupted cache is recomputed, and a refitted curvature is never served stale.
     assert_eq!(report.self_influence_cached, Some(false));
-    let again = |run: &Path| {
-        trace(&TraceOptions {
-            measurement: Measurement::Loss(Target::Class(3)),
-            keep_all: true,
-            score: culprit::query::ScoreMode::Relatif,
-            ..TraceOptions::new(
-                run.to_path_buf(),
-                DataSpec { path: digits_csv(), split: Split::Train, skip: 1297, limit: None },
-                indices.clone(),
-                Method::Exact,
-            )
-        })
-        .unwrap()
-    };
+    let again = |run: &Path| relatif(run, culprit::query::Combine::Sum, 10);
     let cached = again(&run);
     assert_eq!(cached.self_influence_cached, Some(true));
     assert_eq!(cached.all_scores, report.all_scores);

@@ -244,10 +244,11 @@ pub fn attribute<M: Model>(
     let mut scores =
         score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part);
     let strongest = strongest.then(|| {
-        let all = scores.all.clone().expect("kept");
-        let choice = strongest_of(&mut scores, &all, options.top);
-        if !options.keep_all {
-            scores.all = None;
+        let mut all = scores.all.take().expect("kept");
+        let (choice, column) = strongest_of(&mut scores, &all, options.top);
+        if options.keep_all {
+            all.push(column);
+            scores.all = Some(all);
         }
         choice
     });

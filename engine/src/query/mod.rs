@@ -184,16 +184,6 @@ pub enum Combine {
     Strongest,
 }
 
-impl Combine {
-    /// The CLI name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sum => "sum",
-            Self::Strongest => "strongest",
-        }
-    }
-}
-
 /// [`Combine::Strongest`]'s choices: the per-query factors 1/σₖ and, per training row, which
 /// query gave its largest and its smallest scaled score.
 #[derive(Clone, Debug)]
@@ -206,10 +196,10 @@ pub struct StrongestQuery {
     pub smallest: Vec<u32>,
 }
 
-/// The [`Combine::Strongest`] column of `all` (one score vector per query, n each): appended
-/// to `result` as its last column (its `all` column holds the largest scaled score per row),
-/// with the choices made. O(n·q).
-pub fn strongest_of(result: &mut ScoreResult, all: &[Vec<f32>], k: usize) -> StrongestQuery {
+/// The [`Combine::Strongest`] column of `all` (one score vector per query, n each): its top-k
+/// lists are appended to `result` as its last column; returns the choices made and the column's
+/// scores (the largest scaled score per row). O(n·q).
+pub fn strongest_of(result: &mut ScoreResult, all: &[Vec<f32>], k: usize) -> (StrongestQuery, Vec<f32>) {
     let n = result.rows;
     let factors: Vec<f64> = all
         .iter()
@@ -240,10 +230,7 @@ pub fn strongest_of(result: &mut ScoreResult, all: &[Vec<f32>], k: usize) -> Str
     let (largest, smallest) = (high.finish().0, low.finish().1);
     result.largest.push(largest);
     result.smallest.push(smallest);
-    if let Some(kept) = result.all.as_mut() {
-        kept.push(column);
-    }
-    StrongestQuery { factors, largest: largest_query, smallest: smallest_query }
+    (StrongestQuery { factors, largest: largest_query, smallest: smallest_query }, column)
 }
 
 /// Scores of every query against a store.
