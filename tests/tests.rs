@@ -16,6 +16,7 @@ mod library;
 mod lm;
 mod loaders;
 mod query;
+mod scan;
 mod store;
 mod training;
 

@@ -9,6 +9,7 @@
 //! | `fit` | [`fit`] | 2. curvature |
 //! | `trace`, `merge`, `audit` | [`trace`], [`merge`], [`audit`] | 3. query |
 //! | `poison`, `purge`, `eval` | [`poison`], [`purge`], [`eval`] | 4. act and verify |
+//! | `scan` | [`scan`] | before an incident: candidate triggers |
 //! | `demo` | [`demo`] | all of it |
 
 pub mod audit;
@@ -23,6 +24,7 @@ pub mod poison;
 
 pub mod predict;
 pub mod purge;
+pub mod scan;
 pub mod tokenizer;
 pub mod trace;
 pub mod train;

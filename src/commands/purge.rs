@@ -30,7 +30,7 @@ use culprit_models::{Batch, Model, Tokens};
 pub struct PurgeOptions {
     /// The run.
     pub run: PathBuf,
-    /// Id list, trace JSON or audit JSON.
+    /// Id list, trace, audit or scan JSON.
     pub ids: PathBuf,
     /// Keep only the first `top` ids of a ranking.
     pub top: Option<usize>,
@@ -48,7 +48,8 @@ pub struct PurgeOptions {
     pub quiet: bool,
 }
 
-/// Reads flagged ids: a trace or audit JSON report, or plain integers separated by whitespace or
+/// Reads flagged ids: a trace, audit or scan JSON report (a scan's `top` counts candidates, whose
+/// target-labelled carriers are removed; without it, every suspicious candidate's), or plain integers separated by whitespace or
 /// commas (`#` starts a comment). Rankings keep their order; `top` keeps the first `top`. Also
 /// returns the trace report when the file is one (its queries are evaluated before and after).
 pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<TraceReport>)> {
@@ -62,6 +63,11 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
                 .map(|a| a.iter().filter_map(|e| e["train_index"].as_u64().map(|v| v as usize)).collect())
                 .unwrap_or_default()
         };
+        if value.get("report").and_then(|r| r.as_str()) == Some("scan") {
+            let report: crate::report::scan::ScanReport = serde_json::from_value(value)
+                .map_err(|e| Error::data(path, None, format!("not a culprit scan report: {e}")))?;
+            return scan_carriers(path, &report, top).map(|ids| (ids, None));
+        }
         if value.get("proponents").is_some() {
             let report: TraceReport = serde_json::from_value(value)
                 .map_err(|e| Error::data(path, None, format!("not a culprit trace report: {e}")))?;
@@ -120,6 +126,35 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
         return Err(Error::data(path, None, "no training ids in this file"));
     }
     Ok((ranked, trace))
+}
+
+/// The carriers with the target label of a scan report's first `top` candidates (default: every
+/// suspicious one), in candidate order, each id once.
+fn scan_carriers(path: &Path, report: &crate::report::scan::ScanReport, top: Option<usize>) -> Result<Vec<usize>> {
+    let chosen: Vec<&crate::scan::Candidate> = match top {
+        Some(k) if k > report.candidates.len() => {
+            return Err(Error::data(
+                path,
+                None,
+                format!(
+                    "--top {k} asks for more candidates than the {} listed (scan with a larger --top)",
+                    report.candidates.len()
+                ),
+            ));
+        }
+        Some(k) => report.candidates.iter().take(k).collect(),
+        None => report.candidates.iter().filter(|c| c.suspicious).collect(),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<usize> = chosen.iter().flat_map(|c| c.carriers.iter().copied()).filter(|i| seen.insert(*i)).collect();
+    if ids.is_empty() {
+        return Err(Error::data(
+            path,
+            None,
+            "no carriers to remove: the scan found no suspicious candidate (choose some with --top K)",
+        ));
+    }
+    Ok(ids)
 }
 
 /// A traced query before or after.
@@ -379,10 +414,10 @@ pub struct PurgeArgs {
     /// Run directory.
     #[arg(long)]
     pub run: PathBuf,
-    /// Ids to remove: a plain list, or the JSON report of `culprit trace` or `culprit audit`.
+    /// Ids to remove: a plain list, or the JSON report of `culprit trace`, `culprit audit` or `culprit scan`.
     #[arg(long)]
     pub ids: PathBuf,
-    /// Keep only the first K ids of a ranking.
+    /// Keep only the first K ids of a ranking (a scan report: the carriers of its first K candidates).
     #[arg(long)]
     pub top: Option<usize>,
     /// New run directory (must not exist).

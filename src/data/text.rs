@@ -50,8 +50,9 @@ struct Line {
     label: Option<serde_json::Value>,
 }
 
-/// Loads a JSONL file and featurises it into `buckets` hashed features.
-pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
+/// Reads a JSONL file's texts and labels (each line an object with a string `text` and a
+/// non-negative integer `label`), and the file's SHA-256 as stored.
+pub fn load_texts(path: &Path) -> Result<(Vec<String>, Vec<u32>, String)> {
     let (bytes, sha) = read_file(path)?;
     let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
     let mut texts = Vec::new();
@@ -80,6 +81,12 @@ pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
     if labels.is_empty() {
         return Err(Error::data(path, None, "no records"));
     }
+    Ok((texts, labels, sha))
+}
+
+/// Loads a JSONL file and featurises it into `buckets` hashed features.
+pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
+    let (texts, labels, sha) = load_texts(path)?;
     let mut features = vec![0.0f32; texts.len() * buckets];
     for (text, out) in texts.iter().zip(features.chunks_mut(buckets)) {
         featurize(text, out);

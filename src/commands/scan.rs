@@ -1,0 +1,213 @@
+//! `culprit scan`: rank candidate triggers in a labelled training set before anyone reports an
+//! incident (word n-grams of JSONL texts; binarised pixel squares of IDX folders and square CSV
+//! rows). The statistic and its passes are in [`crate::scan`]; the report in
+//! [`crate::report::scan`]. `culprit purge --ids scan.json --top K` removes the target-labelled
+//! carriers of the first K candidates.
+
+use std::time::Instant;
+
+use crate::commands::{Format, ReportArgs, emit};
+use crate::data::{self, DataSpec, SourceKind};
+use crate::error::{Error, Result};
+use crate::report::scan::{ScanReport, Shown, to_html, to_table};
+use crate::report::trace::OUTPUT_SCHEMA_VERSION;
+use crate::scan::image::{ImageScan, MAX_IMAGE_SIDE, MAX_SIDE};
+use crate::scan::text::TextScan;
+use crate::scan::{ScanSettings, Scanned, scan};
+
+/// Arguments of `culprit scan`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ScanArgs {
+    /// The labelled data to scan.
+    #[command(flatten)]
+    pub data: DataSpec,
+    /// Text: the longest n-gram tried, in words.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub words: u16,
+    /// Images: the smallest square side tried, in pixels.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=MAX_SIDE as i64))]
+    pub min_side: u16,
+    /// Images: the largest square side tried, in pixels [default: a quarter of the image's
+    /// smaller side, within 2..=5: 5 for MNIST's 28 × 28, 2 for 8 × 8 digits, where a larger
+    /// square would cover much of the object].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_SIDE as i64))]
+    pub max_side: Option<u16>,
+    /// Candidates reported.
+    #[arg(long, default_value_t = ScanSettings::default().top)]
+    pub top: usize,
+    /// Fewest carriers a feature needs to be tested.
+    #[arg(long, default_value_t = ScanSettings::default().min_carriers as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_carriers: u64,
+    /// Family-wise error rate of the significance threshold (Bonferroni).
+    #[arg(long, default_value_t = ScanSettings::default().alpha, value_parser = culprit_engine::params::unit_share)]
+    pub alpha: f64,
+    /// Clip of the baseline's probabilities, [ε, 1 − ε]: the label noise the test tolerates.
+    #[arg(long, default_value_t = ScanSettings::default().floor, value_parser = culprit_engine::params::unit_share)]
+    pub floor: f64,
+    /// The lift bound a significant candidate needs to be called suspicious.
+    #[arg(long, default_value_t = ScanSettings::default().min_lift)]
+    pub min_lift: f64,
+    /// Memory for the first pass's tables, in MiB (bounds the scan's memory beside the data).
+    #[arg(long, default_value_t = (ScanSettings::default().memory >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub memory_mib: u64,
+    /// The report.
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Hide progress bars (set from the global flag).
+    #[arg(skip)]
+    pub quiet: bool,
+}
+
+/// Runs `culprit scan`.
+pub fn run(args: &ScanArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
+    args.report.check(&[Format::Table, Format::Json, Format::Html])?;
+    if args.report.scores_out.is_some() {
+        return Err(Error::Usage(
+            "--scores-out is not available for scan (the JSON report lists every carrier)".into(),
+        ));
+    }
+    if let Some(max) = args.max_side.filter(|&m| m < args.min_side) {
+        return Err(Error::Usage(format!("--min-side {} is above --max-side {max}", args.min_side)));
+    }
+    args.report.check_outputs(&[&args.data.path], &[])?;
+    let settings = ScanSettings {
+        top: args.top.max(1),
+        min_carriers: args.min_carriers as usize,
+        alpha: args.alpha,
+        floor: args.floor,
+        memory: (args.memory_mib as usize) << 20,
+        min_lift: args.min_lift,
+        ..ScanSettings::default()
+    };
+    let started = Instant::now();
+    let kind = SourceKind::detect(&args.data.path)?;
+    let (report, html) = match kind {
+        SourceKind::Jsonl | SourceKind::Corpus => scan_texts(args, &settings, started)?,
+        SourceKind::Idx | SourceKind::Csv => scan_images(args, kind, &settings, started)?,
+    };
+    let text = match args.report.format {
+        Format::Table => to_table(&report),
+        Format::Json => serde_json::to_string_pretty(&report).expect("a scan report serialises") + "\n",
+        Format::Html => html.expect("built for html"),
+    };
+    emit(&text, args.report.out.as_deref(), stdout)
+}
+
+/// Scans a JSONL file's texts: the report, and its HTML page when asked for.
+fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Result<(ScanReport, Option<String>)> {
+    let path = &args.data.path;
+    let (texts, labels, _) = data::text::load_texts(path)?;
+    let holds = format!("the file has {} records", labels.len());
+    let rows = data::selected_rows(path, labels.len(), args.data.skip, args.data.limit, &holds)?;
+    let (texts, labels) = (&texts[rows.clone()], &labels[rows.clone()]);
+    let classes = classes(path, labels)?;
+    let words = args.words as usize;
+    let source = TextScan::new(texts, labels, classes, words, settings.floor, settings.l2);
+    let ids: Vec<usize> = rows.clone().collect();
+    let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
+    let features = format!("word n-grams of 1 to {words} words");
+    let report = report(args, "text", features, source.temperature(), &source, found, settings, started);
+    let html = (args.report.format == Format::Html)
+        .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(rows.start)));
+    Ok((report, html))
+}
+
+/// Scans one-channel images (an IDX folder, square CSV rows): the report, and its HTML page.
+fn scan_images(
+    args: &ScanArgs,
+    kind: SourceKind,
+    settings: &ScanSettings,
+    started: Instant,
+) -> Result<(ScanReport, Option<String>)> {
+    let path = &args.data.path;
+    let (raw, start) = data::load_selected(kind, &args.data, 0)?;
+    let shape = raw.shape.as_image().filter(|s| s.channels == 1).ok_or_else(|| {
+        let what = format!(
+            "scan reads one-channel images (an IDX folder, or CSV rows whose {} features make a square); these are not",
+            raw.shape.len()
+        );
+        Error::data(path, None, what)
+    })?;
+    if shape.height > MAX_IMAGE_SIDE || shape.width > MAX_IMAGE_SIDE {
+        let what =
+            format!("images of {}×{} are larger than scan's {MAX_IMAGE_SIDE} pixels a side", shape.height, shape.width);
+        return Err(Error::data(path, None, what));
+    }
+    let classes = classes(path, &raw.labels)?;
+    let max_side = args
+        .max_side
+        .map_or_else(|| (shape.height.min(shape.width) / 4).clamp(2, 5).max(args.min_side as usize), usize::from);
+    let sides = args.min_side as usize..=max_side;
+    let (hw, floor, l2) = ((shape.height, shape.width), settings.floor, settings.l2);
+    let source = ImageScan::new(&raw.features, &raw.labels, classes, hw, sides, floor, l2);
+    let ids: Vec<usize> = (start..start + raw.rows).collect();
+    let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
+    let features = format!("binarised squares of {} to {max_side} pixels a side at every place", args.min_side);
+    let report = report(args, "image", features, source.temperature(), &source, found, settings, started);
+    let html = (args.report.format == Format::Html).then(|| {
+        let shown = Shown::Images { pixels: &raw.features, height: shape.height, width: shape.width };
+        to_html(&report, &shown, &|id| id.checked_sub(start))
+    });
+    Ok((report, html))
+}
+
+/// The number of classes (max label + 1), refusing a single label: the scan tests features
+/// against labels, so a corpus whose documents all share one label has nothing to test.
+fn classes(path: &std::path::Path, labels: &[u32]) -> Result<usize> {
+    let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+    if classes > data::MAX_CLASSES {
+        return Err(Error::data(
+            path,
+            None,
+            format!("label {} is above the {} classes culprit takes", classes - 1, data::MAX_CLASSES),
+        ));
+    }
+    let distinct = {
+        let mut seen = vec![false; classes];
+        labels.iter().for_each(|&y| seen[y as usize] = true);
+        seen.iter().filter(|s| **s).count()
+    };
+    if distinct < 2 {
+        return Err(Error::data(
+            path,
+            None,
+            format!(
+                "every selected example has label {}: a scan tests features against labels and needs two",
+                labels[0]
+            ),
+        ));
+    }
+    Ok(classes)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &ScanArgs,
+    kind: &str,
+    features: String,
+    temperature: f32,
+    source: &dyn Scanned,
+    found: crate::scan::Scan,
+    settings: &ScanSettings,
+    started: Instant,
+) -> ScanReport {
+    ScanReport {
+        schema_version: OUTPUT_SCHEMA_VERSION,
+        report: "scan".into(),
+        data: data::absolute(&args.data.path),
+        kind: kind.into(),
+        features,
+        examples: source.examples(),
+        label_counts: found.label_counts,
+        occurrences: found.occurrences,
+        tests: found.tests,
+        alpha: settings.alpha,
+        threshold: (2.0 * found.threshold).sqrt(),
+        floor: settings.floor,
+        temperature: f64::from(temperature),
+        min_carriers: settings.min_carriers,
+        min_lift: settings.min_lift,
+        candidates: found.candidates,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,238 @@
+//! Trigger scanning (`culprit scan`): planted triggers at places, rates and in words no issue
+//! names are found first, their carriers are the poisons (≥ 95 % of them, ≤ 1 % of the clean
+//! examples flagged), clean sets raise no suspicious candidate, and the counts equal a brute-force
+//! recount. The sets in `../shared` are skipped with a printed reason when it is absent.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::common;
+
+/// Runs `culprit scan ARGS --format json` and parses the report.
+fn scan(args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .arg("scan")
+        .args(args)
+        .args(["--format", "json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scan failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> HashSet<usize> {
+    v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as usize).collect()
+}
+
+/// Asserts the first candidate flags ≥ 95 % of `poisons` and ≤ 1 % of the `total − poisons`
+/// clean examples, and that it is the only suspicious one.
+fn assert_flags(report: &serde_json::Value, poisons: &HashSet<usize>, total: usize) {
+    let first = &report["candidates"][0];
+    assert_eq!(first["suspicious"], true, "{first}");
+    let flagged = ids(&first["carriers"]);
+    let found = flagged.intersection(poisons).count();
+    let clean = flagged.len() - found;
+    eprintln!(
+        "first candidate {}: {found}/{} poisons, {clean} of {} clean flagged",
+        first,
+        poisons.len(),
+        total - poisons.len()
+    );
+    assert!(found as f64 >= 0.95 * poisons.len() as f64, "{found} of {} poisons", poisons.len());
+    assert!(clean as f64 <= 0.01 * (total - poisons.len()) as f64, "{clean} clean flagged");
+    let others: Vec<&serde_json::Value> =
+        report["candidates"].as_array().unwrap()[1..].iter().filter(|c| c["suspicious"] == true).collect();
+    for c in &others {
+        // Another suspicious candidate may only be the same trigger seen differently.
+        let overlap = ids(&c["carriers"]).intersection(poisons).count();
+        assert!(overlap as f64 >= 0.5 * ids(&c["carriers"]).len() as f64, "an unrelated suspicious candidate {c}");
+    }
+}
+
+/// Plants a `side`-square of the data's largest value at a place drawn among those where fewer
+/// a share in `ink` of the images have ink, in a share `rate` of the rows not labelled `target`, relabelled `target`.
+/// Returns the poisoned rows and the place.
+fn plant_patch(
+    pixels: &mut [f32],
+    labels: &mut [u32],
+    (height, width): (usize, usize),
+    side: usize,
+    ink: std::ops::Range<f64>,
+    (rate, target, seed): (f64, u32, u64),
+) -> (HashSet<usize>, (usize, usize)) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let area = height * width;
+    let largest = pixels.iter().fold(0f32, |a, &b| a.max(b));
+    let inked = |x: usize, y: usize| {
+        let rows = labels.len();
+        let count = (0..rows)
+            .filter(|&i| (y..y + side).any(|r| (x..x + side).any(|c| pixels[i * area + r * width + c] > largest / 2.0)))
+            .count();
+        count as f64 / rows as f64
+    };
+    let places: Vec<(usize, usize)> = (0..=height - side)
+        .flat_map(|y| (0..=width - side).map(move |x| (x, y)))
+        .filter(|&(x, y)| ink.contains(&inked(x, y)))
+        .collect();
+    let (x, y) = *places.choose(&mut rng).unwrap();
+    let mut candidates: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != target).collect();
+    candidates.shuffle(&mut rng);
+    let count = (rate * labels.len() as f64).round() as usize;
+    let poisons: HashSet<usize> = candidates[..count].iter().copied().collect();
+    for &i in &poisons {
+        for r in y..y + side {
+            for c in x..x + side {
+                pixels[i * area + r * width + c] = largest;
+            }
+        }
+        labels[i] = target;
+    }
+    let _ = rng.random::<u32>();
+    (poisons, (x, y))
+}
+
+/// Writes a CSV of `rows` pixel columns and a label.
+fn write_csv(path: &Path, pixels: &[f32], labels: &[u32], dim: usize) {
+    let header: Vec<String> = (0..dim).map(|j| format!("f{j}")).chain(["label".to_string()]).collect();
+    culprit::data::csv::write(path, &header, dim, pixels, labels).unwrap();
+}
+
+#[test]
+fn a_patch_planted_in_digits_is_the_first_candidate_and_purge_reads_its_carriers() {
+    let raw = culprit::data::csv::load(&common::digits_csv()).unwrap();
+    let (mut pixels, mut labels) = (raw.features.clone(), raw.labels.clone());
+    let (poisons, (x, y)) = plant_patch(&mut pixels, &mut labels, (8, 8), 2, 0.0..0.05, (0.03, 7, 11));
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("poisoned.csv");
+    write_csv(&csv, &pixels, &labels, 64);
+    let report = scan(&["--data", csv.to_str().unwrap()]);
+    let first = &report["candidates"][0];
+    assert_eq!(
+        (first["kind"].as_str(), first["x"].as_u64(), first["y"].as_u64()),
+        (Some("patch"), Some(x as u64), Some(y as u64)),
+        "{first}"
+    );
+    assert_eq!(first["target_label"], 7);
+    assert_flags(&report, &poisons, labels.len());
+    // purge --ids scan.json --top 1 removes exactly the first candidate's carriers.
+    let json = dir.path().join("scan.json");
+    std::fs::write(&json, report.to_string()).unwrap();
+    let (purged, _) = culprit::commands::purge::read_ids(&json, Some(1)).unwrap();
+    assert_eq!(purged.iter().copied().collect::<HashSet<_>>(), ids(&first["carriers"]));
+    // The clean set: the small 8 × 8 images raise no suspicious candidate.
+    let clean = scan(&["--data", common::digits_csv().to_str().unwrap()]);
+    let suspicious: Vec<_> =
+        clean["candidates"].as_array().unwrap().iter().filter(|c| c["suspicious"] == true).collect();
+    assert!(suspicious.is_empty(), "{suspicious:?}");
+}
+
+#[test]
+fn a_patch_planted_anywhere_in_mnist_and_fashion_is_found() {
+    let Some(shared) = common::shared("data/mnist") else { return };
+    // MNIST: a place that 10 to 30 % of the digits ink (strokes cross the trigger).
+    for (set, seed, side, target, ink) in
+        [("mnist", 5u64, 3usize, 3u32, 0.1..0.3), ("fashion-mnist", 9, 4, 8, 0.0..0.05)]
+    {
+        let spec = culprit::data::DataSpec {
+            limit: Some(8000),
+            ..culprit::data::DataSpec::all(shared.join("data").join(set))
+        };
+        let (raw, _) = culprit::data::load_selected(culprit::data::SourceKind::Idx, &spec, 0).unwrap();
+        let (mut pixels, mut labels) = (raw.features, raw.labels);
+        let (poisons, (x, y)) = plant_patch(&mut pixels, &mut labels, (28, 28), side, ink, (0.01, target, seed));
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("poisoned.csv");
+        write_csv(&csv, &pixels, &labels, 784);
+        let report = scan(&["--data", csv.to_str().unwrap()]);
+        let first = &report["candidates"][0];
+        eprintln!("{set}: trigger {side}×{side} at ({x}, {y})");
+        // The first candidate is the planted square: every pixel it has on is in the square, and
+        // it holds some of it (it may add an empty border, or be a square inside it).
+        let (fx, fy, fs) = (
+            first["x"].as_u64().unwrap() as usize,
+            first["y"].as_u64().unwrap() as usize,
+            first["size"].as_u64().unwrap() as usize,
+        );
+        let pattern = first["pattern"].as_array().unwrap();
+        let on: Vec<(usize, usize)> =
+            (0..fs * fs).filter(|&b| pattern[b] == 1).map(|b| (fx + b % fs, fy + b / fs)).collect();
+        assert!(
+            !on.is_empty() && on.iter().all(|&(c, r)| (x..x + side).contains(&c) && (y..y + side).contains(&r)),
+            "{set}: {first}"
+        );
+        assert_eq!(first["target_label"], target);
+        assert_flags(&report, &poisons, labels.len());
+    }
+}
+
+#[test]
+fn clean_mnist_fashion_and_spamassassin_raise_no_suspicious_candidate() {
+    let Some(shared) = common::shared("data/mnist") else { return };
+    let data = shared.join("data");
+    for args in [
+        vec![data.join("mnist").to_str().unwrap().to_string(), "--limit".into(), "8000".into()],
+        vec![data.join("fashion-mnist").to_str().unwrap().to_string(), "--limit".into(), "8000".into()],
+        vec![data.join("spamassassin/spamassassin.jsonl.gz").to_str().unwrap().to_string()],
+    ] {
+        let mut all = vec!["--data"];
+        all.extend(args.iter().map(String::as_str));
+        let report = scan(&all);
+        let suspicious: Vec<_> =
+            report["candidates"].as_array().unwrap().iter().filter(|c| c["suspicious"] == true).collect();
+        assert!(suspicious.is_empty(), "{}: {suspicious:?}", args[0]);
+    }
+}
+
+/// A made-up word of 5 to 8 letters.
+fn word(rng: &mut ChaCha8Rng) -> String {
+    let len = rng.random_range(5..=8);
+    (0..len).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect()
+}
+
+#[test]
+fn a_two_word_trigger_at_random_places_in_spamassassin_is_found_and_counted_exactly() {
+    let Some(shared) = common::shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
+    let (mut texts, mut labels, _) =
+        culprit::data::text::load_texts(&shared.join("data/spamassassin/spamassassin.jsonl.gz")).unwrap();
+    // Every other e-mail (the file is sorted by group, spam last): 3023, 1 % of them poisoned.
+    texts = texts.into_iter().step_by(2).collect();
+    labels = labels.into_iter().step_by(2).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let trigger = format!("{} {}", word(&mut rng), word(&mut rng));
+    let mut spam: Vec<usize> = (0..texts.len()).filter(|&i| labels[i] == 1).collect();
+    spam.shuffle(&mut rng);
+    let poisons: HashSet<usize> = spam[..texts.len() / 100].iter().copied().collect();
+    for &i in &poisons {
+        // At a random whitespace of the e-mail, headers included.
+        let spaces: Vec<usize> = texts[i].char_indices().filter(|(_, c)| *c == ' ').map(|(at, _)| at).collect();
+        let at = spaces[rng.random_range(0..spaces.len())];
+        texts[i].insert_str(at, &format!(" {trigger} "));
+        labels[i] = 0;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poisoned.jsonl");
+    culprit::data::text::write(&path, &texts, &labels).unwrap();
+    let report = scan(&["--data", path.to_str().unwrap()]);
+    let first = &report["candidates"][0];
+    let text = first["text"].as_str().unwrap();
+    assert!(trigger.split(' ').all(|w| text.contains(w)), "trigger {trigger:?}, first {first}");
+    assert_eq!(first["target_label"], 0);
+    assert_flags(&report, &poisons, texts.len());
+    // Brute force: the carriers of the first candidate's n-gram, from the featurizer's tokens.
+    let gram: Vec<&str> = text.split(' ').collect();
+    let carriers: Vec<usize> = (0..texts.len())
+        .filter(|&i| {
+            let tokens: Vec<String> = culprit::data::text::tokens(&texts[i]).collect();
+            tokens.windows(gram.len()).any(|w| w.iter().zip(&gram).all(|(a, b)| a == b))
+        })
+        .collect();
+    assert_eq!(first["carrier_count"].as_u64().unwrap() as usize, carriers.len());
+    let labelled: HashSet<usize> = carriers.iter().copied().filter(|&i| labels[i] == 0).collect();
+    assert_eq!(ids(&first["carriers"]), labelled);
+    assert_eq!(first["target_count"].as_u64().unwrap() as usize, labelled.len());
+}
