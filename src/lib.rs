@@ -12,7 +12,7 @@
 //! | commands | one module per CLI command (`train`, `cache`, `fit`, `trace`, `purge`, …) | [`commands`] |
 //! | reports | the trace and scan reports' schemas, tables and HTML pages | [`report`] |
 //! | workspace | run directories: training, the store and curvature files of a run, traces | [`workspace`] |
-//! | scan | trigger scanning: features against labels, without a model | [`scan`] |
+//! | scan, dedup | trigger scanning (features against labels) and near-duplicate groups, without a model | [`scan`], [`dedup`] |
 //! | data | loaders with stable example ids, preprocessing, poisoned-set manifests | [`data`] |
 //! | engine | per-example gradients, the gradient store, curvature, scoring (crate `culprit-engine`) | [`gradients`], [`store`], [`curvature`], [`query`], [`objective`] |
 //! | models | the `Model` trait, the reference models, their training (crate `culprit-models`) | [`culprit_models`] |
@@ -23,6 +23,7 @@
 
 pub mod commands;
 pub mod data;
+pub mod dedup;
 pub mod progress;
 pub mod report;
 pub mod scan;

@@ -72,6 +72,9 @@ enum Command {
     Purge(commands::purge::PurgeArgs),
     /// Rank candidate triggers: features whose label the rest of their examples does not explain.
     Scan(commands::scan::ScanArgs),
+    /// Exact and near-duplicate groups (MinHash for text, pixel signatures for images), or the
+    /// copies shared with a second set (--against).
+    Dedup(commands::dedup::DedupArgs),
     /// Check the scores against actual retraining: leave-one-out or the linear datamodeling score.
     Eval(commands::eval::EvalArgs),
     /// The end-to-end demo on data shipped in the binary.
@@ -128,6 +131,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Poison(args) => commands::poison::run(&args, stdout),
         Command::Purge(args) => commands::purge::run(&args, backend, quiet, stdout),
         Command::Scan(args) => commands::scan::run(&commands::scan::ScanArgs { quiet, ..args }, stdout),
+        Command::Dedup(args) => commands::dedup::run(&args, stdout),
         Command::Eval(args) => commands::eval::run(&args, backend, quiet, stdout),
         Command::Demo(options) => {
             commands::demo::run(&commands::demo::DemoOptions { backend, quiet, ..options }, stdout)

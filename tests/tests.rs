@@ -9,6 +9,7 @@ mod audit;
 mod cli;
 mod common;
 mod curvature;
+mod dedup;
 mod faults;
 mod fuzz;
 mod gradients;

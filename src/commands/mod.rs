@@ -9,11 +9,12 @@
 //! | `fit` | [`fit`] | 2. curvature |
 //! | `trace`, `merge`, `audit` | [`trace`], [`merge`], [`audit`] | 3. query |
 //! | `poison`, `purge`, `eval` | [`poison`], [`purge`], [`eval`] | 4. act and verify |
-//! | `scan` | [`scan`] | before an incident: candidate triggers |
+//! | `scan`, `dedup` | [`scan`], [`dedup`] | before an incident: candidate triggers, copies |
 //! | `demo` | [`demo`] | all of it |
 
 pub mod audit;
 pub mod cache;
+pub mod dedup;
 pub mod demo;
 pub mod eval;
 pub mod fit;

@@ -48,8 +48,9 @@ pub struct PurgeOptions {
     pub quiet: bool,
 }
 
-/// Reads flagged ids: a trace, audit or scan JSON report (a scan's `top` counts candidates, whose
-/// target-labelled carriers are removed; without it, every suspicious candidate's), or plain integers separated by whitespace or
+/// Reads flagged ids: a trace, audit, scan or dedup JSON report (a scan's `top` counts candidates,
+/// whose flagged carriers are removed, without it every suspicious candidate's; a dedup's counts
+/// groups, whose `remove` lists are removed), or plain integers separated by whitespace or
 /// commas (`#` starts a comment). Rankings keep their order; `top` keeps the first `top`. Also
 /// returns the trace report when the file is one (its queries are evaluated before and after).
 pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<TraceReport>)> {
@@ -63,10 +64,8 @@ pub fn read_ids(path: &Path, top: Option<usize>) -> Result<(Vec<usize>, Option<T
                 .map(|a| a.iter().filter_map(|e| e["train_index"].as_u64().map(|v| v as usize)).collect())
                 .unwrap_or_default()
         };
-        if value.get("report").and_then(|r| r.as_str()) == Some("scan") {
-            let report: crate::report::scan::ScanReport = serde_json::from_value(value)
-                .map_err(|e| Error::data(path, None, format!("not a culprit scan report: {e}")))?;
-            return scan_carriers(path, &report, top).map(|ids| (ids, None));
+        if let Some(ids) = scan_or_dedup_ids(path, &value, top)? {
+            return Ok((ids, None));
         }
         if value.get("proponents").is_some() {
             let report: TraceReport = serde_json::from_value(value)
@@ -153,6 +152,41 @@ fn scan_carriers(path: &Path, report: &crate::report::scan::ScanReport, top: Opt
             None,
             "no carriers to remove: the scan found no suspicious candidate (choose some with --top K)",
         ));
+    }
+    Ok(ids)
+}
+
+/// The ids a scan or dedup report flags (`None` for another kind of report).
+fn scan_or_dedup_ids(path: &Path, value: &serde_json::Value, top: Option<usize>) -> Result<Option<Vec<usize>>> {
+    match value.get("report").and_then(|r| r.as_str()) {
+        Some("scan") => {
+            let report: crate::report::scan::ScanReport = serde_json::from_value(value.clone())
+                .map_err(|e| Error::data(path, None, format!("not a culprit scan report: {e}")))?;
+            scan_carriers(path, &report, top).map(Some)
+        }
+        Some("dedup") => {
+            let report: crate::report::dedup::DedupReport = serde_json::from_value(value.clone())
+                .map_err(|e| Error::data(path, None, format!("not a culprit dedup report: {e}")))?;
+            dedup_removals(path, &report, top).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The `remove` lists of a dedup report's first `top` groups (default: all), each id once.
+fn dedup_removals(path: &Path, report: &crate::report::dedup::DedupReport, top: Option<usize>) -> Result<Vec<usize>> {
+    let groups = match top {
+        Some(k) if k > report.groups.len() => {
+            let what = format!("--top {k} asks for more groups than the {} listed", report.groups.len());
+            return Err(Error::data(path, None, what));
+        }
+        Some(k) => &report.groups[..k],
+        None => &report.groups[..],
+    };
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<usize> = groups.iter().flat_map(|g| g.remove.iter().copied()).filter(|i| seen.insert(*i)).collect();
+    if ids.is_empty() {
+        return Err(Error::data(path, None, "no ids to remove: the dedup report found no copies"));
     }
     Ok(ids)
 }

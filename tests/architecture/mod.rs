@@ -264,13 +264,18 @@ fn dependencies_only_look_down() {
     ));
     bad.extend(violations("engine/src/store", &["crate::curvature", "crate::objective", "crate::query"]));
     bad.extend(violations("engine/src/curvature", &["crate::query"]));
-    // Inside culprit: data ← scan ← report ← workspace ← commands.
-    bad.extend(violations("src/data", &["crate::scan", "crate::report", "crate::workspace", "crate::commands"]));
+    // Inside culprit: data ← scan, dedup ← report ← workspace ← commands.
+    bad.extend(violations(
+        "src/data",
+        &["crate::scan", "crate::dedup", "crate::report", "crate::workspace", "crate::commands"],
+    ));
     bad.extend(violations("src/scan", &["crate::report", "crate::workspace", "crate::commands"]));
+    bad.extend(violations("src/dedup", &["crate::report", "crate::workspace", "crate::commands"]));
     bad.extend(violations("src/report", &["crate::workspace", "crate::commands"]));
     bad.extend(violations("src/workspace", &["crate::commands"]));
     // Commands do not call one another; only the demo runs them all.
-    let commands = ["audit", "cache", "eval", "fit", "merge", "poison", "predict", "purge", "scan", "trace", "train"];
+    let commands =
+        ["audit", "cache", "eval", "fit", "merge", "poison", "predict", "purge", "scan", "dedup", "trace", "train"];
     for path in sources(&root().join("src/commands")) {
         // A command split into a folder (`poison/mod.rs`, `poison/corpus.rs`) is that command.
         let relative = path.strip_prefix(root().join("src/commands")).unwrap();
