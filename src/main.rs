@@ -66,6 +66,8 @@ enum Command {
     Merge(commands::merge::MergeArgs),
     /// Self-influence of every training example, calibrated against held-out examples (--data).
     Audit(commands::audit::AuditArgs),
+    /// Where a run's training examples came from: file, row, SHA-256 of their bytes, source.
+    Provenance(commands::provenance::ProvenanceArgs),
     /// Plant a backdoor (and label noise) in a copy of a data set, with the ground truth.
     Poison(commands::poison::PoisonArgs),
     /// Remove flagged training examples, retrain, and compare before and after.
@@ -128,6 +130,7 @@ fn execute(cli: Cli) -> Result<()> {
             args.options.backend = backend;
             commands::audit::run(&args, stdout)
         }
+        Command::Provenance(args) => commands::provenance::run(&args, stdout),
         Command::Poison(args) => commands::poison::run(&args, stdout),
         Command::Purge(args) => commands::purge::run(&args, backend, quiet, stdout),
         Command::Scan(args) => commands::scan::run(&commands::scan::ScanArgs { quiet, ..args }, stdout),

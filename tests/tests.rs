@@ -16,6 +16,7 @@ mod gradients;
 mod library;
 mod lm;
 mod loaders;
+mod provenance;
 mod query;
 mod scan;
 mod store;

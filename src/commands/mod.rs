@@ -7,7 +7,7 @@
 //! | `train`, `predict`, `import`, `export`, `generate`, `tokenizer` | [`train`], [`predict`], [`hf`], [`generate`], [`tokenizer`] | 0. data and models |
 //! | `cache` | [`cache`] | 1. gradient store |
 //! | `fit` | [`fit`] | 2. curvature |
-//! | `trace`, `merge`, `audit` | [`trace`], [`merge`], [`audit`] | 3. query |
+//! | `trace`, `merge`, `audit`, `provenance` | [`trace`], [`merge`], [`audit`], [`provenance`] | 3. query |
 //! | `poison`, `purge`, `eval` | [`poison`], [`purge`], [`eval`] | 4. act and verify |
 //! | `scan`, `dedup` | [`scan`], [`dedup`] | before an incident: candidate triggers, copies |
 //! | `demo` | [`demo`] | all of it |
@@ -24,6 +24,7 @@ pub mod merge;
 pub mod poison;
 
 pub mod predict;
+pub mod provenance;
 pub mod purge;
 pub mod scan;
 pub mod tokenizer;

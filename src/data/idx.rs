@@ -128,6 +128,26 @@ pub fn load_selected(dir: &Path, split: Split, skip: usize, limit: Option<usize>
     Ok((raw, rows.start))
 }
 
+/// Calls `visit(row, image bytes, label)` for every example of one split of an IDX folder, in
+/// order (the headers checked as for loading); returns the images file's path.
+pub(crate) fn for_each_example(dir: &Path, split: Split, mut visit: impl FnMut(usize, &[u8], u8)) -> Result<PathBuf> {
+    let images_path = find(dir, split, "images-idx3-ubyte")?;
+    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
+    let (images, _) = read_file(&images_path)?;
+    let (labels, _) = read_file(&labels_path)?;
+    let (idims, ioff) = header(&images_path, &images, 3)?;
+    let (ldims, loff) = header(&labels_path, &labels, 1)?;
+    if idims[0] != ldims[0] {
+        let what = format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display());
+        return Err(Error::data(&labels_path, None, what));
+    }
+    let pixels = idims[1] * idims[2];
+    for row in 0..idims[0] {
+        visit(row, &images[ioff + row * pixels..ioff + (row + 1) * pixels], labels[loff + row]);
+    }
+    Ok(images_path)
+}
+
 /// Writes one split of an IDX folder (uncompressed, MNIST's names): `pixels` are
 /// `labels.len() × height × width` values, rounded and clamped into 0..=255. Each file is written
 /// atomically.

@@ -18,6 +18,7 @@ pub mod corpus;
 pub mod csv;
 pub mod idx;
 pub mod poisoned;
+pub mod provenance;
 pub mod text;
 pub mod tokenizer;
 

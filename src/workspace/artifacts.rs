@@ -125,14 +125,25 @@ fn located_training_spec(run: &Run) -> Result<DataSpec> {
         };
         let (_, sha) = read_file(&actual)?;
         if sha != f.sha256 {
+            let what = changed_examples(run, m, &path).map(|w| format!(": {w}")).unwrap_or_default();
             return Err(Error::data(
                 &actual,
                 None,
-                format!("changed since the run in {} was trained (SHA-256 differs)", run.dir.display()),
+                format!("changed since the run in {} was trained (SHA-256 differs){what}", run.dir.display()),
             ));
         }
     }
     Ok(DataSpec { path, split: m.split, skip: m.skip, limit: m.limit })
+}
+
+/// Which trained examples changed, from the run's provenance records against the data at
+/// `path` now (`None` without records, or when the data cannot be read as it was).
+fn changed_examples(run: &Run, m: &crate::data::DataManifest, path: &Path) -> Option<String> {
+    let recorded = crate::data::provenance::read(&run.dir.join(super::run::PROVENANCE)).ok()?;
+    let spec = DataSpec { path: path.to_path_buf(), split: m.split, skip: 0, limit: None };
+    let now = crate::data::provenance::records(m.kind, &spec, true).ok()?;
+    let what = crate::data::provenance::changes(&recorded, &now);
+    (!what.is_empty()).then_some(what)
 }
 
 /// Loads a run's training data and checks the files are the ones it was trained on (found by

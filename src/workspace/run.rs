@@ -6,6 +6,7 @@
 //!   manifest.json  the data: files and their SHA-256, rows, preprocessing (DataManifest)
 //!   weights.bin    θ as f64, checksummed (format in docs/FORMAT.md)
 //!   train.log      the training log
+//!   provenance.jsonl  each training example's file, row, SHA-256 and source (data::provenance)
 //! ```
 //!
 //! A run directory is written whole or not at all: everything goes into a sibling temporary
@@ -194,6 +195,9 @@ fn pretty(value: &impl Serialize) -> String {
     serde_json::to_string_pretty(value).expect("plain data serialises") + "\n"
 }
 
+/// The name of a run's provenance records.
+pub const PROVENANCE: &str = "provenance.jsonl";
+
 impl Run {
     /// Writes a new run directory atomically (with `extra` files, e.g. a tokenizer, copied in).
     /// Refuses to replace an existing one.
@@ -225,6 +229,15 @@ impl Run {
         write_new(&tmp.path().join("manifest.json"), pretty(manifest).as_bytes())?;
         write_new(&tmp.path().join("weights.bin"), &encode_weights(&theta))?;
         write_new(&tmp.path().join("train.log"), log.as_bytes())?;
+        let spec = crate::data::DataSpec {
+            path: manifest.path.clone(),
+            split: manifest.split,
+            skip: manifest.skip,
+            limit: manifest.limit,
+        };
+        let mut records = crate::data::provenance::records(manifest.kind, &spec, false)?;
+        records.retain(|r| manifest.excluded.binary_search(&r.id).is_err());
+        crate::data::provenance::write(&tmp.path().join(PROVENANCE), &records)?;
         tmp.commit()?;
         Ok(Run { dir: dir.to_path_buf(), config, manifest: manifest.clone(), theta })
     }
