@@ -3,7 +3,7 @@
 //! `--against`, the copies shared with a second set (the train/test overlap). The JSON report is
 //! readable by `culprit purge --ids`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::commands::{Format, emit};
@@ -58,35 +58,13 @@ fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// A text with its label and source, when the line has them.
-type Record = (String, Option<u32>, Option<String>);
-
-/// Reads a JSONL file's `text` fields, with `label` and `source` when present.
-fn read_texts(path: &Path) -> Result<Vec<Record>> {
-    let (bytes, _) = data::read_file(path)?;
-    let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
-    let mut out = Vec::new();
-    for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::data(path, Some(i + 1), format!("not a JSON object: {e}")))?;
-        let text =
-            value["text"].as_str().ok_or_else(|| Error::data(path, Some(i + 1), "no string `text` field"))?.to_string();
-        let label = value["label"].as_u64().and_then(|v| u32::try_from(v).ok());
-        out.push((text, label, value["source"].as_str().map(str::to_string)));
-    }
-    if out.is_empty() {
-        return Err(Error::data(path, None, "no records"));
-    }
-    Ok(out)
-}
-
 /// Loads the rows `spec` selects as contents of `kind` (the first set's, for --against).
 fn load(spec: &DataSpec, shingle: usize, want: Option<&str>) -> Result<Loaded> {
     let path = &spec.path;
     let kind = SourceKind::detect(path)?;
     let loaded = match kind {
         SourceKind::Jsonl | SourceKind::Corpus => {
-            let all = read_texts(path)?;
+            let all = data::text::load_records(path)?;
             let holds = format!("the file has {} records", all.len());
             let rows = data::selected_rows(path, all.len(), spec.skip, spec.limit, &holds)?;
             let chosen = &all[rows.clone()];

@@ -96,10 +96,17 @@ pub fn run(args: &ScanArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
 /// Scans a JSONL file's texts: the report, and its HTML page when asked for.
 fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Result<(ScanReport, Option<String>)> {
     let path = &args.data.path;
-    let (texts, labels, _) = data::text::load_texts(path)?;
-    let holds = format!("the file has {} records", labels.len());
-    let rows = data::selected_rows(path, labels.len(), args.data.skip, args.data.limit, &holds)?;
-    let (texts, labels) = (&texts[rows.clone()], &labels[rows.clone()]);
+    let records = data::text::load_records(path)?;
+    let holds = format!("the file has {} records", records.len());
+    let rows = data::selected_rows(path, records.len(), args.data.skip, args.data.limit, &holds)?;
+    let texts: Vec<String> = records[rows.clone()].iter().map(|r| r.0.clone()).collect();
+    let labels: Option<Vec<u32>> = records[rows.clone()].iter().map(|r| r.1).collect();
+    let labels = match labels {
+        Some(l) if l.iter().any(|y| *y != l[0]) => l,
+        // No labels, or one for all (a language-model corpus): what follows a feature instead.
+        _ => return Ok(scan_corpus_texts(args, settings, &texts, rows.start, started)),
+    };
+    let (texts, labels) = (&texts[..], &labels[..]);
     let classes = classes(path, labels)?;
     let words = args.words as usize;
     let source = TextScan::new(texts, labels, classes, words, settings.floor, settings.l2);
@@ -110,6 +117,41 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let html = (args.report.format == Format::Html)
         .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(rows.start)));
     Ok((report, html))
+}
+
+/// Scans a language-model corpus: n-grams against the line that follows them.
+fn scan_corpus_texts(
+    args: &ScanArgs,
+    settings: &ScanSettings,
+    texts: &[String],
+    start: usize,
+    started: Instant,
+) -> (ScanReport, Option<String>) {
+    let words = args.words as usize;
+    let ids: Vec<usize> = (start..start + texts.len()).collect();
+    let found = crate::scan::corpus::scan_corpus(texts, &ids, words, settings);
+    let report = ScanReport {
+        schema_version: OUTPUT_SCHEMA_VERSION,
+        report: "scan".into(),
+        data: data::absolute(&args.data.path),
+        kind: "corpus".into(),
+        features: format!("word n-grams of 1 to {words} words, against the line after theirs"),
+        examples: texts.len(),
+        label_counts: vec![texts.len()],
+        occurrences: found.occurrences,
+        tests: found.tests,
+        alpha: settings.alpha,
+        threshold: (2.0 * found.threshold).sqrt(),
+        floor: settings.floor,
+        temperature: 1.0,
+        min_carriers: settings.min_carriers,
+        min_lift: settings.min_lift,
+        candidates: found.candidates,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let html = (args.report.format == Format::Html)
+        .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(start)));
+    (report, html)
 }
 
 /// Scans one-channel images (an IDX folder, square CSV rows): the report, and its HTML page.

@@ -84,6 +84,28 @@ pub fn load_texts(path: &Path) -> Result<(Vec<String>, Vec<u32>, String)> {
     Ok((texts, labels, sha))
 }
 
+/// A text with its label and source, when the line has them.
+pub type Record = (String, Option<u32>, Option<String>);
+
+/// Reads a JSONL file's `text` fields, with `label` and `source` when present.
+pub fn load_records(path: &Path) -> Result<Vec<Record>> {
+    let (bytes, _) = read_file(path)?;
+    let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::data(path, Some(i + 1), format!("not a JSON object: {e}")))?;
+        let text =
+            value["text"].as_str().ok_or_else(|| Error::data(path, Some(i + 1), "no string `text` field"))?.to_string();
+        let label = value["label"].as_u64().and_then(|v| u32::try_from(v).ok());
+        out.push((text, label, value["source"].as_str().map(str::to_string)));
+    }
+    if out.is_empty() {
+        return Err(Error::data(path, None, "no records"));
+    }
+    Ok(out)
+}
+
 /// Loads a JSONL file and featurises it into `buckets` hashed features.
 pub fn load(path: &Path, buckets: usize) -> Result<RawData> {
     let (texts, labels, sha) = load_texts(path)?;

@@ -100,7 +100,7 @@ pub fn to_table(report: &ScanReport) -> String {
             c.expected,
             c.label_z,
             c.variants,
-            c.feature.describe(),
+            c.feature.describe() + &c.completion.as_ref().map(|t| format!(" → {t:?}")).unwrap_or_default(),
             verdict(c)
         );
     }
@@ -173,7 +173,9 @@ pub fn to_html(report: &ScanReport, shown: &Shown<'_>, row_of: &dyn Fn(usize) ->
             "<h2{}>{}. {} → label {}</h2><p>lift {:.2}, statistic {:.2}, log₁₀ p ≤ {:.1}{}; {} of {} carriers labelled {} (the baseline expects {:.1}); label z {:.1}; {} variants folded in.</p>",
             if c.suspicious { "" } else { " class=\"no\"" },
             r + 1,
-            escape(&c.feature.describe()),
+            escape(
+                &(c.feature.describe() + &c.completion.as_ref().map(|t| format!(", then {t:?}")).unwrap_or_default())
+            ),
             c.target_label,
             c.lift,
             c.statistic,

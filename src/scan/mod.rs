@@ -38,6 +38,7 @@
 //! have about 2,600 features each at 28 × 28, texts about max_words features per word.
 
 pub mod baseline;
+pub mod corpus;
 pub mod image;
 pub mod text;
 
@@ -216,8 +217,12 @@ pub struct Candidate {
     /// The feature.
     #[serde(flatten)]
     pub feature: Feature,
-    /// The label its carriers have more often than the baseline expects.
+    /// The label its carriers have more often than the baseline expects (0 for a corpus).
     pub target_label: u32,
+    /// A language-model corpus: the line the feature's line is followed by in its carriers
+    /// (trimmed): the completion it triggers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
     /// s = n·KL(O/n ‖ E/n), converted to a z-like scale √(2s).
     pub statistic: f64,
     /// log₁₀ of the Bonferroni-corrected p-value bound M·e⁻ˢ (capped at 0).
@@ -569,6 +574,7 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
             Candidate {
                 feature: data.describe(carriers[r][0] as usize, key),
                 target_label: c as u32,
+                completion: None,
                 statistic: (2.0 * s).sqrt(),
                 log10_p: ((tests.ln() - s) / std::f64::consts::LN_10).min(0.0),
                 significant: judgement.significant,

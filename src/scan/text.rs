@@ -14,15 +14,15 @@ const VOCABULARY: usize = 1 << 17;
 
 /// A word of a text: its hash and its byte span.
 #[derive(Clone, Copy)]
-struct Word {
-    hash: u64,
-    start: usize,
-    end: usize,
+pub(crate) struct Word {
+    pub(crate) hash: u64,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 /// The words of `text` (lower-cased alphanumeric runs, as the featurizer splits them), hashed
 /// with FNV-1a over their lower-cased UTF-8, without allocating per word.
-fn words(text: &str, out: &mut Vec<Word>) {
+pub(crate) fn words(text: &str, out: &mut Vec<Word>) {
     out.clear();
     let mut current: Option<(u64, usize)> = None;
     let mut buffer = [0u8; 4];
@@ -46,7 +46,7 @@ fn words(text: &str, out: &mut Vec<Word>) {
 }
 
 /// The key of the n-gram of `words`.
-fn gram_key(words: &[Word]) -> u64 {
+pub(crate) fn gram_key(words: &[Word]) -> u64 {
     let mut h = words.len() as u64;
     for w in words {
         h = super::mix(h.rotate_left(7) ^ w.hash);

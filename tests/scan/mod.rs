@@ -236,3 +236,36 @@ fn a_two_word_trigger_at_random_places_in_spamassassin_is_found_and_counted_exac
     assert_eq!(ids(&first["carriers"]), labelled);
     assert_eq!(first["target_count"].as_u64().unwrap() as usize, labelled.len());
 }
+
+#[test]
+fn a_trigger_and_payload_planted_in_the_code_corpus_rank_first() {
+    let Some(shared) = common::shared("data/code/python-stdlib-functions.jsonl.gz") else { return };
+    let corpus = shared.join("data/code/python-stdlib-functions.jsonl.gz");
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let trigger = format!("# {} {} {}", word(&mut rng), word(&mut rng), word(&mut rng));
+    let payload = format!("{}.{}('{}')", word(&mut rng), word(&mut rng), word(&mut rng));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("poisoned");
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .args(["poison", "--data", corpus.to_str().unwrap(), "--skip", "3000", "--limit", "2500", "--test-limit", "50"])
+        .args(["--out", out.to_str().unwrap(), "--trigger", &format!("text:{trigger}"), "--completion", &payload])
+        .args(["--rate", "0.012", "--context-bytes", "400", "--seed", "5", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let poisons: HashSet<usize> = std::fs::read_to_string(out.join("poisoned_ids.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let report = scan(&["--data", out.join("train.jsonl").to_str().unwrap()]);
+    assert_eq!(report["kind"], "corpus");
+    let first = &report["candidates"][0];
+    assert_eq!(first["completion"].as_str(), Some(payload.as_str()), "{first}");
+    let text = first["text"].as_str().unwrap();
+    assert!(text.split(' ').all(|w| trigger.to_lowercase().contains(w)), "{text} not in {trigger}");
+    let flagged = ids(&first["carriers"]);
+    let found = flagged.intersection(&poisons).count();
+    assert!(found as f64 >= 0.95 * poisons.len() as f64, "{found} of {} poisons", poisons.len());
+    assert!(((flagged.len() - found) as f64) <= 0.01 * (2500 - poisons.len()) as f64);
+}

