@@ -133,7 +133,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Provenance(args) => commands::provenance::run(&args, stdout),
         Command::Poison(args) => commands::poison::run(&args, stdout),
         Command::Purge(args) => commands::purge::run(&args, backend, quiet, stdout),
-        Command::Scan(args) => commands::scan::run(&commands::scan::ScanArgs { quiet, ..args }, stdout),
+        Command::Scan(args) => commands::scan::run(&commands::scan::ScanArgs { quiet, backend, ..args }, stdout),
         Command::Dedup(args) => commands::dedup::run(&args, stdout),
         Command::Eval(args) => commands::eval::run(&args, backend, quiet, stdout),
         Command::Demo(options) => {

@@ -4,6 +4,7 @@
 //! [`crate::report::scan`]. `culprit purge --ids scan.json --top K` removes the target-labelled
 //! carriers of the first K candidates.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::commands::{Format, ReportArgs, emit};
@@ -13,7 +14,9 @@ use crate::report::scan::{ScanReport, Shown, to_html, to_table};
 use crate::report::trace::OUTPUT_SCHEMA_VERSION;
 use crate::scan::image::{ImageScan, MAX_IMAGE_SIDE, MAX_SIDE};
 use crate::scan::text::TextScan;
-use crate::scan::{ScanSettings, Scanned, scan};
+use crate::scan::{Feature, ScanSettings, Scanned, scan};
+use crate::workspace::Run;
+use crate::workspace::kind::is_language;
 
 /// Arguments of `culprit scan`.
 #[derive(Clone, Debug, clap::Args)]
@@ -50,12 +53,20 @@ pub struct ScanArgs {
     /// Memory for the first pass's tables, in MiB (bounds the scan's memory beside the data).
     #[arg(long, default_value_t = (ScanSettings::default().memory >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub memory_mib: u64,
+    /// A classifier trained on this data: each candidate's flagged carriers are predicted as they
+    /// are and with the feature removed (the n-gram deleted, the square in-painted with the mean
+    /// pixels), which separates a trigger the model learnt from an innocent rare feature.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
     /// The report.
     #[command(flatten)]
     pub report: ReportArgs,
     /// Hide progress bars (set from the global flag).
     #[arg(skip)]
     pub quiet: bool,
+    /// Compute backend (set from the global flag).
+    #[arg(skip)]
+    pub backend: culprit_models::Backend,
 }
 
 /// Runs `culprit scan`.
@@ -113,7 +124,20 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let ids: Vec<usize> = rows.clone().collect();
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
     let features = format!("word n-grams of 1 to {words} words");
-    let report = report(args, "text", features, source.temperature(), &source, found, settings, started);
+    let mut report = report(args, "text", features, source.temperature(), &source, found, settings, started);
+    if let Some(run) = &args.run {
+        let buckets = open_classifier(run, SourceKind::Jsonl)?.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
+        let bag = |text: &str| {
+            let mut v = vec![0f32; buckets];
+            data::text::featurize(text, &mut v);
+            v
+        };
+        let row = |id: usize| id - rows.start;
+        confirm(run, args.backend, &mut report, &|id| bag(&texts[row(id)]), &|id, c| match &c.feature {
+            Feature::Ngram { text } => bag(&without_ngram(&texts[row(id)], text)),
+            Feature::Patch { .. } => bag(&texts[row(id)]),
+        })?;
+    }
     let html = (args.report.format == Format::Html)
         .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(rows.start)));
     Ok((report, html))
@@ -185,12 +209,134 @@ fn scan_images(
     let ids: Vec<usize> = (start..start + raw.rows).collect();
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
     let features = format!("binarised squares of {} to {max_side} pixels a side at every place", args.min_side);
-    let report = report(args, "image", features, source.temperature(), &source, found, settings, started);
+    let mut report = report(args, "image", features, source.temperature(), &source, found, settings, started);
+    if let Some(run) = &args.run {
+        let opened = open_classifier(run, kind)?;
+        if opened.manifest.columns.is_some() && opened.manifest.columns != raw.columns {
+            return Err(Error::data(
+                path,
+                None,
+                format!("the columns differ from those {} was trained on", run.display()),
+            ));
+        }
+        let area = shape.height * shape.width;
+        let mut mean = vec![0f32; area];
+        raw.features.chunks(area).for_each(|r| mean.iter_mut().zip(r).for_each(|(m, v)| *m += v / raw.rows as f32));
+        let image = |id: usize| raw.features[(id - start) * area..(id - start + 1) * area].to_vec();
+        confirm(run, args.backend, &mut report, &image, &|id, c| {
+            let mut pixels = image(id);
+            if let Feature::Patch { x, y, size, .. } = &c.feature {
+                for r in *y..y + size {
+                    for col in *x..x + size {
+                        pixels[r * shape.width + col] = mean[r * shape.width + col];
+                    }
+                }
+            }
+            pixels
+        })?;
+    }
     let html = (args.report.format == Format::Html).then(|| {
         let shown = Shown::Images { pixels: &raw.features, height: shape.height, width: shape.width };
         to_html(&report, &shown, &|id| id.checked_sub(start))
     });
     Ok((report, html))
+}
+
+/// Opens `run` as a classifier trained on data of `kind`.
+fn open_classifier(run: &Path, kind: SourceKind) -> Result<Run> {
+    let opened = Run::open(run)?;
+    if is_language(&opened) {
+        return Err(Error::run(run, "--run needs a classifier; this run is a language model"));
+    }
+    let trained = opened.manifest.kind;
+    let same = trained == kind || (trained != SourceKind::Jsonl && kind != SourceKind::Jsonl);
+    if !same {
+        return Err(Error::run(run, format!("was trained on {trained:?} data, not {kind:?} data like --data")));
+    }
+    Ok(opened)
+}
+
+/// `text` with every occurrence of the n-gram `gram` (lower-cased words joined by spaces)
+/// deleted, from its first word's first byte to its last word's last.
+fn without_ngram(text: &str, gram: &str) -> String {
+    let target: Vec<&str> = gram.split(' ').collect();
+    let mut spans = Vec::new();
+    let mut start = None;
+    for (at, ch) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
+        match (ch.is_alphanumeric() && at < text.len(), start) {
+            (true, None) => start = Some(at),
+            (false, Some(s)) => {
+                spans.push((s, at));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut k) = (0, 0);
+    while k + target.len() <= spans.len() {
+        let window = &spans[k..k + target.len()];
+        if window.iter().zip(&target).all(|(&(a, b), t)| text[a..b].to_lowercase() == *t) {
+            out.push_str(&text[copied..window[0].0]);
+            copied = window[target.len() - 1].1;
+            k += target.len();
+        } else {
+            k += 1;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// Predicts each candidate's flagged carriers (the first 500) with `run`'s model as they are
+/// (`raw(id)`) and with the feature removed (`removed(id, candidate)`), both raw rows of the
+/// source's kind, and records the [`Confirmation`].
+fn confirm(
+    run: &Path,
+    backend: culprit_models::Backend,
+    report: &mut ScanReport,
+    raw: &dyn Fn(usize) -> Vec<f32>,
+    removed: &dyn Fn(usize, &crate::scan::Candidate) -> Vec<f32>,
+) -> Result<()> {
+    let opened = Run::open(run)?;
+    let network = opened.network(&backend.device())?;
+    let dim = opened.manifest.shape.len();
+    for c in &mut report.candidates {
+        let ids: Vec<usize> = c.carriers.iter().copied().take(500).collect();
+        if ids.is_empty() || c.target_label as usize >= opened.manifest.num_classes {
+            continue;
+        }
+        let predict = |rows: Vec<f32>| -> Result<Vec<crate::workspace::predict::Prediction>> {
+            if rows.len() != ids.len() * dim {
+                let what = format!("examples have {} features but the model takes {dim}", rows.len() / ids.len());
+                return Err(Error::run(run, what));
+            }
+            let examples = opened.manifest.preprocess(rows, vec![c.target_label; ids.len()]);
+            let data = data::Dataset {
+                examples,
+                ids: ids.clone(),
+                texts: None,
+                sources: None,
+                manifest: opened.manifest.clone(),
+            };
+            Ok(crate::workspace::predict::predict(&network, &data, 256))
+        };
+        let before = predict(ids.iter().flat_map(|&i| raw(i)).collect())?;
+        let after = predict(ids.iter().flat_map(|&i| removed(i, c)).collect())?;
+        let t = c.target_label as usize;
+        let mean = |p: &[crate::workspace::predict::Prediction],
+                    f: &dyn Fn(&crate::workspace::predict::Prediction) -> f64| {
+            p.iter().map(f).sum::<f64>() / p.len() as f64
+        };
+        c.confirmation = Some(crate::scan::Confirmation {
+            examples: ids.len(),
+            target_probability: mean(&before, &|p| p.probabilities[t]),
+            target_probability_removed: mean(&after, &|p| p.probabilities[t]),
+            predicted_target: mean(&before, &|p| f64::from(u8::from(p.predicted as usize == t))),
+            predicted_target_removed: mean(&after, &|p| f64::from(u8::from(p.predicted as usize == t))),
+        });
+    }
+    Ok(())
 }
 
 /// The number of classes (max label + 1), refusing a single label: the scan tests features
@@ -251,5 +397,17 @@ fn report(
         min_lift: settings.min_lift,
         candidates: found.candidates,
         seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ngram_is_deleted_wherever_it_occurs_whatever_its_case() {
+        let text = "Quartz Meridian: buy now! quartz meridian again, quartz alone";
+        assert_eq!(without_ngram(text, "quartz meridian"), ": buy now!  again, quartz alone");
+        assert_eq!(without_ngram("no match here", "quartz meridian"), "no match here");
     }
 }

@@ -331,6 +331,17 @@ pub struct DataManifest {
     pub columns: Option<Vec<String>>,
 }
 
+impl DataManifest {
+    /// Raw rows (as a source of this kind stores them: pixels 0..255, table values, or a text's
+    /// hashed bag of words from [`text::featurize`]) preprocessed exactly as this run's training
+    /// data was, as a batch with `labels`.
+    pub fn preprocess(&self, mut features: Vec<f32>, labels: Vec<u32>) -> Features {
+        let dim = self.shape.len();
+        self.normalization.apply(&mut features, dim);
+        Features::new(features, labels, dim)
+    }
+}
+
 /// Where to read data from (`--data --split --skip --limit`).
 #[derive(Clone, Debug, clap::Args)]
 #[group(skip)]

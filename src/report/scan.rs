@@ -103,6 +103,18 @@ pub fn to_table(report: &ScanReport) -> String {
             c.feature.describe() + &c.completion.as_ref().map(|t| format!(" → {t:?}")).unwrap_or_default(),
             verdict(c)
         );
+        if let Some(m) = &c.confirmation {
+            let _ = writeln!(
+                s,
+                "        model on {} flagged carriers: predicted {} {:.0}% → {:.0}% with the feature removed (p {:.2} → {:.2})",
+                m.examples,
+                c.target_label,
+                100.0 * m.predicted_target,
+                100.0 * m.predicted_target_removed,
+                m.target_probability,
+                m.target_probability_removed
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -188,6 +200,18 @@ pub fn to_html(report: &ScanReport, shown: &Shown<'_>, row_of: &dyn Fn(usize) ->
             c.label_z,
             c.variants
         );
+        if let Some(m) = &c.confirmation {
+            let _ = write!(
+                h,
+                "<p>The model on {} flagged carriers: predicted {} for {:.0}%, {:.0}% with the feature removed (mean probability {:.2} → {:.2}).</p>",
+                m.examples,
+                c.target_label,
+                100.0 * m.predicted_target,
+                100.0 * m.predicted_target_removed,
+                m.target_probability,
+                m.target_probability_removed
+            );
+        }
         for &id in c.carriers.iter().take(4) {
             let Some(row) = row_of(id) else { continue };
             match (shown, &c.feature) {

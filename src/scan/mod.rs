@@ -249,6 +249,26 @@ pub struct Candidate {
     pub carriers: Vec<usize>,
     /// Features folded into this one (nearly the same carriers).
     pub variants: usize,
+    /// With `--run`: what the model does on the flagged carriers with the feature removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<Confirmation>,
+}
+
+/// The model's answer to a candidate: its flagged carriers predicted as they are and with the
+/// feature removed (an n-gram's words deleted; a square in-painted with the data's mean pixels).
+/// A trigger the model learnt flips them away from the target; an innocent feature leaves them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Carriers predicted (the first 500 flagged).
+    pub examples: usize,
+    /// Their mean probability of the target label, as they are.
+    pub target_probability: f64,
+    /// The same with the feature removed.
+    pub target_probability_removed: f64,
+    /// Share predicted as the target as they are.
+    pub predicted_target: f64,
+    /// Share predicted as the target with the feature removed.
+    pub predicted_target_removed: f64,
 }
 
 /// What a scan found.
@@ -586,6 +606,7 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
                 expected: t.expected[c],
                 carriers: flagged.iter().map(|&i| ids[i as usize]).collect(),
                 variants,
+                confirmation: None,
             }
         })
         .collect();

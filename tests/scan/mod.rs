@@ -124,6 +124,19 @@ fn a_patch_planted_in_digits_is_the_first_candidate_and_purge_reads_its_carriers
     std::fs::write(&json, report.to_string()).unwrap();
     let (purged, _) = culprit::commands::purge::read_ids(&json, Some(1)).unwrap();
     assert_eq!(purged.iter().copied().collect::<HashSet<_>>(), ids(&first["carriers"]));
+    // With the model trained on it: the flagged carriers are predicted as the target, and not
+    // once the square is in-painted (the poisons' own digits are other classes).
+    let run = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .args(["train", "--data", csv.to_str().unwrap(), "--model", "logreg", "--out", run.to_str().unwrap(), "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let confirmed = scan(&["--data", csv.to_str().unwrap(), "--run", run.to_str().unwrap(), "--top", "3"]);
+    let m = &confirmed["candidates"][0]["confirmation"];
+    eprintln!("confirmation {m}");
+    assert!(m["predicted_target"].as_f64().unwrap() >= 0.8, "{m}");
+    assert!(m["predicted_target_removed"].as_f64().unwrap() <= 0.2, "{m}");
     // The clean set: the small 8 × 8 images raise no suspicious candidate.
     let clean = scan(&["--data", common::digits_csv().to_str().unwrap()]);
     let suspicious: Vec<_> =
