@@ -14,7 +14,8 @@
 //!   EK-FAC fit on 64 documents against a training epoch over the same 64 (4 such steps).
 //! - `scan`: `culprit scan`'s documents/s on 2000 SpamAssassin e-mails (`../shared`; skipped when
 //!   absent) and images/s on 2000 MNIST-shaped images, each beside the plain base-rate count of
-//!   the same features (one pass, no baseline: the Z-defence statistic's work) in the same run.
+//!   the same features (one pass, no baseline: the Z-defence statistic's work) and the base-rate
+//!   z-scan (`--baseline none`), in the same run.
 
 use std::time::Duration;
 
@@ -303,6 +304,13 @@ fn scan(c: &mut Criterion) {
         });
         let data = TextScan::new(&texts, &labels, 2, 3, settings.floor, settings.l2);
         group.bench_function("spamassassin 2000 e-mails, base-rate counts", |b| b.iter(|| base_rate_counts(&data)));
+        let plain = ScanSettings { l2: None, ..settings.clone() };
+        group.bench_function("spamassassin 2000 e-mails, z-scan (base rates, no baseline)", |b| {
+            b.iter(|| {
+                let data = TextScan::new(&texts, &labels, 2, 3, plain.floor, None);
+                scan(&data, &ids, &plain, &mut culprit::progress::Bar::new(true)).candidates.len()
+            })
+        });
     } else {
         eprintln!("scan: skipped the e-mails ({} not found)", spam.display());
     }

@@ -43,6 +43,10 @@ pub struct ScanReport {
     pub min_carriers: usize,
     /// The lift bound that makes a significant candidate suspicious.
     pub min_lift: f64,
+    /// What E comes from: `linear` (the cross-fitted logistic regression with the feature
+    /// removed), `base rates`, or `the next line` (a corpus: a random line's chance).
+    #[serde(default)]
+    pub baseline: String,
     /// Candidates, best first.
     pub candidates: Vec<Candidate>,
     /// Seconds taken.
@@ -79,8 +83,15 @@ pub fn to_table(report: &ScanReport) -> String {
     );
     let _ = writeln!(
         s,
-        "lift: the largest r with O significantly above r·E (the ranking key); statistic: √(2·n·KL(O/n ‖ E/n)), E from the cross-fitted logistic regression with the feature removed (T = {:.2}, ε = {}); label z: the base-rate z of Z-defence",
-        report.temperature, report.floor
+        "lift: the largest r with O significantly above r·E (the ranking key); statistic: √(2·n·KL(O/n ‖ E/n)); E from {}; label z: the base-rate z of Z-defence",
+        match report.baseline.as_str() {
+            "linear" => format!(
+                "the cross-fitted logistic regression with the feature removed (T = {:.2}, ε = {})",
+                report.temperature, report.floor
+            ),
+            "the next line" => "a random line's chance of being the one that follows".to_string(),
+            _ => "the labels' base rates".to_string(),
+        }
     );
     let _ = writeln!(
         s,
@@ -166,12 +177,13 @@ pub fn to_html(report: &ScanReport, shown: &Shown<'_>, row_of: &dyn Fn(usize) ->
     h.push_str(".no{color:#888}</style></head><body>");
     let _ = write!(
         h,
-        "<h1>Trigger scan</h1><p>{} — {} {} examples, labels {:?}; {}. Statistic √(2·n·KL(O/n ‖ E/n)) against a cross-fitted logistic regression with the feature removed; threshold {:.2} (M = {:.3e}, α = {}). {} of {} candidates suspicious, {} significant.</p>",
+        "<h1>Trigger scan</h1><p>{} — {} {} examples, labels {:?}; {}. Statistic √(2·n·KL(O/n ‖ E/n)), E from {}; threshold {:.2} (M = {:.3e}, α = {}). {} of {} candidates suspicious, {} significant.</p>",
         escape(&report.data.display().to_string()),
         report.examples,
         report.kind,
         report.label_counts,
         escape(&report.features),
+        escape(&report.baseline),
         report.threshold,
         report.tests,
         report.alpha,
@@ -180,63 +192,68 @@ pub fn to_html(report: &ScanReport, shown: &Shown<'_>, row_of: &dyn Fn(usize) ->
         report.significant()
     );
     for (r, c) in report.candidates.iter().enumerate() {
-        let _ = write!(
-            h,
-            "<h2{}>{}. {} → label {}</h2><p>lift {:.2}, statistic {:.2}, log₁₀ p ≤ {:.1}{}; {} of {} carriers labelled {} (the baseline expects {:.1}); label z {:.1}; {} variants folded in.</p>",
-            if c.suspicious { "" } else { " class=\"no\"" },
-            r + 1,
-            escape(
-                &(c.feature.describe() + &c.completion.as_ref().map(|t| format!(", then {t:?}")).unwrap_or_default())
-            ),
-            c.target_label,
-            c.lift,
-            c.statistic,
-            c.log10_p,
-            verdict(c),
-            c.target_count,
-            c.carrier_count,
-            c.target_label,
-            c.expected,
-            c.label_z,
-            c.variants
-        );
-        if let Some(m) = &c.confirmation {
-            let _ = write!(
-                h,
-                "<p>The model on {} flagged carriers: predicted {} for {:.0}%, {:.0}% with the feature removed (mean probability {:.2} → {:.2}).</p>",
-                m.examples,
-                c.target_label,
-                100.0 * m.predicted_target,
-                100.0 * m.predicted_target_removed,
-                m.target_probability,
-                m.target_probability_removed
-            );
-        }
-        for &id in c.carriers.iter().take(4) {
-            let Some(row) = row_of(id) else { continue };
-            match (shown, &c.feature) {
-                (Shown::Texts(texts), Feature::Ngram { text }) => {
-                    let _ = write!(h, "<p>example {id}:</p>{}", highlighted(&texts[row], text));
-                }
-                (Shown::Images { pixels, height, width }, Feature::Patch { x, y, size, .. }) => {
-                    let area = height * width;
-                    let image = png(&pixels[row * area..(row + 1) * area], *height, *width);
-                    let scale = 112.0 / *width.max(height) as f64;
-                    let _ = write!(
-                        h,
-                        "<span class=\"im\" title=\"example {id}\"><img alt=\"example {id}\" src=\"data:image/png;base64,{}\"><span class=\"box\" style=\"left:{:.0}px;top:{:.0}px;width:{:.0}px;height:{:.0}px\"></span></span>",
-                        base64::engine::general_purpose::STANDARD.encode(image),
-                        *x as f64 * scale - 2.0,
-                        *y as f64 * scale - 2.0,
-                        *size as f64 * scale,
-                        *size as f64 * scale
-                    );
-                }
-                _ => {}
-            }
-        }
+        h.push_str(&candidate_html(r, c, shown, row_of));
     }
     h.push_str("</body></html>\n");
+    h
+}
+
+/// One candidate's section of the page: its figures and four of its flagged carriers.
+fn candidate_html(r: usize, c: &Candidate, shown: &Shown<'_>, row_of: &dyn Fn(usize) -> Option<usize>) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<h2{}>{}. {} → label {}</h2><p>lift {:.2}, statistic {:.2}, log₁₀ p ≤ {:.1}{}; {} of {} carriers labelled {} (the baseline expects {:.1}); label z {:.1}; {} variants folded in.</p>",
+        if c.suspicious { "" } else { " class=\"no\"" },
+        r + 1,
+        escape(&(c.feature.describe() + &c.completion.as_ref().map(|t| format!(", then {t:?}")).unwrap_or_default())),
+        c.target_label,
+        c.lift,
+        c.statistic,
+        c.log10_p,
+        verdict(c),
+        c.target_count,
+        c.carrier_count,
+        c.target_label,
+        c.expected,
+        c.label_z,
+        c.variants
+    );
+    if let Some(m) = &c.confirmation {
+        let _ = write!(
+            h,
+            "<p>The model on {} flagged carriers: predicted {} for {:.0}%, {:.0}% with the feature removed (mean probability {:.2} → {:.2}).</p>",
+            m.examples,
+            c.target_label,
+            100.0 * m.predicted_target,
+            100.0 * m.predicted_target_removed,
+            m.target_probability,
+            m.target_probability_removed
+        );
+    }
+    for &id in c.carriers.iter().take(4) {
+        let Some(row) = row_of(id) else { continue };
+        match (shown, &c.feature) {
+            (Shown::Texts(texts), Feature::Ngram { text }) => {
+                let _ = write!(h, "<p>example {id}:</p>{}", highlighted(&texts[row], text));
+            }
+            (Shown::Images { pixels, height, width }, Feature::Patch { x, y, size, .. }) => {
+                let area = height * width;
+                let image = png(&pixels[row * area..(row + 1) * area], *height, *width);
+                let scale = 112.0 / *width.max(height) as f64;
+                let _ = write!(
+                    h,
+                    "<span class=\"im\" title=\"example {id}\"><img alt=\"example {id}\" src=\"data:image/png;base64,{}\"><span class=\"box\" style=\"left:{:.0}px;top:{:.0}px;width:{:.0}px;height:{:.0}px\"></span></span>",
+                    base64::engine::general_purpose::STANDARD.encode(image),
+                    *x as f64 * scale - 2.0,
+                    *y as f64 * scale - 2.0,
+                    *size as f64 * scale,
+                    *size as f64 * scale
+                );
+            }
+            _ => {}
+        }
+    }
     h
 }
 

@@ -51,9 +51,12 @@ fn lines(text: &str) -> Vec<&str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
 }
 
+/// A document's (n-gram, next line) pairs, each with its line and the n-gram's text there.
+type DocumentPairs<'a> = HashMap<(u64, u64), (usize, &'a str)>;
+
 /// Each (n-gram of line j, key of line j + 1) pair of a document once, for lines j + 1 in
 /// `repeated`, with the n-gram's first occurrence (line j) and its text span there.
-fn pairs<'a>(text: &'a str, max_words: usize, repeated: &HashSet<u64>) -> HashMap<(u64, u64), (usize, &'a str)> {
+fn pairs<'a>(text: &'a str, max_words: usize, repeated: &HashSet<u64>) -> DocumentPairs<'a> {
     let ls = lines(text);
     let mut out = HashMap::new();
     let mut found = Vec::new();
@@ -89,9 +92,22 @@ fn grams(text: &str, max_words: usize) -> HashSet<u64> {
     out
 }
 
-/// Scans `texts` for n-grams that predict the next line (see the module's documentation).
-pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: &ScanSettings) -> CorpusScan {
-    // Pass 1: how often each line occurs.
+/// The counts a corpus scan tests: lines, (n-gram, next line) pairs, n-grams.
+struct Counts<'a> {
+    /// Occurrences of each line (by key).
+    line_counts: HashMap<u64, u64>,
+    /// All lines.
+    total_lines: u64,
+    /// Each document's pairs before a repeated line.
+    per_doc: Vec<DocumentPairs<'a>>,
+    /// Documents per pair, for pairs of at least `min_carriers`.
+    pair_docs: HashMap<(u64, u64), u64>,
+    /// Documents holding each n-gram of those pairs, anywhere.
+    gram_docs: HashMap<u64, u64>,
+}
+
+/// Three passes over `texts`: line counts, pairs before a repeated line, n-gram documents.
+fn count<'a>(texts: &'a [String], max_words: usize, min: u64) -> Counts<'a> {
     let mut line_counts: HashMap<u64, u64> = HashMap::new();
     let mut total_lines = 0u64;
     for text in texts {
@@ -100,12 +116,8 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
             total_lines += 1;
         }
     }
-    let min = settings.min_carriers as u64;
     let repeated: HashSet<u64> = line_counts.iter().filter(|(_, c)| **c >= min).map(|(k, _)| *k).collect();
-    // Pass 2: documents per (n-gram, next line) pair, before a repeated line.
-    let per_doc: Vec<HashMap<(u64, u64), (usize, &str)>> =
-        texts.par_iter().map(|t| pairs(t, max_words, &repeated)).collect();
-    let occurrences: u64 = per_doc.iter().map(|p| p.len() as u64).sum();
+    let per_doc: Vec<DocumentPairs<'a>> = texts.par_iter().map(|t| pairs(t, max_words, &repeated)).collect();
     let mut pair_docs: HashMap<(u64, u64), u64> = HashMap::new();
     for p in &per_doc {
         for key in p.keys() {
@@ -113,7 +125,6 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
         }
     }
     pair_docs.retain(|_, k| *k >= min);
-    // Pass 3: documents holding each candidate n-gram anywhere.
     let wanted: HashSet<u64> = pair_docs.keys().map(|(a, _)| *a).collect();
     let gram_docs: HashMap<u64, u64> = texts
         .par_iter()
@@ -125,40 +136,12 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
             *m.entry(g).or_default() += 1;
             m
         });
-    let tests = (occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
-    let threshold = (tests / settings.alpha).ln();
-    let judge_pair = |n: u64, k: u64, v: u64| -> Judgement {
-        let p = line_counts[&v] as f64 / total_lines.max(1) as f64;
-        // The expected count of v among n documents; label 0 is "followed by v".
-        judge(n, &[k], &[n as f64 * p], threshold)
-    };
-    let mut ranked: Vec<(Judgement, (u64, u64))> = pair_docs
-        .iter()
-        .map(|(&(a, v), &k)| (judge_pair(gram_docs[&a].max(k), k, v), (a, v)))
-        .filter(|(j, _)| j.evidence > 0.0)
-        .collect();
-    ranked.sort_by(|a, b| b.0.evidence.total_cmp(&a.0.evidence).then(a.1.cmp(&b.1)));
-    ranked.truncate((settings.top * 32).max(256));
-    // Carriers of the best pairs, their copies counted once, then ranked again.
-    let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
-        .into_iter()
-        .map(|(_, (a, v))| {
-            let carriers: Vec<u32> =
-                (0..texts.len() as u32).filter(|&d| per_doc[d as usize].contains_key(&(a, v))).collect();
-            let distinct = distinct_documents(texts, &carriers) as u64;
-            let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
-            (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
-        })
-        .collect();
-    // Ranked by evidence, which grows with the documents carrying the pair, among the pairs whose
-    // next line is rare elsewhere (lift bound ≥ STRONG_LIFT) first: a planted line is seen only
-    // after its trigger, while common continuations (`"""`, `else:`) follow many lines.
-    let strong = |j: &Judgement| j.significant && j.lift >= STRONG_LIFT;
-    judged.sort_by(|a, b| {
-        strong(&b.0).cmp(&strong(&a.0)).then(b.0.evidence.total_cmp(&a.0.evidence)).then(a.1.cmp(&b.1))
-    });
-    // Group the pairs that flag the same documents with the same next line; show the one of the
-    // most evidence (the trigger's longest n-gram).
+    Counts { line_counts, total_lines, per_doc, pair_docs, gram_docs }
+}
+
+/// Groups pairs (already ranked) that flag the same documents with the same next line; each
+/// group's members, best-ranked first.
+fn group_pairs(judged: &[(Judgement, (u64, u64), Vec<u32>)]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for r in 0..judged.len() {
         let same = groups.iter_mut().find(|members| {
@@ -169,10 +152,49 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
             None => groups.push(vec![r]),
         }
     }
-    let candidates = groups
+    groups
+}
+
+/// Scans `texts` for n-grams that predict the next line (see the module's documentation).
+pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: &ScanSettings) -> CorpusScan {
+    let counts = count(texts, max_words, settings.min_carriers as u64);
+    let Counts { line_counts, total_lines, per_doc, pair_docs, gram_docs } = &counts;
+    let occurrences: u64 = per_doc.iter().map(|p| p.len() as u64).sum();
+    let tests = (occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
+    let threshold = (tests / settings.alpha).ln();
+    let rate = |v: &u64| line_counts[v] as f64 / (*total_lines).max(1) as f64;
+    // The expected count of v among n documents; label 0 is "followed by v".
+    let judge_pair = |n: u64, k: u64, v: u64| -> Judgement { judge(n, &[k], &[n as f64 * rate(&v)], threshold) };
+    let mut ranked: Vec<(Judgement, (u64, u64))> = pair_docs
+        .iter()
+        .map(|(&(a, v), &k)| (judge_pair(gram_docs[&a].max(k), k, v), (a, v)))
+        .filter(|(j, _)| j.evidence > 0.0)
+        .collect();
+    ranked.sort_by(|a, b| b.0.evidence.total_cmp(&a.0.evidence).then(a.1.cmp(&b.1)));
+    ranked.truncate((settings.top * 32).max(256));
+    // Carriers of the best pairs, their copies counted once, then ranked again: by evidence,
+    // which grows with the documents carrying the pair, the pairs whose next line is rare
+    // elsewhere (lift bound ≥ STRONG_LIFT) first: a planted line is seen only after its trigger,
+    // while common continuations (`"""`, `else:`) follow many lines.
+    let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
+        .into_iter()
+        .map(|(_, (a, v))| {
+            let carriers: Vec<u32> =
+                (0..texts.len() as u32).filter(|&d| per_doc[d as usize].contains_key(&(a, v))).collect();
+            let distinct = distinct_documents(texts, &carriers) as u64;
+            let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
+            (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
+        })
+        .collect();
+    let strong = |j: &Judgement| j.significant && j.lift >= STRONG_LIFT;
+    judged.sort_by(|a, b| {
+        strong(&b.0).cmp(&strong(&a.0)).then(b.0.evidence.total_cmp(&a.0.evidence)).then(a.1.cmp(&b.1))
+    });
+    let candidates = group_pairs(&judged)
         .iter()
         .take(settings.top)
         .map(|members| {
+            // Shown by the member of the most evidence (the trigger's longest n-gram).
             let shown = *members
                 .iter()
                 .max_by(|&&a, &&b| judged[a].0.evidence.total_cmp(&judged[b].0.evidence))
@@ -180,13 +202,12 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
             let (j, (a, v), carriers) = &judged[shown];
             let first = carriers[0] as usize;
             let (line, span) = per_doc[first][&(*a, *v)];
-            let completion = lines(&texts[first])[line + 1].to_string();
             let n = gram_docs[a].max(carriers.len() as u64) as f64;
-            let p = line_counts[v] as f64 / total_lines.max(1) as f64;
+            let p = rate(v);
             Candidate {
                 feature: Feature::Ngram { text: span.to_lowercase() },
                 target_label: 0,
-                completion: Some(completion),
+                completion: Some(lines(&texts[first])[line + 1].to_string()),
                 statistic: (2.0 * j.evidence).sqrt(),
                 log10_p: ((tests.ln() - j.evidence) / std::f64::consts::LN_10).min(0.0),
                 significant: j.significant,

@@ -1,5 +1,5 @@
-//! The image side of the scan: binarised pixel squares at fixed places, and a Bernoulli naive
-//! Bayes baseline.
+//! The image side of the scan: binarised pixel squares at fixed places, removed from a
+//! logistic-regression baseline.
 //!
 //! Pixels are binarised at half the data's largest value (1 above it). The features of an image
 //! are, for every side k in `sizes` and every place (x, y) with the square inside the image, the
@@ -31,7 +31,10 @@ pub struct ImageScan<'a> {
     height: usize,
     width: usize,
     sizes: RangeInclusive<usize>,
-    baseline: CrossFitted,
+    /// The model a square is removed from; `None` for the base-rate scan.
+    baseline: Option<CrossFitted>,
+    /// The labels' shares, the base-rate scan's expectation.
+    prior: Vec<f32>,
     /// μₚ, each pixel's share of 1 bits.
     mean: Vec<f32>,
     floor: f32,
@@ -44,7 +47,7 @@ fn key(size: usize, x: usize, y: usize, pattern: u64) -> u64 {
 
 impl<'a> ImageScan<'a> {
     /// Binarises `pixels` (`labels.len()` images of `height × width`, one channel) and fits the
-    /// baseline (λ `l2`). The caller checks `sizes` within 1..=[`MAX_SIDE`] and the sides within
+    /// baseline (λ `l2`; `None`: base rates only). The caller checks `sizes` within 1..=[`MAX_SIDE`] and the sides within
     /// [`MAX_IMAGE_SIDE`].
     pub fn new(
         pixels: &[f32],
@@ -53,7 +56,7 @@ impl<'a> ImageScan<'a> {
         (height, width): (usize, usize),
         sizes: RangeInclusive<usize>,
         floor: f64,
-        l2: f64,
+        l2: Option<f64>,
     ) -> Self {
         let largest = pixels.iter().fold(0f32, |a, &b| a.max(b));
         let threshold = largest / 2.0;
@@ -68,13 +71,14 @@ impl<'a> ImageScan<'a> {
             let image = &bits[i * area..(i + 1) * area];
             (0..area as u32).filter(|&p| image[p as usize] == 1).collect()
         };
-        let baseline = CrossFitted::fit(labels, classes, area, &active, l2);
-        Self { bits, labels, classes, height, width, sizes, baseline, mean, floor: floor as f32 }
+        let baseline = l2.map(|l2| CrossFitted::fit(labels, classes, area, &active, l2));
+        let prior = super::base_rates(labels, classes);
+        Self { bits, labels, classes, height, width, sizes, baseline, prior, mean, floor: floor as f32 }
     }
 
     /// The baseline's tempering temperature.
     pub fn temperature(&self) -> f32 {
-        self.baseline.temperature
+        self.baseline.as_ref().map_or(1.0, |b| b.temperature)
     }
 
     /// Image `i`'s 2-D prefix sums of wₚ(bₚ − μₚ) under the model that did not see it:
@@ -82,7 +86,7 @@ impl<'a> ImageScan<'a> {
     fn prefix_sums(&self, i: usize) -> Vec<f32> {
         let (h, w, c) = (self.height, self.width, self.classes);
         let image = &self.bits[i * h * w..(i + 1) * h * w];
-        let weights = &self.baseline.model(i).weights;
+        let weights = &self.baseline.as_ref().expect("prefix sums need the baseline").model(i).weights;
         let mut sums = vec![0f32; (h + 1) * (w + 1) * c];
         for r in 0..h {
             let mut row = vec![0f32; c];
@@ -117,13 +121,13 @@ impl Scanned for ImageScan<'_> {
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
         let (h, w, c) = (self.height, self.width, self.classes);
         let image = &self.bits[i * h * w..(i + 1) * h * w];
-        let sums = if baseline { self.prefix_sums(i) } else { Vec::new() };
-        let l: Vec<f32> = if baseline {
-            let active: Vec<u32> = (0..(h * w) as u32).filter(|&p| image[p as usize] == 1).collect();
-            self.baseline.logits(i, &active)
-        } else {
-            Vec::new()
+        let model = self.baseline.as_ref().filter(|_| baseline);
+        let sums = if model.is_some() { self.prefix_sums(i) } else { Vec::new() };
+        let l: Vec<f32> = match model {
+            Some(m) => m.logits(i, &(0..(h * w) as u32).filter(|&p| image[p as usize] == 1).collect::<Vec<u32>>()),
+            None => Vec::new(),
         };
+        let base: &[f32] = if baseline { &self.prior } else { &[] };
         let (mut delta, mut q) = (vec![0f32; c], vec![0f32; c]);
         let at = |r: usize, s: usize| &sums[(r * (w + 1) + s) * c..][..c];
         for k in self.sizes.clone() {
@@ -138,15 +142,15 @@ impl Scanned for ImageScan<'_> {
                             pattern = (pattern << 1) | u64::from(b);
                         }
                     }
-                    if baseline {
+                    if let Some(m) = model {
                         let (a, b, d, e) = (at(y + k, x + k), at(y, x + k), at(y + k, x), at(y, x));
                         for j in 0..c {
                             delta[j] = a[j] - b[j] - d[j] + e[j];
                         }
-                        removed_posterior(&l, &delta, self.baseline.temperature, self.floor, &mut q);
+                        removed_posterior(&l, &delta, m.temperature, self.floor, &mut q);
                         visit(key(k, x, y, pattern), &q);
                     } else {
-                        visit(key(k, x, y, pattern), &[]);
+                        visit(key(k, x, y, pattern), base);
                     }
                 }
             }

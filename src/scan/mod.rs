@@ -63,8 +63,9 @@ pub struct ScanSettings {
     pub memory: usize,
     /// Buckets of pass 1 counted exactly in pass 2.
     pub candidate_buckets: usize,
-    /// λ of the baseline's logistic regression.
-    pub l2: f64,
+    /// λ of the baseline's logistic regression; `None`: no baseline, every feature against the
+    /// labels' base rates (the Z-defence scan, Gardner et al. 2021).
+    pub l2: Option<f64>,
     /// The lift bound a significant candidate needs to be called suspicious.
     pub min_lift: f64,
 }
@@ -78,7 +79,7 @@ impl Default for ScanSettings {
             floor: 0.01,
             memory: 64 << 20,
             candidate_buckets: 4096,
-            l2: 1e-3,
+            l2: Some(1e-3),
             min_lift: 3.0,
         }
     }
@@ -286,12 +287,12 @@ pub struct Scan {
     pub label_counts: Vec<usize>,
 }
 
-/// Pass 1's table: for each of `mask + 1` buckets, n, Oc (counts) and Ec.
+/// Pass 1's table: for each of `mask + 1` buckets one record of 2C + 1 words, n and the Oc as
+/// u32, then the Ec as f32 bits, so that an update touches one cache line.
 struct Sketch {
     classes: usize,
     mask: u64,
-    counts: Vec<u32>,
-    expected: Vec<f32>,
+    records: Vec<u32>,
 }
 
 /// Mixes a key into a bucket index (splitmix64's finaliser).
@@ -304,31 +305,34 @@ fn mix(key: u64) -> u64 {
 
 impl Sketch {
     fn new(classes: usize, buckets: usize) -> Self {
-        Self {
-            classes,
-            mask: buckets as u64 - 1,
-            counts: vec![0; buckets * (classes + 1)],
-            expected: vec![0.0; buckets * classes],
-        }
+        Self { classes, mask: buckets as u64 - 1, records: vec![0; buckets * (2 * classes + 1)] }
+    }
+
+    fn record(&self, b: usize) -> &[u32] {
+        let w = 2 * self.classes + 1;
+        &self.records[b * w..(b + 1) * w]
     }
 
     fn add(&mut self, key: u64, label: usize, q: &[f32]) {
-        let b = (mix(key) & self.mask) as usize;
         let c = self.classes;
-        let counts = &mut self.counts[b * (c + 1)..(b + 1) * (c + 1)];
-        counts[0] = counts[0].saturating_add(1);
-        counts[1 + label] = counts[1 + label].saturating_add(1);
-        for (e, q) in self.expected[b * c..(b + 1) * c].iter_mut().zip(q) {
-            *e += q;
+        let b = (mix(key) & self.mask) as usize;
+        let r = &mut self.records[b * (2 * c + 1)..(b + 1) * (2 * c + 1)];
+        r[0] = r[0].saturating_add(1);
+        r[1 + label] = r[1 + label].saturating_add(1);
+        for (e, q) in r[1 + c..].iter_mut().zip(q) {
+            *e = (f32::from_bits(*e) + q).to_bits();
         }
     }
 
     fn merge(&mut self, other: &Sketch) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a = a.saturating_add(*b);
-        }
-        for (a, b) in self.expected.iter_mut().zip(&other.expected) {
-            *a += b;
+        let (c, w) = (self.classes, 2 * self.classes + 1);
+        for (a, b) in self.records.chunks_mut(w).zip(other.records.chunks(w)) {
+            for k in 0..=c {
+                a[k] = a[k].saturating_add(b[k]);
+            }
+            for k in c + 1..w {
+                a[k] = (f32::from_bits(a[k]) + f32::from_bits(b[k])).to_bits();
+            }
         }
     }
 
@@ -343,13 +347,13 @@ impl Sketch {
         let mut scored: Vec<(Judgement, usize)> = (0..buckets)
             .into_par_iter()
             .filter_map(|b| {
-                let counts = &self.counts[b * (c + 1)..(b + 1) * (c + 1)];
-                let n = u64::from(counts[0]);
+                let r = self.record(b);
+                let n = u64::from(r[0]);
                 if n < min {
                     return None;
                 }
-                let observed: Vec<u64> = counts[1..].iter().map(|&v| u64::from(v)).collect();
-                let expected: Vec<f64> = self.expected[b * c..(b + 1) * c].iter().map(|&v| f64::from(v)).collect();
+                let observed: Vec<u64> = r[1..=c].iter().map(|&v| u64::from(v)).collect();
+                let expected: Vec<f64> = r[1 + c..].iter().map(|&v| f64::from(f32::from_bits(v))).collect();
                 let judgement = judge(n, &observed, &expected, threshold);
                 (judgement.evidence > 0.0).then_some((judgement, b))
             })
@@ -661,6 +665,13 @@ pub fn fit_temperature(log_joint: &[f32], labels: &[u32], classes: usize) -> f32
             .sum()
     };
     grid.iter().copied().map(|t| (score(t), t)).max_by(|a, b| a.0.total_cmp(&b.0)).map_or(1.0, |b| b.1)
+}
+
+/// Each label's share of `labels` (`classes` of them): the base-rate scan's expectation.
+pub(crate) fn base_rates(labels: &[u32], classes: usize) -> Vec<f32> {
+    let mut counts = vec![0f32; classes];
+    labels.iter().for_each(|&y| counts[y as usize] += 1.0);
+    counts.iter().map(|c| c / labels.len().max(1) as f32).collect()
 }
 
 /// softmax((l − delta)/t) into `q`, clipped to [floor, 1 − floor].

@@ -24,15 +24,24 @@ pub(crate) struct Word {
 /// with FNV-1a over their lower-cased UTF-8, without allocating per word.
 pub(crate) fn words(text: &str, out: &mut Vec<Word>) {
     out.clear();
+    const SEED: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut current: Option<(u64, usize)> = None;
     let mut buffer = [0u8; 4];
     for (at, ch) in text.char_indices() {
-        if ch.is_alphanumeric() {
-            let (mut h, start) = current.unwrap_or((0xcbf2_9ce4_8422_2325, at));
+        if ch.is_ascii() {
+            // The common case, without Unicode tables.
+            if ch.is_ascii_alphanumeric() {
+                let (h, start) = current.unwrap_or((SEED, at));
+                current = Some(((h ^ u64::from(ch.to_ascii_lowercase() as u8)).wrapping_mul(PRIME), start));
+            } else if let Some((hash, start)) = current.take() {
+                out.push(Word { hash, start, end: at });
+            }
+        } else if ch.is_alphanumeric() {
+            let (mut h, start) = current.unwrap_or((SEED, at));
             for lower in ch.to_lowercase() {
                 for &b in lower.encode_utf8(&mut buffer).as_bytes() {
-                    h ^= u64::from(b);
-                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                    h = (h ^ u64::from(b)).wrapping_mul(PRIME);
                 }
             }
             current = Some((h, start));
@@ -60,7 +69,10 @@ pub struct TextScan<'a> {
     labels: &'a [u32],
     classes: usize,
     max_words: usize,
-    baseline: CrossFitted,
+    /// The model a feature is removed from; `None` for the base-rate scan.
+    baseline: Option<CrossFitted>,
+    /// The labels' shares, the base-rate scan's expectation.
+    prior: Vec<f32>,
     floor: f32,
 }
 
@@ -79,20 +91,29 @@ fn present(words: &[Word]) -> Vec<u32> {
 
 impl<'a> TextScan<'a> {
     /// Fits the baseline (cross-fitted logistic regression over the words present, λ `l2`) on
-    /// `texts` and `labels` (labels below `classes`).
-    pub fn new(texts: &'a [String], labels: &'a [u32], classes: usize, max_words: usize, floor: f64, l2: f64) -> Self {
+    /// `texts` and `labels` (labels below `classes`); with `l2` `None`, no baseline: every
+    /// feature is tested against the labels' base rates (the Z-defence scan).
+    pub fn new(
+        texts: &'a [String],
+        labels: &'a [u32],
+        classes: usize,
+        max_words: usize,
+        floor: f64,
+        l2: Option<f64>,
+    ) -> Self {
         let active = |i: usize| {
             let mut found = Vec::new();
             words(&texts[i], &mut found);
             present(&found)
         };
-        let baseline = CrossFitted::fit(labels, classes, VOCABULARY, &active, l2);
-        Self { texts, labels, classes, max_words, baseline, floor: floor as f32 }
+        let baseline = l2.map(|l2| CrossFitted::fit(labels, classes, VOCABULARY, &active, l2));
+        let prior = super::base_rates(labels, classes);
+        Self { texts, labels, classes, max_words, baseline, prior, floor: floor as f32 }
     }
 
-    /// The baseline's tempering temperature.
+    /// The baseline's tempering temperature (1 without one).
     pub fn temperature(&self) -> f32 {
-        self.baseline.temperature
+        self.baseline.as_ref().map_or(1.0, |b| b.temperature)
     }
 }
 
@@ -112,6 +133,20 @@ impl Scanned for TextScan<'_> {
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
         let mut found = Vec::new();
         words(&self.texts[i], &mut found);
+        let Some(model) = self.baseline.as_ref().filter(|_| baseline) else {
+            // Keys only (carriers), or the base rates for every feature.
+            let mut keys: Vec<u64> = Vec::with_capacity(found.len() * self.max_words);
+            for start in 0..found.len() {
+                for len in 1..=self.max_words.min(found.len() - start) {
+                    keys.push(gram_key(&found[start..start + len]));
+                }
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            let q: &[f32] = if baseline { &self.prior } else { &[] };
+            keys.into_iter().for_each(|k| visit(k, q));
+            return;
+        };
         let mut grams: Vec<(u64, u32, u32)> = Vec::with_capacity(found.len() * self.max_words);
         for start in 0..found.len() {
             for len in 1..=self.max_words.min(found.len() - start) {
@@ -119,8 +154,8 @@ impl Scanned for TextScan<'_> {
             }
         }
         grams.sort_unstable();
-        let l = if baseline { self.baseline.logits(i, &present(&found)) } else { Vec::new() };
-        let weights = &self.baseline.model(i).weights;
+        let l = model.logits(i, &present(&found));
+        let weights = &model.model(i).weights;
         let mut removed: Vec<u32> = Vec::with_capacity(self.max_words);
         let (mut delta, mut q) = (vec![0f32; self.classes], vec![0f32; self.classes]);
         let mut at = 0;
@@ -141,10 +176,8 @@ impl Scanned for TextScan<'_> {
                     let w = &weights[j as usize * self.classes..][..self.classes];
                     delta.iter_mut().zip(w).for_each(|(d, w)| *d += w);
                 }
-                removed_posterior(&l, &delta, self.baseline.temperature, self.floor, &mut q);
+                removed_posterior(&l, &delta, model.temperature, self.floor, &mut q);
                 visit(key, &q);
-            } else {
-                visit(key, &[]);
             }
             at = next;
         }

@@ -128,7 +128,16 @@ fn a_patch_planted_in_digits_is_the_first_candidate_and_purge_reads_its_carriers
     // once the square is in-painted (the poisons' own digits are other classes).
     let run = dir.path().join("run");
     let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
-        .args(["train", "--data", csv.to_str().unwrap(), "--model", "logreg", "--out", run.to_str().unwrap(), "--quiet"])
+        .args([
+            "train",
+            "--data",
+            csv.to_str().unwrap(),
+            "--model",
+            "logreg",
+            "--out",
+            run.to_str().unwrap(),
+            "--quiet",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
