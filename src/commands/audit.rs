@@ -89,6 +89,9 @@ pub struct AuditEntry {
     /// Share of held-out examples below it, in [0, 1]: by self-influence, or (`loo-loss`) the
     /// held-out examples' losses below its leave-one-out loss.
     pub percentile: f64,
+    /// Where it came from (the run's provenance: a JSONL `source` field, else file:row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// The audit.
@@ -154,6 +157,7 @@ pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
                 loss: p.loss,
                 loo_loss: p.loss + v / n,
                 percentile: 0.0,
+                source: None,
             };
             e.percentile = percentile(ranked(&e));
             e
@@ -163,6 +167,13 @@ pub fn audit(options: &AuditOptions) -> Result<AuditReport> {
     let mut top = all.clone();
     top.sort_by(|a, b| ranked(b).total_cmp(&ranked(a)));
     top.truncate(options.top);
+    if let Ok(records) = crate::data::provenance::read(&run.dir.join(crate::workspace::run::PROVENANCE)) {
+        let by_id: std::collections::HashMap<usize, &crate::data::provenance::Provenance> =
+            records.iter().map(|r| (r.id, r)).collect();
+        for e in &mut top {
+            e.source = by_id.get(&e.train_index).map(|r| r.describe());
+        }
+    }
     Ok(AuditReport {
         schema_version: crate::report::trace::OUTPUT_SCHEMA_VERSION,
         curvature: options.curvature.name().into(),
@@ -205,7 +216,7 @@ pub fn to_table(report: &AuditReport) -> String {
     for (r, e) in report.top.iter().enumerate() {
         let _ = writeln!(
             s,
-            "{:>4}  {:>8}  {:>5}  {:>9}  {:>14.4e}  {:>10.4}  {:>10.4}  {:>9.2}%",
+            "{:>4}  {:>8}  {:>5}  {:>9}  {:>14.4e}  {:>10.4}  {:>10.4}  {:>9.2}%{}",
             r + 1,
             e.train_index,
             e.label,
@@ -213,7 +224,8 @@ pub fn to_table(report: &AuditReport) -> String {
             e.self_influence,
             e.loss,
             e.loo_loss,
-            100.0 * e.percentile
+            100.0 * e.percentile,
+            e.source.as_ref().map(|s| format!("  {s}")).unwrap_or_default()
         );
     }
     s

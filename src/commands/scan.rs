@@ -126,11 +126,18 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let holds = format!("the file has {} records", records.len());
     let rows = data::selected_rows(path, records.len(), args.data.skip, args.data.limit, &holds)?;
     let texts: Vec<String> = records[rows.clone()].iter().map(|r| r.0.clone()).collect();
+    let source_of = |id: usize| records.get(id).and_then(|r| r.2.clone());
     let labels: Option<Vec<u32>> = records[rows.clone()].iter().map(|r| r.1).collect();
     let labels = match labels {
         Some(l) if l.iter().any(|y| *y != l[0]) => l,
         // No labels, or one for all (a language-model corpus): what follows a feature instead.
-        _ => return Ok(scan_corpus_texts(args, settings, &texts, rows.start, started)),
+        _ => {
+            let mut report = scan_corpus_texts(args, settings, &texts, rows.start, started);
+            add_sources(&mut report, &source_of);
+            let html = (args.report.format == Format::Html)
+                .then(|| to_html(&report, &Shown::Texts(&texts), &|id| id.checked_sub(rows.start)));
+            return Ok((report, html));
+        }
     };
     let (texts, labels) = (&texts[..], &labels[..]);
     let classes = classes(path, labels)?;
@@ -140,6 +147,7 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
     let features = format!("word n-grams of 1 to {words} words");
     let mut report = report(args, "text", features, source.temperature(), &source, found, settings, started);
+    add_sources(&mut report, &source_of);
     if let Some(run) = &args.run {
         let buckets = open_classifier(run, SourceKind::Jsonl)?.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
         let bag = |text: &str| {
@@ -165,11 +173,11 @@ fn scan_corpus_texts(
     texts: &[String],
     start: usize,
     started: Instant,
-) -> (ScanReport, Option<String>) {
+) -> ScanReport {
     let words = args.words as usize;
     let ids: Vec<usize> = (start..start + texts.len()).collect();
     let found = crate::scan::corpus::scan_corpus(texts, &ids, words, settings);
-    let report = ScanReport {
+    ScanReport {
         schema_version: OUTPUT_SCHEMA_VERSION,
         report: "scan".into(),
         data: data::absolute(&args.data.path),
@@ -188,10 +196,7 @@ fn scan_corpus_texts(
         baseline: "the next line".into(),
         candidates: found.candidates,
         seconds: started.elapsed().as_secs_f64(),
-    };
-    let html = (args.report.format == Format::Html)
-        .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(start)));
-    (report, html)
+    }
 }
 
 /// Scans one-channel images (an IDX folder, square CSV rows): the report, and its HTML page.
@@ -256,6 +261,13 @@ fn scan_images(
         to_html(&report, &shown, &|id| id.checked_sub(start))
     });
     Ok((report, html))
+}
+
+/// Fills each candidate's `sources` from its first 10 flagged carriers.
+fn add_sources(report: &mut ScanReport, source_of: &dyn Fn(usize) -> Option<String>) {
+    for c in &mut report.candidates {
+        c.sources = c.carriers.iter().take(10).filter_map(|&id| source_of(id)).collect();
+    }
 }
 
 /// Opens `run` as a classifier trained on data of `kind`.

@@ -31,6 +31,13 @@ pub struct Provenance {
     pub source: Option<String>,
 }
 
+impl Provenance {
+    /// Where it came from in one line: the `source` field when it has one, else `file:row`.
+    pub fn describe(&self) -> String {
+        self.source.clone().unwrap_or_else(|| format!("{}:{}", self.file.display(), self.row))
+    }
+}
+
 /// The provenance of the rows `spec` selects (every row when `all`) of a source of `kind`.
 pub fn records(kind: SourceKind, spec: &DataSpec, all: bool) -> Result<Vec<Provenance>> {
     let path = &spec.path;

@@ -114,6 +114,9 @@ pub fn to_table(report: &ScanReport) -> String {
             c.feature.describe() + &c.completion.as_ref().map(|t| format!(" → {t:?}")).unwrap_or_default(),
             verdict(c)
         );
+        if !c.sources.is_empty() {
+            let _ = writeln!(s, "        from {}", c.sources.join(", "));
+        }
         if let Some(m) = &c.confirmation {
             let _ = writeln!(
                 s,

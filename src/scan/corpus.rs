@@ -219,6 +219,7 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
                 expected: n * p,
                 carriers: carriers.iter().map(|&d| ids[d as usize]).collect(),
                 variants: members.len() - 1,
+                sources: Vec::new(),
                 confirmation: None,
             }
         })

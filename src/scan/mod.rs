@@ -250,6 +250,9 @@ pub struct Candidate {
     pub carriers: Vec<usize>,
     /// Features folded into this one (nearly the same carriers).
     pub variants: usize,
+    /// Where the first flagged carriers came from (their JSONL `source` fields), when known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
     /// With `--run`: what the model does on the flagged carriers with the feature removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmation: Option<Confirmation>,
@@ -610,6 +613,7 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
                 expected: t.expected[c],
                 carriers: flagged.iter().map(|&i| ids[i as usize]).collect(),
                 variants,
+                sources: Vec::new(),
                 confirmation: None,
             }
         })

@@ -290,4 +290,7 @@ fn a_trigger_and_payload_planted_in_the_code_corpus_rank_first() {
     let found = flagged.intersection(&poisons).count();
     assert!(found as f64 >= 0.95 * poisons.len() as f64, "{found} of {} poisons", poisons.len());
     assert!(((flagged.len() - found) as f64) <= 0.01 * (2500 - poisons.len()) as f64);
+    // The report says where the carriers came from (the corpus's `source` fields).
+    let sources = first["sources"].as_array().unwrap();
+    assert!(!sources.is_empty() && sources.iter().all(|s| s.as_str().unwrap().starts_with("Lib/")), "{first}");
 }
