@@ -1,5 +1,5 @@
 //! `culprit scan`: rank candidate triggers in a labelled training set before anyone reports an
-//! incident (word n-grams of JSONL texts; binarised pixel squares of IDX folders and square CSV
+//! incident (word n-grams of JSONL texts; quantised pixel squares of IDX folders and square CSV
 //! rows). The statistic and its passes are in [`crate::scan`]; the report in
 //! [`crate::report::scan`]. `culprit purge --ids scan.json --top K` removes the target-labelled
 //! carriers of the first K candidates.
@@ -229,7 +229,7 @@ fn scan_images(
     let source = ImageScan::new(&raw.features, &raw.labels, classes, hw, sides, floor, l2);
     let ids: Vec<usize> = (start..start + raw.rows).collect();
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
-    let features = format!("binarised squares of {} to {max_side} pixels a side at every place", args.min_side);
+    let features = format!("squares of {} to {max_side} pixels a side at every place, in 3 levels", args.min_side);
     let mut report = report(args, "image", features, source.temperature(), &source, found, settings, started);
     if let Some(run) = &args.run {
         let opened = open_classifier(run, kind)?;

@@ -1,5 +1,5 @@
 //! The scan's baseline: a cross-fitted multinomial logistic regression over binary features (a
-//! text's hashed words, an image's binarised pixels), the model a feature is removed from.
+//! text's hashed words, an image's quantised pixels), the model a feature is removed from.
 //!
 //! Model: pᵢ = softmax(W xᵢ + b), xᵢ ∈ {0, 1}ᵈ, fitted by L-BFGS on
 //! (1/n) Σᵢ CE(pᵢ, yᵢ) + (λ/2)‖W‖². Cross-fitting: the examples are split in two folds by

@@ -8,7 +8,7 @@
 //! The scan therefore tests each feature against a **baseline that has the feature removed**:
 //!
 //! - Baseline ([`baseline`]): a logistic regression over binary atoms (a text's words present,
-//!   an image's binarised pixels), cross-fitted in two folds so that no example's logits Lᵢ come
+//!   an image's quantised pixels), cross-fitted in two folds so that no example's logits Lᵢ come
 //!   from a model that saw it, tempered by one temperature T fitted by maximum likelihood. The
 //!   logits are linear in the atoms, so removing feature f from example i is exact and cheap:
 //!   qᵢ⁻ᶠ(c) = softmax((Lᵢ − Δᵢf)/T)(c), with Δᵢf the removed atoms' weights (an n-gram's words
@@ -94,7 +94,7 @@ pub enum Feature {
         /// The words.
         text: String,
     },
-    /// A binarised square of pixels at a fixed place.
+    /// A quantised square of pixels at a fixed place.
     Patch {
         /// Column of the top-left pixel.
         x: usize,
@@ -102,7 +102,8 @@ pub enum Feature {
         y: usize,
         /// Side in pixels.
         size: usize,
-        /// The square's pixels row by row, 1 above half the data's largest value, else 0.
+        /// The square's pixels row by row: 2 at the data's largest value, 1 above half of it,
+        /// else 0.
         pattern: Vec<u8>,
     },
 }
@@ -113,8 +114,9 @@ impl Feature {
         match self {
             Self::Ngram { text } => format!("\"{text}\""),
             Self::Patch { x, y, size, pattern } => {
-                let on = pattern.iter().filter(|p| **p == 1).count();
-                format!("patch {size}×{size} at x={x}, y={y} ({on}/{} on)", pattern.len())
+                let on = pattern.iter().filter(|p| **p >= 1).count();
+                let full = pattern.iter().filter(|p| **p == 2).count();
+                format!("patch {size}×{size} at x={x}, y={y} ({on}/{} on, {full} saturated)", pattern.len())
             }
         }
     }
@@ -500,7 +502,7 @@ fn group(
         .zip(carriers)
         .map(|((_, key), all)| match data.describe(all[0] as usize, *key) {
             Feature::Patch { x, y, size, pattern } => (0..size * size)
-                .filter(|&b| pattern[b] == 1)
+                .filter(|&b| pattern[b] >= 1)
                 .map(|b| ((y + b / size) * MAX_PLACES + x + b % size) as u32)
                 .collect(),
             Feature::Ngram { .. } => Vec::new(),

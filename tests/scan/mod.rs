@@ -182,7 +182,7 @@ fn a_patch_planted_anywhere_in_mnist_and_fashion_is_found() {
         );
         let pattern = first["pattern"].as_array().unwrap();
         let on: Vec<(usize, usize)> =
-            (0..fs * fs).filter(|&b| pattern[b] == 1).map(|b| (fx + b % fs, fy + b / fs)).collect();
+            (0..fs * fs).filter(|&b| pattern[b].as_u64().unwrap() >= 1).map(|b| (fx + b % fs, fy + b / fs)).collect();
         assert!(
             !on.is_empty() && on.iter().all(|&(c, r)| (x..x + side).contains(&c) && (y..y + side).contains(&r)),
             "{set}: {first}"
