@@ -88,6 +88,38 @@ fn header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
     Ok((dims, start))
 }
 
+/// One split's two files as read (decompressed), their SHA-256, and where their data start.
+struct SplitFiles {
+    images_path: PathBuf,
+    images: Vec<u8>,
+    images_sha: String,
+    ioff: usize,
+    labels_path: PathBuf,
+    labels: Vec<u8>,
+    labels_sha: String,
+    loff: usize,
+    /// Images, height, width.
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+/// Reads one split's images and labels files and checks their headers agree.
+fn read_split(dir: &Path, split: Split) -> Result<SplitFiles> {
+    let images_path = find(dir, split, "images-idx3-ubyte")?;
+    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
+    let (images, images_sha) = read_file(&images_path)?;
+    let (labels, labels_sha) = read_file(&labels_path)?;
+    let (idims, ioff) = header(&images_path, &images, 3)?;
+    let (ldims, loff) = header(&labels_path, &labels, 1)?;
+    if idims[0] != ldims[0] {
+        let what = format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display());
+        return Err(Error::data(&labels_path, None, what));
+    }
+    let (n, h, w) = (idims[0], idims[1], idims[2]);
+    Ok(SplitFiles { images_path, images, images_sha, ioff, labels_path, labels, labels_sha, loff, n, h, w })
+}
+
 /// Loads one split of an IDX folder. Pixels stay raw (0..255); the caller normalises.
 pub fn load(dir: &Path, split: Split) -> Result<RawData> {
     Ok(load_selected(dir, split, 0, None)?.0)
@@ -97,20 +129,8 @@ pub fn load(dir: &Path, split: Split) -> Result<RawData> {
 /// source row of the first: only those images are converted to f32. Both files are still read
 /// whole (their SHA-256 identifies the data) and checked against their headers.
 pub fn load_selected(dir: &Path, split: Split, skip: usize, limit: Option<usize>) -> Result<(RawData, usize)> {
-    let images_path = find(dir, split, "images-idx3-ubyte")?;
-    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
-    let (images, images_sha) = read_file(&images_path)?;
-    let (labels, labels_sha) = read_file(&labels_path)?;
-    let (idims, ioff) = header(&images_path, &images, 3)?;
-    let (ldims, loff) = header(&labels_path, &labels, 1)?;
-    if idims[0] != ldims[0] {
-        return Err(Error::data(
-            &labels_path,
-            None,
-            format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display()),
-        ));
-    }
-    let (n, h, w) = (idims[0], idims[1], idims[2]);
+    let SplitFiles { images_path, images, images_sha, ioff, labels_path, labels, labels_sha, loff, n, h, w } =
+        read_split(dir, split)?;
     let rows = super::selected_rows(dir, n, skip, limit, &format!("the source has {n} rows"))?;
     let pixels = h * w;
     let features: Vec<f32> =
@@ -131,21 +151,12 @@ pub fn load_selected(dir: &Path, split: Split, skip: usize, limit: Option<usize>
 /// Calls `visit(row, image bytes, label)` for every example of one split of an IDX folder, in
 /// order (the headers checked as for loading); returns the images file's path.
 pub(crate) fn for_each_example(dir: &Path, split: Split, mut visit: impl FnMut(usize, &[u8], u8)) -> Result<PathBuf> {
-    let images_path = find(dir, split, "images-idx3-ubyte")?;
-    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
-    let (images, _) = read_file(&images_path)?;
-    let (labels, _) = read_file(&labels_path)?;
-    let (idims, ioff) = header(&images_path, &images, 3)?;
-    let (ldims, loff) = header(&labels_path, &labels, 1)?;
-    if idims[0] != ldims[0] {
-        let what = format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display());
-        return Err(Error::data(&labels_path, None, what));
+    let f = read_split(dir, split)?;
+    let pixels = f.h * f.w;
+    for row in 0..f.n {
+        visit(row, &f.images[f.ioff + row * pixels..f.ioff + (row + 1) * pixels], f.labels[f.loff + row]);
     }
-    let pixels = idims[1] * idims[2];
-    for row in 0..idims[0] {
-        visit(row, &images[ioff + row * pixels..ioff + (row + 1) * pixels], labels[loff + row]);
-    }
-    Ok(images_path)
+    Ok(f.images_path)
 }
 
 /// Writes one split of an IDX folder (uncompressed, MNIST's names): `pixels` are

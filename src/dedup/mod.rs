@@ -85,8 +85,8 @@ pub fn centred(pixels: &[f32]) -> Vec<f32> {
     out
 }
 
-/// |A ∩ B| / |A ∪ B| of sorted distinct lists (1 for two empty ones).
-pub fn jaccard(a: &[u64], b: &[u64]) -> f64 {
+/// |A ∩ B| of two sorted lists of distinct values, by one merge, O(|A| + |B|).
+pub fn intersection<T: Ord>(a: &[T], b: &[T]) -> usize {
     let (mut i, mut j, mut both) = (0, 0, 0usize);
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {
@@ -99,6 +99,12 @@ pub fn jaccard(a: &[u64], b: &[u64]) -> f64 {
             }
         }
     }
+    both
+}
+
+/// |A ∩ B| / |A ∪ B| of sorted distinct lists (1 for two empty ones).
+pub fn jaccard<T: Ord>(a: &[T], b: &[T]) -> f64 {
+    let both = intersection(a, b);
     let union = a.len() + b.len() - both;
     if union == 0 { 1.0 } else { both as f64 / union as f64 }
 }

@@ -117,17 +117,8 @@ pub fn to_table(report: &ScanReport) -> String {
         if !c.sources.is_empty() {
             let _ = writeln!(s, "        from {}", c.sources.join(", "));
         }
-        if let Some(m) = &c.confirmation {
-            let _ = writeln!(
-                s,
-                "        model on {} flagged carriers: predicted {} {:.0}% → {:.0}% with the feature removed (p {:.2} → {:.2})",
-                m.examples,
-                c.target_label,
-                100.0 * m.predicted_target,
-                100.0 * m.predicted_target_removed,
-                m.target_probability,
-                m.target_probability_removed
-            );
+        if let Some(text) = confirmation(c) {
+            let _ = writeln!(s, "        {text}");
         }
     }
     let _ = writeln!(
@@ -139,6 +130,21 @@ pub fn to_table(report: &ScanReport) -> String {
         report.significant()
     );
     s
+}
+
+/// The model's answer to a candidate (`--run`), in one sentence.
+fn confirmation(c: &Candidate) -> Option<String> {
+    c.confirmation.as_ref().map(|m| {
+        format!(
+            "the model on {} flagged carriers: predicted {} for {:.0}%, {:.0}% with the feature removed (mean probability {:.2} → {:.2})",
+            m.examples,
+            c.target_label,
+            100.0 * m.predicted_target,
+            100.0 * m.predicted_target_removed,
+            m.target_probability,
+            m.target_probability_removed
+        )
+    })
 }
 
 /// A candidate's verdict in words (empty for a suspicious one).
@@ -222,17 +228,8 @@ fn candidate_html(r: usize, c: &Candidate, shown: &Shown<'_>, row_of: &dyn Fn(us
         c.label_z,
         c.variants
     );
-    if let Some(m) = &c.confirmation {
-        let _ = write!(
-            h,
-            "<p>The model on {} flagged carriers: predicted {} for {:.0}%, {:.0}% with the feature removed (mean probability {:.2} → {:.2}).</p>",
-            m.examples,
-            c.target_label,
-            100.0 * m.predicted_target,
-            100.0 * m.predicted_target_removed,
-            m.target_probability,
-            m.target_probability_removed
-        );
+    if let Some(text) = confirmation(c) {
+        let _ = write!(h, "<p>{}.</p>", escape(&text));
     }
     for &id in c.carriers.iter().take(4) {
         let Some(row) = row_of(id) else { continue };

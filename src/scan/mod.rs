@@ -45,6 +45,8 @@ pub mod text;
 use std::collections::HashMap;
 
 use culprit_models::Progress;
+
+use crate::dedup::jaccard;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -625,33 +627,9 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
 
 /// |a ∩ b| / min(|a|, |b|) of two sorted id lists (1 when one is empty).
 fn overlap(a: &[u32], b: &[u32]) -> f64 {
-    let both = intersection(a, b);
+    let both = crate::dedup::intersection(a, b);
     let small = a.len().min(b.len());
     if small == 0 { 1.0 } else { both as f64 / small as f64 }
-}
-
-/// |a ∩ b| of two sorted id lists.
-fn intersection(a: &[u32], b: &[u32]) -> usize {
-    let (mut i, mut j, mut both) = (0, 0, 0usize);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                both += 1;
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    both
-}
-
-/// |a ∩ b| / |a ∪ b| of two sorted id lists.
-fn jaccard(a: &[u32], b: &[u32]) -> f64 {
-    let both = intersection(a, b);
-    let union = a.len() + b.len() - both;
-    if union == 0 { 1.0 } else { both as f64 / union as f64 }
 }
 
 /// The temperature T in a fixed grid (0.1 to 1000, 10 steps a decade) that maximises Σᵢ ln softmax(Lᵢ/T)(yᵢ) over
@@ -713,8 +691,9 @@ mod tests {
     }
 
     #[test]
-    fn jaccard_of_sorted_lists() {
-        assert_eq!(jaccard(&[1, 2, 3], &[2, 3, 4]), 0.5);
-        assert_eq!(jaccard(&[], &[]), 1.0);
+    fn jaccard_and_overlap_of_sorted_lists() {
+        assert_eq!(jaccard::<u32>(&[1, 2, 3], &[2, 3, 4]), 0.5);
+        assert_eq!(jaccard::<u32>(&[], &[]), 1.0);
+        assert_eq!(overlap(&[1, 2], &[1, 2, 3, 4]), 1.0);
     }
 }
