@@ -91,15 +91,31 @@ pub type Record = (String, Option<u32>, Option<String>);
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
     let (bytes, _) = read_file(path)?;
     let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
-    let mut out = Vec::new();
-    for (i, line) in content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::data(path, Some(i + 1), format!("not a JSON object: {e}")))?;
-        let text =
-            value["text"].as_str().ok_or_else(|| Error::data(path, Some(i + 1), "no string `text` field"))?.to_string();
-        let label = value["label"].as_u64().and_then(|v| u32::try_from(v).ok());
-        out.push((text, label, value["source"].as_str().map(str::to_string)));
+    /// The fields read of a line (others are ignored).
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        text: Option<serde_json::Value>,
+        label: Option<serde_json::Value>,
+        source: Option<serde_json::Value>,
     }
+    let lines: Vec<(usize, &str)> = content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    use rayon::prelude::*;
+    let out: Vec<Record> = lines
+        .par_iter()
+        .map(|&(i, line)| {
+            let fields: Fields = serde_json::from_str(line)
+                .map_err(|e| Error::data(path, Some(i + 1), format!("not a JSON object: {e}")))?;
+            let text = match fields.text {
+                Some(serde_json::Value::String(t)) => t,
+                _ => return Err(Error::data(path, Some(i + 1), "no string `text` field")),
+            };
+            let label = fields.label.and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
+            let source = fields.source.and_then(|v| v.as_str().map(str::to_string));
+            Ok((text, label, source))
+        })
+        .collect::<Vec<Result<Record>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first bad line in file order, whichever thread met it
     if out.is_empty() {
         return Err(Error::data(path, None, "no records"));
     }

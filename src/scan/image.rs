@@ -184,6 +184,10 @@ impl Scanned for ImageScan<'_> {
         }
     }
 
+    fn fixed_baseline(&self) -> Option<&[f32]> {
+        self.baseline.is_none().then_some(&self.prior[..])
+    }
+
     fn describe(&self, i: usize, key: u64) -> Feature {
         let size = (key >> 60) as usize;
         let y = ((key >> 48) & 0xfff) as usize;

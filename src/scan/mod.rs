@@ -138,6 +138,57 @@ pub trait Scanned: Sync {
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32]));
     /// The feature `key` of example `i` (which carries it).
     fn describe(&self, i: usize, key: u64) -> Feature;
+    /// `Some(q)` when every feature of every example gets the same `q` (no baseline: the labels'
+    /// base rates), so that the scan may keep the examples' keys instead of visiting them again.
+    fn fixed_baseline(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// A scanned set whose examples' keys are kept in memory (when the baseline is fixed): the three
+/// passes then read the data once. Holds 8 bytes a distinct feature of each example.
+struct KeptKeys<'a> {
+    inner: &'a dyn Scanned,
+    keys: Vec<Vec<u64>>,
+    q: Vec<f32>,
+}
+
+impl<'a> KeptKeys<'a> {
+    /// The keys of every example of `inner`, if its baseline is fixed and they take at most
+    /// `budget` bytes (`None` otherwise: the scan visits `inner` on every pass).
+    fn new(inner: &'a dyn Scanned, budget: usize) -> Option<Self> {
+        let q = inner.fixed_baseline()?.to_vec();
+        let held = std::sync::atomic::AtomicUsize::new(0);
+        let keys: Option<Vec<Vec<u64>>> = (0..inner.examples())
+            .into_par_iter()
+            .map(|i| {
+                let mut out = Vec::new();
+                inner.visit(i, false, &mut |key, _| out.push(key));
+                let total = held.fetch_add(out.len() * 8, std::sync::atomic::Ordering::Relaxed) + out.len() * 8;
+                (total <= budget).then_some(out)
+            })
+            .collect();
+        keys.map(|keys| Self { inner, keys, q })
+    }
+}
+
+impl Scanned for KeptKeys<'_> {
+    fn examples(&self) -> usize {
+        self.inner.examples()
+    }
+    fn classes(&self) -> usize {
+        self.inner.classes()
+    }
+    fn label(&self, i: usize) -> u32 {
+        self.inner.label(i)
+    }
+    fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
+        let q: &[f32] = if baseline { &self.q } else { &[] };
+        self.keys[i].iter().for_each(|&k| visit(k, q));
+    }
+    fn describe(&self, i: usize, key: u64) -> Feature {
+        self.inner.describe(i, key)
+    }
 }
 
 /// Counts of one feature (or one bucket of features).
@@ -555,9 +606,19 @@ fn group(
 /// Pixel places are numbered y · MAX_PLACES + x when squares are compared.
 const MAX_PLACES: usize = 4096;
 
-/// Runs the scan: three passes over `data` (see the module's documentation). Ids in the result
+/// The most bytes of examples' keys a scan without a baseline keeps between its passes.
+pub const KEPT_KEYS_BYTES: usize = 512 << 20;
+
+/// Runs the scan: three passes over `data` (see the module's documentation); without a
+/// baseline, the examples' keys are read once and kept when they take at most
+/// [`KEPT_KEYS_BYTES`]. Ids in the result
 /// are `ids[i]` for example i.
 pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress: &mut dyn Progress) -> Scan {
+    let kept = KeptKeys::new(data, KEPT_KEYS_BYTES);
+    let data: &dyn Scanned = match &kept {
+        Some(k) => k,
+        None => data,
+    };
     let (n, classes) = (data.examples(), data.classes());
     let mut label_counts = vec![0usize; classes];
     for i in 0..n {
@@ -688,6 +749,60 @@ mod tests {
         let s = evidence(10, 8, 3.0);
         assert!((-s).exp() >= 0.0015904, "{}", (-s).exp());
         assert!((-s).exp() < 0.05);
+    }
+
+    /// Forwards everything but `fixed_baseline`, so the scan visits the data on every pass.
+    struct Revisited<'a>(&'a dyn Scanned);
+
+    impl Scanned for Revisited<'_> {
+        fn examples(&self) -> usize {
+            self.0.examples()
+        }
+        fn classes(&self) -> usize {
+            self.0.classes()
+        }
+        fn label(&self, i: usize) -> u32 {
+            self.0.label(i)
+        }
+        fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
+            self.0.visit(i, baseline, visit)
+        }
+        fn describe(&self, i: usize, key: u64) -> Feature {
+            self.0.describe(i, key)
+        }
+    }
+
+    #[test]
+    fn keeping_the_keys_changes_nothing_but_the_reads() {
+        let words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"];
+        let mut texts = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..400usize {
+            let text: Vec<&str> = (0..30).map(|k| words[(i * 7 + k * k * 3 + k) % words.len()]).collect();
+            let mut text = text.join(" ");
+            let mut label = (i % 3 == 0) as u32;
+            if i % 25 == 1 {
+                text.push_str(" zebra quokka");
+                label = 0;
+            }
+            texts.push(text);
+            labels.push(label);
+        }
+        let settings = ScanSettings { l2: None, min_carriers: 3, ..ScanSettings::default() };
+        let source = text::TextScan::new(&texts, &labels, 2, 3, settings.floor, None);
+        assert!(source.fixed_baseline().is_some());
+        let ids: Vec<usize> = (0..texts.len()).collect();
+        let quiet = || crate::progress::Bar::new(true);
+        let kept = scan(&source, &ids, &settings, &mut quiet());
+        let visited = scan(&Revisited(&source), &ids, &settings, &mut quiet());
+        assert_eq!(kept.occurrences, visited.occurrences);
+        assert!(!kept.candidates.is_empty());
+        assert_eq!(kept.candidates.len(), visited.candidates.len());
+        for (a, b) in kept.candidates.iter().zip(&visited.candidates) {
+            assert_eq!((&a.feature, a.target_count, a.carrier_count), (&b.feature, b.target_count, b.carrier_count));
+            assert_eq!(a.carriers, b.carriers);
+            assert!((a.statistic - b.statistic).abs() < 1e-9);
+        }
     }
 
     #[test]

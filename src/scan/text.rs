@@ -183,6 +183,10 @@ impl Scanned for TextScan<'_> {
         }
     }
 
+    fn fixed_baseline(&self) -> Option<&[f32]> {
+        self.baseline.is_none().then_some(&self.prior[..])
+    }
+
     fn describe(&self, i: usize, key: u64) -> Feature {
         let text = &self.texts[i];
         let mut found = Vec::new();
