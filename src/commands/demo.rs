@@ -7,7 +7,8 @@
 //! to the training examples behind them (target-logit measurement, RelatIF scores, the queries'
 //! scores summed), checks the ranking against the planted ground truth, purges the top of the
 //! ranking, retrains, and shows the attack gone with clean accuracy kept. It writes the HTML
-//! report of the trace and ends with a memorisation audit.
+//! report of the trace, runs a memorisation audit, and ends with what a trigger scan of the
+//! training set would have found before any incident.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -289,6 +290,43 @@ impl Demo<'_> {
     }
 }
 
+impl Demo<'_> {
+    /// Step 8: what a scan of the training set, with no incident and no model, would have found.
+    fn scan(&mut self, poison: &PoisonManifest) -> Result<()> {
+        use crate::scan::{ScanSettings, image::ImageScan, scan};
+        say(
+            self.out,
+            "8. Before any incident: scan the training set for features whose label the rest of the image does not explain:",
+        )?;
+        let (raw, start) = crate::data::load_selected(crate::data::SourceKind::Csv, &poison.train.spec(), 0)?;
+        let settings = ScanSettings::default();
+        let source = ImageScan::new(&raw.features, &raw.labels, 10, (8, 8), 2..=2, settings.floor, settings.l2);
+        let ids: Vec<usize> = (start..start + raw.rows).collect();
+        let found = scan(&source, &ids, &settings, &mut crate::progress::Bar::new(true));
+        let suspicious: Vec<_> = found.candidates.iter().filter(|c| c.suspicious).collect();
+        match suspicious.first() {
+            Some(c) => {
+                let planted: std::collections::HashSet<usize> = poison.poisoned.iter().copied().collect();
+                let hits = c.carriers.iter().filter(|i| planted.contains(i)).count();
+                say(
+                    self.out,
+                    format!(
+                        "   first candidate: {} → label {}, lift {:.1}; it flags {} training digits, {hits} of the {} planted ({} suspicious candidate{} in all).",
+                        c.feature.describe(),
+                        c.target_label,
+                        c.lift,
+                        c.carriers.len(),
+                        planted.len(),
+                        suspicious.len(),
+                        if suspicious.len() == 1 { "" } else { "s" }
+                    ),
+                )
+            }
+            None => say(self.out, "   no suspicious candidate."),
+        }
+    }
+}
+
 /// Runs the demo, narrating each step on `out`.
 pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
     let started = std::time::Instant::now();
@@ -307,5 +345,6 @@ pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<()> {
     let trace_json = demo.trace(&run, &poison, fooled)?;
     demo.purge(&run, poison.poisoned.len(), trace_json)?;
     demo.audit(&run, &poison)?;
+    demo.scan(&poison)?;
     say(demo.out, format!("Done in {:.1} s.", started.elapsed().as_secs_f64()))
 }

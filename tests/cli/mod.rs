@@ -112,9 +112,14 @@ fn the_demo_runs_end_to_end_on_the_embedded_data() {
     let o = culprit(&["demo", "--out", s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    for step in ["1. Data", "2. Train", "3. Cache", "4. Fit", "5. Trace", "6. Purge", "7. Audit", "Done in"] {
+    for step in
+        ["1. Data", "2. Train", "3. Cache", "4. Fit", "5. Trace", "6. Purge", "7. Audit", "8. Before", "Done in"]
+    {
         assert!(text.contains(step), "the demo did not report `{step}`:\n{text}");
     }
+    // The scan finds the planted 2×2 patch at (6, 6) and every poison among the digits it flags.
+    assert!(text.contains("first candidate: patch 2×2 at x=6, y=6"), "{text}");
+    assert!(text.contains("39 of the 39 planted"), "{text}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.matches("data:image/png;base64,").count() >= 2 * (1 + 8));
     // The demo knows its ground truth and marks the planted poisons in the report.
