@@ -4,6 +4,8 @@
 //! readable by `culprit purge --ids`.
 
 use std::path::PathBuf;
+
+use rayon::prelude::*;
 use std::time::Instant;
 
 use crate::commands::{Format, emit};
@@ -64,15 +66,15 @@ fn load(spec: &DataSpec, shingle: usize, want: Option<&str>) -> Result<Loaded> {
     let kind = SourceKind::detect(path)?;
     let loaded = match kind {
         SourceKind::Jsonl | SourceKind::Corpus => {
-            let all = data::text::load_records(path)?;
+            let (all, _) = data::text::load_records(path)?;
             let holds = format!("the file has {} records", all.len());
             let rows = data::selected_rows(path, all.len(), spec.skip, spec.limit, &holds)?;
             let chosen = &all[rows.clone()];
             Loaded {
-                contents: chosen.iter().map(|(t, _, _)| Content::Shingles(shingles(t, shingle))).collect(),
-                exact: chosen.iter().map(|(t, _, _)| fnv(t.as_bytes())).collect(),
-                labels: chosen.iter().map(|(_, l, _)| *l).collect(),
-                sources: chosen.iter().map(|(_, _, s)| s.clone()).collect(),
+                contents: chosen.par_iter().map(|r| Content::Shingles(shingles(&r.text, shingle))).collect(),
+                exact: chosen.iter().map(|r| fnv(r.text.as_bytes())).collect(),
+                labels: chosen.iter().map(|r| r.label).collect(),
+                sources: chosen.iter().map(|r| r.source.clone()).collect(),
                 ids: rows.collect(),
                 kind: "text",
             }
@@ -112,8 +114,8 @@ pub fn run(args: &DedupArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
         crate::io::check_output(out, &inputs, &[])?;
     }
     let started = Instant::now();
-    let first = load(&args.data, args.shingle as usize, None)?;
-    let second = match &args.against {
+    let mut first = load(&args.data, args.shingle as usize, None)?;
+    let mut second = match &args.against {
         Some(path) => {
             let spec = DataSpec { path: path.clone(), split: args.against_split, skip: 0, limit: None };
             Some(load(&spec, args.shingle as usize, Some(first.kind))?)
@@ -122,10 +124,9 @@ pub fn run(args: &DedupArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
     };
     let threshold = args.threshold.unwrap_or(if first.kind == "text" { 0.8 } else { 0.99 });
     let m = first.contents.len();
-    let mut first = first;
-    let mut second = second;
+    // One list of both sets' contents (the first set's, then the second's), moved out of them.
     let mut contents = std::mem::take(&mut first.contents);
-    let mut exact = first.exact.clone();
+    let mut exact = std::mem::take(&mut first.exact);
     if let Some(s) = second.as_mut() {
         contents.append(&mut s.contents);
         exact.extend(&s.exact);

@@ -122,12 +122,18 @@ pub fn run(args: &ScanArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
 /// Scans a JSONL file's texts: the report, and its HTML page when asked for.
 fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Result<(ScanReport, Option<String>)> {
     let path = &args.data.path;
-    let records = data::text::load_records(path)?;
+    let (records, _) = data::text::load_records(path)?;
     let holds = format!("the file has {} records", records.len());
     let rows = data::selected_rows(path, records.len(), args.data.skip, args.data.limit, &holds)?;
-    let texts: Vec<String> = records[rows.clone()].iter().map(|r| r.0.clone()).collect();
-    let source_of = |id: usize| records.get(id).and_then(|r| r.2.clone());
-    let labels: Option<Vec<u32>> = records[rows.clone()].iter().map(|r| r.1).collect();
+    let selected = records.into_iter().skip(rows.start).take(rows.len());
+    let (mut texts, mut labels, mut sources) = (Vec::new(), Vec::new(), Vec::new());
+    for r in selected {
+        texts.push(r.text);
+        labels.push(r.label);
+        sources.push(r.source);
+    }
+    let source_of = |id: usize| id.checked_sub(rows.start).and_then(|row| sources.get(row).cloned().flatten());
+    let labels: Option<Vec<u32>> = labels.into_iter().collect();
     let labels = match labels {
         Some(l) if l.iter().any(|y| *y != l[0]) => l,
         // No labels, or one for all (a language-model corpus): what follows a feature instead.
@@ -149,14 +155,15 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let mut report = report(args, "text", features, source.temperature(), &source, found, settings, started);
     add_sources(&mut report, &source_of);
     if let Some(run) = &args.run {
-        let buckets = open_classifier(run, SourceKind::Jsonl)?.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
+        let opened = open_classifier(run, SourceKind::Jsonl)?;
+        let buckets = opened.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
         let bag = |text: &str| {
             let mut v = vec![0f32; buckets];
             data::text::featurize(text, &mut v);
             v
         };
         let row = |id: usize| id - rows.start;
-        confirm(run, args.backend, &mut report, &|id| bag(&texts[row(id)]), &|id, c| match &c.feature {
+        confirm(&opened, args.backend, &mut report, &|id| bag(&texts[row(id)]), &|id, c| match &c.feature {
             Feature::Ngram { text } => bag(&without_ngram(&texts[row(id)], text)),
             Feature::Patch { .. } => bag(&texts[row(id)]),
         })?;
@@ -244,7 +251,7 @@ fn scan_images(
         let mut mean = vec![0f32; area];
         raw.features.chunks(area).for_each(|r| mean.iter_mut().zip(r).for_each(|(m, v)| *m += v / raw.rows as f32));
         let image = |id: usize| raw.features[(id - start) * area..(id - start + 1) * area].to_vec();
-        confirm(run, args.backend, &mut report, &image, &|id, c| {
+        confirm(&opened, args.backend, &mut report, &image, &|id, c| {
             let mut pixels = image(id);
             if let Feature::Patch { x, y, size, .. } = &c.feature {
                 for r in *y..y + size {
@@ -316,17 +323,16 @@ fn without_ngram(text: &str, gram: &str) -> String {
     out
 }
 
-/// Predicts each candidate's flagged carriers (the first 500) with `run`'s model as they are
+/// Predicts each candidate's flagged carriers (the first 500) with the `opened` run's model as they are
 /// (`raw(id)`) and with the feature removed (`removed(id, candidate)`), both raw rows of the
 /// source's kind, and records the [`Confirmation`].
 fn confirm(
-    run: &Path,
+    opened: &Run,
     backend: culprit_models::Backend,
     report: &mut ScanReport,
     raw: &dyn Fn(usize) -> Vec<f32>,
     removed: &dyn Fn(usize, &crate::scan::Candidate) -> Vec<f32>,
 ) -> Result<()> {
-    let opened = Run::open(run)?;
     let network = opened.network(&backend.device())?;
     let dim = opened.manifest.shape.len();
     for c in &mut report.candidates {
@@ -337,7 +343,7 @@ fn confirm(
         let predict = |rows: Vec<f32>| -> Result<Vec<crate::workspace::predict::Prediction>> {
             if rows.len() != ids.len() * dim {
                 let what = format!("examples have {} features but the model takes {dim}", rows.len() / ids.len());
-                return Err(Error::run(run, what));
+                return Err(Error::run(&opened.dir, what));
             }
             let examples = opened.manifest.preprocess(rows, vec![c.target_label; ids.len()]);
             let data = data::Dataset {

@@ -44,53 +44,23 @@ pub fn featurize(text: &str, out: &mut [f32]) {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Line {
-    text: Option<serde_json::Value>,
-    label: Option<serde_json::Value>,
+/// One JSON line of a text set: its text, its label and source when the line has them, and
+/// where it is.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The `text` field.
+    pub text: String,
+    /// The `label` field (a non-negative integer, or a string of one), when present.
+    pub label: Option<u32>,
+    /// The `source` field (provenance), when present.
+    pub source: Option<String>,
+    /// The 1-based line of the file.
+    pub line: usize,
 }
 
-/// Reads a JSONL file's texts and labels (each line an object with a string `text` and a
-/// non-negative integer `label`), and the file's SHA-256 as stored.
-pub fn load_texts(path: &Path) -> Result<(Vec<String>, Vec<u32>, String)> {
-    let (bytes, sha) = read_file(path)?;
-    let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
-    let mut texts = Vec::new();
-    let mut labels = Vec::new();
-    for (i, line) in content.lines().enumerate() {
-        let row = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: Line =
-            serde_json::from_str(line).map_err(|e| Error::data(path, Some(row), format!("not a JSON object: {e}")))?;
-        let text = match parsed.text {
-            Some(serde_json::Value::String(s)) => s,
-            Some(_) => return Err(Error::data(path, Some(row), "`text` is not a string")),
-            None => return Err(Error::data(path, Some(row), "no `text` field")),
-        };
-        let label = match &parsed.label {
-            Some(serde_json::Value::Number(n)) => super::csv::parse_label(&n.to_string()),
-            Some(serde_json::Value::String(s)) => super::csv::parse_label(s),
-            _ => None,
-        }
-        .ok_or_else(|| Error::data(path, Some(row), "`label` is missing or not a non-negative integer"))?;
-        texts.push(text);
-        labels.push(label);
-    }
-    if labels.is_empty() {
-        return Err(Error::data(path, None, "no records"));
-    }
-    Ok((texts, labels, sha))
-}
-
-/// A text with its label and source, when the line has them.
-pub type Record = (String, Option<u32>, Option<String>);
-
-/// Reads a JSONL file's `text` fields, with `label` and `source` when present.
-pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    let (bytes, _) = read_file(path)?;
-    let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
+/// Parses line `line` (1-based) of `path`. A `label` that is present must be a non-negative
+/// integer (or a string of one).
+fn parse_record(path: &Path, line: usize, json: &str) -> Result<Record> {
     /// The fields read of a line (others are ignored).
     #[derive(serde::Deserialize)]
     struct Fields {
@@ -98,28 +68,61 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
         label: Option<serde_json::Value>,
         source: Option<serde_json::Value>,
     }
-    let lines: Vec<(usize, &str)> = content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let fields: Fields =
+        serde_json::from_str(json).map_err(|e| Error::data(path, Some(line), format!("not a JSON object: {e}")))?;
+    let text = match fields.text {
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => return Err(Error::data(path, Some(line), "`text` is not a string")),
+        None => return Err(Error::data(path, Some(line), "no `text` field")),
+    };
+    let label = match &fields.label {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => Some(super::csv::parse_label(&n.to_string())),
+        Some(serde_json::Value::String(s)) => Some(super::csv::parse_label(s)),
+        Some(_) => Some(None),
+    };
+    let label = match label {
+        Some(None) => return Err(Error::data(path, Some(line), "`label` is missing or not a non-negative integer")),
+        Some(Some(y)) => Some(y),
+        None => None,
+    };
+    let source = fields.source.and_then(|v| v.as_str().map(str::to_string));
+    Ok(Record { text, label, source, line })
+}
+
+/// Reads a JSONL file's records (blank lines skipped; parsed in parallel, the first bad line in
+/// file order reported), and the file's SHA-256 as stored.
+pub fn load_records(path: &Path) -> Result<(Vec<Record>, String)> {
     use rayon::prelude::*;
-    let out: Vec<Record> = lines
+    let (bytes, sha) = read_file(path)?;
+    let content = std::str::from_utf8(&bytes).map_err(|e| Error::data(path, None, format!("not UTF-8 text: {e}")))?;
+    let lines: Vec<(usize, &str)> = content.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let records = lines
         .par_iter()
-        .map(|&(i, line)| {
-            let fields: Fields = serde_json::from_str(line)
-                .map_err(|e| Error::data(path, Some(i + 1), format!("not a JSON object: {e}")))?;
-            let text = match fields.text {
-                Some(serde_json::Value::String(t)) => t,
-                _ => return Err(Error::data(path, Some(i + 1), "no string `text` field")),
-            };
-            let label = fields.label.and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
-            let source = fields.source.and_then(|v| v.as_str().map(str::to_string));
-            Ok((text, label, source))
-        })
+        .map(|&(i, line)| parse_record(path, i + 1, line))
         .collect::<Vec<Result<Record>>>()
         .into_iter()
-        .collect::<Result<_>>()?; // the first bad line in file order, whichever thread met it
-    if out.is_empty() {
+        .collect::<Result<Vec<_>>>()?;
+    if records.is_empty() {
         return Err(Error::data(path, None, "no records"));
     }
-    Ok(out)
+    Ok((records, sha))
+}
+
+/// Reads a JSONL file's texts and labels (each line an object with a string `text` and a
+/// non-negative integer `label`), and the file's SHA-256 as stored.
+pub fn load_texts(path: &Path) -> Result<(Vec<String>, Vec<u32>, String)> {
+    let (records, sha) = load_records(path)?;
+    let mut texts = Vec::with_capacity(records.len());
+    let mut labels = Vec::with_capacity(records.len());
+    for r in records {
+        let label = r
+            .label
+            .ok_or_else(|| Error::data(path, Some(r.line), "`label` is missing or not a non-negative integer"))?;
+        texts.push(r.text);
+        labels.push(label);
+    }
+    Ok((texts, labels, sha))
 }
 
 /// Loads a JSONL file and featurises it into `buckets` hashed features.

@@ -176,12 +176,17 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
     // which grows with the documents carrying the pair, the pairs whose next line is rare
     // elsewhere (lift bound ≥ STRONG_LIFT) first: a planted line is seen only after its trigger,
     // while common continuations (`"""`, `else:`) follow many lines.
+    let carriers = carriers_of(per_doc, &ranked);
+    let mut carried: Vec<u32> = carriers.iter().flatten().copied().collect();
+    carried.sort_unstable();
+    carried.dedup();
+    let shingled: HashMap<u32, Vec<u64>> =
+        carried.par_iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
     let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
         .into_iter()
-        .map(|(_, (a, v))| {
-            let carriers: Vec<u32> =
-                (0..texts.len() as u32).filter(|&d| per_doc[d as usize].contains_key(&(a, v))).collect();
-            let distinct = distinct_documents(texts, &carriers) as u64;
+        .zip(carriers)
+        .map(|((_, (a, v)), carriers)| {
+            let distinct = distinct_documents(&shingled, &carriers) as u64;
             let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
             (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
         })
@@ -227,16 +232,31 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
     CorpusScan { candidates, occurrences, tests, threshold }
 }
 
+/// The documents (ascending) carrying each pair of `ranked`, from one pass over the documents'
+/// pairs.
+fn carriers_of(per_doc: &[DocumentPairs<'_>], ranked: &[(Judgement, (u64, u64))]) -> Vec<Vec<u32>> {
+    let wanted: HashMap<(u64, u64), usize> = ranked.iter().enumerate().map(|(r, (_, pair))| (*pair, r)).collect();
+    let mut carriers = vec![Vec::new(); ranked.len()];
+    for (d, pairs) in per_doc.iter().enumerate() {
+        for pair in pairs.keys() {
+            if let Some(&r) = wanted.get(pair) {
+                carriers[r].push(d as u32);
+            }
+        }
+    }
+    carriers
+}
+
 /// The number of groups of near-copies among the documents `carriers` (Jaccard ≥ 0.5 of their
-/// word 5-gram sets, joined transitively). Cost O(k² · shingles) for k carriers.
-fn distinct_documents(texts: &[String], carriers: &[u32]) -> usize {
-    let sets: Vec<Vec<u64>> = carriers.par_iter().map(|&d| crate::dedup::shingles(&texts[d as usize], 5)).collect();
+/// word 5-gram sets in `shingled`, joined transitively). Cost O(k² · shingles) for k carriers.
+fn distinct_documents(shingled: &HashMap<u32, Vec<u64>>, carriers: &[u32]) -> usize {
+    let sets: Vec<&Vec<u64>> = carriers.iter().map(|d| &shingled[d]).collect();
     let pairs: Vec<crate::dedup::Pair> = (0..sets.len())
         .into_par_iter()
         .flat_map_iter(|a| {
             let sets = &sets;
             (a + 1..sets.len()).filter_map(move |b| {
-                let s = crate::dedup::jaccard(&sets[a], &sets[b]);
+                let s = crate::dedup::jaccard(sets[a], sets[b]);
                 (s >= 0.5).then_some(crate::dedup::Pair { a, b, similarity: s })
             })
         })
