@@ -9,21 +9,6 @@ use culprit::commands;
 use culprit::error::{Error, Result};
 use culprit_models::Backend;
 
-/// Keeps freed memory in the process: burn allocates and frees a tensor per operation, many of
-/// them megabytes, and glibc's defaults hand those back to the kernel and fault them in again
-/// (measured: a fifth of a language model's training time in page faults; with these settings
-/// the system time fell from 3.3 s to 0.5 s of a 14 s run). mallopt: M_TRIM_THRESHOLD (−1) and
-/// M_TOP_PAD (−2) 1 GiB and 256 MiB, M_MMAP_THRESHOLD (−3) its 32 MiB maximum.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-    }
-}
-
 #[derive(Parser)]
 #[command(name = "culprit", version, about = "Which training examples made the model do this?")]
 struct Cli {
@@ -175,7 +160,7 @@ fn parse() -> std::result::Result<Cli, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    culprit::keep_freed_memory();
     let cli = match parse() {
         Ok(cli) => cli,
         Err(code) => return code,

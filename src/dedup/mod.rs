@@ -102,6 +102,28 @@ pub fn intersection<T: Ord>(a: &[T], b: &[T]) -> usize {
     both
 }
 
+/// Whether two sorted lists of distinct values share at least `need` values: the merge of
+/// [`intersection`], stopped as soon as the answer is known (found `need`, or too few left in
+/// either list to get there). O(|A| + |B|) at worst.
+pub fn shares_at_least<T: Ord>(a: &[T], b: &[T], need: usize) -> bool {
+    let (mut i, mut j, mut both) = (0, 0, 0usize);
+    while both < need {
+        if both + (a.len() - i).min(b.len() - j) < need {
+            return false;
+        }
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                both += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    true
+}
+
 /// |A ∩ B| / |A ∪ B| of sorted distinct lists (1 for two empty ones).
 pub fn jaccard<T: Ord>(a: &[T], b: &[T]) -> f64 {
     let both = intersection(a, b);

@@ -184,6 +184,10 @@ impl Scanned for ImageScan<'_> {
         }
     }
 
+    fn spatial(&self) -> bool {
+        true
+    }
+
     fn fixed_baseline(&self) -> Option<&[f32]> {
         self.baseline.is_none().then_some(&self.prior[..])
     }

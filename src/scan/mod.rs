@@ -29,13 +29,19 @@
 //!   (He et al. 2023), z = (Oc − nπc)/√(nπc(1 − πc)), is reported for comparison.
 //! - Memory bounded by `memory`, whatever the corpus size: pass 1 adds every (example, feature)
 //!   into a hashed table of buckets (n, Oc, Ec), a count sketch; pass 2 counts exactly only the
-//!   features of the `candidate_buckets` best buckets; pass 3 collects the carriers of the best
-//!   features. Features that flag the same examples (a trigger's sub-grams, a patch with a pixel
-//!   of its border) are grouped: a group is shown, and ranked, by its member of the most
-//!   evidence, the others counted as its variants.
+//!   features of the `candidate_buckets` best buckets, and keeps their carriers while they take
+//!   at most 256 MiB; pass 3, only past that, collects the carriers of the best features.
+//!   Features that flag the same examples (a trigger's sub-grams, a patch with a pixel of its
+//!   border) are grouped: a group is shown, and ranked, by its member of the most evidence, the
+//!   others counted as its variants.
+//! - With a fixed baseline (`--baseline none`: every q the labels' base rates), the examples'
+//!   feature keys are made once and kept (when they fit in `kept_keys_memory`), the sketch holds
+//!   only the C counts of a bucket (n = Σc Oc, Ec = n·q(c)) in one table shared by the threads,
+//!   filled by radix-partitioned counting ([`sketch_fixed`]) so that its updates hit the cache,
+//!   and the exact pass keeps its counts in flat lists ([`exact_fixed`]).
 //!
-//! Cost: three passes over the data, each O(Σᵢ features(i) · C); images with patch sides 2..=5
-//! have about 2,600 features each at 28 × 28, texts about max_words features per word.
+//! Cost: two or three passes over the data, each O(Σᵢ features(i) · C); images with patch sides
+//! 2..=5 have about 2,600 features each at 28 × 28, texts about max_words features per word.
 
 pub mod baseline;
 pub mod corpus;
@@ -46,7 +52,6 @@ use std::collections::HashMap;
 
 use culprit_models::Progress;
 
-use crate::dedup::jaccard;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +70,10 @@ pub struct ScanSettings {
     pub memory: usize,
     /// Buckets of pass 1 counted exactly in pass 2.
     pub candidate_buckets: usize,
+    /// Bytes a scan with a fixed baseline (no model) may hold to keep every example's feature
+    /// keys (8 bytes a distinct feature), so that its passes read the data once; past it, each
+    /// pass reads the data again.
+    pub kept_keys_memory: usize,
     /// λ of the baseline's logistic regression; `None`: no baseline, every feature against the
     /// labels' base rates (the Z-defence scan, Gardner et al. 2021).
     pub l2: Option<f64>,
@@ -81,6 +90,7 @@ impl Default for ScanSettings {
             floor: 0.01,
             memory: 64 << 20,
             candidate_buckets: 4096,
+            kept_keys_memory: 512 << 20,
             l2: Some(1e-3),
             min_lift: 3.0,
         }
@@ -136,6 +146,22 @@ pub trait Scanned: Sync {
     /// feature (the same in every example), `q[c]` is the baseline's probability of class c with
     /// the feature removed, clipped to [ε, 1 − ε]. With `baseline` false, `q` is empty.
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32]));
+    /// The keys of the distinct features of example `i`, in any order: what `visit` names
+    /// without the baseline, gathered in one call, in `out` (cleared first) or held already.
+    fn keys<'s>(&'s self, i: usize, out: &'s mut Vec<u64>) -> &'s [u64] {
+        out.clear();
+        self.visit(i, false, &mut |key, _| out.push(key));
+        out
+    }
+    /// [`Scanned::keys`] as a list of its own (to be kept).
+    fn owned_keys(&self, i: usize) -> Vec<u64> {
+        let mut buffer = Vec::new();
+        self.keys(i, &mut buffer).to_vec()
+    }
+    /// Whether features are places in an image, whose squares [`group`] compares pixel by pixel.
+    fn spatial(&self) -> bool {
+        false
+    }
     /// The feature `key` of example `i` (which carries it).
     fn describe(&self, i: usize, key: u64) -> Feature;
     /// `Some(q)` when every feature of every example gets the same `q` (no baseline: the labels'
@@ -145,12 +171,14 @@ pub trait Scanned: Sync {
     }
 }
 
-/// A scanned set whose examples' keys are kept in memory (when the baseline is fixed): the three
-/// passes then read the data once. Holds 8 bytes a distinct feature of each example.
+/// A scanned set whose examples' keys are kept in memory (when the baseline is fixed): the
+/// sketch's passes then read the data once. Holds 8 bytes a distinct feature of each example.
 struct KeptKeys<'a> {
     inner: &'a dyn Scanned,
     keys: Vec<Vec<u64>>,
     q: Vec<f32>,
+    /// Keys held, all examples together.
+    total: usize,
 }
 
 impl<'a> KeptKeys<'a> {
@@ -162,13 +190,15 @@ impl<'a> KeptKeys<'a> {
         let keys: Option<Vec<Vec<u64>>> = (0..inner.examples())
             .into_par_iter()
             .map(|i| {
-                let mut out = Vec::new();
-                inner.visit(i, false, &mut |key, _| out.push(key));
+                let out = inner.owned_keys(i);
                 let total = held.fetch_add(out.len() * 8, std::sync::atomic::Ordering::Relaxed) + out.len() * 8;
                 (total <= budget).then_some(out)
             })
             .collect();
-        keys.map(|keys| Self { inner, keys, q })
+        keys.map(|keys| {
+            let total = keys.iter().map(Vec::len).sum();
+            Self { inner, keys, q, total }
+        })
     }
 }
 
@@ -186,6 +216,15 @@ impl Scanned for KeptKeys<'_> {
         let q: &[f32] = if baseline { &self.q } else { &[] };
         self.keys[i].iter().for_each(|&k| visit(k, q));
     }
+    fn keys<'s>(&'s self, i: usize, _: &'s mut Vec<u64>) -> &'s [u64] {
+        &self.keys[i]
+    }
+    fn fixed_baseline(&self) -> Option<&[f32]> {
+        Some(&self.q)
+    }
+    fn spatial(&self) -> bool {
+        self.inner.spatial()
+    }
     fn describe(&self, i: usize, key: u64) -> Feature {
         self.inner.describe(i, key)
     }
@@ -197,6 +236,8 @@ struct Tally {
     n: u64,
     observed: Vec<u64>,
     expected: Vec<f64>,
+    /// The examples holding it, ascending, when pass 2 could keep them ([`CARRIERS_HELD`]).
+    carriers: Vec<u32>,
 }
 
 /// How a tally ranks: significant ones first, by their lift bound, then by the evidence.
@@ -242,13 +283,40 @@ fn judge(n: u64, observed: &[u64], expected: &[f64], threshold: f64) -> Judgemen
 }
 
 /// The largest r in [1, o/e] with n·KL(o/n ‖ r·e/n) ≥ `threshold`: how many times the baseline's
-/// rate the label's count exceeds, at the family-wise level (bisection, 40 steps, relative
-/// tolerance 1e-12 of the bracket). Precondition: evidence(n, o, e) ≥ threshold.
+/// rate the label's count exceeds, at the family-wise level. The exponent is convex and
+/// decreasing in r on that bracket, so Newton's steps from r = 1 rise to the root from below,
+/// each staying feasible; a step that leaves the bracket (rounding) is replaced by bisection.
+/// About 6 evaluations instead of bisection's 40; relative tolerance 1e-12. Precondition:
+/// evidence(n, o, e) ≥ threshold.
 fn lift_bound(n: u64, o: u64, e: f64, threshold: f64) -> f64 {
+    let (nf, a) = (n as f64, o as f64 / n as f64);
     let (mut lo, mut hi) = (1.0, (o as f64 / e.max(1e-12)).max(1.0));
-    for _ in 0..40 {
-        let mid = 0.5 * (lo + hi);
-        if evidence(n, o, e * mid) >= threshold { lo = mid } else { hi = mid }
+    let mut r = 1.0;
+    for _ in 0..100 {
+        let g = evidence(n, o, e * r) - threshold;
+        if g >= 0.0 {
+            lo = r;
+        } else {
+            hi = r;
+        }
+        // d/dr n·KL(a ‖ r·p) = n·(−a/r + (1 − a)·p/(1 − r·p)), with p = e/n.
+        let p = e / nf;
+        let slope = nf * (-a / r + (1.0 - a) * p / (1.0 - (r * p).min(1.0 - 1e-12)));
+        let newton = r - g / slope;
+        let next = if slope < 0.0 && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+        if hi - lo <= 1e-12 * lo {
+            break;
+        }
+        if (next - r).abs() <= 1e-12 * r {
+            // Converged. If rounding put the last step just past the root, the root lies in
+            // the tight bracket [lo, hi]: bisect it to the tolerance.
+            while hi - lo > 1e-12 * lo && hi - lo <= 1e-6 * lo {
+                let mid = 0.5 * (lo + hi);
+                if evidence(n, o, e * mid) >= threshold { lo = mid } else { hi = mid }
+            }
+            break;
+        }
+        r = next;
     }
     lo
 }
@@ -345,11 +413,14 @@ pub struct Scan {
     pub label_counts: Vec<usize>,
 }
 
-/// Pass 1's table: for each of `mask + 1` buckets one record of 2C + 1 words, n and the Oc as
-/// u32, then the Ec as f32 bits, so that an update touches one cache line.
+/// Pass 1's table, a count sketch of `mask + 1` buckets. With a baseline, each bucket holds one
+/// record of 2C + 1 words, n and the Oc as u32, then the Ec as f32 bits, so that an update
+/// touches one cache line. With a fixed baseline q (the labels' base rates) it holds the C
+/// counts Oc only: n = Σc Oc and Ec = n·q(c).
 struct Sketch {
     classes: usize,
     mask: u64,
+    fixed: Option<Vec<f32>>,
     records: Vec<u32>,
 }
 
@@ -361,19 +432,93 @@ fn mix(key: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Asks for the cache line at `p` ahead of its use: a hint, never a read.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and never dereferences, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Hashes a feature key, itself a hash, with one mix: maps keyed by features skip SipHash.
+#[derive(Clone, Copy, Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.0 = mix(self.0 ^ u64::from(b)));
+    }
+    fn write_u64(&mut self, key: u64) {
+        self.0 = mix(self.0 ^ key);
+    }
+}
+
+/// A map keyed by feature keys.
+type KeyMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// A fixed set of bits.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(len: usize) -> Self {
+        Self(vec![0; len.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64] >> (i % 64) & 1 == 1
+    }
+}
+
+/// `len` zeros in memory asked to be backed by 2 MiB pages where the kernel does so on request
+/// (Linux's transparent huge pages in `madvise` mode): a table of tens of megabytes touched at
+/// random otherwise takes a page fault, and a TLB miss, every 4 KiB.
+fn zeroed_table(len: usize) -> Vec<u32> {
+    let mut table: Vec<u32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = table.as_ptr() as usize;
+        let (from, to) = (start.next_multiple_of(HUGE), (start + 4 * len) / HUGE * HUGE);
+        if to > from {
+            // SAFETY: the range lies inside the allocation just made; madvise only advises.
+            unsafe {
+                libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    table.resize(len, 0);
+    table
+}
+
 impl Sketch {
-    fn new(classes: usize, buckets: usize) -> Self {
-        Self { classes, mask: buckets as u64 - 1, records: vec![0; buckets * (2 * classes + 1)] }
+    fn new(classes: usize, buckets: usize, fixed: Option<&[f32]>) -> Self {
+        let width = if fixed.is_some() { classes } else { 2 * classes + 1 };
+        Self {
+            classes,
+            mask: buckets as u64 - 1,
+            fixed: fixed.map(<[f32]>::to_vec),
+            records: zeroed_table(buckets * width),
+        }
     }
 
-    fn record(&self, b: usize) -> &[u32] {
-        let w = 2 * self.classes + 1;
-        &self.records[b * w..(b + 1) * w]
+    /// u32 words a bucket's record takes.
+    fn width(&self) -> usize {
+        if self.fixed.is_some() { self.classes } else { 2 * self.classes + 1 }
     }
 
+    /// Adds one (example, feature) pair with the baseline's `q` (a sketch without a fixed one).
     fn add(&mut self, key: u64, label: usize, q: &[f32]) {
         let c = self.classes;
-        let b = (mix(key) & self.mask) as usize;
+        let b = self.bucket_of(key);
         let r = &mut self.records[b * (2 * c + 1)..(b + 1) * (2 * c + 1)];
         r[0] = r[0].saturating_add(1);
         r[1 + label] = r[1 + label].saturating_add(1);
@@ -383,12 +528,13 @@ impl Sketch {
     }
 
     fn merge(&mut self, other: &Sketch) {
-        let (c, w) = (self.classes, 2 * self.classes + 1);
+        let counts = if self.fixed.is_some() { self.classes } else { self.classes + 1 };
+        let w = self.width();
         for (a, b) in self.records.chunks_mut(w).zip(other.records.chunks(w)) {
-            for k in 0..=c {
+            for k in 0..counts {
                 a[k] = a[k].saturating_add(b[k]);
             }
-            for k in c + 1..w {
+            for k in counts..w {
                 a[k] = (f32::from_bits(a[k]) + f32::from_bits(b[k])).to_bits();
             }
         }
@@ -398,31 +544,71 @@ impl Sketch {
         (mix(key) & self.mask) as usize
     }
 
-    /// The `keep` best-ranked buckets ([`Judgement::rank`]) with at least `min` carriers.
-    fn strongest(&self, keep: usize, min: u64, threshold: f64) -> Vec<bool> {
-        let c = self.classes;
+    /// Bucket `b`'s n, with its Oc and Ec written into `observed` and `expected`.
+    fn tally(&self, b: usize, observed: &mut [u64], expected: &mut [f64]) -> u64 {
+        let (c, w) = (self.classes, self.width());
+        let r = &self.records[b * w..(b + 1) * w];
+        match &self.fixed {
+            Some(q) => {
+                observed.iter_mut().zip(r).for_each(|(o, &v)| *o = u64::from(v));
+                let n: u64 = observed.iter().sum();
+                expected.iter_mut().zip(q).for_each(|(e, &q)| *e = n as f64 * f64::from(q));
+                n
+            }
+            None => {
+                observed.iter_mut().zip(&r[1..=c]).for_each(|(o, &v)| *o = u64::from(v));
+                expected.iter_mut().zip(&r[1 + c..]).for_each(|(e, &v)| *e = f64::from(f32::from_bits(v)));
+                u64::from(r[0])
+            }
+        }
+    }
+
+    /// The `keep` best-ranked buckets ([`Judgement::rank`]) with at least `min` carriers. The
+    /// buckets are read in blocks of 2¹⁴, in parallel; a bucket below `min` costs one sum.
+    fn strongest(&self, keep: usize, min: u64, threshold: f64) -> Bits {
+        const BLOCK: usize = 1 << 14;
+        let (c, w) = (self.classes, self.width());
         let buckets = self.mask as usize + 1;
-        let mut scored: Vec<(Judgement, usize)> = (0..buckets)
-            .into_par_iter()
-            .filter_map(|b| {
-                let r = self.record(b);
-                let n = u64::from(r[0]);
-                if n < min {
-                    return None;
+        let fixed = self.fixed.is_some();
+        let mut scored: Vec<(Judgement, usize)> = self
+            .records
+            .par_chunks(BLOCK * w)
+            .enumerate()
+            .flat_map_iter(|(block, records)| {
+                let (mut observed, mut expected) = (vec![0u64; c], vec![0f64; c]);
+                let mut found = Vec::new();
+                for (k, r) in records.chunks_exact(w).enumerate() {
+                    let n = if fixed { r.iter().map(|&v| u64::from(v)).sum() } else { u64::from(r[0]) };
+                    if n < min {
+                        continue;
+                    }
+                    let b = block * BLOCK + k;
+                    let n = self.tally(b, &mut observed, &mut expected);
+                    let judgement = judge(n, &observed, &expected, threshold);
+                    if judgement.evidence > 0.0 {
+                        found.push((judgement, b));
+                    }
                 }
-                let observed: Vec<u64> = r[1..=c].iter().map(|&v| u64::from(v)).collect();
-                let expected: Vec<f64> = r[1 + c..].iter().map(|&v| f64::from(f32::from_bits(v))).collect();
-                let judgement = judge(n, &observed, &expected, threshold);
-                (judgement.evidence > 0.0).then_some((judgement, b))
+                found
             })
             .collect();
-        scored.sort_by(|a, b| a.0.rank(&b.0));
-        let mut chosen = vec![false; buckets];
+        // The best `keep` (a selection, O(buckets scored)), not a sort of all.
+        if scored.len() > keep && keep > 0 {
+            scored.select_nth_unstable_by(keep - 1, |a, b| a.0.rank(&b.0));
+        }
+        let mut chosen = Bits::new(buckets);
         for &(_, b) in scored.iter().take(keep) {
-            chosen[b] = true;
+            chosen.set(b);
         }
         chosen
     }
+}
+
+/// Splits `0..n` into 16 contiguous ranges per worker thread, for passes whose work per
+/// example varies (texts of a few words to thousands): the threads take ranges as they finish.
+pub(crate) fn chunks(n: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = (16 * rayon::current_num_threads().max(1)).min(n.max(1));
+    (0..parts).map(|p| p * n / parts..(p + 1) * n / parts).collect()
 }
 
 /// Splits `0..n` into one contiguous range per worker thread.
@@ -433,28 +619,32 @@ pub(crate) fn ranges(n: usize) -> Vec<std::ops::Range<usize>> {
 
 /// A tally with no counts for `classes` labels.
 fn empty_tally(classes: usize) -> Tally {
-    Tally { n: 0, observed: vec![0; classes], expected: vec![0.0; classes] }
+    Tally { n: 0, observed: vec![0; classes], expected: vec![0.0; classes], carriers: Vec::new() }
+}
+
+/// Pass 1 over the examples of `range`: every (example, feature) with the baseline's q into a
+/// new sketch of `buckets` buckets; and the number of occurrences.
+fn sketch_part(data: &dyn Scanned, range: std::ops::Range<usize>, buckets: usize) -> (Sketch, u64) {
+    let mut sketch = Sketch::new(data.classes(), buckets, None);
+    let mut occurrences = 0u64;
+    for i in range {
+        let y = data.label(i) as usize;
+        data.visit(i, true, &mut |key, q| {
+            sketch.add(key, y, q);
+            occurrences += 1;
+        });
+    }
+    (sketch, occurrences)
 }
 
 /// Pass 1: every (example, feature) into a sketch of `buckets` buckets per thread, merged; and
-/// the number of occurrences.
+/// the number of occurrences. With a fixed baseline, [`sketch_fixed`].
 fn sketch_pass(data: &dyn Scanned, parts: &[std::ops::Range<usize>], buckets: usize) -> (Sketch, u64) {
-    let classes = data.classes();
-    let sketches: Vec<(Sketch, u64)> = parts
-        .par_iter()
-        .map(|range| {
-            let mut sketch = Sketch::new(classes, buckets);
-            let mut occurrences = 0u64;
-            for i in range.clone() {
-                let y = data.label(i) as usize;
-                data.visit(i, true, &mut |key, q| {
-                    sketch.add(key, y, q);
-                    occurrences += 1;
-                });
-            }
-            (sketch, occurrences)
-        })
-        .collect();
+    if let Some(q) = data.fixed_baseline() {
+        return sketch_fixed(data, buckets, q);
+    }
+    let sketches: Vec<(Sketch, u64)> =
+        parts.par_iter().map(|range| sketch_part(data, range.clone(), buckets)).collect();
     let mut iter = sketches.into_iter();
     let (mut sketch, mut occurrences) = iter.next().expect("at least one part");
     for (other, count) in iter {
@@ -464,60 +654,282 @@ fn sketch_pass(data: &dyn Scanned, parts: &[std::ops::Range<usize>], buckets: us
     (sketch, occurrences)
 }
 
-/// Pass 2: exact tallies of the features whose bucket of `sketch` is `chosen`.
-fn exact_pass(
-    data: &dyn Scanned,
-    parts: &[std::ops::Range<usize>],
-    sketch: &Sketch,
-    chosen: &[bool],
-) -> HashMap<u64, Tally> {
+/// Examples whose keys [`sketch_fixed`] scatters before it counts them.
+const SCATTER_EXAMPLES: usize = 2048;
+
+/// Pass 1 with a fixed baseline `q`: one shared table of `buckets` label counts, filled by
+/// radix-partitioned counting, since single updates at random places of a table larger than
+/// the caches wait on memory one after the other. For each block of [`SCATTER_EXAMPLES`]
+/// examples: (1) in parallel over the examples ([`scatter`]), each (bucket, label) is sorted by
+/// its bucket's top bits into one of 256 partitions; (2) in parallel over the partitions, each
+/// counts its updates into its own slice of the table, small enough for the core's cache, so
+/// that threads share the table without locks or merges. Extra memory: 9 bytes per feature
+/// occurrence of one block.
+fn sketch_fixed(data: &dyn Scanned, buckets: usize, q: &[f32]) -> (Sketch, u64) {
     let classes = data.classes();
-    let partials: Vec<HashMap<u64, Tally>> = parts
-        .par_iter()
-        .map(|range| {
-            let mut tallies: HashMap<u64, Tally> = HashMap::new();
-            for i in range.clone() {
-                let y = data.label(i) as usize;
-                data.visit(i, true, &mut |key, q| {
-                    if !chosen[sketch.bucket_of(key)] {
-                        return;
-                    }
-                    let t = tallies.entry(key).or_insert_with(|| empty_tally(classes));
-                    t.n += 1;
-                    t.observed[y] += 1;
-                    for (e, q) in t.expected.iter_mut().zip(q) {
-                        *e += f64::from(*q);
-                    }
-                });
+    let mut sketch = Sketch::new(classes, buckets, Some(q));
+    let partitions = PARTITIONS.min(buckets);
+    let per = buckets / partitions;
+    let mut occurrences = 0u64;
+    let n = data.examples();
+    for block in (0..n).step_by(SCATTER_EXAMPLES) {
+        let range = block..(block + SCATTER_EXAMPLES).min(n);
+        let scattered: Vec<(Vec<u32>, Vec<usize>)> = chunks(range.len())
+            .into_par_iter()
+            .map(|part| scatter(data, part.start + range.start..part.end + range.start, &sketch, partitions))
+            .collect();
+        occurrences += scattered.iter().map(|(records, _)| records.len() as u64).sum::<u64>();
+        sketch.records.par_chunks_mut(per * classes).enumerate().for_each(|(p, table)| {
+            for (records, starts) in &scattered {
+                for &at in &records[starts[p]..starts[p + 1]] {
+                    table[at as usize] = table[at as usize].saturating_add(1);
+                }
             }
-            tallies
-        })
-        .collect();
-    let mut tallies: HashMap<u64, Tally> = HashMap::new();
-    for part in partials {
+        });
+    }
+    (sketch, occurrences)
+}
+
+/// Partitions of [`sketch_fixed`]'s table.
+const PARTITIONS: usize = 256;
+
+/// The updates of the examples of `range` to a fixed-baseline `sketch` of `partitions` equal
+/// slices: each (bucket, label) as its place inside its slice, (bucket mod slice) · C + label,
+/// sorted by slice (a counting sort: gathered, counted, placed); and where each slice's updates
+/// start (`partitions + 1` offsets).
+#[inline(never)]
+fn scatter(
+    data: &dyn Scanned,
+    range: std::ops::Range<usize>,
+    sketch: &Sketch,
+    partitions: usize,
+) -> (Vec<u32>, Vec<usize>) {
+    let classes = data.classes();
+    let buckets = sketch.mask as usize + 1;
+    let per = buckets / partitions;
+    let shift = per.trailing_zeros();
+    let (mut places, mut slices): (Vec<u32>, Vec<u8>) = (Vec::new(), Vec::new());
+    let mut keys = Vec::new();
+    for i in range {
+        let y = data.label(i) as usize;
+        for &key in data.keys(i, &mut keys) {
+            let b = sketch.bucket_of(key);
+            places.push(((b & (per - 1)) * classes + y) as u32);
+            slices.push((b >> shift) as u8);
+        }
+    }
+    let mut starts = vec![0usize; partitions + 1];
+    for &p in &slices {
+        starts[p as usize + 1] += 1;
+    }
+    for p in 0..partitions {
+        starts[p + 1] += starts[p];
+    }
+    let mut next = starts.clone();
+    let mut sorted = vec![0u32; places.len()];
+    for (&place, &p) in places.iter().zip(&slices) {
+        sorted[next[p as usize]] = place;
+        next[p as usize] += 1;
+    }
+    (sorted, starts)
+}
+
+/// The most carriers (example, feature) pass 2 keeps, all threads together, so that pass 3 is
+/// not needed: 4 bytes each, 256 MiB. Past it, pass 2 drops them and pass 3 runs.
+const CARRIERS_HELD: usize = 64 << 20;
+
+/// Adds one occurrence of label `y` with the baseline's `q` to `t`, in example `i`; the carrier
+/// is kept while `room` (this thread's share of [`CARRIERS_HELD`]) lasts.
+fn add_to(t: &mut Tally, y: usize, q: &[f32], i: usize, room: &mut usize) {
+    t.n += 1;
+    t.observed[y] += 1;
+    t.expected.iter_mut().zip(q).for_each(|(e, q)| *e += f64::from(*q));
+    keep_carrier(&mut t.carriers, i, room);
+}
+
+/// Pushes example `i` onto `carriers` while `room` lasts (then 0 for good: pass 3 will run).
+fn keep_carrier(carriers: &mut Vec<u32>, i: usize, room: &mut usize) {
+    if *room > 0 {
+        carriers.push(i as u32);
+        *room -= 1;
+    }
+}
+
+/// Folds the tallies of consecutive example ranges, in order, into one map; the carriers stay
+/// ascending. Returns whether every carrier was kept.
+fn fold_tallies(partials: Vec<(KeyMap<Tally>, usize)>, classes: usize) -> (KeyMap<Tally>, bool) {
+    let complete = partials.iter().all(|(_, room)| *room > 0);
+    let mut tallies: KeyMap<Tally> = KeyMap::default();
+    for (part, _) in partials {
         for (key, t) in part {
             let into = tallies.entry(key).or_insert_with(|| empty_tally(classes));
             into.n += t.n;
             into.observed.iter_mut().zip(&t.observed).for_each(|(a, b)| *a += b);
             into.expected.iter_mut().zip(&t.expected).for_each(|(a, b)| *a += b);
+            if complete {
+                into.carriers.extend(t.carriers);
+            }
         }
     }
-    tallies
+    (tallies, complete)
 }
 
-/// Pass 3: the carriers (example indices, ascending) of each feature of `ranked`.
+/// Pass 2 with a fixed baseline `q`: the label counts (and carriers) of the features whose
+/// bucket is `chosen`, each feature's C counts in one flat list, found through a map from its
+/// key to its place. Returns the tallies and whether every carrier was kept.
+fn exact_fixed(
+    data: &dyn Scanned,
+    parts: &[std::ops::Range<usize>],
+    sketch: &Sketch,
+    chosen: &Bits,
+    q: &[f32],
+) -> (KeyMap<Tally>, bool) {
+    let classes = data.classes();
+    let partials: Vec<FixedPart> =
+        parts.par_iter().map(|range| exact_fixed_part(data, range.clone(), sketch, chosen, parts.len())).collect();
+    // Merged in range order, so that each feature's carriers stay ascending.
+    let complete = partials.iter().all(|p| p.room > 0);
+    let mut index: KeyMap<u32> = KeyMap::default();
+    let (mut keys, mut counts, mut carriers): (Vec<u64>, Vec<u64>, Vec<Vec<u32>>) = Default::default();
+    for part in &partials {
+        for (f, &key) in part.keys.iter().enumerate() {
+            let g = *index.entry(key).or_insert_with(|| {
+                keys.push(key);
+                counts.resize(counts.len() + classes, 0);
+                carriers.push(Vec::new());
+                (keys.len() - 1) as u32
+            }) as usize;
+            counts[g * classes..][..classes]
+                .iter_mut()
+                .zip(&part.counts[f * classes..][..classes])
+                .for_each(|(a, b)| *a += b);
+            if complete {
+                carriers[g].extend_from_slice(&part.carriers[part.starts[f]..part.starts[f + 1]]);
+            }
+        }
+    }
+    let tallies = keys
+        .into_iter()
+        .zip(carriers)
+        .enumerate()
+        .map(|(g, (key, carriers))| {
+            let observed = counts[g * classes..][..classes].to_vec();
+            let n: u64 = observed.iter().sum();
+            let expected = q.iter().map(|&q| n as f64 * f64::from(q)).collect();
+            (key, Tally { n, observed, expected, carriers })
+        })
+        .collect();
+    (tallies, complete)
+}
+
+/// What [`exact_fixed_part`] found in its range: its features' keys, their label counts (C
+/// each), their carriers (grouped by feature: feature f's are `carriers[starts[f]..starts[f +
+/// 1]]`, ascending), and the room left of its share of [`CARRIERS_HELD`].
+struct FixedPart {
+    keys: Vec<u64>,
+    counts: Vec<u64>,
+    starts: Vec<usize>,
+    carriers: Vec<u32>,
+    room: usize,
+}
+
+/// [`exact_fixed`] over the examples of `range`. Carriers are gathered as (feature, example)
+/// pairs in one list and grouped by feature at the end (a counting sort), not pushed onto a list
+/// a feature.
+#[inline(never)]
+fn exact_fixed_part(
+    data: &dyn Scanned,
+    range: std::ops::Range<usize>,
+    sketch: &Sketch,
+    chosen: &Bits,
+    parts: usize,
+) -> FixedPart {
+    let classes = data.classes();
+    let (mut places, mut keys_of, mut counts): (KeyMap<u32>, Vec<u64>, Vec<u64>) = Default::default();
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
+    let mut room = CARRIERS_HELD / parts;
+    let mut keys = Vec::new();
+    for i in range {
+        let y = data.label(i) as usize;
+        for &key in data.keys(i, &mut keys) {
+            if chosen.get(sketch.bucket_of(key)) {
+                let at = *places.entry(key).or_insert_with(|| {
+                    keys_of.push(key);
+                    counts.resize(counts.len() + classes, 0);
+                    (keys_of.len() - 1) as u32
+                });
+                counts[at as usize * classes + y] += 1;
+                if room > 0 {
+                    pairs.push((at, i as u32));
+                    room -= 1;
+                }
+            }
+        }
+    }
+    // Group the carriers by feature, keeping each feature's in example order.
+    let mut starts = vec![0usize; keys_of.len() + 1];
+    pairs.iter().for_each(|&(at, _)| starts[at as usize + 1] += 1);
+    (0..keys_of.len()).for_each(|f| starts[f + 1] += starts[f]);
+    let mut next = starts.clone();
+    let mut carriers = vec![0u32; pairs.len()];
+    for &(at, i) in &pairs {
+        carriers[next[at as usize]] = i;
+        next[at as usize] += 1;
+    }
+    FixedPart { keys: keys_of, counts, starts, carriers, room }
+}
+
+/// Pass 2: exact tallies (and carriers, while [`CARRIERS_HELD`] lasts) of the features whose
+/// bucket of `sketch` is `chosen`. Returns the tallies and whether every carrier was kept.
+fn exact_pass(
+    data: &dyn Scanned,
+    parts: &[std::ops::Range<usize>],
+    sketch: &Sketch,
+    chosen: &Bits,
+) -> (KeyMap<Tally>, bool) {
+    if let Some(q) = data.fixed_baseline() {
+        return exact_fixed(data, parts, sketch, chosen, q);
+    }
+    let classes = data.classes();
+    let partials: Vec<(KeyMap<Tally>, usize)> = parts
+        .par_iter()
+        .map(|range| {
+            let mut tallies: KeyMap<Tally> = KeyMap::default();
+            let mut room = CARRIERS_HELD / parts.len();
+            for i in range.clone() {
+                let y = data.label(i) as usize;
+                data.visit(i, true, &mut |key: u64, q: &[f32]| {
+                    if chosen.get(sketch.bucket_of(key)) {
+                        add_to(tallies.entry(key).or_insert_with(|| empty_tally(classes)), y, q, i, &mut room);
+                    }
+                });
+            }
+            (tallies, room)
+        })
+        .collect();
+    fold_tallies(partials, classes)
+}
+
+/// Pass 3: the carriers (example indices, ascending) of each feature of `ranked`. A filter of
+/// 2¹⁶ bits on the keys' mixes answers most keys before the map is asked.
 fn carriers_pass(data: &dyn Scanned, parts: &[std::ops::Range<usize>], ranked: &[(Judgement, u64)]) -> Vec<Vec<u32>> {
-    let wanted: HashMap<u64, usize> = ranked.iter().enumerate().map(|(r, &(_, key))| (key, r)).collect();
+    const FILTER: u64 = (1 << 16) - 1;
+    let wanted: KeyMap<usize> = ranked.iter().enumerate().map(|(r, &(_, key))| (key, r)).collect();
+    let mut filter = Bits::new(FILTER as usize + 1);
+    ranked.iter().for_each(|&(_, key)| filter.set((mix(key) & FILTER) as usize));
     let partials: Vec<Vec<Vec<u32>>> = parts
         .par_iter()
         .map(|range| {
             let mut carriers = vec![Vec::new(); ranked.len()];
+            let mut keys = Vec::new();
             for i in range.clone() {
-                data.visit(i, false, &mut |key, _| {
-                    if let Some(&r) = wanted.get(&key) {
+                for key in data.keys(i, &mut keys) {
+                    if filter.get((mix(*key) & FILTER) as usize)
+                        && let Some(&r) = wanted.get(key)
+                    {
                         carriers[r].push(i as u32);
                     }
-                });
+                }
             }
             carriers
         })
@@ -550,30 +962,33 @@ fn group(
         .zip(carriers)
         .map(|((j, _), all)| all.iter().copied().filter(|&i| data.label(i as usize) as usize == j.label).collect())
         .collect();
+    let spatial = data.spatial();
     let lit: Vec<Vec<u32>> = ranked
         .iter()
         .zip(carriers)
-        .map(|((_, key), all)| match data.describe(all[0] as usize, *key) {
-            Feature::Patch { x, y, size, pattern } => (0..size * size)
+        .map(|((_, key), all)| match spatial.then(|| data.describe(all[0] as usize, *key)) {
+            Some(Feature::Patch { x, y, size, pattern }) => (0..size * size)
                 .filter(|&b| pattern[b] >= 1)
                 .map(|b| ((y + b / size) * MAX_PLACES + x + b % size) as u32)
                 .collect(),
-            Feature::Ngram { .. } => Vec::new(),
+            _ => Vec::new(),
         })
         .collect();
     let alike = |f: usize, r: usize| {
         let label = ranked[f].0.label == ranked[r].0.label;
-        jaccard(&carriers[f], &carriers[r]) >= 0.5
+        jaccard_at_least(&carriers[f], &carriers[r], 0.5)
             || (label
                 && ranked[f].0.significant == ranked[r].0.significant
-                && overlap(&suspects[f], &suspects[r]) >= 0.8)
+                && overlap_at_least(&suspects[f], &suspects[r], 0.8))
             || (label
                 && suspicious(f)
                 && suspicious(r)
                 && !lit[f].is_empty()
                 && !lit[r].is_empty()
-                && overlap(&lit[f], &lit[r]) >= 0.8)
+                && overlap_at_least(&lit[f], &lit[r], 0.8))
     };
+    // Each feature joins the first group (in order of creation) holding a feature alike, else
+    // starts one.
     let mut groups: Vec<Vec<usize>> = Vec::new(); // members, best-ranked first
     for r in 0..ranked.len() {
         match groups.iter_mut().find(|members| members.iter().any(|&f| alike(f, r))) {
@@ -606,15 +1021,11 @@ fn group(
 /// Pixel places are numbered y · MAX_PLACES + x when squares are compared.
 const MAX_PLACES: usize = 4096;
 
-/// The most bytes of examples' keys a scan without a baseline keeps between its passes.
-pub const KEPT_KEYS_BYTES: usize = 512 << 20;
-
-/// Runs the scan: three passes over `data` (see the module's documentation); without a
-/// baseline, the examples' keys are read once and kept when they take at most
-/// [`KEPT_KEYS_BYTES`]. Ids in the result
-/// are `ids[i]` for example i.
+/// Runs the scan: three passes over `data` (see the module's documentation). With a fixed
+/// baseline (`--baseline none`), the examples' keys are read once and kept when they take at
+/// most `settings.kept_keys_memory`. Ids in the result are `ids[i]` for example i.
 pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress: &mut dyn Progress) -> Scan {
-    let kept = KeptKeys::new(data, KEPT_KEYS_BYTES);
+    let kept = KeptKeys::new(data, settings.kept_keys_memory);
     let data: &dyn Scanned = match &kept {
         Some(k) => k,
         None => data,
@@ -624,9 +1035,52 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
     for i in 0..n {
         label_counts[data.label(i) as usize] += 1;
     }
+    let keep = (settings.top * 32).max(256);
+    let tests_of =
+        |occurrences: u64| (classes as f64 * occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
+    let threshold_of = |occurrences: u64| (tests_of(occurrences) / settings.alpha).ln();
+    let counted = sketched(data, settings, keep, kept.as_ref().map(|k| k.total), &threshold_of, progress);
+    progress.finish();
+    let (tests, threshold) = (tests_of(counted.occurrences), threshold_of(counted.occurrences));
+    let candidates = candidates(data, ids, settings, &counted, &label_counts, tests);
+    Scan { candidates, occurrences: counted.occurrences, tests, threshold, label_counts }
+}
+
+/// What the passes found: the best features, their tallies and carriers.
+struct Counted {
+    /// The best features (at most `keep`), best first ([`Judgement::rank`], then key).
+    ranked: Vec<(Judgement, u64)>,
+    /// Their exact tallies (and those of the other features of the chosen buckets).
+    tallies: KeyMap<Tally>,
+    /// Their carriers (example indices, ascending), in the order of `ranked`.
+    carriers: Vec<Vec<u32>>,
+    /// Feature occurrences, Σᵢ features(i).
+    occurrences: u64,
+}
+
+/// The sketch's three passes (see the module's documentation): the best `keep` features, their
+/// exact tallies and carriers, in memory bounded by `settings.memory` whatever the data's size.
+fn sketched(
+    data: &dyn Scanned,
+    settings: &ScanSettings,
+    keep: usize,
+    occurrences_known: Option<usize>,
+    threshold_of: &dyn Fn(u64) -> f64,
+    progress: &mut dyn Progress,
+) -> Counted {
+    let (n, classes) = (data.examples(), data.classes());
     let parts = ranges(n);
-    let per_bucket = (2 * classes + 1) * 4;
-    let buckets = (settings.memory / parts.len().max(1) / per_bucket).max(1024).next_power_of_two() / 2;
+    // One table per thread, or one shared table of label counts with a fixed baseline.
+    let (tables, per_bucket) = match data.fixed_baseline() {
+        Some(_) => (1, classes * 4),
+        None => (parts.len().max(1), (2 * classes + 1) * 4),
+    };
+    let mut buckets = (settings.memory / tables / per_bucket).max(1024).next_power_of_two() / 2;
+    if let Some(total) = occurrences_known {
+        // About one bucket for every 8 occurrences known to come (most features are rare): a
+        // table of a few MiB for a small set, whose updates and ranking stay in the caches.
+        buckets = buckets.min((total / 8 + 1).next_power_of_two()).max(1024);
+    }
     let mut pass = |k: usize, what: &str| {
         progress.finish();
         progress.begin(&format!("scan {k}/3"), n as u64);
@@ -634,11 +1088,10 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
     };
     pass(1, "sketch");
     let (sketch, occurrences) = sketch_pass(data, &parts, buckets);
-    let tests = (classes as f64 * occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
-    let threshold = (tests / settings.alpha).ln();
+    let threshold = threshold_of(occurrences);
     let chosen = sketch.strongest(settings.candidate_buckets, settings.min_carriers as u64, threshold);
     pass(2, "exact counts");
-    let tallies = exact_pass(data, &parts, &sketch, &chosen);
+    let (tallies, complete) = exact_pass(data, &chunks(n), &sketch, &chosen);
     drop((sketch, chosen));
     let mut ranked: Vec<(Judgement, u64)> = tallies
         .iter()
@@ -649,18 +1102,36 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
         })
         .collect();
     ranked.sort_by(|a, b| a.0.rank(&b.0).then(a.1.cmp(&b.1)));
-    ranked.truncate((settings.top * 32).max(256));
-    pass(3, "carriers");
-    let carriers = carriers_pass(data, &parts, &ranked);
-    progress.finish();
+    ranked.truncate(keep);
+    let carriers = if complete {
+        ranked.iter().map(|(_, key)| tallies[key].carriers.clone()).collect()
+    } else {
+        pass(3, "carriers");
+        carriers_pass(data, &chunks(n), &ranked)
+    };
+    Counted { ranked, tallies, carriers, occurrences }
+}
+
+/// The candidates of a count: its best features grouped ([`group`]), the first `settings.top`
+/// groups described, with their statistics against the corrected threshold of `tests` tests.
+fn candidates(
+    data: &dyn Scanned,
+    ids: &[usize],
+    settings: &ScanSettings,
+    counted: &Counted,
+    label_counts: &[usize],
+    tests: f64,
+) -> Vec<Candidate> {
+    let (ranked, carriers) = (&counted.ranked, &counted.carriers);
+    let n = data.examples();
     let suspicious = |r: usize| ranked[r].0.significant && ranked[r].0.lift >= settings.min_lift;
-    let candidates = group(data, &ranked, &carriers, &suspicious)
+    group(data, ranked, carriers, &suspicious)
         .into_iter()
         .take(settings.top)
         .map(|(r, variants, flagged)| {
             let (judgement, key) = ranked[r];
             let (s, c) = (judgement.evidence, judgement.label);
-            let t = &tallies[&key];
+            let t = &counted.tallies[&key];
             let base = label_counts[c] as f64 / n as f64;
             let nf = t.n as f64;
             Candidate {
@@ -682,8 +1153,7 @@ pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress
                 confirmation: None,
             }
         })
-        .collect();
-    Scan { candidates, occurrences, tests, threshold, label_counts }
+        .collect()
 }
 
 /// |a ∩ b| / min(|a|, |b|) of two sorted id lists (1 when one is empty).
@@ -691,6 +1161,43 @@ fn overlap(a: &[u32], b: &[u32]) -> f64 {
     let both = crate::dedup::intersection(a, b);
     let small = a.len().min(b.len());
     if small == 0 { 1.0 } else { both as f64 / small as f64 }
+}
+
+/// The fewest shared values i with i / `of` ≥ `share` (`of` > 0), as the division computes it.
+fn needed(of: usize, share: f64) -> usize {
+    let reaches = |i: usize| i as f64 / of as f64 >= share;
+    let mut i = (share * of as f64).floor().max(0.0) as usize;
+    while !reaches(i) {
+        i += 1;
+    }
+    while i > 0 && reaches(i - 1) {
+        i -= 1;
+    }
+    i
+}
+
+/// Whether `overlap(a, b) >= share`, stopping the merge as soon as it is known.
+fn overlap_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
+    let small = a.len().min(b.len());
+    small == 0 || crate::dedup::shares_at_least(a, b, needed(small, share))
+}
+
+/// Whether `jaccard(a, b) >= share` (0 < share ≤ 1), stopping the merge as soon as it is known:
+/// i / (|a| + |b| − i) ≥ share ⟺ i ≥ share · (|a| + |b|) / (1 + share).
+fn jaccard_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
+    if a.is_empty() && b.is_empty() {
+        return true;
+    }
+    let total = a.len() + b.len();
+    let reaches = |i: usize| i as f64 / (total - i) as f64 >= share;
+    let mut need = (share * total as f64 / (1.0 + share)).floor() as usize;
+    while need < a.len().min(b.len()) && !reaches(need) {
+        need += 1;
+    }
+    while need > 0 && reaches(need - 1) {
+        need -= 1;
+    }
+    reaches(need) && crate::dedup::shares_at_least(a, b, need)
 }
 
 /// The temperature T in a fixed grid (0.1 to 1000, 10 steps a decade) that maximises Σᵢ ln softmax(Lᵢ/T)(yᵢ) over
@@ -739,6 +1246,7 @@ pub(crate) fn removed_posterior(l: &[f32], delta: &[f32], t: f32, floor: f32, q:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::jaccard;
 
     #[test]
     fn evidence_is_the_binomial_chernoff_exponent() {
@@ -793,15 +1301,26 @@ mod tests {
         assert!(source.fixed_baseline().is_some());
         let ids: Vec<usize> = (0..texts.len()).collect();
         let quiet = || crate::progress::Bar::new(true);
-        let kept = scan(&source, &ids, &settings, &mut quiet());
+        let counted = scan(&source, &ids, &settings, &mut quiet());
+        // The fixed baseline without room to keep the keys, and the base rates handed over as a
+        // baseline example by example.
+        let fixed = scan(&source, &ids, &ScanSettings { kept_keys_memory: 0, ..settings.clone() }, &mut quiet());
         let visited = scan(&Revisited(&source), &ids, &settings, &mut quiet());
-        assert_eq!(kept.occurrences, visited.occurrences);
-        assert!(!kept.candidates.is_empty());
-        assert_eq!(kept.candidates.len(), visited.candidates.len());
-        for (a, b) in kept.candidates.iter().zip(&visited.candidates) {
-            assert_eq!((&a.feature, a.target_count, a.carrier_count), (&b.feature, b.target_count, b.carrier_count));
-            assert_eq!(a.carriers, b.carriers);
-            assert!((a.statistic - b.statistic).abs() < 1e-9);
+        assert!(!counted.candidates.is_empty());
+        // The trigger, or its first word (a variant with the same carriers, as strong).
+        assert!(matches!(&counted.candidates[0].feature, Feature::Ngram { text } if text.starts_with("zebra")));
+        for other in [&fixed, &visited] {
+            assert_eq!(counted.occurrences, other.occurrences);
+            assert_eq!(counted.candidates.len(), other.candidates.len());
+            for (a, b) in counted.candidates.iter().zip(&other.candidates) {
+                assert_eq!(
+                    (&a.feature, a.target_count, a.carrier_count),
+                    (&b.feature, b.target_count, b.carrier_count)
+                );
+                assert_eq!(a.carriers, b.carriers);
+                assert!((a.statistic - b.statistic).abs() < 1e-9);
+                assert!((a.expected - b.expected).abs() < 1e-6 * a.expected.max(1.0));
+            }
         }
     }
 
@@ -810,5 +1329,61 @@ mod tests {
         assert_eq!(jaccard::<u32>(&[1, 2, 3], &[2, 3, 4]), 0.5);
         assert_eq!(jaccard::<u32>(&[], &[]), 1.0);
         assert_eq!(overlap(&[1, 2], &[1, 2, 3, 4]), 1.0);
+    }
+
+    #[test]
+    fn the_lift_bound_is_the_root_bisection_finds() {
+        // Reference: 200 bisection steps on the exponent, for counts from rare to common, rates
+        // from tiny to near one, thresholds from low to far above the evidence's scale.
+        let mut state = 3u64;
+        let mut uniform = || {
+            state = mix(state);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut checked = 0;
+        for _ in 0..20_000 {
+            let n = 5 + (uniform() * 5000.0) as u64;
+            let o = 1 + (uniform() * n as f64) as u64;
+            let e = (uniform() * o as f64).max(1e-6);
+            let threshold = uniform() * 60.0;
+            if evidence(n, o, e) < threshold {
+                continue;
+            }
+            let (mut lo, mut hi) = (1.0, (o as f64 / e).max(1.0));
+            for _ in 0..200 {
+                let mid = 0.5 * (lo + hi);
+                if evidence(n, o, e * mid) >= threshold { lo = mid } else { hi = mid }
+            }
+            let lift = lift_bound(n, o, e, threshold);
+            assert!((lift - lo).abs() <= 1e-9 * lo, "n {n} o {o} e {e} t {threshold}: {lift} vs {lo}");
+            assert!(evidence(n, o, e * lift) >= threshold - 1e-9);
+            checked += 1;
+        }
+        assert!(checked > 1000);
+    }
+
+    #[test]
+    fn the_stopped_merges_answer_as_the_full_ones() {
+        // Random sorted lists of many sizes and overlaps, every threshold the grouping uses and
+        // a few more, against the measured jaccard and overlap.
+        let mut state = 7u64;
+        let mut list = |len: usize, range: u64| {
+            let mut out: Vec<u32> = (0..len)
+                .map(|_| {
+                    state = mix(state);
+                    (state % range) as u32
+                })
+                .collect();
+            out.sort_unstable();
+            out.dedup();
+            out
+        };
+        for case in 0..3000 {
+            let (a, b) = (list(case % 23, 8 + (case % 5) as u64 * 9), list(case % 17, 8 + (case % 7) as u64 * 5));
+            for share in [0.1, 0.5, 0.8, 0.9, 1.0] {
+                assert_eq!(jaccard_at_least(&a, &b, share), jaccard(&a, &b) >= share, "{a:?} {b:?} {share}");
+                assert_eq!(overlap_at_least(&a, &b, share), overlap(&a, &b) >= share, "{a:?} {b:?} {share}");
+            }
+        }
     }
 }

@@ -20,47 +20,266 @@ pub(crate) struct Word {
     pub(crate) end: usize,
 }
 
+/// For each byte, whether it is an ASCII letter or digit.
+#[cfg(not(target_arch = "x86_64"))]
+const ASCII_WORD: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 128 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    table
+};
+
+/// Two masks of the bytes of `block` (64 of them): those that may be part of a word (ASCII
+/// letters and digits, and every byte of a non-ASCII character, ≥ 0x80, which the caller
+/// decodes), and the non-ASCII ones. SSE2 (a part of every x86-64) classifies 16 bytes an
+/// instruction; elsewhere a table lookup a byte.
+#[inline]
+fn classify(block: &[u8; 64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let (mut word, mut high) = (0u64, 0u64);
+        for k in 0..4 {
+            // SAFETY: SSE2 is part of the x86-64 baseline; the load reads 16 of the 64 bytes.
+            let (w, h) = unsafe {
+                let v = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
+                // Letters: (v | 0x20) − 'a' < 26; digits: v − '0' < 10, as signed compares of
+                // the values shifted so that the ranges start at −128.
+                let lower = _mm_or_si128(v, _mm_set1_epi8(0x20));
+                let letter =
+                    _mm_cmplt_epi8(_mm_add_epi8(lower, _mm_set1_epi8((128u8 - b'a') as i8)), _mm_set1_epi8(-128 + 26));
+                let digit =
+                    _mm_cmplt_epi8(_mm_add_epi8(v, _mm_set1_epi8((128u8 - b'0') as i8)), _mm_set1_epi8(-128 + 10));
+                let w = _mm_or_si128(_mm_or_si128(letter, digit), v); // v's top bit: a non-ASCII byte
+                (_mm_movemask_epi8(w) as u32 as u64, _mm_movemask_epi8(v) as u32 as u64)
+            };
+            word |= w << (16 * k);
+            high |= h << (16 * k);
+        }
+        (word, high)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        block.iter().enumerate().fold((0u64, 0u64), |(w, h), (i, &b)| {
+            (w | (u64::from(ASCII_WORD[b as usize] || b >= 128) << i), h | (u64::from(b >= 128) << i))
+        })
+    }
+}
+
+/// The hash of a word from its lower-cased UTF-8, `all[start..end]`, 8 bytes a step; `or` is
+/// OR-ed into each byte first (0x20 lower-cases ASCII letters and keeps digits; 0 for bytes
+/// lowered already). The same lower-cased word hashes the same by either route. The last step
+/// reads the 8 bytes from `start` on when `all` has them (masked to the word's), so that no
+/// short copy stalls the load.
+#[inline(always)]
+fn word_hash(all: &[u8], start: usize, end: usize, or: u8) -> u64 {
+    const K: u64 = 0x9fb2_1c65_1e98_df25;
+    let or = u64::from_ne_bytes([or; 8]);
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ (end - start) as u64;
+    let mut at = start;
+    while at + 8 <= end {
+        let v = u64::from_le_bytes(all[at..at + 8].try_into().expect("8 bytes")) | or;
+        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+        at += 8;
+    }
+    if at < end {
+        let word = u64::MAX >> (64 - 8 * (end - at));
+        let v = if at + 8 <= all.len() {
+            u64::from_le_bytes(all[at..at + 8].try_into().expect("8 bytes"))
+        } else {
+            let mut last = [0u8; 8];
+            last[..end - at].copy_from_slice(&all[at..end]);
+            u64::from_le_bytes(last)
+        };
+        h = (h ^ ((v | or) & word)).wrapping_mul(K).rotate_left(29);
+    }
+    super::mix(h)
+}
+
 /// The words of `text` (lower-cased alphanumeric runs, as the featurizer splits them), hashed
-/// with FNV-1a over their lower-cased UTF-8, without allocating per word.
+/// from their lower-cased UTF-8 ([`word_hash`]), without allocating per word. Bytes are
+/// classified 64 at a time ([`classify`]) and runs found from the mask's edges, so that a word
+/// costs no mispredicted branch per byte. A run holding non-ASCII bytes is split again character
+/// by character ([`wide_run`]). O(bytes).
 pub(crate) fn words(text: &str, out: &mut Vec<Word>) {
     out.clear();
-    const SEED: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut current: Option<(u64, usize)> = None;
-    let mut buffer = [0u8; 4];
-    for (at, ch) in text.char_indices() {
-        if ch.is_ascii() {
-            // The common case, without Unicode tables.
-            if ch.is_ascii_alphanumeric() {
-                let (h, start) = current.unwrap_or((SEED, at));
-                current = Some(((h ^ u64::from(ch.to_ascii_lowercase() as u8)).wrapping_mul(PRIME), start));
-            } else if let Some((hash, start)) = current.take() {
-                out.push(Word { hash, start, end: at });
+    let bytes = text.as_bytes();
+    // The open run: whether there is one, where it starts, whether it holds non-ASCII bytes.
+    let (mut inside, mut start, mut wide) = (false, 0usize, false);
+    let mut lowered = Vec::new();
+    let mut last = [b' '; 64];
+    for base in (0..bytes.len()).step_by(64) {
+        let block: &[u8; 64] = match bytes.get(base..base + 64) {
+            Some(full) => full.try_into().expect("64 bytes"),
+            None => {
+                last[..bytes.len() - base].copy_from_slice(&bytes[base..]);
+                &last
             }
-        } else if ch.is_alphanumeric() {
-            let (mut h, start) = current.unwrap_or((SEED, at));
-            for lower in ch.to_lowercase() {
-                for &b in lower.encode_utf8(&mut buffer).as_bytes() {
-                    h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        };
+        let (mask, high) = classify(block);
+        // Edges: a run starts where a word byte follows a non-word byte, and ends where a
+        // non-word byte follows a word byte; the two alternate.
+        let mut edges = mask ^ ((mask << 1) | u64::from(inside));
+        let mut from = 0u32; // the open run's first bit in this block
+        while edges != 0 {
+            let bit = edges.trailing_zeros();
+            edges &= edges - 1;
+            if inside {
+                wide |= high & (u64::MAX << from) & ((1u64 << bit) - 1) != 0;
+                let end = base + bit as usize;
+                if wide {
+                    wide_run(text, start, end, out, &mut lowered);
+                } else {
+                    out.push(Word { hash: word_hash(bytes, start, end, 0x20), start, end });
                 }
+            } else {
+                (start, from, wide) = (base + bit as usize, bit, false);
             }
-            current = Some((h, start));
-        } else if let Some((hash, start)) = current.take() {
-            out.push(Word { hash, start, end: at });
+            inside = !inside;
+        }
+        if inside {
+            wide |= high & (u64::MAX << from) != 0;
         }
     }
-    if let Some((hash, start)) = current {
-        out.push(Word { hash, start, end: text.len() });
+    if inside {
+        if wide {
+            wide_run(text, start, bytes.len(), out, &mut lowered);
+        } else {
+            out.push(Word { hash: word_hash(bytes, start, bytes.len(), 0x20), start, end: bytes.len() });
+        }
     }
+}
+
+/// The words of the run `start..end` of word bytes of `text` that holds non-ASCII bytes: the
+/// alphanumeric stretches of its characters, lower-cased into `lowered` to be hashed.
+#[cold]
+fn wide_run(text: &str, start: usize, end: usize, out: &mut Vec<Word>, lowered: &mut Vec<u8>) {
+    let mut word: Option<usize> = None;
+    let mut buffer = [0u8; 4];
+    for (offset, ch) in text[start..end].char_indices() {
+        let at = start + offset;
+        if ch.is_alphanumeric() {
+            word.get_or_insert_with(|| {
+                lowered.clear();
+                at
+            });
+            for lower in ch.to_lowercase() {
+                lowered.extend_from_slice(lower.encode_utf8(&mut buffer).as_bytes());
+            }
+        } else if let Some(from) = word.take() {
+            out.push(Word { hash: word_hash(lowered, 0, lowered.len(), 0), start: from, end: at });
+        }
+    }
+    if let Some(from) = word {
+        out.push(Word { hash: word_hash(lowered, 0, lowered.len(), 0), start: from, end });
+    }
+}
+
+/// A set of keys reused from example to example (open addressing, linear probing, a table of at
+/// least twice the keys offered): the distinct keys of one example in O(keys) expected, where a
+/// sort would cost O(keys · log keys). Keys are hashes already: their top bits pick the slot.
+/// Only the slots filled are emptied for the next example.
+#[derive(Default)]
+pub(crate) struct KeySet {
+    slots: Vec<u64>,
+    /// The slots filled since [`KeySet::begin`].
+    filled: Vec<u32>,
+    /// Bits of a slot's index.
+    bits: u32,
+}
+
+impl KeySet {
+    /// Empties the set, sized for up to `keys` insertions.
+    pub(crate) fn begin(&mut self, keys: usize) {
+        for &at in &self.filled {
+            self.slots[at as usize] = 0;
+        }
+        self.filled.clear();
+        // The table's first `size` slots: small enough for the caches whatever came before.
+        let size = (2 * keys).max(16).next_power_of_two();
+        if size > self.slots.len() {
+            self.slots = vec![0; size];
+        }
+        self.bits = size.trailing_zeros();
+    }
+
+    /// Keeps the first occurrence of each key of `keys[from..]` (keys offered since
+    /// [`KeySet::begin`], at most as many as it was sized for), in order, compacting them in
+    /// place. Without a branch on "seen or new": each key is written to its slot and to the
+    /// compacted end either way, and the end moves only when it was new, so that the answer,
+    /// random from key to key, costs no mispredicted branch; only a slot held by another key
+    /// (rare at this load) takes the probing loop. Each slot is fetched 8 keys ahead, since the
+    /// table outgrows the first-level cache. The key 0 marks an empty slot, so a key 0 (one in
+    /// 2⁶⁴) is kept as 1.
+    fn compact(&mut self, keys: &mut Vec<u64>, from: usize) {
+        const AHEAD: usize = 8;
+        let (mask, shift) = ((1usize << self.bits) - 1, 64 - self.bits);
+        let (mut len, mut filled) = (from, self.filled.len());
+        self.filled.resize(filled + keys.len() - from, 0);
+        for i in from..keys.len() {
+            if let Some(&ahead) = keys.get(i + AHEAD) {
+                super::prefetch(self.slots.as_ptr().wrapping_add((ahead.max(1) >> shift) as usize));
+            }
+            let key = keys[i].max(1);
+            let mut at = (key >> shift) as usize;
+            let mut slot = self.slots[at];
+            while slot != key && slot != 0 {
+                at = (at + 1) & mask;
+                slot = self.slots[at];
+            }
+            let new = usize::from(slot == 0);
+            self.slots[at] = key;
+            keys[len] = key;
+            len += new;
+            self.filled[filled] = at as u32;
+            filled += new;
+        }
+        keys.truncate(len);
+        self.filled.truncate(filled);
+    }
+}
+
+/// The keys of every n-gram of 1..=`max_words` of `found`, each once, appended to `out` in
+/// first-seen order: a gram's key extends its prefix's ([`gram_key`]), so each start costs
+/// `max_words` multiplies; all keys are made first, then compacted ([`KeySet::compact`]).
+/// Cost O(words · max_words).
+pub(crate) fn distinct_grams(found: &[Word], max_words: usize, set: &mut KeySet, out: &mut Vec<u64>) {
+    let count: usize = (0..max_words.min(found.len())).map(|k| found.len() - k).sum();
+    set.begin(count);
+    let from = out.len();
+    out.reserve(count);
+    for start in 0..found.len() {
+        let mut key = GRAM_SEED;
+        for w in &found[start..(start + max_words).min(found.len())] {
+            key = extend_key(key, w);
+            out.push(key);
+        }
+    }
+    set.compact(out, from);
+}
+
+thread_local! {
+    /// Each thread's words and key set, reused from text to text.
+    static SCRATCH: std::cell::RefCell<(Vec<Word>, KeySet)> = std::cell::RefCell::default();
+}
+
+/// The key an n-gram's words extend, word by word ([`extend_key`]).
+const GRAM_SEED: u64 = 0x6a09_e667_f3bc_c908;
+
+/// The key of the gram `key` names followed by the word `w`: one multiply by an odd constant
+/// (the words' hashes are mixed already); the top bits are the well-mixed ones, and a key is
+/// mixed again wherever its low bits pick a place ([`super::mix`] in the sketch).
+#[inline]
+fn extend_key(key: u64, w: &Word) -> u64 {
+    (key.rotate_left(23) ^ w.hash).wrapping_mul(0xd605_bbb5_8c8a_bbb5)
 }
 
 /// The key of the n-gram of `words`.
 pub(crate) fn gram_key(words: &[Word]) -> u64 {
-    let mut h = words.len() as u64;
-    for w in words {
-        h = super::mix(h.rotate_left(7) ^ w.hash);
-    }
-    h
+    words.iter().fold(GRAM_SEED, extend_key)
 }
 
 /// Texts with labels, scanned for word n-grams.
@@ -131,22 +350,15 @@ impl Scanned for TextScan<'_> {
     }
 
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
-        let mut found = Vec::new();
-        words(&self.texts[i], &mut found);
         let Some(model) = self.baseline.as_ref().filter(|_| baseline) else {
             // Keys only (carriers), or the base rates for every feature.
-            let mut keys: Vec<u64> = Vec::with_capacity(found.len() * self.max_words);
-            for start in 0..found.len() {
-                for len in 1..=self.max_words.min(found.len() - start) {
-                    keys.push(gram_key(&found[start..start + len]));
-                }
-            }
-            keys.sort_unstable();
-            keys.dedup();
+            let mut keys = Vec::new();
             let q: &[f32] = if baseline { &self.prior } else { &[] };
-            keys.into_iter().for_each(|k| visit(k, q));
+            self.keys(i, &mut keys).iter().for_each(|&k| visit(k, q));
             return;
         };
+        let mut found = Vec::new();
+        words(&self.texts[i], &mut found);
         let mut grams: Vec<(u64, u32, u32)> = Vec::with_capacity(found.len() * self.max_words);
         for start in 0..found.len() {
             for len in 1..=self.max_words.min(found.len() - start) {
@@ -181,6 +393,21 @@ impl Scanned for TextScan<'_> {
             }
             at = next;
         }
+    }
+
+    fn keys<'s>(&'s self, i: usize, out: &'s mut Vec<u64>) -> &'s [u64] {
+        out.clear();
+        SCRATCH.with_borrow_mut(|(found, set)| {
+            words(&self.texts[i], found);
+            distinct_grams(found, self.max_words, set, out);
+        });
+        out
+    }
+
+    fn owned_keys(&self, i: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.keys(i, &mut out);
+        out
     }
 
     fn fixed_baseline(&self) -> Option<&[f32]> {
@@ -220,5 +447,68 @@ mod tests {
         let mut other = Vec::new();
         words("money", &mut other);
         assert_eq!(found[1].hash, other[0].hash);
+    }
+
+    #[test]
+    fn each_gram_is_kept_once() {
+        // Random word sequences from small vocabularies (many repeats) and large ones (few),
+        // against the set of every gram's key.
+        let mut state = 5u64;
+        let mut scratch = KeySet::default();
+        for case in 0..500 {
+            let vocabulary = 2 + case % 40;
+            let text: Vec<String> = (0..case % 97)
+                .map(|_| {
+                    state = super::super::mix(state);
+                    format!("w{}", state % vocabulary as u64)
+                })
+                .collect();
+            let text = text.join(" ");
+            let mut found = Vec::new();
+            words(&text, &mut found);
+            for max_words in 1..=4 {
+                let mut out = Vec::new();
+                distinct_grams(&found, max_words, &mut scratch, &mut out);
+                let mut reference: Vec<u64> = (0..found.len())
+                    .flat_map(|s| (1..=max_words.min(found.len() - s)).map(move |l| (s, l)))
+                    .map(|(s, l)| gram_key(&found[s..s + l]).max(1))
+                    .collect();
+                reference.sort_unstable();
+                reference.dedup();
+                let mut got = out.clone();
+                got.sort_unstable();
+                got.dedup();
+                assert_eq!(got.len(), out.len(), "a key twice: {text:?} {max_words}");
+                assert_eq!(got, reference, "{text:?} {max_words}");
+            }
+        }
+    }
+
+    #[test]
+    fn words_split_random_texts_as_the_featurizer_does() {
+        // Random texts of ASCII letters, digits, punctuation, accented and other scripts'
+        // letters, non-ASCII punctuation and spaces, of lengths around the 64-byte blocks.
+        let alphabet: Vec<char> = "aZ9 .-_\n\té É ß ’ — 日本 ÅØ x,Q".chars().collect();
+        let mut state = 1u64;
+        let mut lowered_hashes: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for case in 0..2000 {
+            let len = case % 150;
+            let text: String = (0..len)
+                .map(|_| {
+                    state = super::super::mix(state);
+                    alphabet[(state % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let mut found = Vec::new();
+            words(&text, &mut found);
+            let spans: Vec<String> = found.iter().map(|w| text[w.start..w.end].to_lowercase()).collect();
+            let reference: Vec<String> = crate::data::text::tokens(&text).collect();
+            assert_eq!(spans, reference, "{text:?}");
+            for w in &found {
+                let lower: String = text[w.start..w.end].chars().flat_map(char::to_lowercase).collect();
+                assert_eq!(*lowered_hashes.entry(lower).or_insert(w.hash), w.hash, "{text:?}");
+            }
+        }
+        assert!(lowered_hashes.len() > 100);
     }
 }
