@@ -236,7 +236,7 @@ struct Tally {
     n: u64,
     observed: Vec<u64>,
     expected: Vec<f64>,
-    /// The examples holding it, ascending, when pass 2 could keep them ([`CARRIERS_HELD`]).
+    /// The examples holding it, ascending, when pass 2 could keep them (within `memory`).
     carriers: Vec<u32>,
 }
 
@@ -734,12 +734,8 @@ fn scatter(
     (sorted, starts)
 }
 
-/// The most carriers (example, feature) pass 2 keeps, all threads together, so that pass 3 is
-/// not needed: 4 bytes each, 256 MiB. Past it, pass 2 drops them and pass 3 runs.
-const CARRIERS_HELD: usize = 64 << 20;
-
 /// Adds one occurrence of label `y` with the baseline's `q` to `t`, in example `i`; the carrier
-/// is kept while `room` (this thread's share of [`CARRIERS_HELD`]) lasts.
+/// is kept while `room` (this range's share of the carriers pass 2 may hold) lasts.
 fn add_to(t: &mut Tally, y: usize, q: &[f32], i: usize, room: &mut usize) {
     t.n += 1;
     t.observed[y] += 1;
@@ -776,17 +772,21 @@ fn fold_tallies(partials: Vec<(KeyMap<Tally>, usize)>, classes: usize) -> (KeyMa
 
 /// Pass 2 with a fixed baseline `q`: the label counts (and carriers) of the features whose
 /// bucket is `chosen`, each feature's C counts in one flat list, found through a map from its
-/// key to its place. Returns the tallies and whether every carrier was kept.
+/// key to its place; at most `held` carriers. Returns the tallies and whether every carrier was
+/// kept.
 fn exact_fixed(
     data: &dyn Scanned,
     parts: &[std::ops::Range<usize>],
     sketch: &Sketch,
     chosen: &Bits,
     q: &[f32],
+    held: usize,
 ) -> (KeyMap<Tally>, bool) {
     let classes = data.classes();
-    let partials: Vec<FixedPart> =
-        parts.par_iter().map(|range| exact_fixed_part(data, range.clone(), sketch, chosen, parts.len())).collect();
+    let partials: Vec<FixedPart> = parts
+        .par_iter()
+        .map(|range| exact_fixed_part(data, range.clone(), sketch, chosen, held / parts.len()))
+        .collect();
     // Merged in range order, so that each feature's carriers stay ascending.
     let complete = partials.iter().all(|p| p.room > 0);
     let mut index: KeyMap<u32> = KeyMap::default();
@@ -824,7 +824,7 @@ fn exact_fixed(
 
 /// What [`exact_fixed_part`] found in its range: its features' keys, their label counts (C
 /// each), their carriers (grouped by feature: feature f's are `carriers[starts[f]..starts[f +
-/// 1]]`, ascending), and the room left of its share of [`CARRIERS_HELD`].
+/// 1]]`, ascending), and the room left of its share of the carriers pass 2 may hold.
 struct FixedPart {
     keys: Vec<u64>,
     counts: Vec<u64>,
@@ -842,12 +842,12 @@ fn exact_fixed_part(
     range: std::ops::Range<usize>,
     sketch: &Sketch,
     chosen: &Bits,
-    parts: usize,
+    room: usize,
 ) -> FixedPart {
     let classes = data.classes();
     let (mut places, mut keys_of, mut counts): (KeyMap<u32>, Vec<u64>, Vec<u64>) = Default::default();
     let mut pairs: Vec<(u32, u32)> = Vec::new();
-    let mut room = CARRIERS_HELD / parts;
+    let mut room = room;
     let mut keys = Vec::new();
     for i in range {
         let y = data.label(i) as usize;
@@ -879,23 +879,24 @@ fn exact_fixed_part(
     FixedPart { keys: keys_of, counts, starts, carriers, room }
 }
 
-/// Pass 2: exact tallies (and carriers, while [`CARRIERS_HELD`] lasts) of the features whose
+/// Pass 2: exact tallies (and carriers, at most `held` of them) of the features whose
 /// bucket of `sketch` is `chosen`. Returns the tallies and whether every carrier was kept.
 fn exact_pass(
     data: &dyn Scanned,
     parts: &[std::ops::Range<usize>],
     sketch: &Sketch,
     chosen: &Bits,
+    held: usize,
 ) -> (KeyMap<Tally>, bool) {
     if let Some(q) = data.fixed_baseline() {
-        return exact_fixed(data, parts, sketch, chosen, q);
+        return exact_fixed(data, parts, sketch, chosen, q, held);
     }
     let classes = data.classes();
     let partials: Vec<(KeyMap<Tally>, usize)> = parts
         .par_iter()
         .map(|range| {
             let mut tallies: KeyMap<Tally> = KeyMap::default();
-            let mut room = CARRIERS_HELD / parts.len();
+            let mut room = held / parts.len();
             for i in range.clone() {
                 let y = data.label(i) as usize;
                 data.visit(i, true, &mut |key: u64, q: &[f32]| {
@@ -1091,7 +1092,8 @@ fn sketched(
     let threshold = threshold_of(occurrences);
     let chosen = sketch.strongest(settings.candidate_buckets, settings.min_carriers as u64, threshold);
     pass(2, "exact counts");
-    let (tallies, complete) = exact_pass(data, &chunks(n), &sketch, &chosen);
+    // The carriers are kept within the sketch's memory (4 bytes each); past it, pass 3.
+    let (tallies, complete) = exact_pass(data, &chunks(n), &sketch, &chosen, settings.memory / 4);
     drop((sketch, chosen));
     let mut ranked: Vec<(Judgement, u64)> = tallies
         .iter()
