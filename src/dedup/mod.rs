@@ -85,19 +85,27 @@ pub fn centred(pixels: &[f32]) -> Vec<f32> {
     out
 }
 
+/// One step of the merge of two sorted lists at `a[*i]`, `b[*j]` (both in range): the smaller
+/// side moves on, or both when equal; returns whether they were equal.
+#[inline]
+fn merge_step<T: Ord>(a: &[T], b: &[T], i: &mut usize, j: &mut usize) -> bool {
+    match a[*i].cmp(&b[*j]) {
+        std::cmp::Ordering::Less => *i += 1,
+        std::cmp::Ordering::Greater => *j += 1,
+        std::cmp::Ordering::Equal => {
+            *i += 1;
+            *j += 1;
+            return true;
+        }
+    }
+    false
+}
+
 /// |A ∩ B| of two sorted lists of distinct values, by one merge, O(|A| + |B|).
 pub fn intersection<T: Ord>(a: &[T], b: &[T]) -> usize {
     let (mut i, mut j, mut both) = (0, 0, 0usize);
     while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                both += 1;
-                i += 1;
-                j += 1;
-            }
-        }
+        both += usize::from(merge_step(a, b, &mut i, &mut j));
     }
     both
 }
@@ -111,15 +119,7 @@ pub fn shares_at_least<T: Ord>(a: &[T], b: &[T], need: usize) -> bool {
         if both + (a.len() - i).min(b.len() - j) < need {
             return false;
         }
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                both += 1;
-                i += 1;
-                j += 1;
-            }
-        }
+        both += usize::from(merge_step(a, b, &mut i, &mut j));
     }
     true
 }
