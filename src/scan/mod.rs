@@ -697,7 +697,6 @@ const PARTITIONS: usize = 256;
 /// slices: each (bucket, label) as its place inside its slice, (bucket mod slice) · C + label,
 /// sorted by slice (a counting sort: gathered, counted, placed); and where each slice's updates
 /// start (`partitions + 1` offsets).
-#[inline(never)]
 fn scatter(
     data: &dyn Scanned,
     range: std::ops::Range<usize>,
@@ -718,18 +717,27 @@ fn scatter(
             slices.push((b >> shift) as u8);
         }
     }
-    let mut starts = vec![0usize; partitions + 1];
-    for &p in &slices {
-        starts[p as usize + 1] += 1;
-    }
-    for p in 0..partitions {
-        starts[p + 1] += starts[p];
+    group_by(|| slices.iter().zip(&places).map(|(&p, &place)| (p as usize, place)), partitions, places.len())
+}
+
+/// A stable counting sort: the values of the `len` (group, value) pairs that `pairs()` yields,
+/// grouped by group (below `groups`) and in their order within each; and where each group
+/// starts (`groups + 1` offsets). Reads the pairs twice (count, then place); O(len + groups).
+fn group_by<I: Iterator<Item = (usize, u32)>>(
+    pairs: impl Fn() -> I,
+    groups: usize,
+    len: usize,
+) -> (Vec<u32>, Vec<usize>) {
+    let mut starts = vec![0usize; groups + 1];
+    pairs().for_each(|(g, _)| starts[g + 1] += 1);
+    for g in 0..groups {
+        starts[g + 1] += starts[g];
     }
     let mut next = starts.clone();
-    let mut sorted = vec![0u32; places.len()];
-    for (&place, &p) in places.iter().zip(&slices) {
-        sorted[next[p as usize]] = place;
-        next[p as usize] += 1;
+    let mut sorted = vec![0u32; len];
+    for (g, value) in pairs() {
+        sorted[next[g]] = value;
+        next[g] += 1;
     }
     (sorted, starts)
 }
@@ -836,7 +844,6 @@ struct FixedPart {
 /// [`exact_fixed`] over the examples of `range`. Carriers are gathered as (feature, example)
 /// pairs in one list and grouped by feature at the end (a counting sort), not pushed onto a list
 /// a feature.
-#[inline(never)]
 fn exact_fixed_part(
     data: &dyn Scanned,
     range: std::ops::Range<usize>,
@@ -867,15 +874,7 @@ fn exact_fixed_part(
         }
     }
     // Group the carriers by feature, keeping each feature's in example order.
-    let mut starts = vec![0usize; keys_of.len() + 1];
-    pairs.iter().for_each(|&(at, _)| starts[at as usize + 1] += 1);
-    (0..keys_of.len()).for_each(|f| starts[f + 1] += starts[f]);
-    let mut next = starts.clone();
-    let mut carriers = vec![0u32; pairs.len()];
-    for &(at, i) in &pairs {
-        carriers[next[at as usize]] = i;
-        next[at as usize] += 1;
-    }
+    let (carriers, starts) = group_by(|| pairs.iter().map(|&(at, i)| (at as usize, i)), keys_of.len(), pairs.len());
     FixedPart { keys: keys_of, counts, starts, carriers, room }
 }
 
@@ -1165,23 +1164,33 @@ fn overlap(a: &[u32], b: &[u32]) -> f64 {
     if small == 0 { 1.0 } else { both as f64 / small as f64 }
 }
 
-/// The fewest shared values i with i / `of` ≥ `share` (`of` > 0), as the division computes it.
-fn needed(of: usize, share: f64) -> usize {
-    let reaches = |i: usize| i as f64 / of as f64 >= share;
-    let mut i = (share * of as f64).floor().max(0.0) as usize;
-    while !reaches(i) {
+/// The least i ≤ `most` with `reaches(i)` (a condition that holds from some i on), searched from
+/// the guess `from`; `None` when even `most` does not reach. The guess is a closed form whose
+/// rounding the search corrects, so that the answer is what the division computes.
+fn least_reaching(from: usize, most: usize, reaches: impl Fn(usize) -> bool) -> Option<usize> {
+    let mut i = from.min(most);
+    while i < most && !reaches(i) {
         i += 1;
+    }
+    if !reaches(i) {
+        return None;
     }
     while i > 0 && reaches(i - 1) {
         i -= 1;
     }
-    i
+    Some(i)
 }
 
-/// Whether `overlap(a, b) >= share`, stopping the merge as soon as it is known.
+/// Whether `overlap(a, b) >= share`, stopping the merge as soon as it is known: the shared
+/// values i need i / min(|a|, |b|) ≥ share.
 fn overlap_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
     let small = a.len().min(b.len());
-    small == 0 || crate::dedup::shares_at_least(a, b, needed(small, share))
+    if small == 0 {
+        return true;
+    }
+    let guess = (share * small as f64).floor().max(0.0) as usize;
+    least_reaching(guess, small, |i| i as f64 / small as f64 >= share)
+        .is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
 }
 
 /// Whether `jaccard(a, b) >= share` (0 < share ≤ 1), stopping the merge as soon as it is known:
@@ -1191,15 +1200,9 @@ fn jaccard_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
         return true;
     }
     let total = a.len() + b.len();
-    let reaches = |i: usize| i as f64 / (total - i) as f64 >= share;
-    let mut need = (share * total as f64 / (1.0 + share)).floor() as usize;
-    while need < a.len().min(b.len()) && !reaches(need) {
-        need += 1;
-    }
-    while need > 0 && reaches(need - 1) {
-        need -= 1;
-    }
-    reaches(need) && crate::dedup::shares_at_least(a, b, need)
+    let guess = (share * total as f64 / (1.0 + share)).floor() as usize;
+    least_reaching(guess, a.len().min(b.len()), |i| i as f64 / (total - i) as f64 >= share)
+        .is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
 }
 
 /// The temperature T in a fixed grid (0.1 to 1000, 10 steps a decade) that maximises Σᵢ ln softmax(Lᵢ/T)(yᵢ) over

@@ -407,6 +407,8 @@ impl Scanned for TextScan<'_> {
     fn owned_keys(&self, i: usize) -> Vec<u64> {
         let mut out = Vec::new();
         self.keys(i, &mut out);
+        // Sized for every gram before the repeats went: give the rest back (in place).
+        out.shrink_to_fit();
         out
     }
 
