@@ -21,10 +21,10 @@ use sha2::{Digest, Sha256};
 
 use super::kind::Kind;
 use super::run::{ModelSpec, Run};
-use crate::data::{DataManifest, DataSpec, Dataset, FileDigest, hex, read_file};
+use crate::data::{DataManifest, DataSpec, Dataset, FileDigest, hex};
 use crate::error::{Error, Result};
 
-/// SHA-256 of a file's bytes.
+/// SHA-256 of a file's bytes as stored (compressed or not: never decompressed here).
 pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex(&Sha256::digest(std::fs::read(path).map_err(Error::io(path))?)))
 }
@@ -123,7 +123,7 @@ fn located_training_spec(run: &Run) -> Result<DataSpec> {
             }
             new
         };
-        let (_, sha) = read_file(&actual)?;
+        let sha = file_sha256(&actual)?;
         if sha != f.sha256 {
             let what = changed_examples(run, m, &path).map(|w| format!(": {w}")).unwrap_or_default();
             return Err(Error::data(

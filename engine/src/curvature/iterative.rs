@@ -56,6 +56,58 @@ impl Default for ConjugateGradient {
     }
 }
 
+/// One right-hand side's state in [`ConjugateGradient::solve_many`].
+struct CgColumn {
+    x: Vec<f64>,
+    r: Vec<f64>,
+    p: Vec<f64>,
+    rz: f64,
+    q_norm: f64,
+    /// Its recurrence residual reached the tolerance at this iteration (to be confirmed).
+    reached: Option<usize>,
+    done: Option<SolveInfo>,
+}
+
+/// A preconditioner M⁻¹ ≈ A⁻¹ (symmetric positive definite), applied to one residual.
+pub type Preconditioner<'a> = &'a (dyn Fn(&[f64]) -> Vec<f64> + Sync);
+
+impl CgColumn {
+    /// CG's state from x = x₀ with residual r = q − A x₀: the first direction is M⁻¹r.
+    fn restart(&mut self, r: Vec<f64>, precondition: Option<Preconditioner<'_>>) {
+        let z = precondition.map_or_else(|| r.clone(), |m| m(&r));
+        self.rz = dot(&r, &z);
+        self.r = r;
+        self.p = z;
+        self.reached = None;
+    }
+
+    /// One step along p given Ap; returns whether the recurrence residual reached `tolerance`.
+    fn step(&mut self, ap: &[f64], iteration: usize, tolerance: f64) -> Result<bool, CurvatureError> {
+        let pap = dot(&self.p, ap);
+        if pap <= 0.0 || !pap.is_finite() {
+            return Err(CurvatureError::NotPositiveDefinite {
+                method: "cg".into(),
+                detail: format!(
+                    "direction of curvature pᵀAp = {pap:e} at iteration {iteration}; add --damping or use the ggn operator"
+                ),
+            });
+        }
+        let alpha = self.rz / pap;
+        self.x.iter_mut().zip(&self.p).for_each(|(xi, pi)| *xi += alpha * pi);
+        self.r.iter_mut().zip(ap).for_each(|(ri, api)| *ri -= alpha * api);
+        Ok(norm(&self.r) / self.q_norm <= tolerance)
+    }
+
+    /// The next direction p ← M⁻¹r + β p.
+    fn next_direction(&mut self, precondition: Option<Preconditioner<'_>>) {
+        let z = precondition.map_or_else(|| self.r.clone(), |m| m(&self.r));
+        let rz_next = dot(&self.r, &z);
+        let beta = rz_next / self.rz;
+        self.rz = rz_next;
+        self.p.iter_mut().zip(&z).for_each(|(pi, zi)| *pi = zi + beta * *pi);
+    }
+}
+
 impl ConjugateGradient {
     /// Solves A x = q from x = 0. `precondition`, if given, applies M⁻¹ ≈ A⁻¹ (symmetric
     /// positive definite). Cost: one product (and one preconditioner application) per iteration.
@@ -63,55 +115,105 @@ impl ConjugateGradient {
         &self,
         a: &dyn LinearOperator,
         q: &[f64],
-        precondition: Option<&dyn Fn(&[f64]) -> Vec<f64>>,
+        precondition: Option<Preconditioner<'_>>,
     ) -> Result<(Vec<f64>, SolveInfo), CurvatureError> {
-        let qn = norm(q);
-        let mut x = vec![0.0; q.len()];
-        if qn == 0.0 {
-            return Ok((x, SolveInfo { iterations: 0, relative_residual: 0.0 }));
-        }
-        let mut r = q.to_vec();
-        let apply_m = |r: &[f64]| match precondition {
-            Some(m) => m(r),
-            None => r.to_vec(),
-        };
-        let mut z = apply_m(&r);
-        let mut p = z.clone();
-        let mut rz = dot(&r, &z);
+        Ok(self.solve_many(a, &[q], precondition)?.pop().expect("one right-hand side"))
+    }
+
+    /// Solves A xⱼ = qⱼ for every right-hand side at once: k independent CG recurrences (each
+    /// its own step sizes, stopped when its residual reaches the tolerance) that share one
+    /// [`LinearOperator::apply_many`] per iteration, so an operator that makes one pass over its
+    /// data for all directions costs about one product per iteration instead of k. When every
+    /// recurrence has reached the tolerance, one more shared product confirms the true residuals
+    /// ‖A xⱼ − qⱼ‖/‖qⱼ‖ (the recurrence drifts in finite precision); a solution off by more than
+    /// 10× the tolerance restarts from where it is. Iterations: the largest any right-hand side
+    /// needs; each result reports its own.
+    pub fn solve_many(
+        &self,
+        a: &dyn LinearOperator,
+        qs: &[&[f64]],
+        precondition: Option<Preconditioner<'_>>,
+    ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
+        let mut columns: Vec<CgColumn> = qs
+            .iter()
+            .map(|q| {
+                let q_norm = norm(q);
+                let done = (q_norm == 0.0).then_some(SolveInfo { iterations: 0, relative_residual: 0.0 });
+                let mut c = CgColumn {
+                    x: vec![0.0; q.len()],
+                    r: Vec::new(),
+                    p: Vec::new(),
+                    rz: 0.0,
+                    q_norm,
+                    reached: None,
+                    done,
+                };
+                c.restart(q.to_vec(), precondition);
+                c
+            })
+            .collect();
         for iteration in 1..=self.max_iterations {
-            let ap = a.apply(&p);
-            let pap = dot(&p, &ap);
-            if pap <= 0.0 || !pap.is_finite() {
-                return Err(CurvatureError::NotPositiveDefinite {
-                    method: "cg".into(),
-                    detail: format!(
-                        "direction of curvature pᵀAp = {pap:e} at iteration {iteration}; add --damping or use the ggn operator"
-                    ),
-                });
+            let active: Vec<usize> =
+                (0..columns.len()).filter(|&j| columns[j].done.is_none() && columns[j].reached.is_none()).collect();
+            if active.is_empty() {
+                self.confirm(a, qs, &mut columns, precondition);
+                if columns.iter().all(|c| c.done.is_some()) {
+                    break;
+                }
+                continue;
             }
-            let alpha = rz / pap;
-            x.iter_mut().zip(&p).for_each(|(xi, pi)| *xi += alpha * pi);
-            r.iter_mut().zip(&ap).for_each(|(ri, api)| *ri -= alpha * api);
-            let residual = norm(&r) / qn;
-            if residual <= self.tolerance {
-                // Confirm with the true residual (the recurrence drifts in finite precision).
-                let true_residual = residual_of(a, &x, q);
-                if true_residual <= self.tolerance * 10.0 {
-                    return Ok((x, SolveInfo { iterations: iteration, relative_residual: true_residual }));
+            let directions: Vec<&[f64]> = active.iter().map(|&j| columns[j].p.as_slice()).collect();
+            let products = a.apply_many(&directions);
+            for (&j, ap) in active.iter().zip(&products) {
+                if columns[j].step(ap, iteration, self.tolerance)? {
+                    columns[j].reached = Some(iteration);
+                } else {
+                    columns[j].next_direction(precondition);
                 }
             }
-            z = apply_m(&r);
-            let rz_next = dot(&r, &z);
-            let beta = rz_next / rz;
-            rz = rz_next;
-            p.iter_mut().zip(&z).for_each(|(pi, zi)| *pi = zi + beta * *pi);
         }
-        Err(CurvatureError::NotConverged {
-            method: "cg".into(),
-            iterations: self.max_iterations,
-            residual: residual_of(a, &x, q),
-            tolerance: self.tolerance,
-        })
+        self.confirm(a, qs, &mut columns, precondition);
+        columns
+            .into_iter()
+            .zip(qs)
+            .map(|(column, q)| match column.done {
+                Some(info) => Ok((column.x, info)),
+                None => Err(CurvatureError::NotConverged {
+                    method: "cg".into(),
+                    iterations: self.max_iterations,
+                    residual: residual_of(a, &column.x, q),
+                    tolerance: self.tolerance,
+                }),
+            })
+            .collect()
+    }
+
+    /// Confirms every column whose recurrence reached the tolerance with its true residual (one
+    /// shared product): within 10× the tolerance it is done, else it restarts from its x.
+    fn confirm(
+        &self,
+        a: &dyn LinearOperator,
+        qs: &[&[f64]],
+        columns: &mut [CgColumn],
+        precondition: Option<Preconditioner<'_>>,
+    ) {
+        let reached: Vec<usize> = (0..columns.len()).filter(|&j| columns[j].reached.is_some()).collect();
+        if reached.is_empty() {
+            return;
+        }
+        let solutions: Vec<&[f64]> = reached.iter().map(|&j| columns[j].x.as_slice()).collect();
+        let products = a.apply_many(&solutions);
+        for (&j, ax) in reached.iter().zip(products) {
+            let column = &mut columns[j];
+            let r: Vec<f64> = qs[j].iter().zip(&ax).map(|(q, a)| q - a).collect();
+            let residual = norm(&r) / column.q_norm;
+            if residual <= self.tolerance * 10.0 {
+                let iterations = column.reached.expect("reached");
+                column.done = Some(SolveInfo { iterations, relative_residual: residual });
+            } else {
+                column.restart(r, precondition);
+            }
+        }
     }
 }
 

@@ -143,6 +143,8 @@ fn eigen(t: Tensor<2>, what: &str, layer: &str) -> Result<(Mat<f64>, Vec<f64>), 
 fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [KroneckerLayer]) {
     let mut bases: Option<Vec<(Tensor<2>, Tensor<2>)>> = None;
     let mut sums: Vec<Option<Tensor<2>>> = vec![None; layers.len()];
+    // Dense layers: (Q_Aᵀã)² of the chunk's examples, the same for every sample of a chunk.
+    let mut projected_inputs: Vec<Option<Tensor<2>>> = vec![None; layers.len()];
     source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
         let b = sample.weights.len();
         let device = sample.factors[0].input.device();
@@ -160,9 +162,13 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
             let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
             let term = if positions == 1 {
                 // Dense: the gradient in the eigenbasis is rank one, (Q_Aᵀã) ⊗ (Q_Sᵀδ), so its
-                // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product.
-                let pa = a.reshape([b, m]).matmul(qa.clone()).square() * w.clone().reshape([b, 1]);
-                let pd = d.reshape([b, o]).matmul(qs.clone()).square();
+                // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product. The inputs'
+                // part is computed once per chunk (b·m² flops), not once per sample.
+                if sample.first || projected_inputs[l].is_none() {
+                    projected_inputs[l] = Some(a.reshape([b, m]).matmul(qa.clone()).square());
+                }
+                let pa = projected_inputs[l].clone().expect("set above");
+                let pd = d.reshape([b, o]).matmul(qs.clone()).square() * w.clone().reshape([b, 1]);
                 pa.transpose().matmul(pd)
             } else {
                 let pa = a.matmul(qa.clone().reshape([1, m, m])); // [b, L, m]

@@ -17,8 +17,11 @@
 //! λ here is the objective's own L2 coefficient: ∇²[(λ/2)‖θ‖²] = λI is part of the Hessian. Extra
 //! damping for the solve is added by [`Damped`] and reported separately.
 
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 use culprit_models::model::{Batch, Model, WeightLayout, tracked_len};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::gradients::{LayerFactors, factors_from_taps, read_f64};
 use crate::objective::Objective;
@@ -29,6 +32,11 @@ pub trait LinearOperator: Sync {
     fn dim(&self) -> usize;
     /// out = A v.
     fn apply(&self, v: &[f64]) -> Vec<f64>;
+    /// A v for several directions at once; operators that share work between them (one pass
+    /// over their data for all) override it.
+    fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
+        vs.iter().map(|v| self.apply(v)).collect()
+    }
 }
 
 /// A linear operator that is a mean over examples, which can also be applied to a sample of
@@ -54,6 +62,13 @@ impl<A: LinearOperator + ?Sized> LinearOperator for Damped<'_, A> {
         let mut out = self.inner.apply(v);
         out.iter_mut().zip(v).for_each(|(o, x)| *o += self.damping * x);
         out
+    }
+    fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
+        let mut outs = self.inner.apply_many(vs);
+        for (out, v) in outs.iter_mut().zip(vs) {
+            out.iter_mut().zip(*v).for_each(|(o, x)| *o += self.damping * x);
+        }
+        outs
     }
 }
 
@@ -83,29 +98,42 @@ impl<M: Model> LinearOperator for HessianFd<'_, M> {
     }
 }
 
-/// One layer's factors for a chunk, flattened so that every contraction is one matrix product.
+/// One layer's factors for a chunk, column-major f64 so that the two big contractions of a
+/// product are one GEMM each (faer) and the rest are contiguous sweeps over rows.
 struct LayerChunk {
-    /// Inputs, one row per (example, position): `[b·L, in]`.
-    inputs: Tensor<2>,
-    /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: `[C, b·L, out]`.
-    logit_grads: Tensor<3>,
+    /// Inputs, one row per (example, position): `[b·L, in]`, column-major.
+    inputs: Vec<f64>,
+    /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: C matrices `[b·L, out]`,
+    /// column-major.
+    logit_grads: Vec<Vec<f64>>,
     /// Positions per example (1 for dense layers).
     positions: usize,
 }
 
-/// Per chunk of examples: predicted probabilities and each layer's factors.
+/// Per chunk of examples: predicted probabilities (`[b, C]` row-major) and each layer's factors.
 struct ChunkFactors {
     rows: usize,
     probabilities: Vec<f64>,
     layers: Vec<LayerChunk>,
 }
 
+/// k directions split by layer: per layer the weights side by side, `[in, k·out]` column-major
+/// (column q·out + o is output o of direction q), so that `inputs · W` is every direction's
+/// change of the layer's output at once; and the biases, index q·out + o.
+struct LayerDirections {
+    weights: Vec<f64>,
+    biases: Option<Vec<f64>>,
+}
+
 /// The exact Gauss–Newton operator of the objective (see the module docs), for models with one
 /// prediction row per example.
 ///
-/// Per product and layer: Jv is one product `inputs · V` (`[b·L, out]`) and one elementwise
-/// product with the stacked logit gradients; Jᵀu is one weighted sum over classes and one product
-/// `inputsᵀ · Δ`. No per-example gradient is ever formed.
+/// A product with k directions at once ([`LinearOperator::apply_many`]), per chunk and layer of
+/// `in → out` over r rows: Jv is one GEMM `inputs · W` (2·r·in·out·k flops) and a sweep
+/// Σ_o ∂z_c/∂out_o · (XW)_o (2·C·r·out·k); Jᵀu is a sweep Δ = Σ_c u_c ∂z_c/∂out (the same) and
+/// one GEMM `inputsᵀ · Δ`. No per-example gradient is ever formed, and the k directions share
+/// every pass over the factors, so a block of queries costs about one product's memory traffic.
+/// Chunks run in parallel, each summing into its own output.
 pub struct GaussNewton<'a, M: Model> {
     objective: &'a Objective<M>,
     chunk: usize,
@@ -121,15 +149,31 @@ fn flatten_positions(t: Tensor<3>) -> Tensor<2> {
     t.swap_dims(1, 2).reshape([b * l, f])
 }
 
+/// A `[r, f]` tensor as a column-major f64 buffer.
+fn column_major(t: Tensor<2>) -> Vec<f64> {
+    let [r, f] = t.dims();
+    let row_major = read_f64(t);
+    let mut out = vec![0.0; r * f];
+    for (i, row) in row_major.chunks_exact(f).enumerate() {
+        for (j, x) in row.iter().enumerate() {
+            out[j * r + i] = *x;
+        }
+    }
+    out
+}
+
 impl<'a, M: Model> GaussNewton<'a, M> {
-    /// The GGN of `objective`, evaluated in chunks of `chunk` examples. Per-class factors are
-    /// computed once and kept when they fit in 3 GiB, else recomputed for every product.
+    /// The GGN of `objective`, evaluated in chunks of at most `chunk` examples. Per-class factors
+    /// are computed once and kept when they fit in 3 GiB (in chunks small enough to keep every
+    /// thread busy), else recomputed for every product.
     pub fn new(objective: &'a Objective<M>, chunk: usize) -> Self {
         let mut ggn = Self { objective, chunk: chunk.max(1), cache: None };
         let classes = objective.model.num_classes();
         let per_example: usize =
             objective.model.layers().iter().map(|l| (l.inputs + classes * l.outputs) * l.positions).sum();
         if per_example * 8 * objective.len() <= GGN_CACHE_BYTES {
+            let balanced = objective.len().div_ceil(8 * rayon::current_num_threads()).max(64);
+            ggn.chunk = ggn.chunk.min(balanced);
             ggn.cache = Some(ggn.chunks().collect());
         }
         ggn
@@ -138,33 +182,20 @@ impl<'a, M: Model> GaussNewton<'a, M> {
     fn chunk_factors(&self, batch: &M::Batch) -> ChunkFactors {
         let o = self.objective;
         let net = &o.model;
-        let classes = net.num_classes();
-        let b = batch.len();
         let probabilities = o.probabilities(batch);
-        let layers = net.layers().len();
-        let mut inputs: Vec<Option<(Tensor<2>, usize)>> = vec![None; layers];
-        let mut grads: Vec<Vec<Tensor<3>>> = vec![Vec::with_capacity(classes); layers];
-        for c in 0..classes {
+        let mut layers: Vec<LayerChunk> = Vec::with_capacity(net.layers().len());
+        for c in 0..net.num_classes() {
             // m_i = z_ic: the class-logit measurement, via taps.
             for (l, f) in logit_factors(net, batch, c).into_iter().enumerate() {
                 if c == 0 {
                     let positions = f.input.dims()[2];
-                    inputs[l] = Some((flatten_positions(f.input), positions));
+                    let inputs = column_major(flatten_positions(f.input));
+                    layers.push(LayerChunk { inputs, logit_grads: Vec::new(), positions });
                 }
-                let g = flatten_positions(f.output_grad);
-                let [r, out] = g.dims();
-                grads[l].push(g.reshape([1, r, out]));
+                layers[l].logit_grads.push(column_major(flatten_positions(f.output_grad)));
             }
         }
-        let layers = inputs
-            .into_iter()
-            .zip(grads)
-            .map(|(input, g)| {
-                let (inputs, positions) = input.expect("every layer");
-                LayerChunk { inputs, logit_grads: Tensor::cat(g, 0), positions }
-            })
-            .collect();
-        ChunkFactors { rows: b, probabilities, layers }
+        ChunkFactors { rows: batch.len(), probabilities, layers }
     }
 
     fn chunks(&self) -> impl Iterator<Item = ChunkFactors> + '_ {
@@ -173,98 +204,152 @@ impl<'a, M: Model> GaussNewton<'a, M> {
         ranges.into_iter().map(move |range| self.chunk_factors(&self.objective.data.slice(range)))
     }
 
-    fn apply_chunk(&self, f: &ChunkFactors, v_layers: &[(Tensor<2>, Option<Tensor<1>>)], out: &mut [f64], scale: f64) {
-        let jv = self.jacobian_products(f, v_layers); // [C, b]
+    /// outs[q] += scale · Σ_chunk Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ v_q over the chunk's examples.
+    fn apply_chunk(&self, f: &ChunkFactors, dirs: &[LayerDirections], outs: &mut [Vec<f64>], scale: f64, par: Par) {
+        let k = outs.len();
+        let jv = self.jacobian_products(f, dirs, k, par);
         let classes = self.objective.model.num_classes();
         let b = f.rows;
-        // u = (diag p − p pᵀ) Jv · scale, laid out [C, b].
-        let mut u = vec![0.0; classes * b];
-        for i in 0..b {
-            let p = &f.probabilities[i * classes..(i + 1) * classes];
-            let pj: f64 = (0..classes).map(|c| p[c] * jv[c * b + i]).sum();
+        // u = (diag p − p pᵀ) Jv · scale, laid out [C][k][b] as Jv.
+        let mut u = vec![0.0; classes * k * b];
+        for q in 0..k {
+            for i in 0..b {
+                let p = &f.probabilities[i * classes..(i + 1) * classes];
+                let pj: f64 = (0..classes).map(|c| p[c] * jv[(c * k + q) * b + i]).sum();
+                for c in 0..classes {
+                    let at = (c * k + q) * b + i;
+                    u[at] = p[c] * (jv[at] - pj) * scale;
+                }
+            }
+        }
+        self.add_transposed_products(f, &u, outs, par);
+    }
+
+    /// Jv for every class, direction and example of a chunk, `[C][k][b]`, summed over layers.
+    fn jacobian_products(&self, f: &ChunkFactors, dirs: &[LayerDirections], k: usize, par: Par) -> Vec<f64> {
+        let classes = self.objective.model.num_classes();
+        let b = f.rows;
+        let mut jv = vec![0.0; classes * k * b];
+        for ((layer, dir), spec) in f.layers.iter().zip(dirs).zip(self.objective.model.layers()) {
+            let (r, out) = (b * layer.positions, spec.outputs);
+            let x = MatRef::from_column_major_slice(&layer.inputs, r, spec.inputs);
+            let w = MatRef::from_column_major_slice(&dir.weights, spec.inputs, k * out);
+            let mut xw = vec![0.0; r * k * out];
+            matmul(MatMut::from_column_major_slice_mut(&mut xw, r, k * out), Accum::Replace, x, w, 1.0, par);
+            if let Some(bias) = &dir.biases {
+                for (column, beta) in xw.chunks_exact_mut(r).zip(bias) {
+                    column.iter_mut().for_each(|v| *v += beta);
+                }
+            }
+            let mut per_row = vec![0.0; r];
             for c in 0..classes {
-                u[c * b + i] = p[c] * (jv[c * b + i] - pj) * scale;
+                for q in 0..k {
+                    per_row.fill(0.0);
+                    for o in 0..out {
+                        let g = &layer.logit_grads[c][o * r..(o + 1) * r];
+                        let d = &xw[(q * out + o) * r..(q * out + o + 1) * r];
+                        per_row.iter_mut().zip(g).zip(d).for_each(|((acc, g), d)| *acc += g * d);
+                    }
+                    let target = &mut jv[(c * k + q) * b..(c * k + q + 1) * b];
+                    for (t, rows) in target.iter_mut().zip(per_row.chunks_exact(layer.positions)) {
+                        *t += rows.iter().sum::<f64>();
+                    }
+                }
             }
         }
-        self.add_transposed_products(f, u, out);
+        jv
     }
 
-    /// Jv for every example and class of a chunk, `[C, b]` row-major, summed over layers.
-    fn jacobian_products(&self, f: &ChunkFactors, v_layers: &[(Tensor<2>, Option<Tensor<1>>)]) -> Vec<f64> {
+    /// outs[q] += Jᵀu_q: per layer Δ = Σ_c u_c ∂z_c/∂out per row, then inputsᵀ Δ in the weight's
+    /// layout, and Σ_rows Δ for the bias.
+    fn add_transposed_products(&self, f: &ChunkFactors, u: &[f64], outs: &mut [Vec<f64>], par: Par) {
         let classes = self.objective.model.num_classes();
-        let b = f.rows;
-        let mut jv: Option<Tensor<2>> = None;
-        for (layer, (vw, vb)) in f.layers.iter().zip(v_layers) {
-            let mut xv = layer.inputs.clone().matmul(vw.clone()); // [b·L, out]
-            if let Some(bias) = vb {
-                let o = bias.dims()[0];
-                xv = xv + bias.clone().reshape([1, o]);
-            }
-            let [r, o] = xv.dims();
-            let per_row = (layer.logit_grads.clone() * xv.reshape([1, r, o])).sum_dim(2); // [C, b·L, 1]
-            let per_example = per_row.reshape([classes, b, layer.positions]).sum_dim(2).reshape([classes, b]);
-            jv = Some(match jv {
-                Some(j) => j + per_example,
-                None => per_example,
-            });
-        }
-        read_f64(jv.expect("a model has layers"))
-    }
-
-    /// out += Jᵀu: per layer Δ = Σ_c u_c ∂z_c/∂out per row, then inputsᵀ Δ in the weight's layout.
-    fn add_transposed_products(&self, f: &ChunkFactors, u: Vec<f64>, out: &mut [f64]) {
-        let classes = self.objective.model.num_classes();
-        let device = &self.objective.device;
-        let b = f.rows;
-        let u =
-            Tensor::<1>::from_data(TensorData::new(u, [classes * b]), (device, DType::F64)).reshape([classes, b, 1]);
+        let (b, k) = (f.rows, outs.len());
         let mut offset = 0;
         for (layer, spec) in f.layers.iter().zip(self.objective.model.layers()) {
-            let [_, r, o] = layer.logit_grads.dims();
-            let weights = u.clone().expand([classes, b, layer.positions]).reshape([classes, r, 1]);
-            let delta = (layer.logit_grads.clone() * weights).sum_dim(0).reshape([r, o]);
-            let gw = layer.inputs.clone().transpose().matmul(delta.clone()); // [in, out]
-            let gw = match spec.layout {
-                WeightLayout::InputMajor => gw,
-                WeightLayout::OutputMajor => gw.transpose(),
-            };
-            let w = read_f64(gw);
-            out[offset..offset + w.len()].iter_mut().zip(&w).for_each(|(a, x)| *a += x);
-            offset += w.len();
-            if spec.bias {
-                let bv = read_f64(delta.sum_dim(0));
-                out[offset..offset + bv.len()].iter_mut().zip(&bv).for_each(|(a, x)| *a += x);
-                offset += bv.len();
+            let (r, inputs, out) = (b * layer.positions, spec.inputs, spec.outputs);
+            let mut delta = vec![0.0; r * k * out];
+            for (column, target) in delta.chunks_exact_mut(r).enumerate() {
+                let (q, o) = (column / out, column % out);
+                for c in 0..classes {
+                    let g = &layer.logit_grads[c][o * r..(o + 1) * r];
+                    let uc = &u[(c * k + q) * b..(c * k + q + 1) * b];
+                    for ((rows, g), weight) in
+                        target.chunks_exact_mut(layer.positions).zip(g.chunks_exact(layer.positions)).zip(uc)
+                    {
+                        rows.iter_mut().zip(g).for_each(|(t, g)| *t += weight * g);
+                    }
+                }
             }
+            let x = MatRef::from_column_major_slice(&layer.inputs, r, inputs);
+            let d = MatRef::from_column_major_slice(&delta, r, k * out);
+            let mut gw = vec![0.0; inputs * k * out]; // [in, k·out], column-major
+            matmul(
+                MatMut::from_column_major_slice_mut(&mut gw, inputs, k * out),
+                Accum::Replace,
+                x.transpose(),
+                d,
+                1.0,
+                par,
+            );
+            for (q, target) in outs.iter_mut().enumerate() {
+                let block = &gw[q * out * inputs..(q + 1) * out * inputs]; // [in, out], column-major
+                let weights = &mut target[offset..offset + spec.weight_len()];
+                match spec.layout {
+                    // weights[i·out + o]
+                    WeightLayout::InputMajor => {
+                        for o in 0..out {
+                            for i in 0..inputs {
+                                weights[i * out + o] += block[o * inputs + i];
+                            }
+                        }
+                    }
+                    // weights[o·in + i]: the block as laid out
+                    WeightLayout::OutputMajor => weights.iter_mut().zip(block).for_each(|(w, g)| *w += g),
+                }
+                if spec.bias {
+                    let bias = &mut target[offset + spec.weight_len()..offset + spec.weight_len() + out];
+                    for (o, t) in bias.iter_mut().enumerate() {
+                        *t += delta[(q * out + o) * r..(q * out + o + 1) * r].iter().sum::<f64>();
+                    }
+                }
+            }
+            offset += spec.weight_len() + spec.bias_len();
         }
     }
 
-    /// Splits a tracked-space direction by layer: weights as `[in, out]` tensors so that
-    /// `inputs · V` is the change of the layer's output, and biases as vectors.
-    fn split(&self, v: &[f64]) -> Vec<(Tensor<2>, Option<Tensor<1>>)> {
-        let device = &self.objective.device;
-        let mut v_layers = Vec::new();
+    /// Splits k tracked-space directions by layer (see [`LayerDirections`]).
+    fn split(&self, vs: &[&[f64]]) -> Vec<LayerDirections> {
+        let k = vs.len();
         let mut offset = 0;
+        let mut dirs = Vec::new();
         for spec in self.objective.model.layers() {
-            let w = v[offset..offset + spec.weight_len()].to_vec();
+            let (inputs, out) = (spec.inputs, spec.outputs);
+            let mut weights = vec![0.0; inputs * k * out];
+            for (q, v) in vs.iter().enumerate() {
+                let w = &v[offset..offset + spec.weight_len()];
+                for o in 0..out {
+                    let column = &mut weights[(q * out + o) * inputs..(q * out + o + 1) * inputs];
+                    match spec.layout {
+                        WeightLayout::InputMajor => {
+                            column.iter_mut().enumerate().for_each(|(i, c)| *c = w[i * out + o])
+                        }
+                        WeightLayout::OutputMajor => column.copy_from_slice(&w[o * inputs..(o + 1) * inputs]),
+                    }
+                }
+            }
             offset += spec.weight_len();
-            let tw = match spec.layout {
-                WeightLayout::InputMajor => {
-                    Tensor::<2>::from_data(TensorData::new(w, [spec.inputs, spec.outputs]), (device, DType::F64))
-                }
-                WeightLayout::OutputMajor => {
-                    Tensor::<2>::from_data(TensorData::new(w, [spec.outputs, spec.inputs]), (device, DType::F64))
-                        .transpose()
-                }
-            };
             let b = spec.bias_len();
-            let tb = (b > 0).then(|| {
-                Tensor::<1>::from_data(TensorData::new(v[offset..offset + b].to_vec(), [b]), (device, DType::F64))
-            });
+            let biases = (b > 0).then(|| vs.iter().flat_map(|v| v[offset..offset + b].iter().copied()).collect());
             offset += b;
-            v_layers.push((tw, tb));
+            dirs.push(LayerDirections { weights, biases });
         }
-        v_layers
+        dirs
+    }
+
+    /// λv_q for every direction: where the products add up.
+    fn regularised(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
+        vs.iter().map(|v| v.iter().map(|x| self.objective.l2 * x).collect()).collect()
     }
 }
 
@@ -282,14 +367,31 @@ impl<M: Model> LinearOperator for GaussNewton<'_, M> {
     }
 
     fn apply(&self, v: &[f64]) -> Vec<f64> {
-        let v_layers = self.split(v);
+        self.apply_many(&[v]).pop().expect("one direction")
+    }
+
+    fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
+        let dirs = self.split(vs);
         let scale = 1.0 / self.objective.len() as f64;
-        let mut out: Vec<f64> = v.iter().map(|x| self.objective.l2 * x).collect();
+        let mut outs = self.regularised(vs);
         match &self.cache {
-            Some(chunks) => chunks.iter().for_each(|c| self.apply_chunk(c, &v_layers, &mut out, scale)),
-            None => self.chunks().for_each(|c| self.apply_chunk(&c, &v_layers, &mut out, scale)),
+            Some(chunks) => {
+                let zero = || vec![vec![0.0; self.dim()]; vs.len()];
+                let sum = chunks
+                    .par_iter()
+                    .fold(zero, |mut acc, c| {
+                        self.apply_chunk(c, &dirs, &mut acc, scale, Par::Seq);
+                        acc
+                    })
+                    .reduce(zero, |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, y)| *x += y));
+                        a
+                    });
+                outs.iter_mut().zip(&sum).for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(x, y)| *x += y));
+            }
+            None => self.chunks().for_each(|c| self.apply_chunk(&c, &dirs, &mut outs, scale, Par::rayon(0))),
         }
-        out
+        outs
     }
 }
 
@@ -297,9 +399,9 @@ impl<M: Model> SampledOperator for GaussNewton<'_, M> {
     /// (1/|rows|) Σ Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ v + λv over the examples `rows`.
     fn apply_rows(&self, v: &[f64], rows: &[usize]) -> Vec<f64> {
         let f = self.chunk_factors(&self.objective.data.gather(rows));
-        let v_layers = self.split(v);
-        let mut out: Vec<f64> = v.iter().map(|x| self.objective.l2 * x).collect();
-        self.apply_chunk(&f, &v_layers, &mut out, 1.0 / rows.len() as f64);
-        out
+        let dirs = self.split(&[v]);
+        let mut outs = self.regularised(&[v]);
+        self.apply_chunk(&f, &dirs, &mut outs, 1.0 / rows.len() as f64, Par::rayon(0));
+        outs.pop().expect("one direction")
     }
 }

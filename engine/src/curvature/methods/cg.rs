@@ -79,19 +79,15 @@ impl Fitted for FittedCg {
     fn solve(&self, source: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>> {
         let ggn = source.gauss_newton(self.chunk)?;
         let op = Damped { inner: ggn.as_ref(), damping: self.damping };
-        queries
-            .iter()
-            .map(|q| {
-                let (x, info) = match &self.preconditioner {
-                    Some(k) => {
-                        let m = |r: &[f64]| k.solve_one(r, self.damping);
-                        self.solver.solve(&op, q, Some(&m))?
-                    }
-                    None => self.solver.solve(&op, q, None)?,
-                };
-                Ok((x, Some(info)))
-            })
-            .collect()
+        let rhs: Vec<&[f64]> = queries.iter().map(Vec::as_slice).collect();
+        let solved = match &self.preconditioner {
+            Some(k) => {
+                let m = |r: &[f64]| k.solve_one(r, self.damping);
+                self.solver.solve_many(&op, &rhs, Some(&m))?
+            }
+            None => self.solver.solve_many(&op, &rhs, None)?,
+        };
+        Ok(solved.into_iter().map(|(x, info)| (x, Some(info))).collect())
     }
 
     fn self_influence(&self, _: &dyn CurvatureSource, _: &[LayerFactors]) -> Result<Vec<f64>> {
