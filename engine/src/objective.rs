@@ -8,12 +8,14 @@
 //! samples of the model's predictive distribution for the Fisher. The methods never see the model
 //! type, so every method works for every model that implements [`Model`].
 
-use burn::tensor::{DType, Device};
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use culprit_models::model::{Batch, Model, ROWS_PER_CHUNK, RowGroups, TrackedLayer, extend, restrict, tracked_len};
 use culprit_models::network::probabilities;
 use faer::Mat;
 
-use crate::curvature::operators::{GaussNewton, HessianFd, LinearOperator, SampledOperator};
+use crate::curvature::operators::{ChunkFactors, GaussNewton, HessianFd, LinearOperator, SampledOperator};
 use crate::error::{Error, Result};
 use crate::gradients::{LayerFactors, Measurement, Target, layer_factors, layer_factors_choosing, read_f64};
 
@@ -27,7 +29,14 @@ pub struct Objective<M: Model> {
     pub l2: f64,
     /// The device.
     pub device: Device,
+    /// Per-class factors of every chunk (models with one prediction per example), computed once
+    /// and shared by the Gauss–Newton products and the Fisher samples; `None` inside when they
+    /// would not fit in [`FACTOR_CACHE_BYTES`].
+    factors: OnceLock<Option<Vec<ChunkFactors>>>,
 }
+
+/// Bytes of per-class factors an objective keeps in memory.
+pub const FACTOR_CACHE_BYTES: usize = 3 << 30;
 
 /// One sample of the model's predictive distribution over a chunk of training examples: the
 /// true Fisher F = Σ over samples of Σᵢ weightsᵢ · gᵢ gᵢᵀ, gᵢ the gradient whose layer factors
@@ -76,7 +85,7 @@ impl<M: Model> Objective<M> {
 
     /// [`Objective::new`] with the model in `dtype` (f32 for models too large for f64 to pay).
     pub fn in_dtype(model: &M, data: M::Batch, l2: f64, device: &Device, dtype: DType) -> Self {
-        Self { model: model.cast(device, dtype), data, l2, device: device.clone() }
+        Self { model: model.cast(device, dtype), data, l2, device: device.clone(), factors: OnceLock::new() }
     }
 
     /// θ.
@@ -102,6 +111,25 @@ impl<M: Model> Objective<M> {
         let moved: Vec<f64> = theta.iter().zip(&step).map(|(a, b)| a + t * b).collect();
         let net = self.model.with_flat(&moved, &self.device, DType::F64).expect("same shape");
         restrict(layers, &culprit_models::train::full_objective(&net, &self.data, self.l2, 4096).1)
+    }
+
+    /// The per-class factors of every chunk of the training data, computed on first use (C
+    /// backward passes over the data) and kept while they fit in [`FACTOR_CACHE_BYTES`]; `None`
+    /// for models with several predictions per example or when they would not fit. Chunks are
+    /// small enough to keep every thread busy.
+    pub(crate) fn cached_factors(&self) -> Option<&[ChunkFactors]> {
+        self.factors
+            .get_or_init(|| {
+                let classes = self.model.num_classes();
+                let bytes = ChunkFactors::bytes_per_example(self.model.layers(), classes) * self.len();
+                if self.data.groups() != RowGroups::OnePerExample || bytes > FACTOR_CACHE_BYTES {
+                    return None;
+                }
+                let chunk = self.len().div_ceil(8 * rayon::current_num_threads()).clamp(64, 1024);
+                let ranges = self.data.groups().chunks(self.len(), chunk, ROWS_PER_CHUNK);
+                Some(ranges.into_iter().map(|range| ChunkFactors::of(self, &self.data.slice(range))).collect())
+            })
+            .as_deref()
     }
 
     /// Class probabilities of every prediction row of `batch`, `rows × classes` row-major.
@@ -151,6 +179,9 @@ impl<M: Model> CurvatureSource for Objective<M> {
     /// prediction row drawn from the model's distribution (ChaCha8, seeded by the chunk's first
     /// row, so a fit is reproducible), weight 1/n, one backward pass per chunk.
     fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>)) {
+        if let Some(chunks) = self.cached_factors() {
+            return self.fisher_samples_of(chunks, f);
+        }
         let classes = self.model.num_classes();
         let n = self.len();
         for range in self.data.groups().chunks(n, chunk, ROWS_PER_CHUNK) {
@@ -170,6 +201,36 @@ impl<M: Model> CurvatureSource for Objective<M> {
                 let targets = vec![c as u32; b];
                 let factors = layer_factors(&self.model, &batch, &targets, Measurement::Loss(Target::Class(c as u32)));
                 let weights: Vec<f64> = (0..b).map(|i| probabilities[i * classes + c] / n as f64).collect();
+                f(FisherSample { first: c == 0, weights: &weights, factors: &factors });
+            }
+        }
+    }
+}
+
+impl<M: Model> Objective<M> {
+    /// [`CurvatureSource::for_each_fisher_sample`] from the cached factors: the same samples (one
+    /// per class c, weights p_ic/n) with each class's output gradients a linear combination of
+    /// the cached logit gradients ([`ChunkFactors::fisher_output_grads`]), no backward pass.
+    fn fisher_samples_of(&self, chunks: &[ChunkFactors], f: &mut dyn FnMut(FisherSample<'_>)) {
+        let (classes, n) = (self.model.num_classes(), self.len() as f64);
+        for chunk in chunks {
+            let b = chunk.rows;
+            for c in 0..classes {
+                let factors: Vec<LayerFactors> = chunk
+                    .layers
+                    .iter()
+                    .zip(chunk.fisher_output_grads(c))
+                    .map(|(layer, g)| {
+                        let [_, _, positions] = layer.input.dims();
+                        let (dtype, device) = (layer.input.dtype(), layer.input.device());
+                        let out = g.len() / (b * positions).max(1);
+                        let data = TensorData::new(g, [b, out, positions]).convert_dtype(dtype);
+                        let output_grad = Tensor::<3>::from_data(data, (&device, dtype));
+                        let mask = layer.mask.clone();
+                        LayerFactors { input: layer.input.clone(), output_grad, bias: layer.bias, mask }
+                    })
+                    .collect();
+                let weights: Vec<f64> = (0..b).map(|i| chunk.probabilities[i * classes + c] / n).collect();
                 f(FisherSample { first: c == 0, weights: &weights, factors: &factors });
             }
         }

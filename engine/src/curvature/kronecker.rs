@@ -108,9 +108,10 @@ fn second_moments(source: &dyn CurvatureSource, chunk: usize) -> (Vec<Tensor<2>>
     source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
         let b = sample.weights.len();
         for (l, f) in sample.factors.iter().enumerate() {
-            let a = augmented_inputs(f); // [b, L, m]
-            let [_, positions, m] = a.dims();
+            let positions = f.input.dims()[2];
             if sample.first {
+                let a = augmented_inputs(f); // [b, L, m]
+                let m = a.dims()[2];
                 let x = a.reshape([b * positions, m]);
                 add(&mut a_sum[l], x.clone().transpose().matmul(x));
                 a_count[l] += f.positions();
@@ -157,21 +158,20 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
             let (qa, qs) = &bases[l];
             let [m, _] = qa.dims();
             let [o, _] = qs.dims();
-            let a = augmented_inputs(f); // [b, L, m]
-            let positions = a.dims()[1];
+            let positions = f.input.dims()[2];
             let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
             let term = if positions == 1 {
                 // Dense: the gradient in the eigenbasis is rank one, (Q_Aᵀã) ⊗ (Q_Sᵀδ), so its
                 // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product. The inputs'
                 // part is computed once per chunk (b·m² flops), not once per sample.
                 if sample.first || projected_inputs[l].is_none() {
-                    projected_inputs[l] = Some(a.reshape([b, m]).matmul(qa.clone()).square());
+                    projected_inputs[l] = Some(augmented_inputs(f).reshape([b, m]).matmul(qa.clone()).square());
                 }
                 let pa = projected_inputs[l].clone().expect("set above");
                 let pd = d.reshape([b, o]).matmul(qs.clone()).square() * w.clone().reshape([b, 1]);
                 pa.transpose().matmul(pd)
             } else {
-                let pa = a.matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
+                let pa = augmented_inputs(f).matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
                 let pd = d.matmul(qs.clone().reshape([1, o, o])); // [b, L, o]
                 let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
                 (g.square() * w.clone().reshape([b, 1, 1])).sum_dim(0).reshape([m, o])

@@ -100,7 +100,7 @@ impl<M: Model> LinearOperator for HessianFd<'_, M> {
 
 /// One layer's factors for a chunk, column-major f64 so that the two big contractions of a
 /// product are one GEMM each (faer) and the rest are contiguous sweeps over rows.
-struct LayerChunk {
+pub(crate) struct LayerChunk {
     /// Inputs, one row per (example, position): `[b·L, in]`, column-major.
     inputs: Vec<f64>,
     /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: C matrices `[b·L, out]`,
@@ -108,13 +108,86 @@ struct LayerChunk {
     logit_grads: Vec<Vec<f64>>,
     /// Positions per example (1 for dense layers).
     positions: usize,
+    /// The layer's inputs as its taps gave them, `[b, in, L]` (for Fisher samples).
+    pub(crate) input: Tensor<3>,
+    /// Whether the layer has a bias.
+    pub(crate) bias: bool,
+    /// The taps' padding mask, `[b, L]`, if any.
+    pub(crate) mask: Option<Tensor<2>>,
+    /// Per (class c, output o), index c·out + o: whether ∂z_c/∂out_o is non-zero anywhere in the
+    /// chunk (a last layer's logit gradients are one-hot: the products skip the zero columns).
+    nonzero: Vec<bool>,
 }
 
-/// Per chunk of examples: predicted probabilities (`[b, C]` row-major) and each layer's factors.
-struct ChunkFactors {
-    rows: usize,
-    probabilities: Vec<f64>,
-    layers: Vec<LayerChunk>,
+/// Per chunk of examples: predicted probabilities (`[b, C]` row-major) and each layer's factors:
+/// what every exact Gauss–Newton product reads, and from which every class's Fisher sample
+/// follows without another backward pass ([`ChunkFactors::fisher_output_grads`]).
+pub(crate) struct ChunkFactors {
+    /// Examples b.
+    pub(crate) rows: usize,
+    /// `[b, C]` row-major.
+    pub(crate) probabilities: Vec<f64>,
+    /// Per tracked layer.
+    pub(crate) layers: Vec<LayerChunk>,
+}
+
+impl ChunkFactors {
+    /// The factors of a chunk: one forward and C backward passes (m_i = z_ic per class c).
+    pub(crate) fn of<M: Model>(objective: &Objective<M>, batch: &M::Batch) -> Self {
+        let net = &objective.model;
+        let probabilities = objective.probabilities(batch);
+        let mut layers: Vec<LayerChunk> = Vec::with_capacity(net.layers().len());
+        for c in 0..net.num_classes() {
+            for (l, f) in logit_factors(net, batch, c).into_iter().enumerate() {
+                if c == 0 {
+                    let positions = f.input.dims()[2];
+                    let inputs = column_major(flatten_positions(f.input.clone()));
+                    let (input, bias, mask) = (f.input, f.bias, f.mask);
+                    let nonzero = Vec::new();
+                    layers.push(LayerChunk { inputs, logit_grads: Vec::new(), positions, input, bias, mask, nonzero });
+                }
+                let g = column_major(flatten_positions(f.output_grad));
+                let rows = batch.len() * layers[l].positions;
+                layers[l].nonzero.extend(g.chunks_exact(rows.max(1)).map(|column| column.iter().any(|v| *v != 0.0)));
+                layers[l].logit_grads.push(g);
+            }
+        }
+        Self { rows: batch.len(), probabilities, layers }
+    }
+
+    /// Bytes the factors of one example take (inputs kept twice: as taps and column-major).
+    pub(crate) fn bytes_per_example(layers: &[culprit_models::model::TrackedLayer], classes: usize) -> usize {
+        layers.iter().map(|l| (2 * l.inputs + classes * l.outputs) * l.positions).sum::<usize>() * 8
+    }
+
+    /// Per layer, the loss gradient at the layer's output when the label is `class`,
+    /// ∂(−log p_c)/∂out = Σ_k (p_k − [k = c]) ∂z_k/∂out, as `[b, out, L]` row-major: the linear
+    /// combination of the cached logit gradients that a backward pass with target c would give.
+    /// Cost C·b·L·out per layer.
+    pub(crate) fn fisher_output_grads(&self, class: usize) -> Vec<Vec<f64>> {
+        let b = self.rows;
+        let classes = self.probabilities.len() / b.max(1);
+        self.layers
+            .iter()
+            .map(|layer| {
+                let (positions, grads) = (layer.positions, &layer.logit_grads);
+                let r = b * positions;
+                let out = grads[0].len() / r.max(1);
+                let mut g = vec![0.0; r * out];
+                for (k, gk) in grads.iter().enumerate() {
+                    for i in 0..b {
+                        let coefficient = self.probabilities[i * classes + k] - f64::from(u8::from(k == class));
+                        for o in 0..out {
+                            let column = &gk[o * r + i * positions..o * r + (i + 1) * positions];
+                            let target = &mut g[(i * out + o) * positions..(i * out + o + 1) * positions];
+                            target.iter_mut().zip(column).for_each(|(t, v)| *t += coefficient * v);
+                        }
+                    }
+                }
+                g
+            })
+            .collect()
+    }
 }
 
 /// k directions split by layer: per layer the weights side by side, `[in, k·out]` column-major
@@ -137,11 +210,7 @@ struct LayerDirections {
 pub struct GaussNewton<'a, M: Model> {
     objective: &'a Objective<M>,
     chunk: usize,
-    cache: Option<Vec<ChunkFactors>>,
 }
-
-/// Bytes of per-class factors the GGN keeps in memory across products.
-const GGN_CACHE_BYTES: usize = 3 << 30;
 
 /// `[b, rest…]` inputs or output gradients → rows per (example, position): `[b·L, features]`.
 fn flatten_positions(t: Tensor<3>) -> Tensor<2> {
@@ -163,45 +232,18 @@ fn column_major(t: Tensor<2>) -> Vec<f64> {
 }
 
 impl<'a, M: Model> GaussNewton<'a, M> {
-    /// The GGN of `objective`, evaluated in chunks of at most `chunk` examples. Per-class factors
-    /// are computed once and kept when they fit in 3 GiB (in chunks small enough to keep every
-    /// thread busy), else recomputed for every product.
+    /// The GGN of `objective`: its per-class factors come from the objective's cache
+    /// ([`Objective::cached_factors`]) when they fit, else they are recomputed in chunks of
+    /// `chunk` examples for every product.
     pub fn new(objective: &'a Objective<M>, chunk: usize) -> Self {
-        let mut ggn = Self { objective, chunk: chunk.max(1), cache: None };
-        let classes = objective.model.num_classes();
-        let per_example: usize =
-            objective.model.layers().iter().map(|l| (l.inputs + classes * l.outputs) * l.positions).sum();
-        if per_example * 8 * objective.len() <= GGN_CACHE_BYTES {
-            let balanced = objective.len().div_ceil(8 * rayon::current_num_threads()).max(64);
-            ggn.chunk = ggn.chunk.min(balanced);
-            ggn.cache = Some(ggn.chunks().collect());
-        }
-        ggn
-    }
-
-    fn chunk_factors(&self, batch: &M::Batch) -> ChunkFactors {
-        let o = self.objective;
-        let net = &o.model;
-        let probabilities = o.probabilities(batch);
-        let mut layers: Vec<LayerChunk> = Vec::with_capacity(net.layers().len());
-        for c in 0..net.num_classes() {
-            // m_i = z_ic: the class-logit measurement, via taps.
-            for (l, f) in logit_factors(net, batch, c).into_iter().enumerate() {
-                if c == 0 {
-                    let positions = f.input.dims()[2];
-                    let inputs = column_major(flatten_positions(f.input));
-                    layers.push(LayerChunk { inputs, logit_grads: Vec::new(), positions });
-                }
-                layers[l].logit_grads.push(column_major(flatten_positions(f.output_grad)));
-            }
-        }
-        ChunkFactors { rows: batch.len(), probabilities, layers }
+        objective.cached_factors();
+        Self { objective, chunk: chunk.max(1) }
     }
 
     fn chunks(&self) -> impl Iterator<Item = ChunkFactors> + '_ {
-        let n = self.objective.len();
-        let ranges = self.objective.data.groups().chunks(n, self.chunk, culprit_models::model::ROWS_PER_CHUNK);
-        ranges.into_iter().map(move |range| self.chunk_factors(&self.objective.data.slice(range)))
+        let o = self.objective;
+        let ranges = o.data.groups().chunks(o.len(), self.chunk, culprit_models::model::ROWS_PER_CHUNK);
+        ranges.into_iter().map(move |range| ChunkFactors::of(o, &o.data.slice(range)))
     }
 
     /// outs[q] += scale · Σ_chunk Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ v_q over the chunk's examples.
@@ -244,15 +286,17 @@ impl<'a, M: Model> GaussNewton<'a, M> {
             let mut per_row = vec![0.0; r];
             for c in 0..classes {
                 for q in 0..k {
-                    per_row.fill(0.0);
-                    for o in 0..out {
+                    let target = &mut jv[(c * k + q) * b..(c * k + q + 1) * b];
+                    let sums = if layer.positions == 1 { &mut *target } else { per_row.fill(0.0); &mut per_row };
+                    for o in (0..out).filter(|&o| layer.nonzero[c * out + o]) {
                         let g = &layer.logit_grads[c][o * r..(o + 1) * r];
                         let d = &xw[(q * out + o) * r..(q * out + o + 1) * r];
-                        per_row.iter_mut().zip(g).zip(d).for_each(|((acc, g), d)| *acc += g * d);
+                        sums.iter_mut().zip(g).zip(d).for_each(|((acc, g), d)| *acc += g * d);
                     }
-                    let target = &mut jv[(c * k + q) * b..(c * k + q + 1) * b];
-                    for (t, rows) in target.iter_mut().zip(per_row.chunks_exact(layer.positions)) {
-                        *t += rows.iter().sum::<f64>();
+                    if layer.positions > 1 {
+                        for (t, rows) in target.iter_mut().zip(per_row.chunks_exact(layer.positions)) {
+                            *t += rows.iter().sum::<f64>();
+                        }
                     }
                 }
             }
@@ -271,9 +315,13 @@ impl<'a, M: Model> GaussNewton<'a, M> {
             let mut delta = vec![0.0; r * k * out];
             for (column, target) in delta.chunks_exact_mut(r).enumerate() {
                 let (q, o) = (column / out, column % out);
-                for c in 0..classes {
+                for c in (0..classes).filter(|&c| layer.nonzero[c * out + o]) {
                     let g = &layer.logit_grads[c][o * r..(o + 1) * r];
                     let uc = &u[(c * k + q) * b..(c * k + q + 1) * b];
+                    if layer.positions == 1 {
+                        target.iter_mut().zip(g).zip(uc).for_each(|((t, g), weight)| *t += weight * g);
+                        continue;
+                    }
                     for ((rows, g), weight) in
                         target.chunks_exact_mut(layer.positions).zip(g.chunks_exact(layer.positions)).zip(uc)
                     {
@@ -374,7 +422,7 @@ impl<M: Model> LinearOperator for GaussNewton<'_, M> {
         let dirs = self.split(vs);
         let scale = 1.0 / self.objective.len() as f64;
         let mut outs = self.regularised(vs);
-        match &self.cache {
+        match self.objective.cached_factors() {
             Some(chunks) => {
                 let zero = || vec![vec![0.0; self.dim()]; vs.len()];
                 let sum = chunks
@@ -398,7 +446,7 @@ impl<M: Model> LinearOperator for GaussNewton<'_, M> {
 impl<M: Model> SampledOperator for GaussNewton<'_, M> {
     /// (1/|rows|) Σ Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ v + λv over the examples `rows`.
     fn apply_rows(&self, v: &[f64], rows: &[usize]) -> Vec<f64> {
-        let f = self.chunk_factors(&self.objective.data.gather(rows));
+        let f = ChunkFactors::of(self.objective, &self.objective.data.gather(rows));
         let dirs = self.split(&[v]);
         let mut outs = self.regularised(&[v]);
         self.apply_chunk(&f, &dirs, &mut outs, 1.0 / rows.len() as f64, Par::rayon(0));
