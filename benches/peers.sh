@@ -56,11 +56,20 @@ timed() { # seconds of a command, its output discarded
 cache=$(timed "$culprit" cache --run "$run" --quiet)
 results="$OUT/culprit.tsv"
 : > "$results"
-for method in exact cg; do
-    fit=$(timed "$culprit" fit --run "$run" --curvature $method --quiet)
+# Each configuration: a name, then the flags of `fit` (the first is the curvature method).
+configurations=(
+    "exact|exact"
+    "cg|cg"
+    "cg, EK-FAC-preconditioned, tolerance 1e-2|cg --precondition --tolerance 1e-2"
+    "cg, EK-FAC-preconditioned, tolerance 1e-1|cg --precondition --tolerance 1e-1"
+)
+for k in "${!configurations[@]}"; do
+    name=${configurations[$k]%%|*}
+    read -r -a flags <<< "${configurations[$k]#*|}"
+    fit=$(timed "$culprit" fit --run "$run" --curvature "${flags[@]}" --quiet)
     trace=$(timed "$culprit" trace --run "$run" --data $data --split test --index "$index" \
-        --curvature $method --measure label --quiet --format json --scores-out "$OUT/scores_$method.csv")
-    printf '%s\t%s\t%s\t%s\n' "$method" "$cache" "$fit" "$trace" >> "$results"
+        --curvature "${flags[0]}" --measure label --quiet --format json --scores-out "$OUT/scores_$k.csv")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$k" "$name" "$cache" "$fit" "$trace" >> "$results"
 done
 
 # 3. One table: time and fidelity against the same ground truth, and the ratios.
@@ -73,10 +82,10 @@ truth = np.load(truth_path)
 loo_idx, eval_idx, dL = truth["loo_idx"], truth["eval_idx"], truth["dL"][:, truth["eval_idx"]]
 peers = json.load(open(truth_path.replace(".npz", ".json")))["rows"]
 rows = [(r["method"], r["seconds"], r["pearson_mean"]) for r in peers if "seconds" in r]
-for method, cache, fit, trace in csv.reader(open(results), delimiter="\t"):
+for k, method, cache, fit, trace in csv.reader(open(results), delimiter="\t"):
     column = {int(q): k for k, q in enumerate(eval_idx)}  # a test index → its column of dL
     scores = np.zeros((len(eval_idx), 5000))
-    with open(f"{out}/scores_{method}.csv") as f:
+    with open(f"{out}/scores_{k}.csv") as f:
         for r in csv.DictReader(f):
             scores[column[int(r["query_index"])], int(r["train_index"])] = float(r["proponent_score"])
     s = scores[:, loo_idx].T  # (removals, queries)
@@ -84,9 +93,9 @@ for method, cache, fit, trace in csv.reader(open(results), delimiter="\t"):
     parts = f"{float(cache):.2f} + {float(fit):.2f} + {float(trace):.2f} s"
     rows.append((f"culprit cache + fit {method} + trace ({parts})", float(cache) + float(fit) + float(trace), p))
 print(f"\n{cpu}, {avx}; 10 queries; Pearson: mean over the queries against 200 exact retrainings")
-print(f"{'system':<58s} {'seconds':>8s} {'Pearson':>8s}")
+print(f"{'system':<84s} {'seconds':>8s} {'Pearson':>8s}")
 for name, secs, p in rows:
-    print(f"{name:<58s} {secs:8.2f} {p:8.4f}")
+    print(f"{name:<84s} {secs:8.2f} {p:8.4f}")
 peer = [(n, s) for n, s, p in rows if not n.startswith("culprit") and p >= 0.98]
 fastest = min(peer, key=lambda r: r[1])
 print(f"\nfastest peer at Pearson ≥ 0.98: {fastest[0]} ({fastest[1]:.2f} s)")

@@ -160,6 +160,15 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
             assert!(together.abs_diff(alone) <= 1, "batched {together} iterations, alone {alone}");
         }
     }
+    // A loose tolerance iterates on single-precision products; the residuals it reports are still
+    // the f64 operator's, and they hold against the closed form.
+    let loose = FitOptions { tolerance: Some(1e-3), ..with_precondition(Method::Cg, true) };
+    let cg = Curvature::fit(&o, &loose).unwrap();
+    for (q, (x, info)) in qs.iter().zip(cg.solve(&o, &qs).unwrap()) {
+        let (r, reported) = (residual(&h, 0.0, &x, q), info.unwrap().relative_residual);
+        assert!(r <= 1e-2, "single-precision CG residual {r:e}");
+        assert!((reported - r).abs() <= 1e-9, "single-precision CG reports {reported:e}, true {r:e}");
+    }
     // On a single layer EK-FAC is a good preconditioner: measured 63 → 44 iterations on digits.
     assert!(
         iterations[1] < iterations[0],
@@ -378,6 +387,9 @@ fn ggn_products_equal_the_dense_ggn_for_every_layer_kind() {
             assert!(e < 1e-10, "{architecture:?}: relative error {e:e}");
             let e = rel(&together, &want);
             assert!(e < 1e-10, "{architecture:?}, three directions at once: relative error {e:e}");
+            // Single-precision GEMMs: within 1e-5 relative (f32 rounds at 6e-8 per operand).
+            let e = rel(&GaussNewton::single_precision(&o, 16).apply(v), &want);
+            assert!(e < 1e-5, "{architecture:?}, single precision: relative error {e:e}");
         }
     }
 }

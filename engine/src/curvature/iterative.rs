@@ -134,6 +134,21 @@ impl ConjugateGradient {
         qs: &[&[f64]],
         precondition: Option<Preconditioner<'_>>,
     ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
+        self.solve_many_mixed(a, a, qs, precondition)
+    }
+
+    /// [`ConjugateGradient::solve_many`] iterating with `fast`, a cheaper approximation of `a`
+    /// (single-precision products), while every result is confirmed against `a` itself: the
+    /// reported residuals are `a`'s. Should a confirmation fail, the solve goes on with `a`'s
+    /// products from where it is (iterative refinement), so it ends where `a` alone would.
+    pub fn solve_many_mixed(
+        &self,
+        fast: &dyn LinearOperator,
+        a: &dyn LinearOperator,
+        qs: &[&[f64]],
+        precondition: Option<Preconditioner<'_>>,
+    ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
+        let mut iterate = fast;
         let mut columns: Vec<CgColumn> = qs
             .iter()
             .map(|q| {
@@ -156,14 +171,16 @@ impl ConjugateGradient {
             let active: Vec<usize> =
                 (0..columns.len()).filter(|&j| columns[j].done.is_none() && columns[j].reached.is_none()).collect();
             if active.is_empty() {
-                self.confirm(a, qs, &mut columns, precondition);
+                if !self.confirm(a, qs, &mut columns, precondition) {
+                    iterate = a;
+                }
                 if columns.iter().all(|c| c.done.is_some()) {
                     break;
                 }
                 continue;
             }
             let directions: Vec<&[f64]> = active.iter().map(|&j| columns[j].p.as_slice()).collect();
-            let products = a.apply_many(&directions);
+            let products = iterate.apply_many(&directions);
             for (&j, ap) in active.iter().zip(&products) {
                 if columns[j].step(ap, iteration, self.tolerance)? {
                     columns[j].reached = Some(iteration);
@@ -190,17 +207,19 @@ impl ConjugateGradient {
 
     /// Confirms every column whose recurrence reached the tolerance with its true residual (one
     /// shared product): within 10× the tolerance it is done, else it restarts from its x.
+    /// Returns whether every one was confirmed.
     fn confirm(
         &self,
         a: &dyn LinearOperator,
         qs: &[&[f64]],
         columns: &mut [CgColumn],
         precondition: Option<Preconditioner<'_>>,
-    ) {
+    ) -> bool {
         let reached: Vec<usize> = (0..columns.len()).filter(|&j| columns[j].reached.is_some()).collect();
         if reached.is_empty() {
-            return;
+            return true;
         }
+        let mut confirmed = true;
         let solutions: Vec<&[f64]> = reached.iter().map(|&j| columns[j].x.as_slice()).collect();
         let products = a.apply_many(&solutions);
         for (&j, ax) in reached.iter().zip(products) {
@@ -212,8 +231,10 @@ impl ConjugateGradient {
                 column.done = Some(SolveInfo { iterations, relative_residual: residual });
             } else {
                 column.restart(r, precondition);
+                confirmed = false;
             }
         }
+        confirmed
     }
 }
 

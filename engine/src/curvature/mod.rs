@@ -10,7 +10,7 @@
 //! |---|---|---|---|---|
 //! | `exact` | dense H (closed form for logreg, else finite-difference columns), Cholesky | d products or n·d²·C; d³/3 | d² | yes |
 //! | `ggn` | dense G from per-class gradients, Cholesky | n·C·d² + d³/3 | d² | yes (G) |
-//! | `cg` | conjugate gradient on G products, optionally EK-FAC-preconditioned | (EK-FAC) | iterations × product | to tolerance |
+//! | `cg` | conjugate gradient on G products, optionally EK-FAC-preconditioned; all queries share each product | (EK-FAC) | iterations × product (for all queries at once) | to tolerance |
 //! | `lissa` | Neumann series on G products | – | depth × product | to tolerance |
 //! | `arnoldi` | top-k eigenpairs of G from a Krylov space | m products | k·d | in the top-k subspace |
 //! | `kfac`, `ekfac` | Kronecker-factored G per layer | C backward passes per pass | Σ m·o·(m+o) | approximation |

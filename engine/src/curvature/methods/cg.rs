@@ -1,8 +1,17 @@
 //! `cg`: conjugate gradient on exact Gauss–Newton products, optionally preconditioned by EK-FAC
 //! (fitted with the same damping). Nothing but the preconditioner is fitted; every solve runs CG
 //! to the relative residual `--tolerance` (default [`DEFAULT_TOLERANCE`]) or fails saying so.
-//! Cost per solve: iterations × one GGN product (see
-//! [`crate::curvature::operators::GaussNewton`]); exact to the tolerance.
+//!
+//! All the queries of a trace are solved together ([`ConjugateGradient::solve_many`]): k
+//! recurrences share one product per iteration, which for a dense layer `in → out` over n rows is
+//! two GEMMs of 2·n·in·out·k flops each (see [`crate::curvature::operators::GaussNewton`]), so k
+//! queries cost about what one did. At a tolerance of at least [`SINGLE_PRECISION_TOLERANCE`] the
+//! iterations use f32 GEMMs and the f64 operator confirms every result (iterative refinement if
+//! it does not hold). Cost per solve: iterations × one product; exact to the tolerance.
+//!
+//! Measured on MNIST logistic regression (5000 images, λ = 1e-3, 10 test points, `benches/peers.sh`):
+//! plain CG needs 136 iterations to 1e-8; with EK-FAC 6–9 per query reach 1e-1, which already
+//! gives Pearson 0.982 against actual leave-one-out retraining (0.987 at 1e-8).
 
 use std::any::Any;
 
@@ -10,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::curvature::iterative::ConjugateGradient;
 use crate::curvature::kronecker::{self, KroneckerFactors};
-use crate::curvature::operators::Damped;
+use crate::curvature::operators::{Damped, LinearOperator};
 use crate::curvature::{CurvatureMethod, CurvatureSource, FitContext, Fitted, LoadContext, Solution};
 use crate::error::{Error, Result};
 use crate::gradients::LayerFactors;
@@ -18,6 +27,11 @@ use crate::io::container::Arrays;
 
 /// CG's relative-residual tolerance unless `--tolerance` says otherwise.
 pub const DEFAULT_TOLERANCE: f64 = ConjugateGradient::DEFAULT_TOLERANCE;
+
+/// From this relative-residual tolerance up, CG iterates on single-precision products (each
+/// within 1e-5 relative of the f64 product: tested on logistic regression, an MLP and a CNN),
+/// every result still confirmed with the f64 operator.
+pub const SINGLE_PRECISION_TOLERANCE: f64 = 1e-4;
 
 /// The `cg` method.
 pub struct Cg;
@@ -79,13 +93,23 @@ impl Fitted for FittedCg {
     fn solve(&self, source: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>> {
         let ggn = source.gauss_newton(self.chunk)?;
         let op = Damped { inner: ggn.as_ref(), damping: self.damping };
+        // Loose tolerances iterate on single-precision products; the f64 operator confirms.
+        let single = match self.solver.tolerance >= SINGLE_PRECISION_TOLERANCE {
+            true => Some(source.gauss_newton_single(self.chunk)?),
+            false => None,
+        };
+        let fast = single.as_ref().map(|s| Damped { inner: s.as_ref(), damping: self.damping });
+        let iterate: &dyn LinearOperator = match &fast {
+            Some(f) => f,
+            None => &op,
+        };
         let rhs: Vec<&[f64]> = queries.iter().map(Vec::as_slice).collect();
         let solved = match &self.preconditioner {
             Some(k) => {
                 let m = |r: &[f64]| k.solve_one(r, self.damping);
-                self.solver.solve_many(&op, &rhs, Some(&m))?
+                self.solver.solve_many_mixed(iterate, &op, &rhs, Some(&m))?
             }
-            None => self.solver.solve_many(&op, &rhs, None)?,
+            None => self.solver.solve_many_mixed(iterate, &op, &rhs, None)?,
         };
         Ok(solved.into_iter().map(|(x, info)| (x, Some(info))).collect())
     }
