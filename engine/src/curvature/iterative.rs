@@ -68,6 +68,10 @@ struct CgColumn {
     done: Option<SolveInfo>,
 }
 
+/// Iterations a mixed solve ([`ConjugateGradient::solve_many_mixed`]) makes with its cheap
+/// products before it goes on with the exact ones.
+pub const FAST_ITERATIONS: usize = 50;
+
 /// A preconditioner M⁻¹ ≈ A⁻¹ (symmetric positive definite), applied to one residual.
 pub type Preconditioner<'a> = &'a (dyn Fn(&[f64]) -> Vec<f64> + Sync);
 
@@ -134,21 +138,22 @@ impl ConjugateGradient {
         qs: &[&[f64]],
         precondition: Option<Preconditioner<'_>>,
     ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
-        self.solve_many_mixed(a, a, qs, precondition)
+        self.solve_many_mixed(None, a, qs, precondition)
     }
 
     /// [`ConjugateGradient::solve_many`] iterating with `fast`, a cheaper approximation of `a`
     /// (single-precision products), while every result is confirmed against `a` itself: the
-    /// reported residuals are `a`'s. Should a confirmation fail, the solve goes on with `a`'s
-    /// products from where it is (iterative refinement), so it ends where `a` alone would.
+    /// reported residuals are `a`'s. Should a confirmation fail, or [`FAST_ITERATIONS`] pass
+    /// without every right-hand side reaching the tolerance, the solve goes on with `a`'s products
+    /// from where it is (restarted from the true residuals), so it ends where `a` alone would.
     pub fn solve_many_mixed(
         &self,
-        fast: &dyn LinearOperator,
+        fast: Option<&dyn LinearOperator>,
         a: &dyn LinearOperator,
         qs: &[&[f64]],
         precondition: Option<Preconditioner<'_>>,
     ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
-        let mut iterate = fast;
+        let mut iterate = fast.unwrap_or(a);
         let mut columns: Vec<CgColumn> = qs
             .iter()
             .map(|q| {
@@ -170,6 +175,17 @@ impl ConjugateGradient {
         for iteration in 1..=self.max_iterations {
             let active: Vec<usize> =
                 (0..columns.len()).filter(|&j| columns[j].done.is_none() && columns[j].reached.is_none()).collect();
+            if fast.is_some() && iteration == FAST_ITERATIONS + 1 && !active.is_empty() {
+                // Past this, cheap products may be stagnating on an ill-conditioned problem (their
+                // error relative to ‖Ap‖ grows with the condition number): go on with `a`'s,
+                // from the true residuals.
+                iterate = a;
+                let solutions: Vec<&[f64]> = active.iter().map(|&j| columns[j].x.as_slice()).collect();
+                for (&j, ax) in active.iter().zip(a.apply_many(&solutions)) {
+                    let r = qs[j].iter().zip(&ax).map(|(q, a)| q - a).collect();
+                    columns[j].restart(r, precondition);
+                }
+            }
             if active.is_empty() {
                 if !self.confirm(a, qs, &mut columns, precondition) {
                     iterate = a;

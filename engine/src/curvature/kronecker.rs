@@ -144,8 +144,16 @@ fn eigen(t: Tensor<2>, what: &str, layer: &str) -> Result<(Mat<f64>, Vec<f64>), 
 fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [KroneckerLayer]) {
     let mut bases: Option<Vec<(Tensor<2>, Tensor<2>)>> = None;
     let mut sums: Vec<Option<Tensor<2>>> = vec![None; layers.len()];
-    // Dense layers: (Q_Aᵀã)² of the chunk's examples, the same for every sample of a chunk.
-    let mut projected_inputs: Vec<Option<Tensor<2>>> = vec![None; layers.len()];
+    // Dense layers, per chunk: (Q_Aᵀã)² of its examples (the same for every sample of a chunk)
+    // and Σ_samples w·(Q_Sᵀδ)² so far; their product is added when the chunk ends.
+    let mut pending: Vec<Option<(Tensor<2>, Tensor<2>)>> = vec![None; layers.len()];
+    let flush = |sums: &mut [Option<Tensor<2>>], pending: &mut [Option<(Tensor<2>, Tensor<2>)>]| {
+        for (sum, p) in sums.iter_mut().zip(pending) {
+            if let Some((pa, pd)) = p.take() {
+                add(sum, pa.transpose().matmul(pd));
+            }
+        }
+    };
     source.for_each_fisher_sample(chunk, &mut |sample: FisherSample<'_>| {
         let b = sample.weights.len();
         let device = sample.factors[0].input.device();
@@ -153,6 +161,9 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
         let bases = bases.get_or_insert_with(|| {
             layers.iter().map(|k| (from_mat(&k.q_a, &device, dtype), from_mat(&k.q_s, &device, dtype))).collect()
         });
+        if sample.first {
+            flush(&mut sums, &mut pending);
+        }
         let w = tensor(sample.weights.to_vec(), [b], &device, dtype);
         for (l, f) in sample.factors.iter().enumerate() {
             let (qa, qs) = &bases[l];
@@ -160,25 +171,25 @@ fn refit_eigenvalues(source: &dyn CurvatureSource, chunk: usize, layers: &mut [K
             let [o, _] = qs.dims();
             let positions = f.input.dims()[2];
             let d = f.output_grad.clone().swap_dims(1, 2); // [b, L, o]
-            let term = if positions == 1 {
+            if positions == 1 {
                 // Dense: the gradient in the eigenbasis is rank one, (Q_Aᵀã) ⊗ (Q_Sᵀδ), so its
-                // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)² and the weighted sum is one product. The inputs'
-                // part is computed once per chunk (b·m² flops), not once per sample.
-                if sample.first || projected_inputs[l].is_none() {
-                    projected_inputs[l] = Some(augmented_inputs(f).reshape([b, m]).matmul(qa.clone()).square());
-                }
-                let pa = projected_inputs[l].clone().expect("set above");
+                // square is (Q_Aᵀã)² ⊗ (Q_Sᵀδ)², and the weighted sum over a chunk's samples is
+                // one product (Q_Aᵀã)²ᵀ · Σ_samples w(Q_Sᵀδ)²: b·m² + C·b·o² + b·m·o flops a
+                // chunk instead of C·b·m·o for the last term.
                 let pd = d.reshape([b, o]).matmul(qs.clone()).square() * w.clone().reshape([b, 1]);
-                pa.transpose().matmul(pd)
+                pending[l] = Some(match pending[l].take() {
+                    Some((pa, acc)) => (pa, acc + pd),
+                    None => (augmented_inputs(f).reshape([b, m]).matmul(qa.clone()).square(), pd),
+                });
             } else {
                 let pa = augmented_inputs(f).matmul(qa.clone().reshape([1, m, m])); // [b, L, m]
                 let pd = d.matmul(qs.clone().reshape([1, o, o])); // [b, L, o]
                 let g = pa.swap_dims(1, 2).matmul(pd); // [b, m, o]
-                (g.square() * w.clone().reshape([b, 1, 1])).sum_dim(0).reshape([m, o])
-            };
-            add(&mut sums[l], term);
+                add(&mut sums[l], (g.square() * w.clone().reshape([b, 1, 1])).sum_dim(0).reshape([m, o]));
+            }
         }
     });
+    flush(&mut sums, &mut pending);
     for (layer, sum) in layers.iter_mut().zip(sums) {
         layer.eigenvalues = read_f64(sum.expect("every layer"));
     }

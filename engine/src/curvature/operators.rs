@@ -214,15 +214,23 @@ impl ChunkFactors {
                 let (positions, grads) = (layer.positions, &layer.logit_grads);
                 let r = b * positions;
                 let out = grads[0].len() / r.max(1);
-                let mut g = vec![0.0; r * out];
+                // Column-major sums first (contiguous), then one transpose to [b, out, L].
+                let mut columns = vec![0.0; r * out];
                 for (k, gk) in grads.iter().enumerate() {
-                    for i in 0..b {
-                        let coefficient = self.probabilities[i * classes + k] - f64::from(u8::from(k == class));
-                        for o in 0..out {
-                            let column = &gk[o * r + i * positions..o * r + (i + 1) * positions];
-                            let target = &mut g[(i * out + o) * positions..(i * out + o + 1) * positions];
-                            target.iter_mut().zip(column).for_each(|(t, v)| *t += coefficient * v);
-                        }
+                    let indicator = f64::from(u8::from(k == class));
+                    let coefficients: Vec<f64> =
+                        (0..r).map(|row| self.probabilities[(row / positions) * classes + k] - indicator).collect();
+                    for o in (0..out).filter(|&o| layer.nonzero[k * out + o]) {
+                        let target = &mut columns[o * r..(o + 1) * r];
+                        let column = &gk[o * r..(o + 1) * r];
+                        target.iter_mut().zip(column).zip(&coefficients).for_each(|((t, g), a)| *t += a * g);
+                    }
+                }
+                let mut g = vec![0.0; r * out];
+                for (o, column) in columns.chunks_exact(r).enumerate() {
+                    for (row, v) in column.iter().enumerate() {
+                        let (i, l) = (row / positions, row % positions);
+                        g[(i * out + o) * positions + l] = *v;
                     }
                 }
                 g

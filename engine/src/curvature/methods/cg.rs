@@ -99,10 +99,7 @@ impl Fitted for FittedCg {
             false => None,
         };
         let fast = single.as_ref().map(|s| Damped { inner: s.as_ref(), damping: self.damping });
-        let iterate: &dyn LinearOperator = match &fast {
-            Some(f) => f,
-            None => &op,
-        };
+        let iterate = fast.as_ref().map(|f| f as &dyn LinearOperator);
         let rhs: Vec<&[f64]> = queries.iter().map(Vec::as_slice).collect();
         let solved = match &self.preconditioner {
             Some(k) => {
