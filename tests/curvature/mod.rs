@@ -365,6 +365,24 @@ fn factored_kronecker_self_influence_equals_solving_each_gradient() {
 
 /// GGN products equal the dense GGN built from per-example, per-class gradients (an independent
 /// path), for dense and convolutional layers.
+/// An ill-conditioned problem (λ = 1e-7) takes more than `FAST_ITERATIONS` single-precision
+/// iterations: the solve goes on with f64 products from the true residual and still reaches its
+/// tolerance, by the closed form.
+#[test]
+fn single_precision_cg_hands_over_to_f64_and_still_converges() {
+    let o = trained(300, Architecture::LogReg, vec![], 1e-7);
+    let h = hand_hessian(&o);
+    let q = probe(o.model.num_params(), 3);
+    let options = FitOptions { tolerance: Some(1e-4), ..with_precondition(Method::Cg, false) };
+    let (x, info) = Curvature::fit(&o, &options).unwrap().solve(&o, std::slice::from_ref(&q)).unwrap().remove(0);
+    let (r, iterations) = (residual(&h, 0.0, &x, &q), info.unwrap().iterations);
+    assert!(
+        iterations > culprit::curvature::iterative::FAST_ITERATIONS,
+        "only {iterations} iterations: not the hand-over"
+    );
+    assert!(r <= 1e-3, "residual {r:e} after {iterations} iterations");
+}
+
 #[test]
 fn ggn_products_equal_the_dense_ggn_for_every_layer_kind() {
     let data = digits(40);
