@@ -180,9 +180,7 @@ impl ConjugateGradient {
                 // error relative to ‖Ap‖ grows with the condition number): go on with `a`'s,
                 // from the true residuals.
                 iterate = a;
-                let solutions: Vec<&[f64]> = active.iter().map(|&j| columns[j].x.as_slice()).collect();
-                for (&j, ax) in active.iter().zip(a.apply_many(&solutions)) {
-                    let r = qs[j].iter().zip(&ax).map(|(q, a)| q - a).collect();
+                for (&j, r) in active.iter().zip(true_residuals(a, qs, &columns, &active)) {
                     columns[j].restart(r, precondition);
                 }
             }
@@ -236,11 +234,8 @@ impl ConjugateGradient {
             return true;
         }
         let mut confirmed = true;
-        let solutions: Vec<&[f64]> = reached.iter().map(|&j| columns[j].x.as_slice()).collect();
-        let products = a.apply_many(&solutions);
-        for (&j, ax) in reached.iter().zip(products) {
+        for (&j, r) in reached.iter().zip(true_residuals(a, qs, columns, &reached)) {
             let column = &mut columns[j];
-            let r: Vec<f64> = qs[j].iter().zip(&ax).map(|(q, a)| q - a).collect();
             let residual = norm(&r) / column.q_norm;
             if residual <= self.tolerance * 10.0 {
                 let iterations = column.reached.expect("reached");
@@ -252,6 +247,13 @@ impl ConjugateGradient {
         }
         confirmed
     }
+}
+
+/// qⱼ − A xⱼ for the columns `which`, with one shared product.
+fn true_residuals(a: &dyn LinearOperator, qs: &[&[f64]], columns: &[CgColumn], which: &[usize]) -> Vec<Vec<f64>> {
+    let solutions: Vec<&[f64]> = which.iter().map(|&j| columns[j].x.as_slice()).collect();
+    let products = a.apply_many(&solutions);
+    which.iter().zip(products).map(|(&j, ax)| qs[j].iter().zip(&ax).map(|(q, a)| q - a).collect()).collect()
 }
 
 /// ‖A x − q‖ / ‖q‖.

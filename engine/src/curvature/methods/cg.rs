@@ -94,10 +94,9 @@ impl Fitted for FittedCg {
         let ggn = source.gauss_newton(self.chunk)?;
         let op = Damped { inner: ggn.as_ref(), damping: self.damping };
         // Loose tolerances iterate on single-precision products; the f64 operator confirms.
-        let single = match self.solver.tolerance >= SINGLE_PRECISION_TOLERANCE {
-            true => Some(source.gauss_newton_single(self.chunk)?),
-            false => None,
-        };
+        let single = (self.solver.tolerance >= SINGLE_PRECISION_TOLERANCE)
+            .then(|| source.gauss_newton_single(self.chunk))
+            .transpose()?;
         let fast = single.as_ref().map(|s| Damped { inner: s.as_ref(), damping: self.damping });
         let iterate = fast.as_ref().map(|f| f as &dyn LinearOperator);
         let rhs: Vec<&[f64]> = queries.iter().map(Vec::as_slice).collect();
