@@ -974,18 +974,24 @@ fn group(
             _ => Vec::new(),
         })
         .collect();
+    let n = data.examples();
+    let carried: Vec<Members> = carriers.iter().map(|c| Members::new(c, n)).collect();
+    let suspected: Vec<Members> = suspects.iter().map(|c| Members::new(c, n)).collect();
+    let at_least = |a: &Members, b: &Members, need: Option<usize>| need.is_some_and(|need| a.shares_at_least(b, need));
     let alike = |f: usize, r: usize| {
         let label = ranked[f].0.label == ranked[r].0.label;
-        jaccard_at_least(&carriers[f], &carriers[r], 0.5)
+        let (cf, cr, sf, sr) = (&carried[f], &carried[r], &suspected[f], &suspected[r]);
+        at_least(cf, cr, jaccard_need(cf.len(), cr.len(), 0.5))
             || (label
                 && ranked[f].0.significant == ranked[r].0.significant
-                && overlap_at_least(&suspects[f], &suspects[r], 0.8))
+                && at_least(sf, sr, overlap_need(sf.len(), sr.len(), 0.8)))
             || (label
                 && suspicious(f)
                 && suspicious(r)
                 && !lit[f].is_empty()
                 && !lit[r].is_empty()
-                && overlap_at_least(&lit[f], &lit[r], 0.8))
+                && overlap_need(lit[f].len(), lit[r].len(), 0.8)
+                    .is_some_and(|need| crate::dedup::shares_at_least(&lit[f], &lit[r], need)))
     };
     // Each feature joins the first group (in order of creation) holding a feature alike, else
     // starts one.
@@ -1181,28 +1187,91 @@ fn least_reaching(from: usize, most: usize, reaches: impl Fn(usize) -> bool) -> 
     Some(i)
 }
 
-/// Whether `overlap(a, b) >= share`, stopping the merge as soon as it is known: the shared
-/// values i need i / min(|a|, |b|) ≥ share.
-fn overlap_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
-    let small = a.len().min(b.len());
+/// The fewest shared values with which `overlap(a, b) >= share` for lists of `a` and `b`
+/// values; `None` when no count reaches it.
+fn overlap_need(a: usize, b: usize, share: f64) -> Option<usize> {
+    let small = a.min(b);
     if small == 0 {
-        return true;
+        return Some(0);
     }
     let guess = (share * small as f64).floor().max(0.0) as usize;
     least_reaching(guess, small, |i| i as f64 / small as f64 >= share)
-        .is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
 }
 
-/// Whether `jaccard(a, b) >= share` (0 < share ≤ 1), stopping the merge as soon as it is known:
-/// i / (|a| + |b| − i) ≥ share ⟺ i ≥ share · (|a| + |b|) / (1 + share).
-fn jaccard_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
-    if a.is_empty() && b.is_empty() {
-        return true;
+/// The fewest shared values with which `jaccard(a, b) >= share` (0 < share ≤ 1) for lists of
+/// `a` and `b` values: i / (a + b − i) ≥ share ⟺ i ≥ share · (a + b) / (1 + share).
+fn jaccard_need(a: usize, b: usize, share: f64) -> Option<usize> {
+    let total = a + b;
+    if total == 0 {
+        return Some(0);
     }
-    let total = a.len() + b.len();
     let guess = (share * total as f64 / (1.0 + share)).floor() as usize;
-    least_reaching(guess, a.len().min(b.len()), |i| i as f64 / (total - i) as f64 >= share)
-        .is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
+    least_reaching(guess, a.min(b), |i| i as f64 / (total - i) as f64 >= share)
+}
+
+/// Whether `overlap(a, b) >= share`, stopping the merge as soon as it is known.
+#[cfg(test)]
+fn overlap_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
+    overlap_need(a.len(), b.len(), share).is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
+}
+
+/// Whether `jaccard(a, b) >= share`, stopping the merge as soon as it is known.
+#[cfg(test)]
+fn jaccard_at_least(a: &[u32], b: &[u32], share: f64) -> bool {
+    jaccard_need(a.len(), b.len(), share).is_some_and(|need| crate::dedup::shares_at_least(a, b, need))
+}
+
+/// A sorted list of distinct example indices below `universe`, with a bitmap beside it when
+/// it is dense (at least one example in 32, where the bitmap takes no more than the list), so
+/// that [`Members::shares_at_least`] costs O(universe / 64) for two dense sets (word-wise AND
+/// and popcount), O(sparse) for a sparse one against a dense one (lookups), and a stopped merge
+/// of two sparse ones, where a merge of a long list would walk it all.
+struct Members<'a> {
+    list: &'a [u32],
+    bits: Option<Vec<u64>>,
+}
+
+impl<'a> Members<'a> {
+    fn new(list: &'a [u32], universe: usize) -> Self {
+        let bits = (!list.is_empty() && list.len() * 32 >= universe).then(|| {
+            let mut bits = vec![0u64; universe.div_ceil(64)];
+            list.iter().for_each(|&i| bits[i as usize / 64] |= 1 << (i % 64));
+            bits
+        });
+        Self { list, bits }
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether the two sets share at least `need` members.
+    fn shares_at_least(&self, other: &Members<'_>, need: usize) -> bool {
+        if need == 0 {
+            return true;
+        }
+        if self.len().min(other.len()) < need {
+            return false;
+        }
+        match (&self.bits, &other.bits) {
+            (Some(a), Some(b)) => a.iter().zip(b).map(|(x, y)| (x & y).count_ones() as usize).sum::<usize>() >= need,
+            (Some(bits), None) | (None, Some(bits)) => {
+                let list = if self.bits.is_some() { other.list } else { self.list };
+                let mut both = 0;
+                for (k, &i) in list.iter().enumerate() {
+                    both += (bits[i as usize / 64] >> (i % 64) & 1) as usize;
+                    if both >= need {
+                        return true;
+                    }
+                    if both + (list.len() - k - 1) < need {
+                        return false;
+                    }
+                }
+                false
+            }
+            (None, None) => crate::dedup::shares_at_least(self.list, other.list, need),
+        }
+    }
 }
 
 /// The temperature T in a fixed grid (0.1 to 1000, 10 steps a decade) that maximises Σᵢ ln softmax(Lᵢ/T)(yᵢ) over
@@ -1365,6 +1434,35 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 1000);
+    }
+
+    #[test]
+    fn dense_and_sparse_members_share_as_the_merge_counts() {
+        // Sets of every density in a universe of 700 (bitmaps from 22 members up), every pair
+        // of kinds, each need from 0 past the intersection, against the full merge's count.
+        let mut state = 3u64;
+        let universe = 700usize;
+        let mut set = |len: usize| {
+            let mut out: Vec<u32> = (0..len)
+                .map(|_| {
+                    state = mix(state);
+                    (state % universe as u64) as u32
+                })
+                .collect();
+            out.sort_unstable();
+            out.dedup();
+            out
+        };
+        for case in 0..400 {
+            let (a, b) = (set([0, 3, 15, 40, 120, 400, 900][case % 7]), set([1, 10, 30, 200, 650][case % 5]));
+            let (ma, mb) = (Members::new(&a, universe), Members::new(&b, universe));
+            assert_eq!(ma.bits.is_some(), a.len() * 32 >= universe && !a.is_empty());
+            let both = crate::dedup::intersection(&a, &b);
+            for need in 0..=both + 2 {
+                assert_eq!(ma.shares_at_least(&mb, need), both >= need, "{} {} {need}", a.len(), b.len());
+                assert_eq!(mb.shares_at_least(&ma, need), both >= need);
+            }
+        }
     }
 
     #[test]
