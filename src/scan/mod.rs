@@ -171,6 +171,52 @@ pub trait Scanned: Sync {
     }
 }
 
+/// A labelled set a scan reads in blocks of consecutive examples, again on every pass: a file
+/// too large to hold streams through memory a block at a time ([`Scanned`] is one block). The
+/// scan holds the blocks' counts, never the data.
+pub trait ScanBlocks: Sync {
+    /// Number of examples, all blocks together.
+    fn examples(&self) -> usize;
+    /// Number of classes C.
+    fn classes(&self) -> usize;
+    /// Whether features are places in an image ([`Scanned::spatial`]).
+    fn spatial(&self) -> bool;
+    /// The fixed baseline of every block ([`Scanned::fixed_baseline`]).
+    fn fixed_baseline(&self) -> Option<Vec<f32>>;
+    /// The whole set as one block, when it is held in memory (the scan may then keep its keys).
+    fn whole(&self) -> Option<&dyn Scanned> {
+        None
+    }
+    /// Calls `each(first, block)` for consecutive blocks in order, `first` the index of the
+    /// block's first example, its examples numbered from 0 inside it.
+    fn blocks(&self, each: &mut dyn FnMut(usize, &dyn Scanned)) -> crate::error::Result<()>;
+}
+
+/// A set held in memory: one block.
+struct InMemory<'a>(&'a dyn Scanned);
+
+impl ScanBlocks for InMemory<'_> {
+    fn examples(&self) -> usize {
+        self.0.examples()
+    }
+    fn classes(&self) -> usize {
+        self.0.classes()
+    }
+    fn spatial(&self) -> bool {
+        self.0.spatial()
+    }
+    fn fixed_baseline(&self) -> Option<Vec<f32>> {
+        self.0.fixed_baseline().map(<[f32]>::to_vec)
+    }
+    fn whole(&self) -> Option<&dyn Scanned> {
+        Some(self.0)
+    }
+    fn blocks(&self, each: &mut dyn FnMut(usize, &dyn Scanned)) -> crate::error::Result<()> {
+        each(0, self.0);
+        Ok(())
+    }
+}
+
 /// A scanned set whose examples' keys are kept in memory (when the baseline is fixed): the
 /// sketch's passes then read the data once. Holds 8 bytes a distinct feature of each example.
 struct KeptKeys<'a> {
@@ -622,10 +668,9 @@ fn empty_tally(classes: usize) -> Tally {
     Tally { n: 0, observed: vec![0; classes], expected: vec![0.0; classes], carriers: Vec::new() }
 }
 
-/// Pass 1 over the examples of `range`: every (example, feature) with the baseline's q into a
-/// new sketch of `buckets` buckets; and the number of occurrences.
-fn sketch_part(data: &dyn Scanned, range: std::ops::Range<usize>, buckets: usize) -> (Sketch, u64) {
-    let mut sketch = Sketch::new(data.classes(), buckets, None);
+/// Pass 1 over the examples of `range`: every (example, feature) with the baseline's q into
+/// `sketch` (one without a fixed baseline); the number of occurrences.
+fn sketch_part(data: &dyn Scanned, range: std::ops::Range<usize>, sketch: &mut Sketch) -> u64 {
     let mut occurrences = 0u64;
     for i in range {
         let y = data.label(i) as usize;
@@ -634,30 +679,23 @@ fn sketch_part(data: &dyn Scanned, range: std::ops::Range<usize>, buckets: usize
             occurrences += 1;
         });
     }
-    (sketch, occurrences)
+    occurrences
 }
 
-/// Pass 1: every (example, feature) into a sketch of `buckets` buckets per thread, merged; and
-/// the number of occurrences. With a fixed baseline, [`sketch_fixed`].
-fn sketch_pass(data: &dyn Scanned, parts: &[std::ops::Range<usize>], buckets: usize) -> (Sketch, u64) {
-    if let Some(q) = data.fixed_baseline() {
-        return sketch_fixed(data, buckets, q);
+/// Pass 1 over one block: every (example, feature) of `data` into `sketches` (one per thread,
+/// or one shared table with a fixed baseline, [`sketch_fixed`]); the block's occurrences.
+fn sketch_block(data: &dyn Scanned, sketches: &mut [Sketch]) -> u64 {
+    if sketches[0].fixed.is_some() {
+        return sketch_fixed(data, &mut sketches[0]);
     }
-    let sketches: Vec<(Sketch, u64)> =
-        parts.par_iter().map(|range| sketch_part(data, range.clone(), buckets)).collect();
-    let mut iter = sketches.into_iter();
-    let (mut sketch, mut occurrences) = iter.next().expect("at least one part");
-    for (other, count) in iter {
-        sketch.merge(&other);
-        occurrences += count;
-    }
-    (sketch, occurrences)
+    let parts = ranges(data.examples());
+    parts.par_iter().zip(sketches.par_iter_mut()).map(|(range, sketch)| sketch_part(data, range.clone(), sketch)).sum()
 }
 
 /// Examples whose keys [`sketch_fixed`] scatters before it counts them.
 const SCATTER_EXAMPLES: usize = 2048;
 
-/// Pass 1 with a fixed baseline `q`: one shared table of `buckets` label counts, filled by
+/// Pass 1 with a fixed baseline (the sketch's q): into one shared table of label counts, filled by
 /// radix-partitioned counting, since single updates at random places of a table larger than
 /// the caches wait on memory one after the other. For each block of [`SCATTER_EXAMPLES`]
 /// examples: (1) in parallel over the examples ([`scatter`]), each (bucket, label) is sorted by
@@ -665,9 +703,9 @@ const SCATTER_EXAMPLES: usize = 2048;
 /// counts its updates into its own slice of the table, small enough for the core's cache, so
 /// that threads share the table without locks or merges. Extra memory: 9 bytes per feature
 /// occurrence of one block.
-fn sketch_fixed(data: &dyn Scanned, buckets: usize, q: &[f32]) -> (Sketch, u64) {
+fn sketch_fixed(data: &dyn Scanned, sketch: &mut Sketch) -> u64 {
     let classes = data.classes();
-    let mut sketch = Sketch::new(classes, buckets, Some(q));
+    let buckets = sketch.mask as usize + 1;
     let partitions = PARTITIONS.min(buckets);
     let per = buckets / partitions;
     let mut occurrences = 0u64;
@@ -676,7 +714,7 @@ fn sketch_fixed(data: &dyn Scanned, buckets: usize, q: &[f32]) -> (Sketch, u64) 
         let range = block..(block + SCATTER_EXAMPLES).min(n);
         let scattered: Vec<(Vec<u32>, Vec<usize>)> = chunks(range.len())
             .into_par_iter()
-            .map(|part| scatter(data, part.start + range.start..part.end + range.start, &sketch, partitions))
+            .map(|part| scatter(data, part.start + range.start..part.end + range.start, sketch, partitions))
             .collect();
         occurrences += scattered.iter().map(|(records, _)| records.len() as u64).sum::<u64>();
         sketch.records.par_chunks_mut(per * classes).enumerate().for_each(|(p, table)| {
@@ -687,7 +725,7 @@ fn sketch_fixed(data: &dyn Scanned, buckets: usize, q: &[f32]) -> (Sketch, u64) 
             }
         });
     }
-    (sketch, occurrences)
+    occurrences
 }
 
 /// Partitions of [`sketch_fixed`]'s table.
@@ -952,7 +990,7 @@ fn carriers_pass(data: &dyn Scanned, parts: &[std::ops::Range<usize>], ranked: &
 /// flags: the shown member's suspects and, when the group's best is suspicious, every suspicious
 /// member's (a square seen with different borders flags different poisons).
 fn group(
-    data: &dyn Scanned,
+    data: &Recalled,
     ranked: &[(Judgement, u64)],
     carriers: &[Vec<u32>],
     suspicious: &dyn Fn(usize) -> bool,
@@ -960,13 +998,10 @@ fn group(
     let suspects: Vec<Vec<u32>> = ranked
         .iter()
         .zip(carriers)
-        .map(|((j, _), all)| all.iter().copied().filter(|&i| data.label(i as usize) as usize == j.label).collect())
+        .map(|((j, _), all)| all.iter().copied().filter(|&i| data.label(i) as usize == j.label).collect())
         .collect();
-    let spatial = data.spatial();
-    let lit: Vec<Vec<u32>> = ranked
-        .iter()
-        .zip(carriers)
-        .map(|((_, key), all)| match spatial.then(|| data.describe(all[0] as usize, *key)) {
+    let lit: Vec<Vec<u32>> = (0..ranked.len())
+        .map(|r| match data.spatial.then_some(&data.described[r]) {
             Some(Feature::Patch { x, y, size, pattern }) => (0..size * size)
                 .filter(|&b| pattern[b] >= 1)
                 .map(|b| ((y + b / size) * MAX_PLACES + x + b % size) as u32)
@@ -974,7 +1009,7 @@ fn group(
             _ => Vec::new(),
         })
         .collect();
-    let n = data.examples();
+    let n = data.examples;
     let carried: Vec<Members> = carriers.iter().map(|c| Members::new(c, n)).collect();
     let suspected: Vec<Members> = suspects.iter().map(|c| Members::new(c, n)).collect();
     let at_least = |a: &Members, b: &Members, need: Option<usize>| need.is_some_and(|need| a.shares_at_least(b, need));
@@ -1031,25 +1066,36 @@ const MAX_PLACES: usize = 4096;
 /// baseline (`--baseline none`), the examples' keys are read once and kept when they take at
 /// most `settings.kept_keys_memory`. Ids in the result are `ids[i]` for example i.
 pub fn scan(data: &dyn Scanned, ids: &[usize], settings: &ScanSettings, progress: &mut dyn Progress) -> Scan {
-    let kept = KeptKeys::new(data, settings.kept_keys_memory);
-    let data: &dyn Scanned = match &kept {
+    scan_blocks(&InMemory(data), &|i| ids[i], settings, progress).expect("a set in memory reads without error")
+}
+
+/// [`scan`] over a set read in blocks ([`ScanBlocks`]), again on each pass: the memory it holds
+/// is bounded by `settings` (the sketch, the carriers, the kept keys of a set in memory),
+/// whatever the set's size. Ids in the result are `id_of(i)` for example i.
+pub fn scan_blocks(
+    source: &dyn ScanBlocks,
+    id_of: &dyn Fn(usize) -> usize,
+    settings: &ScanSettings,
+    progress: &mut dyn Progress,
+) -> crate::error::Result<Scan> {
+    let kept = source.whole().and_then(|data| KeptKeys::new(data, settings.kept_keys_memory));
+    let kept_source = kept.as_ref().map(|k| InMemory(k));
+    let source: &dyn ScanBlocks = match &kept_source {
         Some(k) => k,
-        None => data,
+        None => source,
     };
-    let (n, classes) = (data.examples(), data.classes());
-    let mut label_counts = vec![0usize; classes];
-    for i in 0..n {
-        label_counts[data.label(i) as usize] += 1;
-    }
+    let classes = source.classes();
     let keep = (settings.top * 32).max(256);
     let tests_of =
         |occurrences: u64| (classes as f64 * occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
     let threshold_of = |occurrences: u64| (tests_of(occurrences) / settings.alpha).ln();
-    let counted = sketched(data, settings, keep, kept.as_ref().map(|k| k.total), &threshold_of, progress);
+    let counted = sketched(source, settings, keep, kept.as_ref().map(|k| k.total), &threshold_of, progress)?;
     progress.finish();
+    let recalled = Recalled::gather(source, &counted)?;
     let (tests, threshold) = (tests_of(counted.occurrences), threshold_of(counted.occurrences));
-    let candidates = candidates(data, ids, settings, &counted, &label_counts, tests);
-    Scan { candidates, occurrences: counted.occurrences, tests, threshold, label_counts }
+    let candidates = candidates(&recalled, id_of, settings, &counted, tests);
+    let label_counts = counted.label_counts.clone();
+    Ok(Scan { candidates, occurrences: counted.occurrences, tests, threshold, label_counts })
 }
 
 /// What the passes found: the best features, their tallies and carriers.
@@ -1062,44 +1108,114 @@ struct Counted {
     carriers: Vec<Vec<u32>>,
     /// Feature occurrences, Σᵢ features(i).
     occurrences: u64,
+    /// Examples of each label.
+    label_counts: Vec<usize>,
 }
 
-/// The sketch's three passes (see the module's documentation): the best `keep` features, their
-/// exact tallies and carriers, in memory bounded by `settings.memory` whatever the data's size.
+/// The sketch's buckets and its tables: one per thread, or one shared table of label counts
+/// with a fixed baseline `q`, together within `memory`; with `occurrences_known`, about one
+/// bucket for every 8 occurrences known to come (most features are rare), a table of a few MiB
+/// for a small set, whose updates and ranking stay in the caches.
+fn sketch_tables(classes: usize, q: Option<&[f32]>, memory: usize, occurrences_known: Option<usize>) -> Vec<Sketch> {
+    let threads = rayon::current_num_threads().max(1);
+    let (tables, per_bucket) = if q.is_some() { (1, classes * 4) } else { (threads, (2 * classes + 1) * 4) };
+    let mut buckets = (memory / tables / per_bucket).max(1024).next_power_of_two() / 2;
+    if let Some(total) = occurrences_known {
+        buckets = buckets.min((total / 8 + 1).next_power_of_two()).max(1024);
+    }
+    (0..tables).map(|_| Sketch::new(classes, buckets, q)).collect()
+}
+
+/// Moves the carriers of a block's tallies (indices inside the block) to the set's indices,
+/// from `first` on.
+fn shift(tallies: &mut KeyMap<Tally>, first: usize) {
+    tallies.values_mut().for_each(|t| t.carriers.iter_mut().for_each(|i| *i += first as u32));
+}
+
+/// Adds a later block's tallies `found` to `tallies`, its carriers after theirs while
+/// `carriers` holds (else every carrier is dropped: pass 3 gathers them).
+fn merge_tallies(tallies: &mut KeyMap<Tally>, found: KeyMap<Tally>, classes: usize, carriers: bool) {
+    if tallies.is_empty() && carriers {
+        *tallies = found;
+        return;
+    }
+    for (key, t) in found {
+        let into = tallies.entry(key).or_insert_with(|| empty_tally(classes));
+        into.n += t.n;
+        into.observed.iter_mut().zip(&t.observed).for_each(|(a, b)| *a += b);
+        into.expected.iter_mut().zip(&t.expected).for_each(|(a, b)| *a += b);
+        into.carriers.extend(t.carriers);
+    }
+    if !carriers {
+        tallies.values_mut().for_each(|t| t.carriers = Vec::new());
+    }
+}
+
+/// The sketch's three passes (see the module's documentation) over the blocks of `source`: the
+/// best `keep` features, their exact tallies and carriers, in memory bounded by
+/// `settings.memory` whatever the data's size.
 fn sketched(
-    data: &dyn Scanned,
+    source: &dyn ScanBlocks,
     settings: &ScanSettings,
     keep: usize,
     occurrences_known: Option<usize>,
     threshold_of: &dyn Fn(u64) -> f64,
     progress: &mut dyn Progress,
-) -> Counted {
-    let (n, classes) = (data.examples(), data.classes());
-    let parts = ranges(n);
-    // One table per thread, or one shared table of label counts with a fixed baseline.
-    let (tables, per_bucket) = match data.fixed_baseline() {
-        Some(_) => (1, classes * 4),
-        None => (parts.len().max(1), (2 * classes + 1) * 4),
+) -> crate::error::Result<Counted> {
+    let (n, classes) = (source.examples(), source.classes());
+    let q = source.fixed_baseline();
+    let mut pass = |k: usize, what: &str, done: usize| {
+        if done == 0 {
+            progress.finish();
+            progress.begin(&format!("scan {k}/3"), n as u64);
+        }
+        progress.advance(done as u64, what);
     };
-    let mut buckets = (settings.memory / tables / per_bucket).max(1024).next_power_of_two() / 2;
-    if let Some(total) = occurrences_known {
-        // About one bucket for every 8 occurrences known to come (most features are rare): a
-        // table of a few MiB for a small set, whose updates and ranking stay in the caches.
-        buckets = buckets.min((total / 8 + 1).next_power_of_two()).max(1024);
-    }
-    let mut pass = |k: usize, what: &str| {
-        progress.finish();
-        progress.begin(&format!("scan {k}/3"), n as u64);
-        progress.advance(0, what);
-    };
-    pass(1, "sketch");
-    let (sketch, occurrences) = sketch_pass(data, &parts, buckets);
+    pass(1, "sketch", 0);
+    let mut sketches = sketch_tables(classes, q.as_deref(), settings.memory, occurrences_known);
+    let (mut occurrences, mut label_counts) = (0u64, vec![0usize; classes]);
+    source.blocks(&mut |first, block| {
+        (0..block.examples()).for_each(|i| label_counts[block.label(i) as usize] += 1);
+        occurrences += sketch_block(block, &mut sketches);
+        pass(1, "sketch", first + block.examples());
+    })?;
+    let mut sketch = sketches.pop().expect("one table at least");
+    sketches.iter().for_each(|other| sketch.merge(other));
+    drop(sketches);
     let threshold = threshold_of(occurrences);
     let chosen = sketch.strongest(settings.candidate_buckets, settings.min_carriers as u64, threshold);
-    pass(2, "exact counts");
+    pass(2, "exact counts", 0);
     // The carriers are kept within the sketch's memory (4 bytes each); past it, pass 3.
-    let (tallies, complete) = exact_pass(data, &chunks(n), &sketch, &chosen, settings.memory / 4);
+    let (mut tallies, mut complete, mut room) = (KeyMap::default(), true, settings.memory / 4);
+    source.blocks(&mut |first, block| {
+        let (mut found, kept) = exact_pass(block, &chunks(block.examples()), &sketch, &chosen, room);
+        shift(&mut found, first);
+        room = room.saturating_sub(found.values().map(|t| t.carriers.len()).sum());
+        complete &= kept;
+        merge_tallies(&mut tallies, found, classes, complete);
+        pass(2, "exact counts", first + block.examples());
+    })?;
     drop((sketch, chosen));
+    let ranked = rank_tallies(&tallies, settings, threshold, keep);
+    let carriers = if complete {
+        ranked.iter().map(|(_, key)| tallies[key].carriers.clone()).collect()
+    } else {
+        pass(3, "carriers", 0);
+        let mut carriers: Vec<Vec<u32>> = vec![Vec::new(); ranked.len()];
+        source.blocks(&mut |first, block| {
+            let found = carriers_pass(block, &chunks(block.examples()), &ranked);
+            for (all, mine) in carriers.iter_mut().zip(found) {
+                all.extend(mine.into_iter().map(|i| i + first as u32));
+            }
+            pass(3, "carriers", first + block.examples());
+        })?;
+        carriers
+    };
+    Ok(Counted { ranked, tallies, carriers, occurrences, label_counts })
+}
+
+/// The best `keep` features of `tallies` with at least `min_carriers` carriers, best first.
+fn rank_tallies(tallies: &KeyMap<Tally>, settings: &ScanSettings, threshold: f64, keep: usize) -> Vec<(Judgement, u64)> {
     let mut ranked: Vec<(Judgement, u64)> = tallies
         .iter()
         .filter(|(_, t)| t.n >= settings.min_carriers as u64)
@@ -1110,29 +1226,60 @@ fn sketched(
         .collect();
     ranked.sort_by(|a, b| a.0.rank(&b.0).then(a.1.cmp(&b.1)));
     ranked.truncate(keep);
-    let carriers = if complete {
-        ranked.iter().map(|(_, key)| tallies[key].carriers.clone()).collect()
-    } else {
-        pass(3, "carriers");
-        carriers_pass(data, &chunks(n), &ranked)
-    };
-    Counted { ranked, tallies, carriers, occurrences }
+    ranked
+}
+
+/// What the candidates need of the examples after the passes: the labels of the carriers and
+/// each ranked feature's description at its first carrier, gathered by one more read of the
+/// blocks (or from the set in memory).
+struct Recalled {
+    examples: usize,
+    spatial: bool,
+    labels: HashMap<u32, u32>,
+    described: Vec<Feature>,
+}
+
+impl Recalled {
+    fn gather(source: &dyn ScanBlocks, counted: &Counted) -> crate::error::Result<Self> {
+        let (ranked, carriers) = (&counted.ranked, &counted.carriers);
+        let mut wanted: Vec<u32> = carriers.iter().flatten().copied().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut labels = HashMap::with_capacity(wanted.len());
+        let mut described = vec![Feature::Ngram { text: String::new() }; ranked.len()];
+        source.blocks(&mut |first, block| {
+            let within = first as u32..(first + block.examples()) as u32;
+            let from = wanted.partition_point(|&i| i < within.start);
+            for &i in wanted[from..].iter().take_while(|i| within.contains(i)) {
+                labels.insert(i, block.label((i - within.start) as usize));
+            }
+            for (r, (_, key)) in ranked.iter().enumerate() {
+                if let Some(&i) = carriers[r].first().filter(|i| within.contains(i)) {
+                    described[r] = block.describe((i - within.start) as usize, *key);
+                }
+            }
+        })?;
+        Ok(Self { examples: source.examples(), spatial: source.spatial(), labels, described })
+    }
+
+    fn label(&self, i: u32) -> u32 {
+        self.labels[&i]
+    }
 }
 
 /// The candidates of a count: its best features grouped ([`group`]), the first `settings.top`
 /// groups described, with their statistics against the corrected threshold of `tests` tests.
 fn candidates(
-    data: &dyn Scanned,
-    ids: &[usize],
+    recalled: &Recalled,
+    id_of: &dyn Fn(usize) -> usize,
     settings: &ScanSettings,
     counted: &Counted,
-    label_counts: &[usize],
     tests: f64,
 ) -> Vec<Candidate> {
-    let (ranked, carriers) = (&counted.ranked, &counted.carriers);
-    let n = data.examples();
+    let (ranked, carriers, label_counts) = (&counted.ranked, &counted.carriers, &counted.label_counts);
+    let n = recalled.examples;
     let suspicious = |r: usize| ranked[r].0.significant && ranked[r].0.lift >= settings.min_lift;
-    group(data, ranked, carriers, &suspicious)
+    group(recalled, ranked, carriers, &suspicious)
         .into_iter()
         .take(settings.top)
         .map(|(r, variants, flagged)| {
@@ -1142,7 +1289,7 @@ fn candidates(
             let base = label_counts[c] as f64 / n as f64;
             let nf = t.n as f64;
             Candidate {
-                feature: data.describe(carriers[r][0] as usize, key),
+                feature: recalled.described[r].clone(),
                 target_label: c as u32,
                 completion: None,
                 statistic: (2.0 * s).sqrt(),
@@ -1154,7 +1301,7 @@ fn candidates(
                 carrier_count: carriers[r].len(),
                 target_count: t.observed[c] as usize,
                 expected: t.expected[c],
-                carriers: flagged.iter().map(|&i| ids[i as usize]).collect(),
+                carriers: flagged.iter().map(|&i| id_of(i as usize)).collect(),
                 variants,
                 sources: Vec::new(),
                 confirmation: None,
