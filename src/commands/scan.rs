@@ -4,6 +4,7 @@
 //! [`crate::report::scan`]. `culprit purge --ids scan.json --top K` removes the target-labelled
 //! carriers of the first K candidates.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::report::scan::{ScanReport, Shown, to_html, to_table};
 use crate::report::trace::OUTPUT_SCHEMA_VERSION;
 use crate::scan::image::{ImageScan, MAX_IMAGE_SIDE, MAX_SIDE};
-use crate::scan::text::TextScan;
-use crate::scan::{Feature, ScanSettings, Scanned, scan};
+use crate::scan::text::{TextFile, TextScan};
+use crate::scan::{Feature, ScanSettings, scan, scan_blocks};
 use crate::workspace::Run;
 use crate::workspace::kind::is_language;
 
@@ -58,6 +59,10 @@ pub struct ScanArgs {
     /// Memory for the first pass's tables, in MiB (bounds the scan's memory beside the data).
     #[arg(long, default_value_t = (ScanSettings::default().memory >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub memory_mib: u64,
+    /// Texts a scan holds in memory, in MiB: a larger JSONL file streams, read in blocks of a
+    /// quarter of this once per pass, the baseline fitted on a uniform sample of this size.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub hold_mib: u64,
     /// A classifier trained on this data: each candidate's flagged carriers are predicted as they
     /// are and with the feature removed (the n-gram deleted, the square in-painted with the mean
     /// pixels), which separates a trigger the model learnt from an innocent rare feature.
@@ -119,15 +124,126 @@ pub fn run(args: &ScanArgs, stdout: &mut dyn std::io::Write) -> Result<()> {
     emit(&text, args.report.out.as_deref(), stdout)
 }
 
-/// Scans a JSONL file's texts: the report, and its HTML page when asked for.
+/// Bytes of selected texts a scan holds in memory (`--hold-mib`); past it, the file streams.
+fn hold_bytes(args: &ScanArgs) -> usize {
+    (args.hold_mib as usize) << 20
+}
+
+/// Bytes of lines a streamed scan reads at a time: a quarter of [`hold_bytes`].
+fn block_bytes(args: &ScanArgs) -> usize {
+    (hold_bytes(args) / 4).max(1)
+}
+
+/// What one read of a JSONL file found: the selected rows, their records when they take at
+/// most [`hold_bytes`] (`None` past it, and then a uniform sample of as many bytes of them,
+/// with their indices, in `sample`), the count of each label (`None` when a selected record has none), and the
+/// file's SHA-256.
+struct Survey {
+    rows: std::ops::Range<usize>,
+    held: Option<Vec<data::text::Record>>,
+    sample: Vec<(usize, data::text::Record)>,
+    label_counts: Option<Vec<usize>>,
+    sha: String,
+}
+
+/// A uniform sample of records within `budget` bytes of text, whatever their order in the
+/// file (a file sorted by label must not give the baseline one label): the records of the
+/// smallest priorities, a hash of their index independent of their content, in a max-heap.
+struct Sample {
+    heap: std::collections::BinaryHeap<(u64, usize)>,
+    records: HashMap<usize, data::text::Record>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Sample {
+    fn new(budget: usize) -> Self {
+        Self { heap: Default::default(), records: HashMap::new(), bytes: 0, budget }
+    }
+
+    /// Offers record `index`; the sample keeps the smallest priorities that fit.
+    fn offer(&mut self, index: usize, record: data::text::Record) {
+        let priority = crate::scan::mix(index as u64 ^ 0x5ca7_5a3b_1e00_0000);
+        self.bytes += record.text.len();
+        self.heap.push((priority, index));
+        self.records.insert(index, record);
+        while self.bytes > self.budget && self.heap.len() > 1 {
+            let (_, dropped) = self.heap.pop().expect("not empty");
+            self.bytes -= self.records.remove(&dropped).map_or(0, |r| r.text.len());
+        }
+    }
+
+    /// The sample's records, by index.
+    fn into_sorted(self) -> Vec<(usize, data::text::Record)> {
+        let mut out: Vec<(usize, data::text::Record)> = self.records.into_iter().collect();
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+}
+
+/// Reads `args`' data once, in blocks, holding at most [`hold_bytes`] of its records.
+fn survey(args: &ScanArgs) -> Result<Survey> {
+    let (spec, hold, block) = (&args.data, hold_bytes(args), block_bytes(args));
+    let path = &spec.path;
+    let (skip, end) = (spec.skip, spec.limit.map_or(usize::MAX, |l| spec.skip.saturating_add(l)));
+    let (mut held, mut bytes, mut sample) = (Vec::new(), 0usize, None::<Sample>);
+    let mut label_counts = Some(Vec::<usize>::new());
+    let (total, sha) = data::text::read_record_blocks(path, block, &mut |first, records| {
+        for (k, r) in records.into_iter().enumerate() {
+            if !(skip..end).contains(&(first + k)) {
+                continue;
+            }
+            if let (Some(counts), Some(y)) = (&mut label_counts, r.label) {
+                let y = y as usize;
+                if y >= data::MAX_CLASSES {
+                    let what = format!("label {y} is above the {} classes culprit takes", data::MAX_CLASSES);
+                    return Err(Error::data(path, Some(r.line), what));
+                }
+                counts.resize(counts.len().max(y + 1), 0);
+                counts[y] += 1;
+            } else {
+                label_counts = None;
+            }
+            bytes += r.text.len();
+            if sample.is_none() && bytes > hold {
+                // Past the memory held: only a uniform sample of as much stays, for the baseline.
+                let mut started = Sample::new(hold);
+                held.drain(..).enumerate().for_each(|(at, h)| started.offer(skip + at, h));
+                sample = Some(started);
+            }
+            match &mut sample {
+                Some(sample) => sample.offer(first + k, r),
+                None => held.push(r),
+            }
+        }
+        Ok(())
+    })?;
+    let holds = format!("the file has {total} records");
+    let rows = data::selected_rows(path, total, skip, spec.limit, &holds)?;
+    let (held, sample) = match sample {
+        Some(sample) => (None, sample.into_sorted()),
+        None => (Some(held), Vec::new()),
+    };
+    Ok(Survey { rows, held, sample, label_counts, sha })
+}
+
+/// Scans a JSONL file's texts: in memory when they fit, else streamed in blocks
+/// ([`scan_text_stream`]); the report, and its HTML page when asked for.
 fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Result<(ScanReport, Option<String>)> {
     let path = &args.data.path;
-    let (records, _) = data::text::load_records(path)?;
-    let holds = format!("the file has {} records", records.len());
-    let rows = data::selected_rows(path, records.len(), args.data.skip, args.data.limit, &holds)?;
-    let selected = records.into_iter().skip(rows.start).take(rows.len());
+    let survey = survey(args)?;
+    let labelled = survey.label_counts.as_ref().is_some_and(|c| c.iter().filter(|&&k| k > 0).count() >= 2);
+    let (records, rows) = match survey.held {
+        Some(held) => (held, survey.rows),
+        None if labelled => return scan_text_stream(args, settings, survey, started),
+        // A language-model corpus larger than the memory the scan streams in: held whole.
+        None => {
+            let (records, _) = data::text::load_records(path)?;
+            (records.into_iter().skip(survey.rows.start).take(survey.rows.len()).collect(), survey.rows)
+        }
+    };
     let (mut texts, mut labels, mut sources) = (Vec::new(), Vec::new(), Vec::new());
-    for r in selected {
+    for r in records {
         texts.push(r.text);
         labels.push(r.label);
         sources.push(r.source);
@@ -152,25 +268,97 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let ids: Vec<usize> = rows.clone().collect();
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
     let features = format!("word n-grams of 1 to {words} words");
-    let mut report = report(args, "text", features, source.temperature(), &source, found, settings, started);
+    let mut report = report(args, "text", features, source.temperature(), texts.len(), found, settings, started);
     add_sources(&mut report, &source_of);
-    if let Some(run) = &args.run {
-        let opened = open_classifier(run, SourceKind::Jsonl)?;
-        let buckets = opened.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
-        let bag = |text: &str| {
-            let mut v = vec![0f32; buckets];
-            data::text::featurize(text, &mut v);
-            v
-        };
-        let row = |id: usize| id - rows.start;
-        confirm(&opened, args.backend, &mut report, &|id| bag(&texts[row(id)]), &|id, c| match &c.feature {
-            Feature::Ngram { text } => bag(&without_ngram(&texts[row(id)], text)),
-            Feature::Patch { .. } => bag(&texts[row(id)]),
-        })?;
-    }
+    let text_of = |id: usize| id.checked_sub(rows.start).and_then(|row| texts.get(row)).map(String::as_str);
+    confirm_texts(args, &mut report, &text_of)?;
     let html = (args.report.format == Format::Html)
         .then(|| to_html(&report, &Shown::Texts(texts), &|id| id.checked_sub(rows.start)));
     Ok((report, html))
+}
+
+/// Scans a labelled JSONL file too large to hold: the passes read it in blocks of
+/// [`block_bytes`] ([`TextFile`]), the baseline is fitted on a uniform sample of
+/// [`hold_bytes`] of them ([`Sample`]), and one last read gathers the texts the report shows.
+fn scan_text_stream(
+    args: &ScanArgs,
+    settings: &ScanSettings,
+    survey: Survey,
+    started: Instant,
+) -> Result<(ScanReport, Option<String>)> {
+    let path = &args.data.path;
+    let counts = survey.label_counts.expect("labelled");
+    let classes = classes_of(path, &counts)?;
+    let n = survey.rows.len();
+    let prior: Vec<f32> = counts.iter().map(|&k| k as f32 / n as f32).collect();
+    let start = survey.rows.start;
+    let (index, (texts, labels)): (Vec<usize>, (Vec<String>, Vec<u32>)) =
+        survey.sample.into_iter().map(|(i, r)| (i - start, (r.text, r.label.expect("labelled")))).unzip();
+    let baseline = settings.l2.map(|l2| crate::scan::text::fit_baseline(&texts, &labels, &|k| index[k], classes, l2));
+    let temperature = baseline.as_ref().map_or(1.0, |b| b.temperature);
+    drop((texts, labels));
+    let words = args.words as usize;
+    let rows = survey.rows.clone();
+    let block = block_bytes(args);
+    let source = TextFile::new(path, rows.clone(), block, classes, words, settings.floor, baseline, prior, survey.sha);
+    let mut bar = crate::progress::Bar::new(args.quiet);
+    let found = scan_blocks(&source, &|i| rows.start + i, settings, &mut bar)?;
+    let features = format!("word n-grams of 1 to {words} words, read in blocks of {:.1} MiB", block as f64 / 1048576.0);
+    let mut report = report(args, "text", features, temperature, n, found, settings, started);
+    let shown = gather_records(&args.data.path, block, &report, if args.run.is_some() { 500 } else { 10 })?;
+    add_sources(&mut report, &|id| shown.get(&id).and_then(|r| r.source.clone()));
+    confirm_texts(args, &mut report, &|id| shown.get(&id).map(|r| r.text.as_str()))?;
+    let html = (args.report.format == Format::Html).then(|| {
+        let ids: Vec<usize> = shown.keys().copied().collect();
+        let texts: Vec<String> = ids.iter().map(|id| shown[id].text.clone()).collect();
+        let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
+        to_html(&report, &Shown::Texts(&texts), &|id| row.get(&id).copied())
+    });
+    Ok((report, html))
+}
+
+/// The records of the first `each` carriers of every candidate of `report`, by id, from one
+/// read of `path`.
+fn gather_records(
+    path: &Path,
+    block: usize,
+    report: &ScanReport,
+    each: usize,
+) -> Result<HashMap<usize, data::text::Record>> {
+    let wanted: std::collections::HashSet<usize> =
+        report.candidates.iter().flat_map(|c| c.carriers.iter().take(each.max(4)).copied()).collect();
+    let mut found = HashMap::new();
+    data::text::read_record_blocks(path, block, &mut |first, records| {
+        for (k, r) in records.into_iter().enumerate() {
+            if wanted.contains(&(first + k)) {
+                found.insert(first + k, r);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// With `--run`, confirms each candidate on the texts of its carriers (`text_of(id)`): the
+/// classifier's predictions with and without the n-gram.
+fn confirm_texts<'t>(
+    args: &ScanArgs,
+    report: &mut ScanReport,
+    text_of: &dyn Fn(usize) -> Option<&'t str>,
+) -> Result<()> {
+    let Some(run) = &args.run else { return Ok(()) };
+    let opened = open_classifier(run, SourceKind::Jsonl)?;
+    let buckets = opened.manifest.buckets.unwrap_or(data::text::DEFAULT_BUCKETS);
+    let bag = |text: &str| {
+        let mut v = vec![0f32; buckets];
+        data::text::featurize(text, &mut v);
+        v
+    };
+    let text = |id: usize| text_of(id).unwrap_or_default();
+    confirm(&opened, args.backend, report, &|id| bag(text(id)), &|id, c| match &c.feature {
+        Feature::Ngram { text: gram } => bag(&without_ngram(text(id), gram)),
+        Feature::Patch { .. } => bag(text(id)),
+    })
 }
 
 /// Scans a language-model corpus: n-grams against the line that follows them.
@@ -237,7 +425,7 @@ fn scan_images(
     let ids: Vec<usize> = (start..start + raw.rows).collect();
     let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
     let features = format!("squares of {} to {max_side} pixels a side at every place, in 3 levels", args.min_side);
-    let mut report = report(args, "image", features, source.temperature(), &source, found, settings, started);
+    let mut report = report(args, "image", features, source.temperature(), raw.rows, found, settings, started);
     if let Some(run) = &args.run {
         let opened = open_classifier(run, kind)?;
         if opened.manifest.columns.is_some() && opened.manifest.columns != raw.columns {
@@ -376,7 +564,14 @@ fn confirm(
 /// The number of classes (max label + 1), refusing a single label: the scan tests features
 /// against labels, so a corpus whose documents all share one label has nothing to test.
 fn classes(path: &std::path::Path, labels: &[u32]) -> Result<usize> {
-    let classes = labels.iter().max().map_or(0, |m| *m as usize + 1);
+    let mut counts = vec![0usize; labels.iter().max().map_or(0, |m| *m as usize + 1)];
+    labels.iter().for_each(|&y| counts[y as usize] += 1);
+    classes_of(path, &counts)
+}
+
+/// [`classes`] from the count of each label.
+fn classes_of(path: &std::path::Path, counts: &[usize]) -> Result<usize> {
+    let classes = counts.len();
     if classes > data::MAX_CLASSES {
         return Err(Error::data(
             path,
@@ -384,18 +579,14 @@ fn classes(path: &std::path::Path, labels: &[u32]) -> Result<usize> {
             format!("label {} is above the {} classes culprit takes", classes - 1, data::MAX_CLASSES),
         ));
     }
-    let distinct = {
-        let mut seen = vec![false; classes];
-        labels.iter().for_each(|&y| seen[y as usize] = true);
-        seen.iter().filter(|s| **s).count()
-    };
-    if distinct < 2 {
+    let seen: Vec<usize> = (0..classes).filter(|&y| counts[y] > 0).collect();
+    if seen.len() < 2 {
         return Err(Error::data(
             path,
             None,
             format!(
                 "every selected example has label {}: a scan tests features against labels and needs two",
-                labels[0]
+                seen.first().copied().unwrap_or(0)
             ),
         ));
     }
@@ -408,7 +599,7 @@ fn report(
     kind: &str,
     features: String,
     temperature: f32,
-    source: &dyn Scanned,
+    examples: usize,
     found: crate::scan::Scan,
     settings: &ScanSettings,
     started: Instant,
@@ -419,7 +610,7 @@ fn report(
         data: data::absolute(&args.data.path),
         kind: kind.into(),
         features,
-        examples: source.examples(),
+        examples,
         label_counts: found.label_counts,
         occurrences: found.occurrences,
         tests: found.tests,

@@ -109,6 +109,89 @@ pub fn load_records(path: &Path) -> Result<(Vec<Record>, String)> {
     Ok((records, sha))
 }
 
+/// A reader that hashes what it reads (SHA-256 of the stored bytes).
+struct Hashing<'a, R> {
+    inner: R,
+    sha: &'a mut sha2::Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Streams a JSONL(.gz) file's records in order, in blocks of about `block_bytes` of lines (at
+/// least one record each), calling `each(first, records)` with the index of the block's first
+/// record (blank lines skipped, as [`load_records`] does); each block's lines are parsed in
+/// parallel. Holds one block at a time. Returns the number of records and the file's SHA-256
+/// as stored, so that a caller reading the file again can tell that it changed.
+pub fn read_record_blocks(
+    path: &Path,
+    block_bytes: usize,
+    each: &mut dyn FnMut(usize, Vec<Record>) -> Result<()>,
+) -> Result<(usize, String)> {
+    use rayon::prelude::*;
+    use sha2::Digest;
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut sha = sha2::Sha256::new();
+    let mut hashing = std::io::BufReader::with_capacity(1 << 20, Hashing { inner: file, sha: &mut sha });
+    let gzip = hashing.fill_buf().map_err(Error::io(path))?.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn BufRead + '_> = if gzip {
+        Box::new(std::io::BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(hashing)))
+    } else {
+        Box::new(hashing)
+    };
+    let (mut lines, mut bytes, mut line, mut first) = (Vec::new(), 0usize, 0usize, 0usize);
+    let mut flush = |lines: &mut Vec<(usize, String)>, first: &mut usize| -> Result<()> {
+        let records = lines
+            .par_iter()
+            .map(|(at, text)| parse_record(path, *at, text))
+            .collect::<Vec<Result<Record>>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        lines.clear();
+        let count = records.len();
+        each(*first, records)?;
+        *first += count;
+        Ok(())
+    };
+    loop {
+        let mut text = String::new();
+        let read = reader.read_line(&mut text).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::data(path, Some(line + 1), format!("not UTF-8 text: {e}")),
+            _ => Error::data(path, None, format!("cannot read it (a corrupt or truncated gzip stream?): {e}")),
+        })?;
+        if read == 0 {
+            break;
+        }
+        line += 1;
+        if text.trim().is_empty() {
+            continue;
+        }
+        bytes += text.len();
+        lines.push((line, text));
+        if bytes >= block_bytes {
+            flush(&mut lines, &mut first)?;
+            bytes = 0;
+        }
+    }
+    if !lines.is_empty() {
+        flush(&mut lines, &mut first)?;
+    }
+    // The rest of the stored bytes (past the gzip stream's end) still count in the hash.
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(Error::io(path))?;
+    drop(reader);
+    if first == 0 {
+        return Err(Error::data(path, None, "no records"));
+    }
+    Ok((first, super::hex(&sha.finalize())))
+}
+
 /// Reads a JSONL file's texts and labels (each line an object with a string `text` and a
 /// non-negative integer `label`), and the file's SHA-256 as stored.
 pub fn load_texts(path: &Path) -> Result<(Vec<String>, Vec<u32>, String)> {

@@ -42,15 +42,29 @@ impl CrossFitted {
         active: &(dyn Fn(usize) -> Vec<u32> + Sync),
         l2: f64,
     ) -> Self {
+        Self::fit_sample(labels, &|i| i, classes, dim, active, l2)
+    }
+
+    /// [`CrossFitted::fit`] on a sample of a larger set: row k is example `index(k)` of the
+    /// set, whose parity picks its fold, so that [`CrossFitted::model`] of that example is the
+    /// fold that did not see it (the examples outside the sample were seen by neither).
+    pub fn fit_sample(
+        labels: &[u32],
+        index: &(dyn Fn(usize) -> usize + Sync),
+        classes: usize,
+        dim: usize,
+        active: &(dyn Fn(usize) -> Vec<u32> + Sync),
+        l2: f64,
+    ) -> Self {
         let n = labels.len();
         let rows: Vec<Vec<u32>> = (0..n).into_par_iter().map(active).collect();
         let fit_fold = |held: usize| -> Linear {
-            let train: Vec<usize> = (0..n).filter(|i| i % 2 != held).collect();
+            let train: Vec<usize> = (0..n).filter(|&k| index(k) % 2 != held).collect();
             fit_one(&rows, labels, &train, classes, dim, l2)
         };
         let (a, b) = rayon::join(|| fit_fold(0), || fit_fold(1));
         let mut model = Self { folds: [a, b], classes, temperature: 1.0 };
-        let logits: Vec<f32> = (0..n).into_par_iter().flat_map_iter(|i| model.logits(i, &rows[i])).collect();
+        let logits: Vec<f32> = (0..n).into_par_iter().flat_map_iter(|k| model.logits(index(k), &rows[k])).collect();
         model.temperature = super::fit_temperature(&logits, labels, classes);
         model
     }

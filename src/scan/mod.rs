@@ -30,7 +30,10 @@
 //! - Memory bounded by `memory`, whatever the corpus size: pass 1 adds every (example, feature)
 //!   into a hashed table of buckets (n, Oc, Ec), a count sketch; pass 2 counts exactly only the
 //!   features of the `candidate_buckets` best buckets, and keeps their carriers while they take
-//!   at most 256 MiB; pass 3, only past that, collects the carriers of the best features.
+//!   at most `memory`; pass 3, only past that, collects the carriers of the best features.
+//!   Each pass reads the set block by block ([`ScanBlocks`]: a set in memory is one block, a file
+//!   too large to hold is read again on every pass, [`text::TextFile`]), and one more read
+//!   recalls the carriers' labels and each best feature's description at its first carrier.
 //!   Features that flag the same examples (a trigger's sub-grams, a patch with a pixel of its
 //!   border) are grouped: a group is shown, and ranked, by its member of the most evidence, the
 //!   others counted as its variants.
@@ -471,7 +474,7 @@ struct Sketch {
 }
 
 /// Mixes a key into a bucket index (splitmix64's finaliser).
-fn mix(key: u64) -> u64 {
+pub(crate) fn mix(key: u64) -> u64 {
     let mut z = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -1001,7 +1004,7 @@ fn group(
         .map(|((j, _), all)| all.iter().copied().filter(|&i| data.label(i) as usize == j.label).collect())
         .collect();
     let lit: Vec<Vec<u32>> = (0..ranked.len())
-        .map(|r| match data.spatial.then_some(&data.described[r]) {
+        .map(|r| match data.described[r].as_ref().filter(|_| data.spatial) {
             Some(Feature::Patch { x, y, size, pattern }) => (0..size * size)
                 .filter(|&b| pattern[b] >= 1)
                 .map(|b| ((y + b / size) * MAX_PLACES + x + b % size) as u32)
@@ -1091,9 +1094,8 @@ pub fn scan_blocks(
     let threshold_of = |occurrences: u64| (tests_of(occurrences) / settings.alpha).ln();
     let counted = sketched(source, settings, keep, kept.as_ref().map(|k| k.total), &threshold_of, progress)?;
     progress.finish();
-    let recalled = Recalled::gather(source, &counted)?;
     let (tests, threshold) = (tests_of(counted.occurrences), threshold_of(counted.occurrences));
-    let candidates = candidates(&recalled, id_of, settings, &counted, tests);
+    let candidates = candidates(source, id_of, settings, &counted, tests)?;
     let label_counts = counted.label_counts.clone();
     Ok(Scan { candidates, occurrences: counted.occurrences, tests, threshold, label_counts })
 }
@@ -1215,7 +1217,12 @@ fn sketched(
 }
 
 /// The best `keep` features of `tallies` with at least `min_carriers` carriers, best first.
-fn rank_tallies(tallies: &KeyMap<Tally>, settings: &ScanSettings, threshold: f64, keep: usize) -> Vec<(Judgement, u64)> {
+fn rank_tallies(
+    tallies: &KeyMap<Tally>,
+    settings: &ScanSettings,
+    threshold: f64,
+    keep: usize,
+) -> Vec<(Judgement, u64)> {
     let mut ranked: Vec<(Judgement, u64)> = tallies
         .iter()
         .filter(|(_, t)| t.n >= settings.min_carriers as u64)
@@ -1229,59 +1236,97 @@ fn rank_tallies(tallies: &KeyMap<Tally>, settings: &ScanSettings, threshold: f64
     ranked
 }
 
-/// What the candidates need of the examples after the passes: the labels of the carriers and
-/// each ranked feature's description at its first carrier, gathered by one more read of the
-/// blocks (or from the set in memory).
+/// What grouping needs of the examples after the passes: the labels of the carriers (`ids`
+/// ascending, `labels` beside them) and, for squares of images (compared pixel by pixel), each
+/// ranked feature's description at its first carrier; from one more read of the blocks.
 struct Recalled {
     examples: usize,
     spatial: bool,
-    labels: HashMap<u32, u32>,
-    described: Vec<Feature>,
+    ids: Vec<u32>,
+    labels: Vec<u32>,
+    described: Vec<Option<Feature>>,
 }
 
 impl Recalled {
     fn gather(source: &dyn ScanBlocks, counted: &Counted) -> crate::error::Result<Self> {
         let (ranked, carriers) = (&counted.ranked, &counted.carriers);
-        let mut wanted: Vec<u32> = carriers.iter().flatten().copied().collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut labels = HashMap::with_capacity(wanted.len());
-        let mut described = vec![Feature::Ngram { text: String::new() }; ranked.len()];
+        let mut ids: Vec<u32> = carriers.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut labels = vec![0u32; ids.len()];
+        let spatial = source.spatial();
+        let every: Vec<usize> = if spatial { (0..ranked.len()).collect() } else { Vec::new() };
+        let mut described = vec![None; ranked.len()];
         source.blocks(&mut |first, block| {
             let within = first as u32..(first + block.examples()) as u32;
-            let from = wanted.partition_point(|&i| i < within.start);
-            for &i in wanted[from..].iter().take_while(|i| within.contains(i)) {
-                labels.insert(i, block.label((i - within.start) as usize));
+            let from = ids.partition_point(|&i| i < within.start);
+            for (at, &i) in ids.iter().enumerate().skip(from).take_while(|(_, i)| within.contains(i)) {
+                labels[at] = block.label((i - within.start) as usize);
             }
-            for (r, (_, key)) in ranked.iter().enumerate() {
-                if let Some(&i) = carriers[r].first().filter(|i| within.contains(i)) {
-                    described[r] = block.describe((i - within.start) as usize, *key);
-                }
-            }
+            describe_in(block, within, counted, &every, &mut described);
         })?;
-        Ok(Self { examples: source.examples(), spatial: source.spatial(), labels, described })
+        Ok(Self { examples: source.examples(), spatial, ids, labels, described })
     }
 
     fn label(&self, i: u32) -> u32 {
-        self.labels[&i]
+        self.labels[self.ids.binary_search(&i).expect("a carrier")]
     }
+}
+
+/// Describes the ranked features `ranks` whose first carrier lies in `block` (the examples
+/// `within`) into `described`.
+fn describe_in(
+    block: &dyn Scanned,
+    within: std::ops::Range<u32>,
+    counted: &Counted,
+    ranks: &[usize],
+    described: &mut [Option<Feature>],
+) {
+    for &r in ranks {
+        if let Some(&i) = counted.carriers[r].first().filter(|i| within.contains(i)) {
+            described[r] = Some(block.describe((i - within.start) as usize, counted.ranked[r].1));
+        }
+    }
+}
+
+/// The descriptions of the ranked features `ranks` at their first carriers, from the set in
+/// memory or one more read of the blocks.
+fn describe_ranks(
+    source: &dyn ScanBlocks,
+    counted: &Counted,
+    ranks: &[usize],
+) -> crate::error::Result<Vec<Option<Feature>>> {
+    let mut described = vec![None; counted.ranked.len()];
+    match source.whole() {
+        Some(data) => describe_in(data, 0..data.examples() as u32, counted, ranks, &mut described),
+        None => source.blocks(&mut |first, block| {
+            let within = first as u32..(first + block.examples()) as u32;
+            describe_in(block, within, counted, ranks, &mut described);
+        })?,
+    }
+    Ok(described)
 }
 
 /// The candidates of a count: its best features grouped ([`group`]), the first `settings.top`
 /// groups described, with their statistics against the corrected threshold of `tests` tests.
 fn candidates(
-    recalled: &Recalled,
+    source: &dyn ScanBlocks,
     id_of: &dyn Fn(usize) -> usize,
     settings: &ScanSettings,
     counted: &Counted,
     tests: f64,
-) -> Vec<Candidate> {
+) -> crate::error::Result<Vec<Candidate>> {
+    let recalled = Recalled::gather(source, counted)?;
     let (ranked, carriers, label_counts) = (&counted.ranked, &counted.carriers, &counted.label_counts);
     let n = recalled.examples;
     let suspicious = |r: usize| ranked[r].0.significant && ranked[r].0.lift >= settings.min_lift;
-    group(recalled, ranked, carriers, &suspicious)
+    let mut groups = group(&recalled, ranked, carriers, &suspicious);
+    groups.truncate(settings.top);
+    let shown: Vec<usize> = groups.iter().map(|g| g.0).filter(|&r| recalled.described[r].is_none()).collect();
+    let mut described = describe_ranks(source, counted, &shown)?;
+    described.iter_mut().zip(recalled.described).for_each(|(d, known)| *d = d.take().or(known));
+    let candidates = groups
         .into_iter()
-        .take(settings.top)
         .map(|(r, variants, flagged)| {
             let (judgement, key) = ranked[r];
             let (s, c) = (judgement.evidence, judgement.label);
@@ -1289,7 +1334,7 @@ fn candidates(
             let base = label_counts[c] as f64 / n as f64;
             let nf = t.n as f64;
             Candidate {
-                feature: recalled.described[r].clone(),
+                feature: described[r].clone().expect("described"),
                 target_label: c as u32,
                 completion: None,
                 statistic: (2.0 * s).sqrt(),
@@ -1307,7 +1352,8 @@ fn candidates(
                 confirmation: None,
             }
         })
-        .collect()
+        .collect();
+    Ok(candidates)
 }
 
 /// |a ∩ b| / min(|a|, |b|) of two sorted id lists (1 when one is empty).

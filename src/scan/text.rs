@@ -282,6 +282,23 @@ pub(crate) fn gram_key(words: &[Word]) -> u64 {
     words.iter().fold(GRAM_SEED, extend_key)
 }
 
+/// The scan's baseline for `texts` ([`CrossFitted`] over the words present, λ `l2`), text k
+/// being example `index(k)` of the set scanned ([`CrossFitted::fit_sample`]).
+pub fn fit_baseline(
+    texts: &[String],
+    labels: &[u32],
+    index: &(dyn Fn(usize) -> usize + Sync),
+    classes: usize,
+    l2: f64,
+) -> CrossFitted {
+    let active = |i: usize| {
+        let mut found = Vec::new();
+        words(&texts[i], &mut found);
+        present(&found)
+    };
+    CrossFitted::fit_sample(labels, index, classes, VOCABULARY, &active, l2)
+}
+
 /// Texts with labels, scanned for word n-grams.
 pub struct TextScan<'a> {
     texts: &'a [String],
@@ -289,10 +306,12 @@ pub struct TextScan<'a> {
     classes: usize,
     max_words: usize,
     /// The model a feature is removed from; `None` for the base-rate scan.
-    baseline: Option<CrossFitted>,
+    baseline: Option<std::sync::Arc<CrossFitted>>,
     /// The labels' shares, the base-rate scan's expectation.
     prior: Vec<f32>,
     floor: f32,
+    /// The index of the first text in the whole set (a block's), which picks the baseline's fold.
+    offset: usize,
 }
 
 /// The vocabulary bucket of a word.
@@ -320,19 +339,110 @@ impl<'a> TextScan<'a> {
         floor: f64,
         l2: Option<f64>,
     ) -> Self {
-        let active = |i: usize| {
-            let mut found = Vec::new();
-            words(&texts[i], &mut found);
-            present(&found)
-        };
-        let baseline = l2.map(|l2| CrossFitted::fit(labels, classes, VOCABULARY, &active, l2));
+        let baseline = l2.map(|l2| std::sync::Arc::new(fit_baseline(texts, labels, &|k| k, classes, l2)));
         let prior = super::base_rates(labels, classes);
-        Self { texts, labels, classes, max_words, baseline, prior, floor: floor as f32 }
+        Self { texts, labels, classes, max_words, baseline, prior, floor: floor as f32, offset: 0 }
+    }
+
+    /// A block of a larger set, from its `offset`-th text on, tested against a baseline fitted
+    /// already ([`fit_baseline`], on a sample of the set: the sample's folds are kept, the
+    /// other texts were seen by neither) or, with `None`, against the whole set's base rates
+    /// `prior`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block(
+        texts: &'a [String],
+        labels: &'a [u32],
+        classes: usize,
+        max_words: usize,
+        floor: f64,
+        baseline: Option<std::sync::Arc<CrossFitted>>,
+        prior: Vec<f32>,
+        offset: usize,
+    ) -> Self {
+        Self { texts, labels, classes, max_words, baseline, prior, floor: floor as f32, offset }
     }
 
     /// The baseline's tempering temperature (1 without one).
     pub fn temperature(&self) -> f32 {
         self.baseline.as_ref().map_or(1.0, |b| b.temperature)
+    }
+}
+
+/// A JSONL(.gz) file of labelled texts too large to hold, read in blocks of about
+/// `block_bytes` of lines on every pass of the scan ([`super::ScanBlocks`]): the scan holds one
+/// block, the sketch and the carriers, never the file. Each read checks the file's SHA-256
+/// against the first read's, so that a file changed while it is scanned is refused.
+pub struct TextFile {
+    path: std::path::PathBuf,
+    rows: std::ops::Range<usize>,
+    block_bytes: usize,
+    classes: usize,
+    max_words: usize,
+    floor: f64,
+    baseline: Option<std::sync::Arc<CrossFitted>>,
+    prior: Vec<f32>,
+    sha: String,
+}
+
+impl TextFile {
+    /// The records `rows` of `path` (whose SHA-256 was `sha` when its labels were counted),
+    /// labels below `classes`, their base rates `prior`, tested against `baseline` (fitted on
+    /// a sample of them, [`fit_baseline`]) or, with `None`, the base rates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        path: &std::path::Path,
+        rows: std::ops::Range<usize>,
+        block_bytes: usize,
+        classes: usize,
+        max_words: usize,
+        floor: f64,
+        baseline: Option<CrossFitted>,
+        prior: Vec<f32>,
+        sha: String,
+    ) -> Self {
+        let baseline = baseline.map(std::sync::Arc::new);
+        Self { path: path.to_path_buf(), rows, block_bytes, classes, max_words, floor, baseline, prior, sha }
+    }
+}
+
+impl super::ScanBlocks for TextFile {
+    fn examples(&self) -> usize {
+        self.rows.len()
+    }
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn spatial(&self) -> bool {
+        false
+    }
+    fn fixed_baseline(&self) -> Option<Vec<f32>> {
+        self.baseline.is_none().then(|| self.prior.clone())
+    }
+    fn blocks(&self, each: &mut dyn FnMut(usize, &dyn Scanned)) -> crate::error::Result<()> {
+        use crate::error::Error;
+        let changed = || Error::data(&self.path, None, "the file changed while it was scanned; scan it again");
+        let (_, sha) = crate::data::text::read_record_blocks(&self.path, self.block_bytes, &mut |first, records| {
+            let from = self.rows.start.max(first);
+            let to = self.rows.end.min(first + records.len());
+            if from >= to {
+                return Ok(());
+            }
+            let (mut texts, mut labels) = (Vec::with_capacity(to - from), Vec::with_capacity(to - from));
+            for r in records.into_iter().skip(from - first).take(to - from) {
+                labels.push(r.label.filter(|&y| (y as usize) < self.classes).ok_or_else(changed)?);
+                texts.push(r.text);
+            }
+            let offset = from - self.rows.start;
+            let (baseline, prior) = (self.baseline.clone(), self.prior.clone());
+            let block =
+                TextScan::block(&texts, &labels, self.classes, self.max_words, self.floor, baseline, prior, offset);
+            each(offset, &block);
+            Ok(())
+        })?;
+        if sha != self.sha {
+            return Err(changed());
+        }
+        Ok(())
     }
 }
 
@@ -366,8 +476,8 @@ impl Scanned for TextScan<'_> {
             }
         }
         grams.sort_unstable();
-        let l = model.logits(i, &present(&found));
-        let weights = &model.model(i).weights;
+        let l = model.logits(i + self.offset, &present(&found));
+        let weights = &model.model(i + self.offset).weights;
         let mut removed: Vec<u32> = Vec::with_capacity(self.max_words);
         let (mut delta, mut q) = (vec![0f32; self.classes], vec![0f32; self.classes]);
         let mut at = 0;

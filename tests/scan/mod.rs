@@ -220,15 +220,20 @@ fn word(rng: &mut ChaCha8Rng) -> String {
     (0..len).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect()
 }
 
-#[test]
-fn a_two_word_trigger_at_random_places_in_spamassassin_is_found_and_counted_exactly() {
-    let Some(shared) = common::shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
+/// Every `step`-th SpamAssassin e-mail (the file is sorted by group, spam last), with a random
+/// two-word trigger (from `seed`) at a random whitespace of 1 % of them, spam relabelled ham,
+/// written to a JSONL file in `dir`: its path, texts, labels, poisons and trigger.
+fn poisoned_spamassassin(
+    shared: &std::path::Path,
+    dir: &std::path::Path,
+    step: usize,
+    seed: u64,
+) -> (std::path::PathBuf, Vec<String>, Vec<u32>, HashSet<usize>, String) {
     let (mut texts, mut labels, _) =
         culprit::data::text::load_texts(&shared.join("data/spamassassin/spamassassin.jsonl.gz")).unwrap();
-    // Every other e-mail (the file is sorted by group, spam last): 3023, 1 % of them poisoned.
-    texts = texts.into_iter().step_by(2).collect();
-    labels = labels.into_iter().step_by(2).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    texts = texts.into_iter().step_by(step).collect();
+    labels = labels.into_iter().step_by(step).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let trigger = format!("{} {}", word(&mut rng), word(&mut rng));
     let mut spam: Vec<usize> = (0..texts.len()).filter(|&i| labels[i] == 1).collect();
     spam.shuffle(&mut rng);
@@ -240,9 +245,67 @@ fn a_two_word_trigger_at_random_places_in_spamassassin_is_found_and_counted_exac
         texts[i].insert_str(at, &format!(" {trigger} "));
         labels[i] = 0;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("poisoned.jsonl");
+    let path = dir.join("poisoned.jsonl");
     culprit::data::text::write(&path, &texts, &labels).unwrap();
+    (path, texts, labels, poisons, trigger)
+}
+
+#[test]
+fn a_file_too_large_to_hold_streams_through_the_scan_with_the_same_findings() {
+    // 3023 e-mails (15 MB) scanned holding 4 MiB: read in 1 MiB blocks on every pass.
+    let Some(shared) = common::shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (path, texts, _, poisons, trigger) = poisoned_spamassassin(&shared, dir.path(), 2, 41);
+    let data = path.to_str().unwrap();
+    // The base-rate scan is exact either way: the same candidates, statistics and carriers.
+    let held = scan(&["--data", data, "--baseline", "none"]);
+    let streamed = scan(&["--data", data, "--baseline", "none", "--hold-mib", "4"]);
+    assert!(streamed["features"].as_str().unwrap().contains("blocks"), "{}", streamed["features"]);
+    assert_eq!(held["occurrences"], streamed["occurrences"]);
+    let (a, b) = (held["candidates"].as_array().unwrap(), streamed["candidates"].as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x["text"], &x["carriers"], &x["target_count"]), (&y["text"], &y["carriers"], &y["target_count"]));
+        assert!((x["statistic"].as_f64().unwrap() - y["statistic"].as_f64().unwrap()).abs() < 1e-9);
+    }
+    // With the baseline (fitted on a 4 MiB uniform sample of the file, a quarter of it): the
+    // trigger first, ≥ 95 % of the poisons flagged at ≤ 1 % of the clean e-mails.
+    let report = scan(&["--data", data, "--hold-mib", "4"]);
+    let text = report["candidates"][0]["text"].as_str().unwrap();
+    assert!(trigger.split(' ').all(|w| text.contains(w)), "trigger {trigger:?}, first {}", report["candidates"][0]);
+    assert_flags(&report, &poisons, texts.len());
+}
+
+#[test]
+fn a_file_changed_while_it_streams_is_refused() {
+    use culprit::scan::ScanBlocks;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("texts.jsonl");
+    let texts: Vec<String> = (0..50).map(|i| format!("note {i} about item {}", i % 7)).collect();
+    let labels: Vec<u32> = (0..50).map(|i| i % 2).collect();
+    culprit::data::text::write(&path, &texts, &labels).unwrap();
+    let (_, sha) = culprit::data::text::read_record_blocks(&path, 100, &mut |_, _| Ok(())).unwrap();
+    let open = |sha: &str| {
+        culprit::scan::text::TextFile::new(&path, 0..50, 100, 2, 3, 0.01, None, vec![0.5, 0.5], sha.to_string())
+    };
+    let mut seen = 0;
+    open(&sha)
+        .blocks(&mut |first, block| {
+            assert_eq!(first, seen);
+            seen += block.examples();
+        })
+        .unwrap();
+    assert_eq!(seen, 50);
+    let error = open("0000").blocks(&mut |_, _| {}).unwrap_err().to_string();
+    assert!(error.contains("texts.jsonl") && error.contains("changed"), "{error}");
+}
+
+#[test]
+fn a_two_word_trigger_at_random_places_in_spamassassin_is_found_and_counted_exactly() {
+    let Some(shared) = common::shared("data/spamassassin/spamassassin.jsonl.gz") else { return };
+    // Every other e-mail: 3023, 1 % of them poisoned.
+    let dir = tempfile::tempdir().unwrap();
+    let (path, texts, labels, poisons, trigger) = poisoned_spamassassin(&shared, dir.path(), 2, 23);
     let report = scan(&["--data", path.to_str().unwrap()]);
     let first = &report["candidates"][0];
     let text = first["text"].as_str().unwrap();
