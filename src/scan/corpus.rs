@@ -10,8 +10,9 @@
 //! at M·e⁻ˢ ≤ α with M = (n-gram occurrences before a repeated line) / `min_carriers`, ranked by
 //! the lift bound. Copies of one document (a function defined twice) make the same pair without
 //! any attack, so each candidate's carriers are first grouped into near-copies (Jaccard ≥ 0.5 of
-//! their word 5-gram shingles, [`crate::dedup`]) and counted once per group: k and n shrink by
-//! the copies. Pairs whose lift bound reaches [`STRONG_LIFT`] rank first, by evidence, and are
+//! their word 5-gram shingles, [`crate::dedup`]; all pairs of carriers up to 256 of them, past
+//! that the candidate pairs of MinHash LSH over every carried document) and counted once per
+//! group: k and n shrink by the copies. Pairs whose lift bound reaches [`STRONG_LIFT`] rank first, by evidence, and are
 //! the suspicious ones. Boilerplate idioms (`if not isinstance(other, …):` → `return
 //! NotImplemented`) are such pairs too: a corpus scan finds the fixed pairs with the widest
 //! support, and a planted one ranks first when it is carried by more documents than any idiom of
@@ -182,11 +183,20 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
     carried.dedup();
     let shingled: HashMap<u32, Vec<u64>> =
         carried.par_iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
+    let copies = carriers.iter().any(|c| c.len() > ALL_PAIRS_MOST).then(|| copy_groups(texts, &carried, &shingled));
     let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
         .into_iter()
         .zip(carriers)
         .map(|((_, (a, v)), carriers)| {
-            let distinct = distinct_documents(&shingled, &carriers) as u64;
+            let distinct = match &copies {
+                Some(groups) if carriers.len() > ALL_PAIRS_MOST => {
+                    let mut seen: Vec<u32> = carriers.iter().map(|d| groups.get(d).copied().unwrap_or(*d)).collect();
+                    seen.sort_unstable();
+                    seen.dedup();
+                    seen.len() as u64
+                }
+                _ => distinct_documents(&shingled, &carriers) as u64,
+            };
             let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
             (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
         })
@@ -247,6 +257,27 @@ fn carriers_of(per_doc: &[DocumentPairs<'_>], ranked: &[(Judgement, (u64, u64))]
     carriers
 }
 
+/// Carriers of a pair above which its near-copies are counted from [`copy_groups`], not from
+/// all pairs of its carriers (O(k²) Jaccards: a header line carried by thousands of e-mails).
+const ALL_PAIRS_MOST: usize = 256;
+
+/// The near-copy groups of the documents `carried` (Jaccard ≥ 0.5 of their word 5-gram sets in
+/// `shingled`, the candidate pairs from MinHash LSH, [`crate::dedup::find_pairs`], joined
+/// transitively), as each grouped document's group (its smallest member). Cost O(documents ·
+/// shingles · 128) for the signatures, then one Jaccard a candidate pair.
+fn copy_groups(texts: &[String], carried: &[u32], shingled: &HashMap<u32, Vec<u64>>) -> HashMap<u32, u32> {
+    let contents: Vec<crate::dedup::Content> =
+        carried.iter().map(|d| crate::dedup::Content::Shingles(shingled[d].clone())).collect();
+    let exact: Vec<u64> = carried.iter().map(|&d| line_key(&texts[d as usize])).collect();
+    let pairs = crate::dedup::find_pairs(&contents, &exact, 0.5, None);
+    let mut out = HashMap::new();
+    for group in crate::dedup::groups(carried.len(), &pairs) {
+        let first = carried[group[0]];
+        out.extend(group.iter().map(|&k| (carried[k], first)));
+    }
+    out
+}
+
 /// The number of groups of near-copies among the documents `carriers` (Jaccard ≥ 0.5 of their
 /// word 5-gram sets in `shingled`, joined transitively). Cost O(k² · shingles) for k carriers.
 fn distinct_documents(shingled: &HashMap<u32, Vec<u64>>, carriers: &[u32]) -> usize {
@@ -264,4 +295,45 @@ fn distinct_documents(shingled: &HashMap<u32, Vec<u64>>, carriers: &[u32]) -> us
     let grouped = crate::dedup::groups(sets.len(), &pairs);
     let in_groups: usize = grouped.iter().map(Vec::len).sum();
     sets.len() - in_groups + grouped.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsh_copy_groups_count_the_copies_as_all_pairs_do() {
+        // 400 documents of 60 random words: 40 originals each copied 1 to 6 times with a word or
+        // two changed (Jaccard of 5-gram sets well above 0.5), the rest unrelated (near 0).
+        let mut state = 11u64;
+        let mut next = |m: u64| {
+            state = super::super::mix(state);
+            state % m
+        };
+        let mut texts: Vec<String> = Vec::new();
+        while texts.len() < 400 {
+            let words: Vec<String> = (0..60).map(|_| format!("w{}", next(5000))).collect();
+            texts.push(words.join(" "));
+            if texts.len() < 200 {
+                for _ in 0..1 + next(6) {
+                    let mut copy = words.clone();
+                    for _ in 0..1 + next(2) {
+                        copy[next(60) as usize] = format!("x{}", next(5000));
+                    }
+                    texts.push(copy.join(" "));
+                }
+            }
+        }
+        texts.truncate(400);
+        let carried: Vec<u32> = (0..texts.len() as u32).collect();
+        let shingled: HashMap<u32, Vec<u64>> =
+            carried.iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
+        let groups = copy_groups(&texts, &carried, &shingled);
+        let mut seen: Vec<u32> = carried.iter().map(|d| groups.get(d).copied().unwrap_or(*d)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        let exact = distinct_documents(&shingled, &carried);
+        assert!(exact < 300, "copies planted: {exact} distinct of 400");
+        assert_eq!(seen.len(), exact);
+    }
 }
