@@ -189,12 +189,7 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
         .zip(carriers)
         .map(|((_, (a, v)), carriers)| {
             let distinct = match &copies {
-                Some(groups) if carriers.len() > ALL_PAIRS_MOST => {
-                    let mut seen: Vec<u32> = carriers.iter().map(|d| groups.get(d).copied().unwrap_or(*d)).collect();
-                    seen.sort_unstable();
-                    seen.dedup();
-                    seen.len() as u64
-                }
+                Some(groups) if carriers.len() > ALL_PAIRS_MOST => distinct_groups(groups, &carriers) as u64,
                 _ => distinct_documents(&shingled, &carriers) as u64,
             };
             let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
@@ -278,6 +273,15 @@ fn copy_groups(texts: &[String], carried: &[u32], shingled: &HashMap<u32, Vec<u6
     out
 }
 
+/// The number of [`copy_groups`] `groups` among the documents `carriers` (an ungrouped
+/// document its own).
+fn distinct_groups(groups: &HashMap<u32, u32>, carriers: &[u32]) -> usize {
+    let mut seen: Vec<u32> = carriers.iter().map(|d| groups.get(d).copied().unwrap_or(*d)).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
 /// The number of groups of near-copies among the documents `carriers` (Jaccard ≥ 0.5 of their
 /// word 5-gram sets in `shingled`, joined transitively). Cost O(k² · shingles) for k carriers.
 fn distinct_documents(shingled: &HashMap<u32, Vec<u64>>, carriers: &[u32]) -> usize {
@@ -329,11 +333,8 @@ mod tests {
         let shingled: HashMap<u32, Vec<u64>> =
             carried.iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
         let groups = copy_groups(&texts, &carried, &shingled);
-        let mut seen: Vec<u32> = carried.iter().map(|d| groups.get(d).copied().unwrap_or(*d)).collect();
-        seen.sort_unstable();
-        seen.dedup();
         let exact = distinct_documents(&shingled, &carried);
         assert!(exact < 300, "copies planted: {exact} distinct of 400");
-        assert_eq!(seen.len(), exact);
+        assert_eq!(distinct_groups(&groups, &carried), exact);
     }
 }

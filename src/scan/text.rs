@@ -340,8 +340,7 @@ impl<'a> TextScan<'a> {
         l2: Option<f64>,
     ) -> Self {
         let baseline = l2.map(|l2| std::sync::Arc::new(fit_baseline(texts, labels, &|k| k, classes, l2)));
-        let prior = super::base_rates(labels, classes);
-        Self { texts, labels, classes, max_words, baseline, prior, floor: floor as f32, offset: 0 }
+        Self::block(texts, labels, classes, max_words, floor, baseline, super::base_rates(labels, classes), 0)
     }
 
     /// A block of a larger set, from its `offset`-th text on, tested against a baseline fitted
