@@ -290,7 +290,7 @@ fn scan_text_stream(
     let counts = survey.label_counts.expect("labelled");
     let classes = classes_of(path, &counts)?;
     let n = survey.rows.len();
-    let prior: Vec<f32> = counts.iter().map(|&k| k as f32 / n as f32).collect();
+    let prior = crate::scan::shares(&counts);
     let start = survey.rows.start;
     let (index, (texts, labels)): (Vec<usize>, (Vec<String>, Vec<u32>)) =
         survey.sample.into_iter().map(|(i, r)| (i - start, (r.text, r.label.expect("labelled")))).unzip();

@@ -806,15 +806,7 @@ fn fold_tallies(partials: Vec<(KeyMap<Tally>, usize)>, classes: usize) -> (KeyMa
     let complete = partials.iter().all(|(_, room)| *room > 0);
     let mut tallies: KeyMap<Tally> = KeyMap::default();
     for (part, _) in partials {
-        for (key, t) in part {
-            let into = tallies.entry(key).or_insert_with(|| empty_tally(classes));
-            into.n += t.n;
-            into.observed.iter_mut().zip(&t.observed).for_each(|(a, b)| *a += b);
-            into.expected.iter_mut().zip(&t.expected).for_each(|(a, b)| *a += b);
-            if complete {
-                into.carriers.extend(t.carriers);
-            }
-        }
+        merge_tallies(&mut tallies, part, classes, complete);
     }
     (tallies, complete)
 }
@@ -1134,8 +1126,8 @@ fn shift(tallies: &mut KeyMap<Tally>, first: usize) {
     tallies.values_mut().for_each(|t| t.carriers.iter_mut().for_each(|i| *i += first as u32));
 }
 
-/// Adds a later block's tallies `found` to `tallies`, its carriers after theirs while
-/// `carriers` holds (else every carrier is dropped: pass 3 gathers them).
+/// Adds a later block's (or range's) tallies `found` to `tallies`, its carriers after theirs
+/// when `carriers` (else they are dropped: pass 3 gathers them).
 fn merge_tallies(tallies: &mut KeyMap<Tally>, found: KeyMap<Tally>, classes: usize, carriers: bool) {
     if tallies.is_empty() && carriers {
         *tallies = found;
@@ -1146,10 +1138,9 @@ fn merge_tallies(tallies: &mut KeyMap<Tally>, found: KeyMap<Tally>, classes: usi
         into.n += t.n;
         into.observed.iter_mut().zip(&t.observed).for_each(|(a, b)| *a += b);
         into.expected.iter_mut().zip(&t.expected).for_each(|(a, b)| *a += b);
-        into.carriers.extend(t.carriers);
-    }
-    if !carriers {
-        tallies.values_mut().for_each(|t| t.carriers = Vec::new());
+        if carriers {
+            into.carriers.extend(t.carriers);
+        }
     }
 }
 
@@ -1193,6 +1184,10 @@ fn sketched(
         let (mut found, kept) = exact_pass(block, &chunks(block.examples()), &sketch, &chosen, room);
         shift(&mut found, first);
         room = room.saturating_sub(found.values().map(|t| t.carriers.len()).sum());
+        if complete && !kept {
+            // Past the room: pass 3 gathers every carrier, so the ones held so far go.
+            tallies.values_mut().for_each(|t: &mut Tally| t.carriers = Vec::new());
+        }
         complete &= kept;
         merge_tallies(&mut tallies, found, classes, complete);
         pass(2, "exact counts", first + block.examples());
@@ -1237,8 +1232,9 @@ fn rank_tallies(
 }
 
 /// What grouping needs of the examples after the passes: the labels of the carriers (`ids`
-/// ascending, `labels` beside them) and, for squares of images (compared pixel by pixel), each
-/// ranked feature's description at its first carrier; from one more read of the blocks.
+/// ascending, `labels` beside them) and each ranked feature's description at its first carrier
+/// where it is needed before grouping (squares of images, compared pixel by pixel) or cannot be
+/// had later without reading the blocks again (a set not in memory); from one more read.
 struct Recalled {
     examples: usize,
     spatial: bool,
@@ -1255,7 +1251,9 @@ impl Recalled {
         ids.dedup();
         let mut labels = vec![0u32; ids.len()];
         let spatial = source.spatial();
-        let every: Vec<usize> = if spatial { (0..ranked.len()).collect() } else { Vec::new() };
+        // Squares are compared by their pixels; a set read in blocks has no later cheap look.
+        let describe_all = spatial || source.whole().is_none();
+        let every: Vec<usize> = if describe_all { (0..ranked.len()).collect() } else { Vec::new() };
         let mut described = vec![None; ranked.len()];
         source.blocks(&mut |first, block| {
             let within = first as u32..(first + block.examples()) as u32;
@@ -1289,24 +1287,6 @@ fn describe_in(
     }
 }
 
-/// The descriptions of the ranked features `ranks` at their first carriers, from the set in
-/// memory or one more read of the blocks.
-fn describe_ranks(
-    source: &dyn ScanBlocks,
-    counted: &Counted,
-    ranks: &[usize],
-) -> crate::error::Result<Vec<Option<Feature>>> {
-    let mut described = vec![None; counted.ranked.len()];
-    match source.whole() {
-        Some(data) => describe_in(data, 0..data.examples() as u32, counted, ranks, &mut described),
-        None => source.blocks(&mut |first, block| {
-            let within = first as u32..(first + block.examples()) as u32;
-            describe_in(block, within, counted, ranks, &mut described);
-        })?,
-    }
-    Ok(described)
-}
-
 /// The candidates of a count: its best features grouped ([`group`]), the first `settings.top`
 /// groups described, with their statistics against the corrected threshold of `tests` tests.
 fn candidates(
@@ -1323,8 +1303,10 @@ fn candidates(
     let mut groups = group(&recalled, ranked, carriers, &suspicious);
     groups.truncate(settings.top);
     let shown: Vec<usize> = groups.iter().map(|g| g.0).filter(|&r| recalled.described[r].is_none()).collect();
-    let mut described = describe_ranks(source, counted, &shown)?;
-    described.iter_mut().zip(recalled.described).for_each(|(d, known)| *d = d.take().or(known));
+    let mut described = recalled.described;
+    if let Some(data) = source.whole() {
+        describe_in(data, 0..data.examples() as u32, counted, &shown, &mut described);
+    }
     let candidates = groups
         .into_iter()
         .map(|(r, variants, flagged)| {
@@ -1488,9 +1470,15 @@ pub fn fit_temperature(log_joint: &[f32], labels: &[u32], classes: usize) -> f32
 
 /// Each label's share of `labels` (`classes` of them): the base-rate scan's expectation.
 pub(crate) fn base_rates(labels: &[u32], classes: usize) -> Vec<f32> {
-    let mut counts = vec![0f32; classes];
-    labels.iter().for_each(|&y| counts[y as usize] += 1.0);
-    counts.iter().map(|c| c / labels.len().max(1) as f32).collect()
+    let mut counts = vec![0usize; classes];
+    labels.iter().for_each(|&y| counts[y as usize] += 1);
+    shares(&counts)
+}
+
+/// Each label's share of the examples, from the count of each.
+pub(crate) fn shares(counts: &[usize]) -> Vec<f32> {
+    let n: usize = counts.iter().sum();
+    counts.iter().map(|&c| c as f32 / n.max(1) as f32).collect()
 }
 
 /// softmax((l − delta)/t) into `q`, clipped to [floor, 1 − floor].
