@@ -96,6 +96,12 @@ impl TrainConfig {
         Self::defaults(config.architecture.is_convex())
     }
 
+    /// The learning rate of the stochastic optimizers after a share `progress` (0 to 1) of all
+    /// steps: the cosine decay ½·lr·(1 + cos(π·progress)) from the peak to 0.
+    pub fn learning_rate_at(&self, progress: f64) -> f64 {
+        self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
     fn validate(&self, convex: bool, model: &str) -> Result<(), ModelError> {
         if self.optimizer == OptimizerKind::Lbfgs && !convex {
             return Err(ModelError::Config(format!("lbfgs trains convex models only; use adam or sgd for {model}")));
@@ -125,6 +131,15 @@ pub trait Progress {
     fn log(&mut self, line: &str);
     /// The phase ended.
     fn finish(&mut self);
+    /// Whether to keep the parameters as they are at the end of `epoch` (1-based) of a
+    /// stochastic training run, for a checkpoint ensemble (TracIn, Pruthi et al. 2020). Default:
+    /// no checkpoints.
+    fn wants_checkpoint(&mut self, _epoch: usize) -> bool {
+        false
+    }
+    /// The parameters θ at the end of `epoch`, with the objective there (one more pass over the
+    /// data), when [`Progress::wants_checkpoint`] said so.
+    fn checkpoint(&mut self, _epoch: usize, _theta: Vec<f64>, _report: TrainReport) {}
 }
 
 /// Ignores progress.
@@ -364,6 +379,7 @@ fn train_stochastic<O: Optimizer, M: Model>(
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed ^ 0x5eed_5eed);
     let mut order: Vec<usize> = (0..n).collect();
     let mut step = 0usize;
+    let started = std::time::Instant::now();
     progress.begin("training", total_steps as u64);
     for epoch in 0..train.epochs {
         order.shuffle(&mut rng);
@@ -382,8 +398,7 @@ fn train_stochastic<O: Optimizer, M: Model>(
             let grads = loss.backward();
             loss_sum += ce.into_scalar::<f64>() * chunk.len() as f64;
             // Cosine decay from the peak rate to zero over all steps.
-            let lr =
-                train.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let lr = train.learning_rate_at(step as f64 / total_steps as f64);
             let mut updated = Vec::with_capacity(states.len());
             for (param, state) in model.parameters().into_iter().zip(states.iter_mut()) {
                 let grad = param.grad(&grads).expect("every parameter reaches the loss");
@@ -402,6 +417,10 @@ fn train_stochastic<O: Optimizer, M: Model>(
             correct as f64 / rows.max(1) as f64
         );
         progress.log(&line);
+        if epoch + 1 < train.epochs && progress.wants_checkpoint(epoch + 1) {
+            let report = final_report(&model, data, train.l2, n, step, started);
+            progress.checkpoint(epoch + 1, model.to_flat(), report);
+        }
     }
     progress.finish();
     Ok((model, total_steps))

@@ -70,6 +70,10 @@ pub struct CacheOptions {
     /// Rows per shard file (default: about 256 MiB per shard).
     #[arg(long, value_parser = culprit_engine::params::at_least_one)]
     pub rows_per_shard: Option<usize>,
+    /// Fill the stores of the run's checkpoints (`train --checkpoints`; each CHECKPOINT/gradients)
+    /// instead of the run's own, for `trace --checkpoints`. Not with --store.
+    #[arg(long)]
+    pub checkpoints: bool,
     /// Backend (the global `--backend`).
     #[arg(skip)]
     pub backend: Backend,
@@ -113,9 +117,24 @@ fn build_for<K: Kind>(run: &Run, options: &CacheOptions) -> Result<BuildReport> 
     build_store(&dir, key, &network, &data.examples, &layout, &mut bar)
 }
 
-/// Builds the store and reports what was done.
+/// Builds the store (or with `--checkpoints`, each checkpoint's) and reports what was done.
 pub fn run(options: &CacheOptions, stdout: &mut dyn Write) -> Result<()> {
-    let r = build(options)?;
+    if !options.checkpoints {
+        return report(&build(options)?, stdout);
+    }
+    if options.store.is_some() {
+        return Err(crate::Error::Usage("--checkpoints fills each checkpoint's own store; drop --store".into()));
+    }
+    for checkpoint in Run::open(&options.run)?.require_checkpoints()? {
+        let mut one = options.clone();
+        (one.run, one.checkpoints) = (checkpoint.dir, false);
+        write!(stdout, "checkpoint of epoch {}: ", checkpoint.epoch).map_err(stdout_error)?;
+        report(&build(&one)?, stdout)?;
+    }
+    Ok(())
+}
+
+fn report(r: &BuildReport, stdout: &mut dyn Write) -> Result<()> {
     let secs = r.seconds.max(1e-9);
     writeln!(
         stdout,

@@ -37,6 +37,10 @@ pub struct FitArgs {
     /// projected: the projected gradient store (default RUN/gradients).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Fit the run's checkpoints (`train --checkpoints`) instead of the run, each into its own
+    /// CHECKPOINT/curvature, for `trace --checkpoints`. Not with --store.
+    #[arg(long)]
+    pub checkpoints: bool,
     /// Backend (the global `--backend`).
     #[arg(skip)]
     pub backend: Backend,
@@ -146,9 +150,23 @@ fn fit_projected<M: culprit_models::Model>(
     })
 }
 
-/// Fits and reports.
+/// Fits and reports (with `--checkpoints`, each checkpoint of the run in turn).
 pub fn run(args: &FitArgs, stdout: &mut dyn Write) -> Result<()> {
-    let r = fit_with_store(&args.run, &args.options, args.backend, args.store.clone())?;
+    if !args.checkpoints {
+        return fit_and_report(&args.run, args, stdout);
+    }
+    if args.store.is_some() {
+        return Err(crate::Error::Usage("--checkpoints fits each checkpoint with its own store; drop --store".into()));
+    }
+    for checkpoint in Run::open(&args.run)?.require_checkpoints()? {
+        write!(stdout, "checkpoint of epoch {}: ", checkpoint.epoch).map_err(stdout_error)?;
+        fit_and_report(&checkpoint.dir, args, stdout)?;
+    }
+    Ok(())
+}
+
+fn fit_and_report(run: &Path, args: &FitArgs, stdout: &mut dyn Write) -> Result<()> {
+    let r = fit_with_store(run, &args.options, args.backend, args.store.clone())?;
     writeln!(
         stdout,
         "fitted {} on {} parameters in {:.3} s (damping {:e}); written to {}\ncheck: solved (H + δI)x = ∇ℓ(z₀) in {:.4} s{}{}",

@@ -227,6 +227,9 @@ Curvature <b>{}</b>, damping δ = {}, λ = {}, n = {}, store projection {}. Prop
         report.n,
         escape(&report.projection)
     );
+    if let Some(line) = crate::report::trace::checkpoints_line(report) {
+        s.push_str(&format!("<p class=\"meta\">{}.</p>\n", escape(&line)));
+    }
     if let Some(c) = &report.combined {
         combined_html(&mut s, report, c, queries, training, marks);
     }

@@ -107,6 +107,19 @@ pub struct LayerScore {
     pub score: f64,
 }
 
+/// One checkpoint of a `trace --checkpoints` ensemble.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointUse {
+    /// Its epoch.
+    pub epoch: usize,
+    /// Its run directory.
+    pub run: std::path::PathBuf,
+    /// w_c = η_c/Ση: its share of the ensemble (the learning rate there, normalised).
+    pub weight: f64,
+    /// The damping δ of its curvature.
+    pub damping: f64,
+}
+
 /// Everything `trace` found.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TraceReport {
@@ -166,6 +179,9 @@ pub struct TraceReport {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub query_source: Option<QuerySource>,
     /// Every score, per query, in training-data order (only with `--scores-out`).
+    /// `trace --checkpoints`: the checkpoints whose scores were combined, with their weights.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub checkpoints: Option<Vec<CheckpointUse>>,
     #[serde(skip)]
     pub all_scores: Option<Vec<Vec<f32>>>,
     /// Training ids in store-row order (for `all_scores`).
@@ -189,6 +205,16 @@ pub fn describe(measurement: Measurement, target: u32) -> String {
     }
 }
 
+/// For a `trace --checkpoints` report, the line that says which checkpoints made its scores.
+pub fn checkpoints_line(report: &TraceReport) -> Option<String> {
+    let checkpoints = report.checkpoints.as_ref()?;
+    let each: Vec<String> = checkpoints.iter().map(|c| format!("{} (weight {:.3})", c.epoch, c.weight)).collect();
+    Some(format!(
+        "scores from the checkpoints of epochs {}: each checkpoint's scores at unit spread, weighted by the learning rate there (TracIn-CP); in units of spread, not a predicted change",
+        each.join(", ")
+    ))
+}
+
 /// The report as a plain-text table.
 pub fn to_table(report: &TraceReport) -> String {
     use std::fmt::Write as _;
@@ -206,6 +232,9 @@ pub fn to_table(report: &TraceReport) -> String {
             ScoreMode::Relatif => "RelatIF, influence / √(self-influence) (rank, not a predicted change)",
         }
     );
+    if let Some(line) = checkpoints_line(report) {
+        let _ = writeln!(s, "{line}");
+    }
     let list = |s: &mut String, title: &str, list: &[Influence]| {
         let _ = writeln!(s, "  top {title}:");
         let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");

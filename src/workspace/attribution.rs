@@ -97,6 +97,14 @@ pub struct TraceOptions {
     /// Gradient store (default RUN/gradients).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Score with the run's checkpoints (`train --checkpoints`) instead of its final model: each
+    /// checkpoint's scores, from its own store and curvature (`cache --checkpoints`, `fit
+    /// --checkpoints`), scaled to unit spread and weighted by the learning rate there
+    /// (TracIn-CP; the final model is not among them: its learning rate is 0). Finds what the
+    /// final model has memorised, such as a language model's backdoor poisons. Not with --store,
+    /// --shard or --per-layer.
+    #[arg(long)]
+    pub checkpoints: bool,
     /// Backend (the global `--backend`).
     #[arg(skip)]
     pub backend: Backend,
@@ -128,16 +136,38 @@ pub fn trace_of<K: Kind>(options: &TraceOptions) -> Result<TraceReport> {
 }
 
 /// What the RelatIF denominators cost, and whether they came from the cache.
-struct SelfInfluenceUse {
+pub(crate) struct SelfInfluenceUse {
     values: Vec<f64>,
     seconds: f64,
     cached: bool,
 }
 
-/// Runs a trace and also returns the query examples (in report order) and the training data, for
-/// rendering.
-#[allow(clippy::type_complexity)]
-pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, Dataset<K::Batch>, Dataset<K::Batch>)> {
+impl SelfInfluenceUse {
+    /// Several runs' together (the checkpoints of an ensemble): their seconds summed, cached if
+    /// all were; `None` if none had any (raw scores).
+    pub(crate) fn all_of<'a>(uses: impl Iterator<Item = Option<&'a SelfInfluenceUse>>) -> Option<SelfInfluenceUse> {
+        let uses: Vec<&SelfInfluenceUse> = uses.flatten().collect();
+        (!uses.is_empty()).then(|| SelfInfluenceUse {
+            values: Vec::new(),
+            seconds: uses.iter().map(|u| u.seconds).sum(),
+            cached: uses.iter().all(|u| u.cached),
+        })
+    }
+}
+
+/// One run's attribution and what it was computed from.
+pub(crate) struct Attributed<K: Kind> {
+    pub(crate) store: GradientStore,
+    pub(crate) objective: culprit_engine::objective::Objective<K::Model>,
+    pub(crate) training: Dataset<K::Batch>,
+    pub(crate) queries: Dataset<K::Batch>,
+    pub(crate) attribution: Attribution,
+    pub(crate) own: Option<SelfInfluenceUse>,
+    pub(crate) damping: f64,
+}
+
+/// Attributes the queries of `options` with its run's store and curvature.
+pub(crate) fn attribute_run<K: Kind>(options: &TraceOptions) -> Result<Attributed<K>> {
     let run = Run::open(&options.query.run)?;
     let (store, _) = open_store(&run, options.store.clone())?;
     let (objective, training) = objective::<K>(&run, options.backend)?;
@@ -165,22 +195,40 @@ pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, 
     };
     let own_values = own.as_ref().map(|o| o.values.as_slice());
     let attribution = attribute(&objective, &curvature, &store, &queries.examples, own_values, &engine_options)?;
-    let mut report = assemble(options, &attribution, &store, &training, &queries, own.as_ref());
-    if options.per_token {
-        split_by_token::<K>(&run, &objective, &store, &attribution, &training, &mut report)?;
-    }
-    report.damping = curvature.options.damping;
-    report.l2 = objective.l2;
-    Ok((report, queries, training))
+    let damping = curvature.options.damping;
+    Ok(Attributed { store, objective, training, queries, attribution, own, damping })
 }
+
+/// Runs a trace and also returns the query examples (in report order) and the training data, for
+/// rendering.
+#[allow(clippy::type_complexity)]
+pub fn trace_with_data<K: Kind>(options: &TraceOptions) -> Result<(TraceReport, Dataset<K::Batch>, Dataset<K::Batch>)> {
+    if options.checkpoints {
+        return super::checkpoints::trace_checkpoints::<K>(options);
+    }
+    let run = Run::open(&options.query.run)?;
+    let a = attribute_run::<K>(options)?;
+    let mut report = assemble(options, &a.attribution, Some(&a.store), &a.training, &a.queries, a.own.as_ref());
+    if options.per_token {
+        let parts = |row: usize, columns: &[(usize, f64)]| {
+            culprit_engine::query::per_token::token_parts(&a.objective, &a.store, &a.attribution, row, columns)
+        };
+        split_by_token::<K>(&run, &parts, &a.training, &mut report)?;
+    }
+    report.damping = a.damping;
+    report.l2 = a.objective.l2;
+    Ok((report, a.queries, a.training))
+}
+
+/// A row's per-token parts for columns (column, score) of a report (see
+/// [`culprit_engine::query::per_token::token_parts`]).
+pub(crate) type TokenParts<'a> = dyn Fn(usize, &[(usize, f64)]) -> culprit_engine::Result<Vec<Vec<f64>>> + 'a;
 
 /// Fills `per_token` of every listed document of `report` (see
 /// [`culprit_engine::query::per_token`]): one tapped backward per distinct document.
-fn split_by_token<K: Kind>(
+pub(crate) fn split_by_token<K: Kind>(
     run: &Run,
-    objective: &culprit_engine::objective::Objective<K::Model>,
-    store: &GradientStore,
-    attribution: &Attribution,
+    parts_of: &TokenParts<'_>,
     training: &Dataset<K::Batch>,
     report: &mut TraceReport,
 ) -> Result<()> {
@@ -210,7 +258,7 @@ fn split_by_token<K: Kind>(
         // One column per (column, score): a row can sit at both ends of a combined ranking.
         let mut columns: Vec<(usize, f64)> = entries.iter().map(|(k, i)| (*k, i.score)).collect();
         columns.dedup();
-        let parts = culprit_engine::query::per_token::token_parts(objective, store, attribution, row, &columns)?;
+        let parts = parts_of(row, &columns)?;
         for (k, influence) in entries {
             let column = columns.iter().position(|&c| c == (k, influence.score)).expect("listed");
             influence.per_token = Some(
@@ -228,7 +276,7 @@ fn split_by_token<K: Kind>(
 /// Names scored rows by training id and label, with the per-layer split when asked.
 struct Namer<'a, B> {
     attribution: &'a Attribution,
-    store: &'a GradientStore,
+    store: Option<&'a GradientStore>,
     training: &'a Dataset<B>,
     per_layer: bool,
 }
@@ -241,9 +289,9 @@ impl<B: ListedLabel> Namer<'_, B> {
             source: self.training.sources.as_ref().map(|t| t[s.row].clone()),
             per_token: None,
             score: s.score,
-            per_layer: self.per_layer.then(|| {
+            per_layer: self.store.filter(|_| self.per_layer).map(|store| {
                 self.attribution
-                    .per_layer(self.store, column, s.row, s.score)
+                    .per_layer(store, column, s.row, s.score)
                     .into_iter()
                     .map(|(layer, score)| LayerScore { layer, score })
                     .collect()
@@ -274,17 +322,18 @@ fn score_definition(score: ScoreMode) -> &'static str {
     }
 }
 
-/// The report of an attribution (damping and λ are filled in by the caller).
-fn assemble<B: culprit_models::Batch + ListedLabel>(
+/// The report of an attribution (damping and λ are filled in by the caller; without a store, so
+/// are the projection and the weights' hash, and no score is split by layer).
+pub(crate) fn assemble<B: culprit_models::Batch + ListedLabel>(
     options: &TraceOptions,
     attribution: &Attribution,
-    store: &GradientStore,
+    store: Option<&GradientStore>,
     training: &Dataset<B>,
     queries: &Dataset<B>,
     own: Option<&SelfInfluenceUse>,
 ) -> TraceReport {
     let sign = options.measurement.proponent_sign();
-    let per_layer = options.per_layer && store.manifest.layout.len() > 1;
+    let per_layer = options.per_layer && store.is_some_and(|s| s.manifest.layout.len() > 1);
     let namer = Namer { attribution, store, training, per_layer };
     let count = attribution.queries.len();
     let (proponents, opponents) = (0..count)
@@ -327,8 +376,8 @@ fn assemble<B: culprit_models::Batch + ListedLabel>(
         damping: 0.0,
         l2: 0.0,
         n: training.len(),
-        projection: store.manifest.key.projection.clone(),
-        weights_sha256: Some(store.manifest.key.weights_sha256.clone()),
+        projection: store.map(|s| s.manifest.key.projection.clone()).unwrap_or_default(),
+        weights_sha256: store.map(|s| s.manifest.key.weights_sha256.clone()),
         queries: query_infos,
         proponents,
         opponents,
@@ -345,6 +394,7 @@ fn assemble<B: culprit_models::Batch + ListedLabel>(
             skip: options.query.data.skip,
             limit: options.query.data.limit,
         }),
+        checkpoints: None,
         all_scores,
         train_ids: training.ids.clone(),
     }

@@ -12,6 +12,8 @@
 //!   gradients/         the gradient store (`culprit cache`)
 //!   curvature/M.bin    a fitted curvature method M (`culprit fit`)
 //!   curvature/M.self.bin  the training examples' self-influence under M (a cache)
+//!   checkpoints/epoch-E/  the model at the end of epoch E, a run directory of its own
+//!                      (`train --checkpoints`)
 //! ```
 //!
 //! - [`run`]: opening and writing a run directory (written whole or not at all);
@@ -20,10 +22,12 @@
 //!   checked against the files it was trained on, its store, its objective and fitted curvatures,
 //!   and the self-influence cache;
 //! - [`predict`]: predictions of a run's model on a data set;
-//! - [`attribution`]: a trace, from a run and its queries to the report.
+//! - [`attribution`]: a trace, from a run and its queries to the report;
+//! - [`checkpoints`]: a trace with the run's checkpoints instead of its final model (TracIn-CP).
 
 pub mod artifacts;
 pub mod attribution;
+pub mod checkpoints;
 pub mod kind;
 pub mod predict;
 pub mod run;

@@ -198,7 +198,59 @@ fn pretty(value: &impl Serialize) -> String {
 /// The name of a run's provenance records.
 pub const PROVENANCE: &str = "provenance.jsonl";
 
+/// The sub-directory of a run that holds its checkpoints (`train --checkpoints`).
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// A checkpoint of a run: the model at the end of an earlier epoch of the same training, a run
+/// directory of its own at `RUN/checkpoints/epoch-E`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// The epoch it ends (1-based).
+    pub epoch: usize,
+    /// Its run directory.
+    pub dir: PathBuf,
+}
+
+impl Checkpoint {
+    /// The directory of `run_dir`'s checkpoint of `epoch`.
+    pub fn dir_of(run_dir: &Path, epoch: usize) -> PathBuf {
+        run_dir.join(CHECKPOINTS).join(format!("epoch-{epoch}"))
+    }
+}
+
 impl Run {
+    /// The run's checkpoints, by epoch (none for a run trained without `--checkpoints`).
+    /// Directories still being written (temporary names) are not listed.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let root = self.dir.join(CHECKPOINTS);
+        if !root.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&root).map_err(Error::io(&root))? {
+            let entry = entry.map_err(Error::io(&root))?;
+            let name = entry.file_name();
+            let epoch = name.to_str().and_then(|n| n.strip_prefix("epoch-")).and_then(|e| e.parse::<usize>().ok());
+            if let Some(epoch) = epoch.filter(|_| entry.path().is_dir()) {
+                found.push(Checkpoint { epoch, dir: entry.path() });
+            }
+        }
+        found.sort_by_key(|c| c.epoch);
+        Ok(found)
+    }
+
+    /// [`Run::checkpoints`], at least one: an error naming the run if it has none.
+    pub fn require_checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let checkpoints = self.checkpoints()?;
+        if checkpoints.is_empty() {
+            return Err(Error::run(
+                &self.dir,
+                "has no checkpoints (RUN/checkpoints/epoch-E) for --checkpoints; train it with `culprit train --checkpoints K`",
+            ));
+        }
+        Ok(checkpoints)
+    }
+
     /// Writes a new run directory atomically (with `extra` files, e.g. a tokenizer, copied in).
     /// Refuses to replace an existing one.
     #[allow(clippy::too_many_arguments)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use culprit_engine::params::{at_least_one, non_negative, positive};
 use culprit_models::{
-    Activation, Architecture, Backend, GptConfig, Model, ModelConfig, OptimizerKind, Tokens, TrainConfig,
+    Activation, Architecture, Backend, GptConfig, Model, ModelConfig, OptimizerKind, Tokens, TrainConfig, TrainReport,
 };
 
 use super::kind::{Classifier, Kind, Language};
@@ -74,6 +74,11 @@ pub struct TrainOptions {
     /// Backend (the global `--backend`).
     #[arg(skip)]
     pub backend: Backend,
+    /// Deep models: also keep the model as it was at K evenly spaced earlier epochs, each as a
+    /// run of its own in OUT/checkpoints/epoch-E, for `trace --checkpoints` (an ensemble over
+    /// training, which finds examples the final model has memorised). Needs K < --epochs.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoints: usize,
     /// Run directory to create (must not exist).
     #[arg(long)]
     pub out: PathBuf,
@@ -136,9 +141,10 @@ pub fn train(options: &TrainOptions) -> Result<(Run, Dataset)> {
     };
     model.layers()?;
     let training = training_config(options, TrainConfig::defaults_for(&model));
+    let at = checkpoint_epochs(options.checkpoints, &training)?;
     let spec = ModelSpec::Classifier(model);
     let run =
-        train_and_write::<Classifier>(&spec, &training, &data, options.backend, &options.out, options.quiet, &[])?;
+        train_and_write::<Classifier>(&spec, &training, &data, options.backend, &options.out, options.quiet, &[], &at)?;
     Ok((run, data))
 }
 
@@ -173,16 +179,75 @@ pub fn train_language(options: &TrainOptions) -> Result<(Run, Dataset<Tokens>)> 
     };
     gpt.validate()?;
     let training = training_config(options, TrainConfig::defaults(false));
+    let at = checkpoint_epochs(options.checkpoints, &training)?;
     let model = ModelSpec::Language(LanguageModel { architecture: LanguageArchitecture::Gpt, gpt, tokenizer: spec });
     let extra: Vec<(&str, &std::path::Path)> =
         options.tokenizer.as_deref().map(|p| ("tokenizer.json", p)).into_iter().collect();
-    let run =
-        train_and_write::<Language>(&model, &training, &data, options.backend, &options.out, options.quiet, &extra)?;
+    let run = train_and_write::<Language>(
+        &model,
+        &training,
+        &data,
+        options.backend,
+        &options.out,
+        options.quiet,
+        &extra,
+        &at,
+    )?;
     Ok((run, data))
 }
 
+/// The epochs at which `--checkpoints K` keeps the model: ⌊i·E/(K+1)⌉ for i = 1..K, E epochs.
+fn checkpoint_epochs(k: usize, training: &TrainConfig) -> Result<Vec<usize>> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    if training.optimizer == OptimizerKind::Lbfgs {
+        return Err(crate::Error::Usage("--checkpoints needs a stochastic optimizer (adam or sgd), not lbfgs".into()));
+    }
+    let epochs = training.epochs;
+    if k >= epochs {
+        return Err(crate::Error::Usage(format!(
+            "--checkpoints {k} needs more than {k} epochs (--epochs is {epochs})"
+        )));
+    }
+    let mut at: Vec<usize> = (1..=k).map(|i| ((i * epochs) as f64 / (k + 1) as f64).round() as usize).collect();
+    at.dedup();
+    Ok(at)
+}
+
+/// A progress bar that also keeps the parameters at chosen epochs.
+struct Checkpointing<'a> {
+    bar: &'a mut Bar,
+    at: &'a [usize],
+    /// Per checkpoint: its epoch, θ, its objective, and how many log lines training had written.
+    kept: Vec<(usize, Vec<f64>, TrainReport, usize)>,
+}
+
+impl culprit_models::Progress for Checkpointing<'_> {
+    fn begin(&mut self, phase: &str, total: u64) {
+        self.bar.begin(phase, total);
+    }
+    fn advance(&mut self, done: u64, message: &str) {
+        self.bar.advance(done, message);
+    }
+    fn log(&mut self, line: &str) {
+        self.bar.log(line);
+    }
+    fn finish(&mut self) {
+        self.bar.finish();
+    }
+    fn wants_checkpoint(&mut self, epoch: usize) -> bool {
+        self.at.contains(&epoch)
+    }
+    fn checkpoint(&mut self, epoch: usize, theta: Vec<f64>, report: TrainReport) {
+        self.kept.push((epoch, theta, report, self.bar.log.len()));
+    }
+}
+
 /// Trains a model of shape `model` as `training` says on `data` and writes the run directory `out`
-/// (atomically), with `extra` files copied into it.
+/// (atomically), with `extra` files copied into it, and the model at the epochs `at` as runs in
+/// `out/checkpoints/epoch-E`.
+#[allow(clippy::too_many_arguments)]
 fn train_and_write<K: Kind>(
     model: &ModelSpec,
     training: &TrainConfig,
@@ -191,14 +256,17 @@ fn train_and_write<K: Kind>(
     out: &std::path::Path,
     quiet: bool,
     extra: &[(&str, &std::path::Path)],
+    at: &[usize],
 ) -> Result<Run> {
     if out.exists() {
         return Err(crate::Error::run(out, "already exists; choose another --out or remove it"));
     }
     let device = backend.autodiff_device();
     let mut bar = Bar::new(quiet);
-    let (trained, report) = K::train(model, training, &data.examples, &device, &mut bar)?;
-    let mut log = format!(
+    let mut progress = Checkpointing { bar: &mut bar, at, kept: Vec::new() };
+    let (trained, report) = K::train(model, training, &data.examples, &device, &mut progress)?;
+    let kept = std::mem::take(&mut progress.kept);
+    let header = format!(
         "culprit {} train: {} on {} ({} examples{}{}), {} parameters, backend {}\n",
         env!("CARGO_PKG_VERSION"),
         model.name(),
@@ -216,15 +284,33 @@ fn train_and_write<K: Kind>(
         trained.num_params(),
         backend.name()
     );
-    for line in &bar.log {
-        log.push_str(line);
-        log.push('\n');
-    }
-    log.push_str(&format!(
+    let log = |lines: usize, last: String| {
+        header.clone() + &bar.log[..lines].iter().map(|l| format!("{l}\n")).collect::<String>() + &last
+    };
+    let last = format!(
         "final: objective {:.10} gradient norm {:.3e} training accuracy {:.4} in {:.1} s\n",
         report.objective, report.gradient_norm, report.train_accuracy, report.seconds
-    ));
-    Run::create(out, model, trained.to_flat(), training, backend, &report, &data.manifest, &log, extra)
+    );
+    let run = Run::create(
+        out,
+        model,
+        trained.to_flat(),
+        training,
+        backend,
+        &report,
+        &data.manifest,
+        &log(bar.log.len(), last),
+        extra,
+    )?;
+    for (epoch, theta, report, lines) in kept {
+        let last = format!(
+            "checkpoint of epoch {epoch} of {}: objective {:.10} gradient norm {:.3e} training accuracy {:.4}\n",
+            training.epochs, report.objective, report.gradient_norm, report.train_accuracy
+        );
+        let dir = super::run::Checkpoint::dir_of(out, epoch);
+        Run::create(&dir, model, theta, training, backend, &report, &data.manifest, &log(lines, last), extra)?;
+    }
+    Ok(run)
 }
 
 /// Trains `run`'s model again, with the same configuration and seed, on `data` (the run's
@@ -241,7 +327,7 @@ pub fn retrain<K: Kind>(
     let tokenizer = run.dir.join("tokenizer.json");
     let extra: Vec<(&str, &std::path::Path)> =
         if tokenizer.is_file() { vec![("tokenizer.json", tokenizer.as_path())] } else { Vec::new() };
-    train_and_write::<K>(&run.config.model, &run.config.training, data, backend, out, quiet, &extra)
+    train_and_write::<K>(&run.config.model, &run.config.training, data, backend, out, quiet, &extra, &[])
 }
 
 /// What `--model` takes: a reference classifier's architecture, or `gpt`.

@@ -9,7 +9,7 @@ use std::process::Command;
 use super::pipeline::{corpus, culprit};
 
 /// Runs culprit expecting failure; returns its standard error.
-fn culprit_fails(args: &[&str]) -> String {
+pub(super) fn culprit_fails(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_culprit")).args(args).arg("--quiet").output().unwrap();
     assert!(!o.status.success(), "culprit {args:?} should fail");
     assert_eq!(o.status.code(), Some(2), "usage and data errors exit 2");

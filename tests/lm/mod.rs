@@ -123,5 +123,6 @@ fn gpt2_matches_pytorch_log_probabilities_and_gradients() {
         }
     }
 }
+mod checkpoints;
 mod errors;
 mod pipeline;

@@ -35,7 +35,7 @@ pub(super) fn corpus(dir: &Path) -> std::path::PathBuf {
 }
 
 /// The scores of the brute-force reference: (1/n) ∇m(query)ᵀ∇ℓ(document) for every document.
-fn brute_force(run: &Path, corpus: &Path, queries: &Path) -> Vec<f64> {
+pub(super) fn brute_force(run: &Path, corpus: &Path, queries: &Path) -> Vec<f64> {
     use culprit::workspace::kind::{Kind, Language};
     let run = culprit::workspace::Run::open(run).unwrap();
     let device = Backend::default().autodiff_device();

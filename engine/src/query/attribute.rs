@@ -255,3 +255,14 @@ pub fn attribute<M: Model>(
     let scoring_seconds = started.elapsed().as_secs_f64();
     Ok(Attribution { queries: outcomes, scores, combined, strongest, projected, scale, row_weights, scoring_seconds })
 }
+
+/// What `queries` are as the model sees them (labels, predictions, probabilities, the
+/// measurement's targets and value), without solving or scoring: the final model's view of the
+/// queries of a [`super::ensemble`] over checkpoints.
+pub fn query_outcomes<M: Model>(
+    objective: &Objective<M>,
+    queries: &M::Batch,
+    measurement: Measurement,
+) -> Result<Vec<QueryOutcome>> {
+    Ok(query_gradients(objective, queries, measurement)?.0)
+}

@@ -25,6 +25,7 @@
 //! prefetcher. `factors` stores are scored per layer as ãᵀQδ̃ ([`kernel::factored_dots`]).
 
 pub mod attribute;
+pub mod ensemble;
 pub mod per_token;
 
 use std::cmp::Ordering;
