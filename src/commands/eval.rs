@@ -82,6 +82,8 @@ pub struct EvalOptions {
     pub curvatures: Vec<Method>,
     /// Retraining target ‖∇L‖ (L-BFGS).
     pub tolerance: f64,
+    /// Score with the run's checkpoints (`trace --checkpoints`).
+    pub checkpoints: bool,
     /// Seed of the random removals or subsets.
     pub seed: u64,
     /// Backend.
@@ -346,6 +348,7 @@ fn score_all<K: Kind>(run: &Run, options: &EvalOptions) -> Result<Vec<(Method, T
                 measurement: options.measurement,
                 top: 0,
                 keep_all: true,
+                checkpoints: options.checkpoints,
                 backend: options.backend,
                 ..TraceOptions::new(run.dir.clone(), options.data.clone(), options.indices.clone(), method)
             };
@@ -547,6 +550,9 @@ pub struct EvalArgs {
     /// Retraining target ‖∇L‖ (L-BFGS).
     #[arg(long, default_value_t = 1e-9, value_parser = culprit_engine::params::positive)]
     pub tolerance: f64,
+    /// Score with the run's checkpoints (`trace --checkpoints`) instead of its final model.
+    #[arg(long)]
+    pub checkpoints: bool,
     /// Seed of the removals or subsets.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -578,6 +584,7 @@ impl EvalArgs {
             measurement: self.measurement,
             curvatures: self.curvatures.clone(),
             tolerance: self.tolerance,
+            checkpoints: self.checkpoints,
             seed: self.seed,
             backend,
             quiet,
