@@ -227,9 +227,11 @@ pub fn to_table(report: &TraceReport) -> String {
         report.l2,
         report.projection,
         report.n,
-        match report.score_mode {
-            ScoreMode::Raw => "predicted change of the measurement if the example were removed",
-            ScoreMode::Relatif => "RelatIF, influence / √(self-influence) (rank, not a predicted change)",
+        match (report.checkpoints.is_some(), report.score_mode) {
+            (true, ScoreMode::Raw) => "raw influence at each checkpoint, combined as below",
+            (true, ScoreMode::Relatif) => "RelatIF at each checkpoint, combined as below",
+            (false, ScoreMode::Raw) => "predicted change of the measurement if the example were removed",
+            (false, ScoreMode::Relatif) => "RelatIF, influence / √(self-influence) (rank, not a predicted change)",
         }
     );
     if let Some(line) = checkpoints_line(report) {

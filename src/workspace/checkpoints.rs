@@ -116,11 +116,23 @@ pub(crate) fn trace_checkpoints<K: Kind>(
         let parts = |row: usize, wanted: &[(usize, f64)]| ensemble_parts(&members, &factors, &attribution, row, wanted);
         split_by_token::<K>(&run, &parts, &last.training, &mut report)?;
     }
+    describe_ensemble(&mut report, &run, &weighted, &members)?;
+    Ok((report, queries, last.training.clone()))
+}
+
+/// Fills in what a `trace --checkpoints` report says of where its scores came from.
+fn describe_ensemble<K: Kind>(
+    report: &mut TraceReport,
+    run: &Run,
+    weighted: &[(Checkpoint, f64)],
+    members: &[Attributed<K>],
+) -> Result<()> {
+    let last = members.last().expect("at least one checkpoint");
     let total: f64 = weighted.iter().map(|(_, eta)| eta).sum();
     report.checkpoints = Some(
         weighted
             .iter()
-            .zip(&members)
+            .zip(members)
             .map(|((c, eta), m)| CheckpointUse {
                 epoch: c.epoch,
                 run: c.dir.clone(),
@@ -129,11 +141,15 @@ pub(crate) fn trace_checkpoints<K: Kind>(
             })
             .collect(),
     );
+    report.score_definition = format!(
+        "score(i) = Σ_c w_c s_c(i)/σ_c over the checkpoints c, s_c the checkpoint's own score ({}), σ_c its root mean square over the training set, w_c the learning rate at the checkpoint over their sum (TracIn-CP): a rank in units of spread, not a predicted change",
+        report.score_definition
+    );
     report.projection = last.store.manifest.key.projection.clone();
     report.weights_sha256 = Some(super::artifacts::file_sha256(&run.dir.join("weights.bin"))?);
     report.damping = last.damping;
     report.l2 = run.config.training.l2;
-    Ok((report, queries, last.training.clone()))
+    Ok(())
 }
 
 /// Row `row`'s per-token parts for the ensemble's columns `wanted` (column, score): for each
