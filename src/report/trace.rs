@@ -215,8 +215,8 @@ pub fn checkpoints_line(report: &TraceReport) -> Option<String> {
     ))
 }
 
-/// The report as a plain-text table.
-pub fn to_table(report: &TraceReport) -> String {
+/// The table's first lines: the curvature, the store and what a score is.
+fn table_header(report: &TraceReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(
@@ -237,6 +237,14 @@ pub fn to_table(report: &TraceReport) -> String {
     if let Some(line) = checkpoints_line(report) {
         let _ = writeln!(s, "{line}");
     }
+    s
+}
+
+/// The report as a plain-text table.
+pub fn to_table(report: &TraceReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    s.push_str(&table_header(report));
     let list = |s: &mut String, title: &str, list: &[Influence]| {
         let _ = writeln!(s, "  top {title}:");
         let _ = writeln!(s, "    {:>4}  {:>8}  {:>5}  {:>12}", "rank", "train", "label", "score");
