@@ -122,16 +122,10 @@ pub fn run(options: &CacheOptions, stdout: &mut dyn Write) -> Result<()> {
     if !options.checkpoints {
         return report(&build(options)?, stdout);
     }
-    if options.store.is_some() {
-        return Err(crate::Error::Usage("--checkpoints fills each checkpoint's own store; drop --store".into()));
-    }
-    for checkpoint in Run::open(&options.run)?.require_checkpoints()? {
-        let mut one = options.clone();
-        (one.run, one.checkpoints) = (checkpoint.dir, false);
-        write!(stdout, "checkpoint of epoch {}: ", checkpoint.epoch).map_err(stdout_error)?;
-        report(&build(&one)?, stdout)?;
-    }
-    Ok(())
+    super::each_checkpoint(&options.run, options.store.as_deref(), stdout, |dir, stdout| {
+        let one = CacheOptions { run: dir.to_path_buf(), checkpoints: false, ..options.clone() };
+        report(&build(&one)?, stdout)
+    })
 }
 
 fn report(r: &BuildReport, stdout: &mut dyn Write) -> Result<()> {

@@ -155,14 +155,7 @@ pub fn run(args: &FitArgs, stdout: &mut dyn Write) -> Result<()> {
     if !args.checkpoints {
         return fit_and_report(&args.run, args, stdout);
     }
-    if args.store.is_some() {
-        return Err(crate::Error::Usage("--checkpoints fits each checkpoint with its own store; drop --store".into()));
-    }
-    for checkpoint in Run::open(&args.run)?.require_checkpoints()? {
-        write!(stdout, "checkpoint of epoch {}: ", checkpoint.epoch).map_err(stdout_error)?;
-        fit_and_report(&checkpoint.dir, args, stdout)?;
-    }
-    Ok(())
+    super::each_checkpoint(&args.run, args.store.as_deref(), stdout, |dir, stdout| fit_and_report(dir, args, stdout))
 }
 
 fn fit_and_report(run: &Path, args: &FitArgs, stdout: &mut dyn Write) -> Result<()> {

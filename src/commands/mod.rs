@@ -89,6 +89,27 @@ impl ReportArgs {
     }
 }
 
+/// `--checkpoints` of `cache` and `fit`: runs `each` on every checkpoint of the run `run` in turn
+/// (each line of output prefixed by its epoch); refused with an explicit `--store`, since each
+/// checkpoint has its own.
+pub(crate) fn each_checkpoint(
+    run: &Path,
+    store: Option<&Path>,
+    stdout: &mut dyn Write,
+    mut each: impl FnMut(&Path, &mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    if store.is_some() {
+        return Err(Error::Usage(
+            "--checkpoints uses each checkpoint's own store (CHECKPOINT/gradients); drop --store".into(),
+        ));
+    }
+    for checkpoint in crate::workspace::Run::open(run)?.require_checkpoints()? {
+        write!(stdout, "checkpoint of epoch {}: ", checkpoint.epoch).map_err(stdout_error)?;
+        each(&checkpoint.dir, stdout)?;
+    }
+    Ok(())
+}
+
 /// The error for a failed write to standard output (a closed pipe exits quietly).
 pub fn stdout_error(e: std::io::Error) -> Error {
     Error::io(Path::new("<stdout>"))(e)

@@ -73,7 +73,7 @@ pub(crate) fn trace_checkpoints<K: Kind>(
         own.keep_all = true;
         own.combine = Combine::Sum;
         let member = attribute_run::<K>(&own)?;
-        if member.training.ids != members.first().map_or(member.training.ids.clone(), |m| m.training.ids.clone()) {
+        if members.first().is_some_and(|first| first.training.ids != member.training.ids) {
             return Err(Error::run(&checkpoint.dir, "was trained on other examples than the run's other checkpoints"));
         }
         members.push(member);
