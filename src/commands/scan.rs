@@ -13,7 +13,7 @@ use crate::data::{self, DataSpec, SourceKind};
 use crate::error::{Error, Result};
 use crate::report::scan::{ScanReport, Shown, to_html, to_table};
 use crate::report::trace::OUTPUT_SCHEMA_VERSION;
-use crate::scan::image::{ImageScan, MAX_IMAGE_SIDE, MAX_SIDE};
+use crate::scan::image::{ImageFile, ImageScan, ImageShared, MAX_IMAGE_SIDE, MAX_SIDE};
 use crate::scan::text::{TextFile, TextScan};
 use crate::scan::{Feature, ScanSettings, scan, scan_blocks};
 use crate::workspace::Run;
@@ -59,8 +59,9 @@ pub struct ScanArgs {
     /// Memory for the first pass's tables, in MiB (bounds the scan's memory beside the data).
     #[arg(long, default_value_t = (ScanSettings::default().memory >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub memory_mib: u64,
-    /// Texts a scan holds in memory, in MiB: a larger JSONL file streams, read in blocks of a
-    /// quarter of this once per pass, the baseline fitted on a uniform sample of this size.
+    /// Data a scan holds in memory, in MiB (texts; images at an f32 and a level byte a pixel): a
+    /// larger source streams, read in blocks of a quarter of this once per pass, the baseline
+    /// fitted on a uniform sample of this size.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub hold_mib: u64,
     /// A classifier trained on this data: each candidate's flagged carriers are predicted as they
@@ -146,39 +147,45 @@ struct Survey {
     sha: String,
 }
 
-/// A uniform sample of records within `budget` bytes of text, whatever their order in the
-/// file (a file sorted by label must not give the baseline one label): the records of the
+/// A uniform sample of items within `budget` bytes (each item's `size`), whatever their order in
+/// the file (a file sorted by label must not give the baseline one label): the items of the
 /// smallest priorities, a hash of their index independent of their content, in a max-heap.
-struct Sample {
+struct Sample<T> {
     heap: std::collections::BinaryHeap<(u64, usize)>,
-    records: HashMap<usize, data::text::Record>,
+    records: HashMap<usize, T>,
     bytes: usize,
     budget: usize,
+    size: fn(&T) -> usize,
 }
 
-impl Sample {
-    fn new(budget: usize) -> Self {
-        Self { heap: Default::default(), records: HashMap::new(), bytes: 0, budget }
+impl<T> Sample<T> {
+    fn new(budget: usize, size: fn(&T) -> usize) -> Self {
+        Self { heap: Default::default(), records: HashMap::new(), bytes: 0, budget, size }
     }
 
-    /// Offers record `index`; the sample keeps the smallest priorities that fit.
-    fn offer(&mut self, index: usize, record: data::text::Record) {
+    /// Offers item `index`; the sample keeps the smallest priorities that fit.
+    fn offer(&mut self, index: usize, record: T) {
         let priority = crate::scan::mix(index as u64 ^ 0x5ca7_5a3b_1e00_0000);
-        self.bytes += record.text.len();
+        self.bytes += (self.size)(&record);
         self.heap.push((priority, index));
         self.records.insert(index, record);
         while self.bytes > self.budget && self.heap.len() > 1 {
             let (_, dropped) = self.heap.pop().expect("not empty");
-            self.bytes -= self.records.remove(&dropped).map_or(0, |r| r.text.len());
+            self.bytes -= self.records.remove(&dropped).map_or(0, |r| (self.size)(&r));
         }
     }
 
-    /// The sample's records, by index.
-    fn into_sorted(self) -> Vec<(usize, data::text::Record)> {
-        let mut out: Vec<(usize, data::text::Record)> = self.records.into_iter().collect();
+    /// The sample's items, by index.
+    fn into_sorted(self) -> Vec<(usize, T)> {
+        let mut out: Vec<(usize, T)> = self.records.into_iter().collect();
         out.sort_by_key(|(i, _)| *i);
         out
     }
+}
+
+/// A text's size in a [`Sample`].
+fn text_size(r: &data::text::Record) -> usize {
+    r.text.len()
 }
 
 /// Reads `args`' data once, in blocks, holding at most [`hold_bytes`] of its records.
@@ -186,7 +193,7 @@ fn survey(args: &ScanArgs) -> Result<Survey> {
     let (spec, hold, block) = (&args.data, hold_bytes(args), block_bytes(args));
     let path = &spec.path;
     let (skip, end) = (spec.skip, spec.limit.map_or(usize::MAX, |l| spec.skip.saturating_add(l)));
-    let (mut held, mut bytes, mut sample) = (Vec::new(), 0usize, None::<Sample>);
+    let (mut held, mut bytes, mut sample) = (Vec::new(), 0usize, None::<Sample<data::text::Record>>);
     let mut label_counts = Some(Vec::<usize>::new());
     let (total, sha) = data::text::read_record_blocks(path, block, &mut |first, records| {
         for (k, r) in records.into_iter().enumerate() {
@@ -207,7 +214,7 @@ fn survey(args: &ScanArgs) -> Result<Survey> {
             bytes += r.text.len();
             if sample.is_none() && bytes > hold {
                 // Past the memory held: only a uniform sample of as much stays, for the baseline.
-                let mut started = Sample::new(hold);
+                let mut started = Sample::new(hold, text_size);
                 held.drain(..).enumerate().for_each(|(at, h)| started.offer(skip + at, h));
                 sample = Some(started);
             }
@@ -394,68 +401,273 @@ fn scan_corpus_texts(
     }
 }
 
-/// Scans one-channel images (an IDX folder, square CSV rows): the report, and its HTML page.
+/// Scans one-channel images (an IDX folder, square CSV rows): held in memory when they take at
+/// most `--hold-mib` (an f32 and a level byte a pixel), else streamed in blocks
+/// ([`scan_image_stream`]); the report, and its HTML page when asked for.
 fn scan_images(
     args: &ScanArgs,
     kind: SourceKind,
     settings: &ScanSettings,
     started: Instant,
 ) -> Result<(ScanReport, Option<String>)> {
+    if held_image_bytes(args, kind)? > hold_bytes(args) as u64 {
+        return scan_image_stream(args, kind, settings, started);
+    }
     let path = &args.data.path;
     let (raw, start) = data::load_selected(kind, &args.data, 0)?;
-    let shape = raw.shape.as_image().filter(|s| s.channels == 1).ok_or_else(|| {
+    let shape = image_shape(path, raw.shape)?;
+    let classes = classes(path, &raw.labels)?;
+    let (sides, max_side) = square_sides(args, shape);
+    let hw = (shape.height, shape.width);
+    let source = ImageScan::new(&raw.features, &raw.labels, classes, hw, sides, settings.floor, settings.l2);
+    let ids: Vec<usize> = (start..start + raw.rows).collect();
+    let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
+    let features = square_features(args, max_side, None);
+    let mut report = report(args, "image", features, source.temperature(), raw.rows, found, settings, started);
+    let mut sums = vec![0f64; shape.len()];
+    add_pixels(&raw.features, &mut sums);
+    let mean = means(&sums, raw.rows);
+    let shown = Shown::Images { pixels: &raw.features, height: shape.height, width: shape.width };
+    let row_of = |id: usize| id.checked_sub(start).filter(|&r| r < raw.rows);
+    let html = finish_images(args, kind, &mut report, raw.columns.as_ref(), &mean, &shown, &row_of)?;
+    Ok((report, html))
+}
+
+/// Bytes a scan of `args`' images would hold in memory: an f32 and a level byte a pixel of the
+/// selected rows (an IDX file's header tells them; a CSV table's text, at two bytes or more a
+/// cell, bounds them by 5/2 of its bytes).
+fn held_image_bytes(args: &ScanArgs, kind: SourceKind) -> Result<u64> {
+    let path = &args.data.path;
+    if kind == SourceKind::Idx {
+        let (n, h, w) = data::idx::dims(path, args.data.split)?;
+        let rows = data::selected_rows(path, n, args.data.skip, args.data.limit, &format!("the source has {n} rows"))?;
+        return Ok(rows.len() as u64 * (h * w) as u64 * 5);
+    }
+    Ok(data::plain_len(path)? / 2 * 5)
+}
+
+/// The image shape a scan reads (one channel, square CSV rows), within [`MAX_IMAGE_SIDE`].
+fn image_shape(path: &Path, shape: culprit_models::InputShape) -> Result<culprit_models::InputShape> {
+    let image = shape.as_image().filter(|s| s.channels == 1).ok_or_else(|| {
         let what = format!(
             "scan reads one-channel images (an IDX folder, or CSV rows whose {} features make a square); these are not",
-            raw.shape.len()
+            shape.len()
         );
         Error::data(path, None, what)
     })?;
-    if shape.height > MAX_IMAGE_SIDE || shape.width > MAX_IMAGE_SIDE {
+    if image.height > MAX_IMAGE_SIDE || image.width > MAX_IMAGE_SIDE {
         let what =
-            format!("images of {}×{} are larger than scan's {MAX_IMAGE_SIDE} pixels a side", shape.height, shape.width);
+            format!("images of {}×{} are larger than scan's {MAX_IMAGE_SIDE} pixels a side", image.height, image.width);
         return Err(Error::data(path, None, what));
     }
-    let classes = classes(path, &raw.labels)?;
+    Ok(image)
+}
+
+/// The square sides tried (`--min-side ..= --max-side`, the largest by default a quarter of
+/// the image's smaller side, within 2..=5), and the largest.
+fn square_sides(args: &ScanArgs, shape: culprit_models::InputShape) -> (std::ops::RangeInclusive<usize>, usize) {
     let max_side = args
         .max_side
         .map_or_else(|| (shape.height.min(shape.width) / 4).clamp(2, 5).max(args.min_side as usize), usize::from);
-    let sides = args.min_side as usize..=max_side;
-    let (hw, floor, l2) = ((shape.height, shape.width), settings.floor, settings.l2);
-    let source = ImageScan::new(&raw.features, &raw.labels, classes, hw, sides, floor, l2);
-    let ids: Vec<usize> = (start..start + raw.rows).collect();
-    let found = scan(&source, &ids, settings, &mut crate::progress::Bar::new(args.quiet));
-    let features = format!("squares of {} to {max_side} pixels a side at every place, in 3 levels", args.min_side);
-    let mut report = report(args, "image", features, source.temperature(), raw.rows, found, settings, started);
+    (args.min_side as usize..=max_side, max_side)
+}
+
+/// The report's line on the features tried; `per_block` when the images streamed.
+fn square_features(args: &ScanArgs, max_side: usize, per_block: Option<usize>) -> String {
+    let streamed = per_block.map_or_else(String::new, |b| format!(", read in blocks of {b} images"));
+    format!("squares of {} to {max_side} pixels a side at every place, in 3 levels{streamed}", args.min_side)
+}
+
+/// Adds the rows of `pixels` (each `sums.len()` values) to `sums`.
+fn add_pixels(pixels: &[f32], sums: &mut [f64]) {
+    for row in pixels.chunks(sums.len()) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += f64::from(v));
+    }
+}
+
+/// `sums` divided by `n`, as f32.
+fn means(sums: &[f64], n: usize) -> Vec<f32> {
+    sums.iter().map(|&s| (s / n.max(1) as f64) as f32).collect()
+}
+
+/// What the first read of a streamed image source found: the rows selected, the shape, the
+/// count of each label and the largest pixel value among them, the files read.
+struct ImageSurvey {
+    rows: std::ops::Range<usize>,
+    shape: culprit_models::InputShape,
+    label_counts: Vec<usize>,
+    largest: f32,
+    files: Vec<(PathBuf, String)>,
+    columns: Option<Vec<String>>,
+}
+
+/// Reads `args`' image source once, a block at a time.
+fn image_survey(args: &ScanArgs, kind: SourceKind, per_block: usize) -> Result<ImageSurvey> {
+    let spec = &args.data;
+    let path = &spec.path;
+    let (skip, end) = (spec.skip, spec.limit.map_or(usize::MAX, |l| spec.skip.saturating_add(l)));
+    let (mut label_counts, mut largest) = (Vec::<usize>::new(), 0f32);
+    let read = data::read_image_blocks(kind, path, spec.split, per_block, &mut |first, f, y| {
+        let dim = f.len() / y.len().max(1);
+        for (k, &label) in y.iter().enumerate() {
+            if !(skip..end).contains(&(first + k)) {
+                continue;
+            }
+            let label = label as usize;
+            if label >= data::MAX_CLASSES {
+                let what = format!("label {label} is above the {} classes culprit takes", data::MAX_CLASSES);
+                return Err(Error::data(path, Some(first + k), what));
+            }
+            label_counts.resize(label_counts.len().max(label + 1), 0);
+            label_counts[label] += 1;
+            largest = largest.max(crate::scan::image::largest(&f[k * dim..(k + 1) * dim]));
+        }
+        Ok(())
+    })?;
+    let rows = data::selected_rows(path, read.rows, skip, spec.limit, &format!("the source has {} rows", read.rows))?;
+    Ok(ImageSurvey { rows, shape: read.shape, label_counts, largest, files: read.files, columns: read.columns })
+}
+
+/// Scans images too many to hold: one read counts the labels and finds the largest value, a
+/// second the atoms' and pixels' means and the baseline's uniform sample of `--hold-mib` of
+/// quantised images, then the scan's passes read the source in blocks of a quarter of it
+/// ([`ImageFile`]), and a last read gathers the images the report shows and `--run` predicts.
+fn scan_image_stream(
+    args: &ScanArgs,
+    kind: SourceKind,
+    settings: &ScanSettings,
+    started: Instant,
+) -> Result<(ScanReport, Option<String>)> {
+    let (path, split) = (&args.data.path, args.data.split);
+    let stored = kind_shape_hint(args, kind)?;
+    let per_block = (block_bytes(args) / (5 * stored)).max(1);
+    let survey = image_survey(args, kind, per_block)?;
+    let shape = image_shape(path, survey.shape)?;
+    let classes = classes_of(path, &survey.label_counts)?;
+    let (area, rows, largest) = (shape.len(), survey.rows.clone(), survey.largest);
+    let changed = || Error::data(path, None, "the data changed while it was scanned; scan it again");
+    let (mut atom_sums, mut pixel_sums) = (vec![0f64; 2 * area], vec![0f64; area]);
+    let mut sample = Sample::new(hold_bytes(args), |(bits, _): &(Vec<u8>, u32)| bits.len());
+    let second = data::read_image_blocks(kind, path, split, per_block, &mut |first, f, y| {
+        let (from, to) = (rows.start.max(first), rows.end.min(first + y.len()));
+        if from >= to {
+            return Ok(());
+        }
+        let pixels = &f[(from - first) * area..(to - first) * area];
+        let bits = crate::scan::image::levels(pixels, largest);
+        crate::scan::image::add_atoms(&bits, area, &mut atom_sums);
+        add_pixels(pixels, &mut pixel_sums);
+        for (k, image) in bits.chunks(area).enumerate() {
+            sample.offer(from + k, (image.to_vec(), y[from - first + k]));
+        }
+        Ok(())
+    })?;
+    if second.files != survey.files {
+        return Err(changed());
+    }
+    let (index, (bits, labels)): (Vec<usize>, (Vec<Vec<u8>>, Vec<u32>)) =
+        sample.into_sorted().into_iter().map(|(i, (b, y))| (i - rows.start, (b, y))).unzip();
+    let bits = bits.concat();
+    let fit =
+        |l2| std::sync::Arc::new(crate::scan::image::fit_baseline(&bits, &labels, &|k| index[k], classes, area, l2));
+    let baseline = settings.l2.map(fit);
+    drop((bits, labels, index));
+    let mean = std::sync::Arc::new(means(&atom_sums, rows.len()));
+    let shared = ImageShared { largest, mean, prior: crate::scan::shares(&survey.label_counts), baseline };
+    let temperature = shared.baseline.as_ref().map_or(1.0, |b| b.temperature);
+    let (sides, max_side) = square_sides(args, shape);
+    let hw = (shape.height, shape.width);
+    let columns = survey.columns;
+    let source = ImageFile::new(
+        (kind, path, split),
+        rows.clone(),
+        per_block,
+        classes,
+        hw,
+        sides,
+        settings.floor,
+        shared,
+        survey.files,
+    );
+    let found = scan_blocks(&source, &|i| rows.start + i, settings, &mut crate::progress::Bar::new(args.quiet))?;
+    let features = square_features(args, max_side, Some(per_block));
+    let mut report = report(args, "image", features, temperature, rows.len(), found, settings, started);
+    let (ids, pixels) = gather_images(args, kind, per_block, &report, area)?;
+    let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
+    let shown = Shown::Images { pixels: &pixels, height: shape.height, width: shape.width };
+    let mean = means(&pixel_sums, rows.len());
+    let html = finish_images(args, kind, &mut report, columns.as_ref(), &mean, &shown, &|id| row.get(&id).copied())?;
+    Ok((report, html))
+}
+
+/// Values an example of `args`' source holds as stored (an IDX image's pixels from its header,
+/// a CSV row's columns from its header), which size the blocks before the first read.
+fn kind_shape_hint(args: &ScanArgs, kind: SourceKind) -> Result<usize> {
+    Ok(match kind {
+        SourceKind::Idx => {
+            let (_, h, w) = data::idx::dims(&args.data.path, args.data.split)?;
+            (h * w).max(1)
+        }
+        _ => data::csv::header(&args.data.path)?.0.len().saturating_sub(1).max(1),
+    })
+}
+
+/// The ids (ascending) and raw pixels (row-major, one row each) of the first carriers of every
+/// candidate of `report` (500 with `--run`, else the HTML's 10), from one more read.
+fn gather_images(
+    args: &ScanArgs,
+    kind: SourceKind,
+    per_block: usize,
+    report: &ScanReport,
+    area: usize,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let each = if args.run.is_some() { 500 } else { 10 };
+    let wanted: std::collections::BTreeSet<usize> =
+        report.candidates.iter().flat_map(|c| c.carriers.iter().take(each).copied()).collect();
+    let mut pixels = Vec::with_capacity(wanted.len() * area);
+    data::read_image_blocks(kind, &args.data.path, args.data.split, per_block, &mut |first, f, y| {
+        for id in wanted.range(first..first + y.len()) {
+            pixels.extend_from_slice(&f[(id - first) * area..(id - first + 1) * area]);
+        }
+        Ok(())
+    })?;
+    Ok((wanted.into_iter().collect(), pixels))
+}
+
+/// With `--run`, confirms each candidate on its carriers' images (`shown`, example `id` at row
+/// `row_of(id)`), the square in-painted with the data's `mean` pixels; then the HTML page when
+/// asked for.
+fn finish_images(
+    args: &ScanArgs,
+    kind: SourceKind,
+    report: &mut ScanReport,
+    columns: Option<&Vec<String>>,
+    mean: &[f32],
+    shown: &Shown<'_>,
+    row_of: &dyn Fn(usize) -> Option<usize>,
+) -> Result<Option<String>> {
+    let Shown::Images { pixels, width, .. } = *shown else { unreachable!("images are shown as images") };
+    let area = mean.len();
+    let image = |id: usize| row_of(id).map_or_else(|| mean.to_vec(), |r| pixels[r * area..(r + 1) * area].to_vec());
     if let Some(run) = &args.run {
         let opened = open_classifier(run, kind)?;
-        if opened.manifest.columns.is_some() && opened.manifest.columns != raw.columns {
-            return Err(Error::data(
-                path,
-                None,
-                format!("the columns differ from those {} was trained on", run.display()),
-            ));
+        if opened.manifest.columns.is_some() && opened.manifest.columns.as_ref() != columns {
+            let what = format!("the columns differ from those {} was trained on", run.display());
+            return Err(Error::data(&args.data.path, None, what));
         }
-        let area = shape.height * shape.width;
-        let mut mean = vec![0f32; area];
-        raw.features.chunks(area).for_each(|r| mean.iter_mut().zip(r).for_each(|(m, v)| *m += v / raw.rows as f32));
-        let image = |id: usize| raw.features[(id - start) * area..(id - start + 1) * area].to_vec();
-        confirm(&opened, args.backend, &mut report, &image, &|id, c| {
+        confirm(&opened, args.backend, report, &image, &|id, c| {
             let mut pixels = image(id);
             if let Feature::Patch { x, y, size, .. } = &c.feature {
                 for r in *y..y + size {
                     for col in *x..x + size {
-                        pixels[r * shape.width + col] = mean[r * shape.width + col];
+                        pixels[r * width + col] = mean[r * width + col];
                     }
                 }
             }
             pixels
         })?;
     }
-    let html = (args.report.format == Format::Html).then(|| {
-        let shown = Shown::Images { pixels: &raw.features, height: shape.height, width: shape.width };
-        to_html(&report, &shown, &|id| id.checked_sub(start))
-    });
-    Ok((report, html))
+    Ok((args.report.format == Format::Html).then(|| to_html(report, shown, row_of)))
 }
 
 /// Fills each candidate's `sources` from its first 10 flagged carriers.

@@ -18,8 +18,48 @@ pub(super) fn parse_label(cell: &str) -> Option<u32> {
 
 /// Loads a CSV file. Features stay raw; the caller normalises.
 pub fn load(path: &Path) -> Result<RawData> {
-    let (bytes, sha) = read_file(path)?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes.as_slice());
+    let (mut features, mut labels) = (Vec::new(), Vec::new());
+    let table = read_row_blocks(path, 1 << 16, &mut |_, f, y| {
+        features.extend_from_slice(f);
+        labels.extend_from_slice(y);
+        Ok(())
+    })?;
+    Ok(RawData {
+        features,
+        labels,
+        shape: culprit_models::InputShape::flat(table.columns.len()),
+        texts: None,
+        files: vec![(path.to_path_buf(), table.sha)],
+        rows: table.rows,
+        columns: Some(table.columns),
+    })
+}
+
+/// What a streamed read of a CSV file found ([`read_row_blocks`]).
+#[derive(Clone, Debug)]
+pub struct CsvStream {
+    /// Data rows.
+    pub rows: usize,
+    /// The feature columns' names, in file order.
+    pub columns: Vec<String>,
+    /// The file's SHA-256 as stored.
+    pub sha: String,
+}
+
+/// Streams a CSV(.gz) file: checks its header (a `label` column, unique names, a feature
+/// besides), then calls `each(first, features, labels)` for consecutive blocks of at most
+/// `per_block` rows in order (`first` the block's first row, from 0; features row-major, raw),
+/// holding one block. A malformed row is refused with its row number (1 for the first data
+/// row).
+pub fn read_row_blocks(
+    path: &Path,
+    per_block: usize,
+    each: &mut dyn FnMut(usize, &[f32], &[u32]) -> Result<()>,
+) -> Result<CsvStream> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let stream = super::stream::open(path, &mut sha)?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(stream);
     let headers = reader.headers().map_err(|e| Error::data(path, Some(0), format!("unreadable header: {e}")))?.clone();
     let label_col = headers.iter().position(|h| h.trim() == "label").ok_or_else(|| {
         Error::data(
@@ -39,54 +79,68 @@ pub fn load(path: &Path) -> Result<RawData> {
         }
     }
     let width = headers.len();
-    let dim = width - 1;
-    if dim == 0 {
+    if width < 2 {
         return Err(Error::data(path, Some(0), "no feature columns besides `label`"));
     }
-    let mut features = Vec::new();
-    let mut labels = Vec::new();
-    for (i, record) in reader.records().enumerate() {
-        let row = i + 1;
-        let record = record.map_err(|e| Error::data(path, Some(row), format!("unreadable: {e}")))?;
-        if record.len() != width {
-            return Err(Error::data(path, Some(row), format!("{} fields, the header has {width}", record.len())));
+    let per_block = per_block.max(1);
+    let (mut features, mut labels, mut first) = (Vec::new(), Vec::new(), 0usize);
+    let mut record = csv::StringRecord::new();
+    loop {
+        let row = first + labels.len() + 1;
+        let more =
+            reader.read_record(&mut record).map_err(|e| Error::data(path, Some(row), format!("unreadable: {e}")))?;
+        if more {
+            labels.push(parse_row(path, row, &record, &headers, label_col, &mut features)?);
         }
-        for (c, cell) in record.iter().enumerate() {
-            if c == label_col {
-                let y = parse_label(cell).ok_or_else(|| {
-                    Error::data(path, Some(row), format!("label `{cell}` is not a non-negative integer"))
-                })?;
-                labels.push(y);
-            } else {
-                let v: f32 = cell.trim().parse().map_err(|_| {
-                    Error::data(path, Some(row), format!("column `{}`: `{cell}` is not a number", &headers[c]))
-                })?;
-                if !v.is_finite() {
-                    return Err(Error::data(
-                        path,
-                        Some(row),
-                        format!("column `{}`: `{cell}` is not finite", &headers[c]),
-                    ));
-                }
-                features.push(v);
-            }
+        if labels.len() == per_block || (!more && !labels.is_empty()) {
+            each(first, &features, &labels)?;
+            first += labels.len();
+            features.clear();
+            labels.clear();
+        }
+        if !more {
+            break;
         }
     }
-    if labels.is_empty() {
+    super::stream::finish(reader.into_inner(), path)?;
+    if first == 0 {
         return Err(Error::data(path, None, "no data rows"));
     }
-    let rows = labels.len();
-    Ok(RawData {
-        features,
-        labels,
-        shape: culprit_models::InputShape::flat(dim),
-        texts: None,
-        files: vec![(path.to_path_buf(), sha)],
-        rows,
-        columns: Some(
-            headers.iter().enumerate().filter(|(c, _)| *c != label_col).map(|(_, h)| h.trim().to_string()).collect(),
-        ),
-    })
+    let columns =
+        headers.iter().enumerate().filter(|(c, _)| *c != label_col).map(|(_, h)| h.trim().to_string()).collect();
+    Ok(CsvStream { rows: first, columns, sha: super::hex(&sha.finalize()) })
+}
+
+/// Parses data row `row` (`record`, under `headers`): pushes its features onto `features` and
+/// returns its label, or an error naming the row and the cell.
+fn parse_row(
+    path: &Path,
+    row: usize,
+    record: &csv::StringRecord,
+    headers: &csv::StringRecord,
+    label_col: usize,
+    features: &mut Vec<f32>,
+) -> Result<u32> {
+    let width = headers.len();
+    if record.len() != width {
+        return Err(Error::data(path, Some(row), format!("{} fields, the header has {width}", record.len())));
+    }
+    let mut label = 0;
+    for (c, cell) in record.iter().enumerate() {
+        if c == label_col {
+            label = parse_label(cell)
+                .ok_or_else(|| Error::data(path, Some(row), format!("label `{cell}` is not a non-negative integer")))?;
+        } else {
+            let v: f32 = cell.trim().parse().map_err(|_| {
+                Error::data(path, Some(row), format!("column `{}`: `{cell}` is not a number", &headers[c]))
+            })?;
+            if !v.is_finite() {
+                return Err(Error::data(path, Some(row), format!("column `{}`: `{cell}` is not finite", &headers[c])));
+            }
+            features.push(v);
+        }
+    }
+    Ok(label)
 }
 
 /// The header of a CSV file and the position of its `label` column.

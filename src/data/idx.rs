@@ -50,8 +50,29 @@ fn find(dir: &Path, split: Split, stem: &str) -> Result<PathBuf> {
     Err(Error::data(dir, None, format!("no {name} or {name}.gz in this folder (expected MNIST's file names)")))
 }
 
-/// Parses an IDX header; returns the dimension sizes and the offset of the data.
+/// Parses an IDX header; returns the dimension sizes and the offset of the data, checking that
+/// `bytes` (the whole file) hold exactly the data it promises.
 fn header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
+    let (dims, start) = parse_header(path, bytes, ndims)?;
+    let expected = start + dims.iter().product::<usize>();
+    if bytes.len() != expected {
+        return Err(Error::data(
+            path,
+            None,
+            format!(
+                "IDX header promises {} bytes of data ({}) but the file holds {}",
+                expected - start,
+                dims.iter().map(ToString::to_string).collect::<Vec<_>>().join("x"),
+                bytes.len() - start
+            ),
+        ));
+    }
+    Ok((dims, start))
+}
+
+/// Parses the IDX header at the start of `bytes` (at least its 4 + 4·`ndims` bytes): the
+/// dimension sizes and the offset of the data.
+fn parse_header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
     if bytes.len() < 4 {
         return Err(Error::data(path, None, format!("truncated IDX file: {} bytes, no header", bytes.len())));
     }
@@ -72,19 +93,6 @@ fn header(path: &Path, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, usize)> {
     let dims: Vec<usize> = (0..ndims as usize)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    let expected = start + dims.iter().product::<usize>();
-    if bytes.len() != expected {
-        return Err(Error::data(
-            path,
-            None,
-            format!(
-                "IDX header promises {} bytes of data ({}) but the file holds {}",
-                expected - start,
-                dims.iter().map(ToString::to_string).collect::<Vec<_>>().join("x"),
-                bytes.len() - start
-            ),
-        ));
-    }
     Ok((dims, start))
 }
 
@@ -157,6 +165,93 @@ pub(crate) fn for_each_example(dir: &Path, split: Split, mut visit: impl FnMut(u
         visit(row, &f.images[f.ioff + row * pixels..f.ioff + (row + 1) * pixels], f.labels[f.loff + row]);
     }
     Ok(f.images_path)
+}
+
+/// The images, rows and columns one split's images file promises (its header only, read
+/// through gzip): what loading it would hold, before reading it.
+pub fn dims(dir: &Path, split: Split) -> Result<(usize, usize, usize)> {
+    use sha2::Digest;
+    let path = find(dir, split, "images-idx3-ubyte")?;
+    let mut sha = sha2::Sha256::new();
+    let mut reader = super::stream::open(&path, &mut sha)?;
+    let mut head = [0u8; 16];
+    if !super::stream::read_exact_or_end(&mut *reader, &mut head, &path)? {
+        return Err(Error::data(&path, None, "truncated IDX header"));
+    }
+    let (d, _) = parse_header(&path, &head, 3)?;
+    Ok((d[0], d[1], d[2]))
+}
+
+/// What a streamed read of one split of an IDX folder found ([`read_image_blocks`]).
+#[derive(Clone, Debug)]
+pub struct IdxStream {
+    /// Images.
+    pub n: usize,
+    /// Rows of an image.
+    pub height: usize,
+    /// Columns of an image.
+    pub width: usize,
+    /// The images and labels files, with the SHA-256 of each as stored.
+    pub files: Vec<(PathBuf, String)>,
+}
+
+/// Streams one split of an IDX folder: calls `each(first, pixels, labels)` for consecutive
+/// blocks of at most `per_block` images in order (`first` the row of the block's first, its
+/// pixels one byte each, row-major), holding one block; the headers are checked as for loading,
+/// and a file that ends early or holds more than its header promises is refused, naming it.
+pub fn read_image_blocks(
+    dir: &Path,
+    split: Split,
+    per_block: usize,
+    each: &mut dyn FnMut(usize, &[u8], &[u8]) -> Result<()>,
+) -> Result<IdxStream> {
+    use sha2::Digest;
+    let images_path = find(dir, split, "images-idx3-ubyte")?;
+    let labels_path = find(dir, split, "labels-idx1-ubyte")?;
+    let (mut images_sha, mut labels_sha) = (sha2::Sha256::new(), sha2::Sha256::new());
+    let mut images = super::stream::open(&images_path, &mut images_sha)?;
+    let mut labels = super::stream::open(&labels_path, &mut labels_sha)?;
+    let truncated = |path: &Path| Error::data(path, None, "truncated IDX header");
+    let (mut ihead, mut lhead) = ([0u8; 16], [0u8; 8]);
+    if !super::stream::read_exact_or_end(&mut *images, &mut ihead, &images_path)? {
+        return Err(truncated(&images_path));
+    }
+    if !super::stream::read_exact_or_end(&mut *labels, &mut lhead, &labels_path)? {
+        return Err(truncated(&labels_path));
+    }
+    let (idims, _) = parse_header(&images_path, &ihead, 3)?;
+    let (ldims, _) = parse_header(&labels_path, &lhead, 1)?;
+    if idims[0] != ldims[0] {
+        let what = format!("{} labels for {} images in {}", ldims[0], idims[0], images_path.display());
+        return Err(Error::data(&labels_path, None, what));
+    }
+    let (n, h, w) = (idims[0], idims[1], idims[2]);
+    let per_block = per_block.max(1);
+    let (mut pixels, mut ys) = (vec![0u8; per_block * h * w], vec![0u8; per_block]);
+    let ended = |path: &Path, at: usize| {
+        Error::data(path, None, format!("IDX header promises {n} examples but the file ends after {at}"))
+    };
+    for first in (0..n).step_by(per_block) {
+        let count = per_block.min(n - first);
+        let (block, labels_block) = (&mut pixels[..count * h * w], &mut ys[..count]);
+        if !super::stream::read_exact_or_end(&mut *images, block, &images_path)? {
+            return Err(ended(&images_path, first));
+        }
+        if !super::stream::read_exact_or_end(&mut *labels, labels_block, &labels_path)? {
+            return Err(ended(&labels_path, first));
+        }
+        each(first, block, labels_block)?;
+    }
+    for (reader, path) in [(&mut images, &images_path), (&mut labels, &labels_path)] {
+        if super::stream::read_exact_or_end(&mut **reader, &mut [0u8; 1], path)? {
+            return Err(Error::data(path, None, format!("holds more data than its header promises ({n} examples)")));
+        }
+    }
+    super::stream::finish(images, &images_path)?;
+    super::stream::finish(labels, &labels_path)?;
+    let files =
+        vec![(images_path, super::hex(&images_sha.finalize())), (labels_path, super::hex(&labels_sha.finalize()))];
+    Ok(IdxStream { n, height: h, width: w, files })
 }
 
 /// Writes one split of an IDX folder (uncompressed, MNIST's names): `pixels` are

@@ -19,6 +19,7 @@ pub mod csv;
 pub mod idx;
 pub mod poisoned;
 pub mod provenance;
+pub mod stream;
 pub mod text;
 pub mod tokenizer;
 
@@ -138,6 +139,67 @@ pub fn load_selected(kind: SourceKind, spec: &DataSpec, buckets: usize) -> Resul
         raw.rows = rows.len();
     }
     Ok((raw, rows.start))
+}
+
+/// What a streamed read of an image source found ([`read_image_blocks`]).
+#[derive(Clone, Debug)]
+pub struct ImageStream {
+    /// Examples in the source (all rows, selected or not).
+    pub rows: usize,
+    /// The shape of one example as stored (a CSV table's is flat).
+    pub shape: InputShape,
+    /// Each file read, with its SHA-256 as stored.
+    pub files: Vec<(PathBuf, String)>,
+    /// The feature columns' names (CSV tables).
+    pub columns: Option<Vec<String>>,
+}
+
+/// Streams an IDX folder's split or a CSV table: calls `each(first, features, labels)` for
+/// consecutive blocks of at most `per_block` rows in order (`first` the block's first row;
+/// features raw, row-major, f32), holding one block. Errors name the file and the row.
+pub fn read_image_blocks(
+    kind: SourceKind,
+    path: &Path,
+    split: Split,
+    per_block: usize,
+    each: &mut dyn FnMut(usize, &[f32], &[u32]) -> Result<()>,
+) -> Result<ImageStream> {
+    match kind {
+        SourceKind::Idx => {
+            let (mut features, mut labels) = (Vec::new(), Vec::new());
+            let found = idx::read_image_blocks(path, split, per_block, &mut |first, pixels, ys| {
+                features.clear();
+                features.extend(pixels.iter().map(|&p| f32::from(p)));
+                labels.clear();
+                labels.extend(ys.iter().map(|&y| u32::from(y)));
+                each(first, &features, &labels)
+            })?;
+            let shape = InputShape { channels: 1, height: found.height, width: found.width };
+            Ok(ImageStream { rows: found.n, shape, files: found.files, columns: None })
+        }
+        SourceKind::Csv => {
+            let found = csv::read_row_blocks(path, per_block, each)?;
+            let shape = InputShape::flat(found.columns.len());
+            Ok(ImageStream {
+                rows: found.rows,
+                shape,
+                files: vec![(path.to_path_buf(), found.sha)],
+                columns: Some(found.columns),
+            })
+        }
+        SourceKind::Jsonl | SourceKind::Corpus => {
+            Err(Error::data(path, None, "JSON lines hold texts, not images or table rows"))
+        }
+    }
+}
+
+/// The bytes `path` holds once decompressed (its size as stored when it is not gzip), from
+/// one pass through the decompressor: what holding its contents costs, before parsing.
+pub fn plain_len(path: &Path) -> Result<u64> {
+    let mut sha = Sha256::new();
+    let mut reader = stream::open(path, &mut sha)?;
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map_err(|e| Error::data(path, None, format!("cannot read it (a corrupt or truncated gzip stream?): {e}")))
 }
 
 /// The rows `--skip skip --limit limit` select of a source of `total` rows; selecting none is

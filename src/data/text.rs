@@ -109,21 +109,6 @@ pub fn load_records(path: &Path) -> Result<(Vec<Record>, String)> {
     Ok((records, sha))
 }
 
-/// A reader that hashes what it reads (SHA-256 of the stored bytes).
-struct Hashing<'a, R> {
-    inner: R,
-    sha: &'a mut sha2::Sha256,
-}
-
-impl<R: std::io::Read> std::io::Read for Hashing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use sha2::Digest;
-        let n = self.inner.read(buf)?;
-        self.sha.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Streams a JSONL(.gz) file's records in order, in blocks of about `block_bytes` of lines (at
 /// least one record each), calling `each(first, records)` with the index of the block's first
 /// record (blank lines skipped, as [`load_records`] does); each block's lines are parsed in
@@ -136,16 +121,8 @@ pub fn read_record_blocks(
 ) -> Result<(usize, String)> {
     use rayon::prelude::*;
     use sha2::Digest;
-    use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut sha = sha2::Sha256::new();
-    let mut hashing = std::io::BufReader::with_capacity(1 << 20, Hashing { inner: file, sha: &mut sha });
-    let gzip = hashing.fill_buf().map_err(Error::io(path))?.starts_with(&[0x1f, 0x8b]);
-    let mut reader: Box<dyn BufRead + '_> = if gzip {
-        Box::new(std::io::BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(hashing)))
-    } else {
-        Box::new(hashing)
-    };
+    let mut reader = super::stream::open(path, &mut sha)?;
     let (mut lines, mut bytes, mut line, mut first) = (Vec::new(), 0usize, 0usize, 0usize);
     let mut flush = |lines: &mut Vec<(usize, String)>, first: &mut usize| -> Result<()> {
         let records = lines
@@ -184,8 +161,7 @@ pub fn read_record_blocks(
         flush(&mut lines, &mut first)?;
     }
     // The rest of the stored bytes (past the gzip stream's end) still count in the hash.
-    std::io::copy(&mut reader, &mut std::io::sink()).map_err(Error::io(path))?;
-    drop(reader);
+    super::stream::finish(reader, path)?;
     if first == 0 {
         return Err(Error::data(path, None, "no records"));
     }

@@ -25,7 +25,8 @@ pub const MAX_SIDE: usize = 6;
 /// The largest image side: keys hold 12 bits of x and of y.
 pub const MAX_IMAGE_SIDE: usize = 4096;
 
-/// Images with labels, scanned for pixel patterns.
+/// Images with labels, scanned for pixel patterns: a set held in memory, or one block of a set
+/// read in blocks ([`ImageFile`]), with what the whole set shares ([`ImageShared`]).
 pub struct ImageScan<'a> {
     /// One byte per pixel, its level 0, 1 or 2.
     bits: Vec<u8>,
@@ -34,13 +35,68 @@ pub struct ImageScan<'a> {
     height: usize,
     width: usize,
     sizes: RangeInclusive<usize>,
-    /// The model a square is removed from; `None` for the base-rate scan.
-    baseline: Option<CrossFitted>,
-    /// The labels' shares, the base-rate scan's expectation.
-    prior: Vec<f32>,
-    /// μₚ, each pixel's share of 1 bits.
-    mean: Vec<f32>,
+    shared: ImageShared,
     floor: f32,
+    /// The index of the first image in the whole set (a block's), which picks the baseline's fold.
+    offset: usize,
+}
+
+/// What every block of a set shares: the quantisation's largest value, the atoms' means μ, the
+/// labels' shares and the baseline.
+#[derive(Clone)]
+pub struct ImageShared {
+    /// The data's largest pixel value ([`level`]).
+    pub largest: f32,
+    /// μₐ, each atom's share of 1 bits over the set: pixel p above half (index p), saturated
+    /// (area + p).
+    pub mean: std::sync::Arc<Vec<f32>>,
+    /// The labels' shares, the base-rate scan's expectation.
+    pub prior: Vec<f32>,
+    /// The model a square is removed from; `None` for the base-rate scan.
+    pub baseline: Option<std::sync::Arc<CrossFitted>>,
+}
+
+/// Adds the atoms of the quantised images `bits` (`area` pixels each) to `sums`
+/// (2 · area counts: above half, then saturated); divided by the images, the means μ.
+pub fn add_atoms(bits: &[u8], area: usize, sums: &mut [f64]) {
+    for image in bits.chunks(area) {
+        for (p, &b) in image.iter().enumerate() {
+            sums[p] += f64::from(u8::from(b >= 1));
+            sums[area + p] += f64::from(u8::from(b == 2));
+        }
+    }
+}
+
+/// The baseline's atoms of one quantised image: pixel p above half (index p), pixel p saturated
+/// (area + p).
+fn atoms(image: &[u8]) -> Vec<u32> {
+    let area = image.len() as u32;
+    let above = (0..area).filter(|&p| image[p as usize] >= 1);
+    above.chain((0..area).filter(|&p| image[p as usize] == 2).map(|p| area + p)).collect()
+}
+
+/// The scan's baseline for the quantised images `bits` (`area` pixels each, labels `labels`),
+/// image k being example `index(k)` of the set scanned ([`CrossFitted::fit_sample`]), λ `l2`.
+pub fn fit_baseline(
+    bits: &[u8],
+    labels: &[u32],
+    index: &(dyn Fn(usize) -> usize + Sync),
+    classes: usize,
+    area: usize,
+    l2: f64,
+) -> CrossFitted {
+    let active = |k: usize| atoms(&bits[k * area..(k + 1) * area]);
+    CrossFitted::fit_sample(labels, index, classes, 2 * area, &active, l2)
+}
+
+/// The largest value of `pixels` (0 for none), the quantisation's top level.
+pub fn largest(pixels: &[f32]) -> f32 {
+    pixels.iter().fold(0f32, |a, &b| a.max(b))
+}
+
+/// `pixels` quantised ([`level`]) against the data's `largest` value, one byte each.
+pub fn levels(pixels: &[f32], largest: f32) -> Vec<u8> {
+    pixels.par_iter().map(|&v| level(v, largest)).collect()
 }
 
 /// The key of the `size`-square at (x, y) with `pattern` (its levels as a base-3 number): the
@@ -69,31 +125,53 @@ impl<'a> ImageScan<'a> {
         floor: f64,
         l2: Option<f64>,
     ) -> Self {
-        let largest = pixels.iter().fold(0f32, |a, &b| a.max(b));
-        let bits: Vec<u8> = pixels.par_iter().map(|&v| level(v, largest)).collect();
+        let largest = largest(pixels);
+        let bits = levels(pixels, largest);
         let area = height * width;
-        // The baseline's atoms: pixel p above half (index p), pixel p saturated (area + p).
-        let mut mean = vec![0f32; 2 * area];
-        for image in bits.chunks(area) {
-            for (p, &b) in image.iter().enumerate() {
-                mean[p] += f32::from(u8::from(b >= 1));
-                mean[area + p] += f32::from(u8::from(b == 2));
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= labels.len().max(1) as f32);
-        let active = |i: usize| -> Vec<u32> {
-            let image = &bits[i * area..(i + 1) * area];
-            let above = (0..area as u32).filter(|&p| image[p as usize] >= 1);
-            above.chain((0..area as u32).filter(|&p| image[p as usize] == 2).map(|p| area as u32 + p)).collect()
-        };
-        let baseline = l2.map(|l2| CrossFitted::fit(labels, classes, 2 * area, &active, l2));
+        let mut sums = vec![0f64; 2 * area];
+        add_atoms(&bits, area, &mut sums);
+        let mean = sums.iter().map(|&m| (m / labels.len().max(1) as f64) as f32).collect();
+        let baseline = l2.map(|l2| std::sync::Arc::new(fit_baseline(&bits, labels, &|k| k, classes, area, l2)));
         let prior = super::base_rates(labels, classes);
-        Self { bits, labels, classes, height, width, sizes, baseline, prior, mean, floor: floor as f32 }
+        let shared = ImageShared { largest, mean: std::sync::Arc::new(mean), prior, baseline };
+        Self::quantised(bits, labels, classes, (height, width), sizes, floor, shared, 0)
+    }
+
+    /// A block of a larger set, from its `offset`-th image on: `pixels` quantised against the
+    /// set's largest value, tested against what the set shares (`shared`: its baseline, fitted
+    /// on a sample of it, [`fit_baseline`], or the base rates).
+    #[allow(clippy::too_many_arguments)]
+    pub fn block(
+        pixels: &[f32],
+        labels: &'a [u32],
+        classes: usize,
+        hw: (usize, usize),
+        sizes: RangeInclusive<usize>,
+        floor: f64,
+        shared: ImageShared,
+        offset: usize,
+    ) -> Self {
+        let bits = levels(pixels, shared.largest);
+        Self::quantised(bits, labels, classes, hw, sizes, floor, shared, offset)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn quantised(
+        bits: Vec<u8>,
+        labels: &'a [u32],
+        classes: usize,
+        (height, width): (usize, usize),
+        sizes: RangeInclusive<usize>,
+        floor: f64,
+        shared: ImageShared,
+        offset: usize,
+    ) -> Self {
+        Self { bits, labels, classes, height, width, sizes, shared, floor: floor as f32, offset }
     }
 
     /// The baseline's tempering temperature.
     pub fn temperature(&self) -> f32 {
-        self.baseline.as_ref().map_or(1.0, |b| b.temperature)
+        self.shared.baseline.as_ref().map_or(1.0, |b| b.temperature)
     }
 
     /// Image `i`'s 2-D prefix sums of Σ_atoms wₐ(bₐ − μₐ) over each pixel's two atoms, under the
@@ -102,15 +180,17 @@ impl<'a> ImageScan<'a> {
     fn prefix_sums(&self, i: usize) -> Vec<f32> {
         let (h, w, c) = (self.height, self.width, self.classes);
         let image = &self.bits[i * h * w..(i + 1) * h * w];
-        let weights = &self.baseline.as_ref().expect("prefix sums need the baseline").model(i).weights;
+        let model = self.shared.baseline.as_ref().expect("prefix sums need the baseline");
+        let weights = &model.model(i + self.offset).weights;
+        let mean = &self.shared.mean;
         let mut sums = vec![0f32; (h + 1) * (w + 1) * c];
         for r in 0..h {
             let mut row = vec![0f32; c];
             for s in 0..w {
                 let p = r * w + s;
                 let area = h * w;
-                let above = f32::from(u8::from(image[p] >= 1)) - self.mean[p];
-                let saturated = f32::from(u8::from(image[p] == 2)) - self.mean[area + p];
+                let above = f32::from(u8::from(image[p] >= 1)) - mean[p];
+                let saturated = f32::from(u8::from(image[p] == 2)) - mean[area + p];
                 let (wa, ws) = (&weights[p * c..][..c], &weights[(area + p) * c..][..c]);
                 for ((a, x), y) in row.iter_mut().zip(wa).zip(ws) {
                     *a += x * above + y * saturated;
@@ -142,19 +222,13 @@ impl Scanned for ImageScan<'_> {
     fn visit(&self, i: usize, baseline: bool, visit: &mut dyn FnMut(u64, &[f32])) {
         let (h, w, c) = (self.height, self.width, self.classes);
         let image = &self.bits[i * h * w..(i + 1) * h * w];
-        let model = self.baseline.as_ref().filter(|_| baseline);
+        let model = self.shared.baseline.as_deref().filter(|_| baseline);
         let sums = if model.is_some() { self.prefix_sums(i) } else { Vec::new() };
         let l: Vec<f32> = match model {
-            Some(m) => {
-                let area = (h * w) as u32;
-                let above = (0..area).filter(|&p| image[p as usize] >= 1);
-                let atoms: Vec<u32> =
-                    above.chain((0..area).filter(|&p| image[p as usize] == 2).map(|p| area + p)).collect();
-                m.logits(i, &atoms)
-            }
+            Some(m) => m.logits(i + self.offset, &atoms(image)),
             None => Vec::new(),
         };
-        let base: &[f32] = if baseline { &self.prior } else { &[] };
+        let base: &[f32] = if baseline { &self.shared.prior } else { &[] };
         let (mut delta, mut q) = (vec![0f32; c], vec![0f32; c]);
         let at = |r: usize, s: usize| &sums[(r * (w + 1) + s) * c..][..c];
         for k in self.sizes.clone() {
@@ -189,7 +263,7 @@ impl Scanned for ImageScan<'_> {
     }
 
     fn fixed_baseline(&self) -> Option<&[f32]> {
-        self.baseline.is_none().then_some(&self.prior[..])
+        self.shared.baseline.is_none().then_some(&self.shared.prior[..])
     }
 
     fn describe(&self, i: usize, key: u64) -> Feature {
@@ -200,5 +274,87 @@ impl Scanned for ImageScan<'_> {
         let image = &self.bits[i * h * w..(i + 1) * h * w];
         let pattern = (y..y + size).flat_map(|r| image[r * w + x..r * w + x + size].iter().copied()).collect();
         Feature::Patch { x, y, size, pattern }
+    }
+}
+
+/// An image source too large to hold (an IDX folder's split, a CSV table of square rows), read
+/// in blocks of `per_block` images on every pass of the scan ([`super::ScanBlocks`]): the scan
+/// holds one block, the sketch and the carriers, never the set. Each read checks the files'
+/// SHA-256 against the first read's, so that a source changed while it is scanned is refused.
+pub struct ImageFile {
+    kind: crate::data::SourceKind,
+    path: std::path::PathBuf,
+    split: crate::data::Split,
+    rows: std::ops::Range<usize>,
+    per_block: usize,
+    classes: usize,
+    hw: (usize, usize),
+    sizes: RangeInclusive<usize>,
+    floor: f64,
+    shared: ImageShared,
+    files: Vec<(std::path::PathBuf, String)>,
+}
+
+impl ImageFile {
+    /// The rows `rows` of the source at `path` (of `kind`, `split` for IDX; its files and their
+    /// SHA-256 `files` as first read), images `hw`, labels below `classes`, tested against what
+    /// the set shares (`shared`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        (kind, path, split): (crate::data::SourceKind, &std::path::Path, crate::data::Split),
+        rows: std::ops::Range<usize>,
+        per_block: usize,
+        classes: usize,
+        hw: (usize, usize),
+        sizes: RangeInclusive<usize>,
+        floor: f64,
+        shared: ImageShared,
+        files: Vec<(std::path::PathBuf, String)>,
+    ) -> Self {
+        Self { kind, path: path.to_path_buf(), split, rows, per_block, classes, hw, sizes, floor, shared, files }
+    }
+}
+
+impl super::ScanBlocks for ImageFile {
+    fn examples(&self) -> usize {
+        self.rows.len()
+    }
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn spatial(&self) -> bool {
+        true
+    }
+    fn fixed_baseline(&self) -> Option<Vec<f32>> {
+        self.shared.baseline.is_none().then(|| self.shared.prior.clone())
+    }
+    fn blocks(&self, each: &mut dyn FnMut(usize, &dyn Scanned)) -> crate::error::Result<()> {
+        use crate::error::Error;
+        let changed = || Error::data(&self.path, None, "the data changed while it was scanned; scan it again");
+        let area = self.hw.0 * self.hw.1;
+        let mut labels = Vec::new();
+        let read =
+            crate::data::read_image_blocks(self.kind, &self.path, self.split, self.per_block, &mut |first, f, y| {
+                let (from, to) = (self.rows.start.max(first), self.rows.end.min(first + y.len()));
+                if from >= to {
+                    return Ok(());
+                }
+                if f.len() != y.len() * area {
+                    return Err(changed());
+                }
+                labels.clear();
+                for &label in &y[from - first..to - first] {
+                    labels.push(Some(label).filter(|&l| (l as usize) < self.classes).ok_or_else(changed)?);
+                }
+                let pixels = &f[(from - first) * area..(to - first) * area];
+                let (sizes, shared, offset) = (self.sizes.clone(), self.shared.clone(), from - self.rows.start);
+                let block = ImageScan::block(pixels, &labels, self.classes, self.hw, sizes, self.floor, shared, offset);
+                each(offset, &block);
+                Ok(())
+            })?;
+        if read.files != self.files {
+            return Err(changed());
+        }
+        Ok(())
     }
 }

@@ -96,6 +96,23 @@ fn plant_patch(
     (poisons, (x, y))
 }
 
+/// Asserts that every pixel the candidate `first` has on lies in the `side`-square at (x, y),
+/// and that it has some on (it may add an empty border, or be a square inside it).
+fn assert_inside(first: &serde_json::Value, (x, y): (usize, usize), side: usize) {
+    let (fx, fy, fs) = (
+        first["x"].as_u64().unwrap() as usize,
+        first["y"].as_u64().unwrap() as usize,
+        first["size"].as_u64().unwrap() as usize,
+    );
+    let pattern = first["pattern"].as_array().unwrap();
+    let on: Vec<(usize, usize)> =
+        (0..fs * fs).filter(|&b| pattern[b].as_u64().unwrap() >= 1).map(|b| (fx + b % fs, fy + b / fs)).collect();
+    assert!(
+        !on.is_empty() && on.iter().all(|&(c, r)| (x..x + side).contains(&c) && (y..y + side).contains(&r)),
+        "trigger at ({x}, {y}), side {side}: {first}"
+    );
+}
+
 /// Writes a CSV of `rows` pixel columns and a label.
 fn write_csv(path: &Path, pixels: &[f32], labels: &[u32], dim: usize) {
     let header: Vec<String> = (0..dim).map(|j| format!("f{j}")).chain(["label".to_string()]).collect();
@@ -179,21 +196,101 @@ fn a_patch_planted_anywhere_in_mnist_and_fashion_is_found() {
         eprintln!("{set}: trigger {side}×{side} at ({x}, {y})");
         // The first candidate is the planted square: every pixel it has on is in the square, and
         // it holds some of it (it may add an empty border, or be a square inside it).
-        let (fx, fy, fs) = (
-            first["x"].as_u64().unwrap() as usize,
-            first["y"].as_u64().unwrap() as usize,
-            first["size"].as_u64().unwrap() as usize,
-        );
-        let pattern = first["pattern"].as_array().unwrap();
-        let on: Vec<(usize, usize)> =
-            (0..fs * fs).filter(|&b| pattern[b].as_u64().unwrap() >= 1).map(|b| (fx + b % fs, fy + b / fs)).collect();
-        assert!(
-            !on.is_empty() && on.iter().all(|&(c, r)| (x..x + side).contains(&c) && (y..y + side).contains(&r)),
-            "{set}: {first}"
-        );
+        assert_inside(first, (x, y), side);
         assert_eq!(first["target_label"], target);
         assert_flags(&report, &poisons, labels.len());
     }
+}
+
+/// The candidates of two scan reports are the same squares with the same carriers and counts,
+/// their statistics within `tolerance`.
+fn assert_same_squares(a: &serde_json::Value, b: &serde_json::Value, tolerance: f64) {
+    assert_eq!(a["occurrences"], b["occurrences"]);
+    let (a, b) = (a["candidates"].as_array().unwrap(), b["candidates"].as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        for field in ["x", "y", "size", "pattern", "carriers", "target_label", "target_count"] {
+            assert_eq!(x[field], y[field], "{field}: {x} against {y}");
+        }
+        let (s, t) = (x["statistic"].as_f64().unwrap(), y["statistic"].as_f64().unwrap());
+        assert!((s - t).abs() <= tolerance, "statistic {s} against {t}");
+    }
+}
+
+#[test]
+fn images_too_many_to_hold_stream_through_the_scan_with_the_same_findings() {
+    // 6000 MNIST digits with a 4 × 4 square in 1 % of them, as an IDX folder and as a CSV table
+    // (23.5 MB held: an f32 and a level a pixel), scanned holding all of it, then holding 4 MiB
+    // and 2 MiB: read in blocks of 267 and 133 images on every pass.
+    let Some(shared) = common::shared("data/mnist") else { return };
+    let spec = culprit::data::DataSpec { limit: Some(6000), ..culprit::data::DataSpec::all(shared.join("data/mnist")) };
+    let (raw, _) = culprit::data::load_selected(culprit::data::SourceKind::Idx, &spec, 0).unwrap();
+    let (mut pixels, mut labels) = (raw.features, raw.labels);
+    let (poisons, (x, y)) = plant_patch(&mut pixels, &mut labels, (28, 28), 4, 0.02..0.2, (0.01, 6, 77));
+    let dir = tempfile::tempdir().unwrap();
+    let idx = dir.path().join("idx");
+    culprit::data::idx::write(&idx, culprit::data::Split::Train, 28, 28, &pixels, &labels).unwrap();
+    let csv = dir.path().join("poisoned.csv");
+    write_csv(&csv, &pixels, &labels, 784);
+    let (idx, csv) = (idx.to_str().unwrap(), csv.to_str().unwrap());
+    // The base-rate scan is exact either way; the IDX folder and the table give the same.
+    let held = scan(&["--data", idx, "--baseline", "none"]);
+    let streamed = scan(&["--data", idx, "--baseline", "none", "--hold-mib", "4"]);
+    assert!(streamed["features"].as_str().unwrap().contains("blocks of 267 images"), "{}", streamed["features"]);
+    assert_same_squares(&held, &streamed, 1e-9);
+    assert_same_squares(&held, &scan(&["--data", csv, "--baseline", "none", "--hold-mib", "4"]), 1e-9);
+    // With the baseline fitted on a sample holding every image (16 MiB of levels for 4.7 MB),
+    // the same baseline: the same findings, the statistics summed in another order (1e-6).
+    let held = scan(&["--data", idx]);
+    assert_inside(&held["candidates"][0], (x, y), 4);
+    assert_flags(&held, &poisons, labels.len());
+    let sampled_all = scan(&["--data", idx, "--hold-mib", "16"]);
+    assert!(sampled_all["features"].as_str().unwrap().contains("blocks"), "{}", sampled_all["features"]);
+    assert_same_squares(&held, &sampled_all, 1e-6);
+    // A 2 MiB sample (2,675 of the 6000 images) for the baseline: the square still first, ≥ 95 %
+    // of the poisons flagged at ≤ 1 % of the clean digits.
+    let small = scan(&["--data", idx, "--hold-mib", "2"]);
+    assert_inside(&small["candidates"][0], (x, y), 4);
+    assert_flags(&small, &poisons, labels.len());
+}
+
+#[test]
+fn an_image_source_changed_while_it_streams_is_refused() {
+    use culprit::scan::ScanBlocks;
+    let dir = tempfile::tempdir().unwrap();
+    let pixels: Vec<f32> = (0..40 * 16).map(|k| ((k * 37) % 256) as f32).collect();
+    let labels: Vec<u32> = (0..40).map(|i| i % 2).collect();
+    culprit::data::idx::write(dir.path(), culprit::data::Split::Train, 4, 4, &pixels, &labels).unwrap();
+    let kind = (culprit::data::SourceKind::Idx, dir.path(), culprit::data::Split::Train);
+    let shared = culprit::scan::image::ImageShared {
+        largest: 255.0,
+        mean: std::sync::Arc::new(vec![0.5; 32]),
+        prior: vec![0.5, 0.5],
+        baseline: None,
+    };
+    let files = culprit::data::read_image_blocks(kind.0, kind.1, kind.2, 7, &mut |_, _, _| Ok(())).unwrap().files;
+    let open =
+        |files| culprit::scan::image::ImageFile::new(kind, 5..40, 7, 2, (4, 4), 2..=2, 0.01, shared.clone(), files);
+    let (mut seen, mut firsts) = (0, Vec::new());
+    open(files.clone())
+        .blocks(&mut |first, block| {
+            firsts.push(first);
+            seen += block.examples();
+        })
+        .unwrap();
+    // Rows 5..40 from blocks of 7 rows of the file: 2 of the first, then 7 each.
+    assert_eq!((seen, firsts), (35, vec![0, 2, 9, 16, 23, 30]));
+    let mut other = files.clone();
+    other[0].1 = "0000".into();
+    let error = open(other).blocks(&mut |_, _| {}).unwrap_err().to_string();
+    assert!(error.contains("changed"), "{error}");
+    // A truncated images file is refused, naming it.
+    let images = dir.path().join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() - 10]).unwrap();
+    let error = culprit::data::read_image_blocks(kind.0, kind.1, kind.2, 7, &mut |_, _, _| Ok(())).unwrap_err();
+    let error = error.to_string();
+    assert!(error.contains("train-images-idx3-ubyte") && error.contains("ends after"), "{error}");
 }
 
 #[test]
