@@ -565,9 +565,10 @@ fn scan_image_stream(
     if second.files != survey.files {
         return Err(changed());
     }
-    let (index, (bits, labels)): (Vec<usize>, (Vec<Vec<u8>>, Vec<u32>)) =
-        sample.into_sorted().into_iter().map(|(i, (b, y))| (i - rows.start, (b, y))).unzip();
-    let bits = bits.concat();
+    let sampled = sample.into_sorted();
+    let index: Vec<usize> = sampled.iter().map(|(i, _)| i - rows.start).collect();
+    let labels: Vec<u32> = sampled.iter().map(|(_, (_, y))| *y).collect();
+    let bits: Vec<u8> = sampled.into_iter().flat_map(|(_, (b, _))| b).collect();
     let fit =
         |l2| std::sync::Arc::new(crate::scan::image::fit_baseline(&bits, &labels, &|k| index[k], classes, area, l2));
     let baseline = settings.l2.map(fit);

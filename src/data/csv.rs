@@ -51,11 +51,7 @@ pub struct CsvStream {
 /// `per_block` rows in order (`first` the block's first row, from 0; features row-major, raw),
 /// holding one block. A malformed row is refused with its row number (1 for the first data
 /// row).
-pub fn read_row_blocks(
-    path: &Path,
-    per_block: usize,
-    each: &mut dyn FnMut(usize, &[f32], &[u32]) -> Result<()>,
-) -> Result<CsvStream> {
+pub fn read_row_blocks(path: &Path, per_block: usize, each: &mut super::EachRowBlock<'_>) -> Result<CsvStream> {
     use sha2::Digest;
     let mut sha = sha2::Sha256::new();
     let stream = super::stream::open(path, &mut sha)?;

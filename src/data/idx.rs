@@ -182,6 +182,9 @@ pub fn dims(dir: &Path, split: Split) -> Result<(usize, usize, usize)> {
     Ok((d[0], d[1], d[2]))
 }
 
+/// What [`read_image_blocks`] calls for each block: `(first row, pixels, labels)`, a byte each.
+pub type EachImageBlock<'a> = dyn FnMut(usize, &[u8], &[u8]) -> Result<()> + 'a;
+
 /// What a streamed read of one split of an IDX folder found ([`read_image_blocks`]).
 #[derive(Clone, Debug)]
 pub struct IdxStream {
@@ -203,7 +206,7 @@ pub fn read_image_blocks(
     dir: &Path,
     split: Split,
     per_block: usize,
-    each: &mut dyn FnMut(usize, &[u8], &[u8]) -> Result<()>,
+    each: &mut EachImageBlock<'_>,
 ) -> Result<IdxStream> {
     use sha2::Digest;
     let images_path = find(dir, split, "images-idx3-ubyte")?;

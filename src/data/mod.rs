@@ -141,6 +141,9 @@ pub fn load_selected(kind: SourceKind, spec: &DataSpec, buckets: usize) -> Resul
     Ok((raw, rows.start))
 }
 
+/// What a streamed reader calls for each block of rows: `(first row, features row-major, labels)`.
+pub type EachRowBlock<'a> = dyn FnMut(usize, &[f32], &[u32]) -> Result<()> + 'a;
+
 /// What a streamed read of an image source found ([`read_image_blocks`]).
 #[derive(Clone, Debug)]
 pub struct ImageStream {
@@ -162,7 +165,7 @@ pub fn read_image_blocks(
     path: &Path,
     split: Split,
     per_block: usize,
-    each: &mut dyn FnMut(usize, &[f32], &[u32]) -> Result<()>,
+    each: &mut EachRowBlock<'_>,
 ) -> Result<ImageStream> {
     match kind {
         SourceKind::Idx => {
