@@ -13,6 +13,7 @@ use crate::data::{self, DataSpec, SourceKind};
 use crate::error::{Error, Result};
 use crate::report::scan::{ScanReport, Shown, to_html, to_table};
 use crate::report::trace::OUTPUT_SCHEMA_VERSION;
+use crate::scan::corpus::CorpusFile;
 use crate::scan::image::{ImageFile, ImageScan, ImageShared, MAX_IMAGE_SIDE, MAX_SIDE};
 use crate::scan::text::{TextFile, TextScan};
 use crate::scan::{Feature, ScanSettings, scan, scan_blocks};
@@ -243,11 +244,7 @@ fn scan_texts(args: &ScanArgs, settings: &ScanSettings, started: Instant) -> Res
     let (records, rows) = match survey.held {
         Some(held) => (held, survey.rows),
         None if labelled => return scan_text_stream(args, settings, survey, started),
-        // A language-model corpus larger than the memory the scan streams in: held whole.
-        None => {
-            let (records, _) = data::text::load_records(path)?;
-            (records.into_iter().skip(survey.rows.start).take(survey.rows.len()).collect(), survey.rows)
-        }
+        None => return scan_corpus_stream(args, settings, survey, started),
     };
     let (mut texts, mut labels, mut sources) = (Vec::new(), Vec::new(), Vec::new());
     for r in records {
@@ -368,7 +365,7 @@ fn confirm_texts<'t>(
     })
 }
 
-/// Scans a language-model corpus: n-grams against the line that follows them.
+/// Scans a language-model corpus held in memory: n-grams against the line that follows them.
 fn scan_corpus_texts(
     args: &ScanArgs,
     settings: &ScanSettings,
@@ -379,14 +376,57 @@ fn scan_corpus_texts(
     let words = args.words as usize;
     let ids: Vec<usize> = (start..start + texts.len()).collect();
     let found = crate::scan::corpus::scan_corpus(texts, &ids, words, settings);
+    let features = format!("word n-grams of 1 to {words} words, against the line after theirs");
+    corpus_report(args, settings, found, texts.len(), features, started)
+}
+
+/// Scans a language-model corpus too large to hold: every pass reads it in blocks of
+/// [`block_bytes`] ([`CorpusFile`], [`crate::scan::corpus::scan_corpus_blocks`]), and one last
+/// read gathers the texts the report shows.
+fn scan_corpus_stream(
+    args: &ScanArgs,
+    settings: &ScanSettings,
+    survey: Survey,
+    started: Instant,
+) -> Result<(ScanReport, Option<String>)> {
+    let (path, words, block) = (&args.data.path, args.words as usize, block_bytes(args));
+    let rows = survey.rows.clone();
+    let source = CorpusFile::new(path, rows.clone(), block, survey.sha);
+    let mut bar = crate::progress::Bar::new(args.quiet);
+    let found = crate::scan::corpus::scan_corpus_blocks(&source, &|d| rows.start + d, words, settings, &mut bar)?;
+    let features = format!(
+        "word n-grams of 1 to {words} words, against the line after theirs, read in blocks of {:.1} MiB",
+        block as f64 / 1048576.0
+    );
+    let mut report = corpus_report(args, settings, found, rows.len(), features, started);
+    let shown = gather_records(path, block, &report, 10)?;
+    add_sources(&mut report, &|id| shown.get(&id).and_then(|r| r.source.clone()));
+    let html = (args.report.format == Format::Html).then(|| {
+        let ids: Vec<usize> = shown.keys().copied().collect();
+        let texts: Vec<String> = ids.iter().map(|id| shown[id].text.clone()).collect();
+        let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
+        to_html(&report, &Shown::Texts(&texts), &|id| row.get(&id).copied())
+    });
+    Ok((report, html))
+}
+
+/// The report of a corpus scan of `examples` documents.
+fn corpus_report(
+    args: &ScanArgs,
+    settings: &ScanSettings,
+    found: crate::scan::corpus::CorpusScan,
+    examples: usize,
+    features: String,
+    started: Instant,
+) -> ScanReport {
     ScanReport {
         schema_version: OUTPUT_SCHEMA_VERSION,
         report: "scan".into(),
         data: data::absolute(&args.data.path),
         kind: "corpus".into(),
-        features: format!("word n-grams of 1 to {words} words, against the line after theirs"),
-        examples: texts.len(),
-        label_counts: vec![texts.len()],
+        features,
+        examples,
+        label_counts: vec![examples],
         occurrences: found.occurrences,
         tests: found.tests,
         alpha: settings.alpha,

@@ -57,13 +57,13 @@ type DocumentPairs<'a> = HashMap<(u64, u64), (usize, &'a str)>;
 
 /// Each (n-gram of line j, key of line j + 1) pair of a document once, for lines j + 1 in
 /// `repeated`, with the n-gram's first occurrence (line j) and its text span there.
-fn pairs<'a>(text: &'a str, max_words: usize, repeated: &HashSet<u64>) -> DocumentPairs<'a> {
+fn pairs<'a>(text: &'a str, max_words: usize, repeated: &dyn Fn(u64) -> bool) -> DocumentPairs<'a> {
     let ls = lines(text);
     let mut out = HashMap::new();
     let mut found = Vec::new();
     for j in 0..ls.len().saturating_sub(1) {
         let next = line_key(ls[j + 1]);
-        if !repeated.contains(&next) {
+        if !repeated(next) {
             continue;
         }
         words(ls[j], &mut found);
@@ -118,7 +118,8 @@ fn count<'a>(texts: &'a [String], max_words: usize, min: u64) -> Counts<'a> {
         }
     }
     let repeated: HashSet<u64> = line_counts.iter().filter(|(_, c)| **c >= min).map(|(k, _)| *k).collect();
-    let per_doc: Vec<DocumentPairs<'a>> = texts.par_iter().map(|t| pairs(t, max_words, &repeated)).collect();
+    let per_doc: Vec<DocumentPairs<'a>> =
+        texts.par_iter().map(|t| pairs(t, max_words, &|v| repeated.contains(&v))).collect();
     let mut pair_docs: HashMap<(u64, u64), u64> = HashMap::new();
     for p in &per_doc {
         for key in p.keys() {
@@ -161,46 +162,116 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
     let counts = count(texts, max_words, settings.min_carriers as u64);
     let Counts { line_counts, total_lines, per_doc, pair_docs, gram_docs } = &counts;
     let occurrences: u64 = per_doc.iter().map(|p| p.len() as u64).sum();
-    let tests = (occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
-    let threshold = (tests / settings.alpha).ln();
-    let rate = |v: &u64| line_counts[v] as f64 / (*total_lines).max(1) as f64;
-    // The expected count of v among n documents; label 0 is "followed by v".
-    let judge_pair = |n: u64, k: u64, v: u64| -> Judgement { judge(n, &[k], &[n as f64 * rate(&v)], threshold) };
-    let mut ranked: Vec<(Judgement, (u64, u64))> = pair_docs
-        .iter()
-        .map(|(&(a, v), &k)| (judge_pair(gram_docs[&a].max(k), k, v), (a, v)))
-        .filter(|(j, _)| j.evidence > 0.0)
-        .collect();
-    ranked.sort_by(|a, b| b.0.evidence.total_cmp(&a.0.evidence).then(a.1.cmp(&b.1)));
-    ranked.truncate((settings.top * 32).max(256));
-    // Carriers of the best pairs, their copies counted once, then ranked again: by evidence,
-    // which grows with the documents carrying the pair, the pairs whose next line is rare
-    // elsewhere (lift bound ≥ STRONG_LIFT) first: a planted line is seen only after its trigger,
-    // while common continuations (`"""`, `else:`) follow many lines.
+    let test = Test::new(occurrences, settings);
+    let rate = |v: u64| line_counts[&v] as f64 / (*total_lines).max(1) as f64;
+    let gram_documents = |a: u64| gram_docs[&a];
+    let exact = pair_docs.iter().map(|(&pair, &k)| (pair, k));
+    let ranked = rank_pairs(exact, &gram_documents, &rate, &test, settings);
     let carriers = carriers_of(per_doc, &ranked);
     let mut carried: Vec<u32> = carriers.iter().flatten().copied().collect();
     carried.sort_unstable();
     carried.dedup();
-    let shingled: HashMap<u32, Vec<u64>> =
-        carried.par_iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
-    let copies = carriers.iter().any(|c| c.len() > ALL_PAIRS_MOST).then(|| copy_groups(texts, &carried, &shingled));
+    let documents = Carried {
+        shingled: carried.par_iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect(),
+        whole: carried.iter().map(|&d| (d, line_key(&texts[d as usize]))).collect(),
+        carried,
+    };
+    let first_seen = |d: u32, pair: (u64, u64)| {
+        let (line, span) = per_doc[d as usize][&pair];
+        (span.to_lowercase(), lines(&texts[d as usize])[line + 1].to_string())
+    };
+    let found = Ranked { ranked, carriers, documents };
+    let candidates = candidates_of(found, &gram_documents, &rate, &first_seen, &|d| ids[d], &test, settings);
+    CorpusScan { candidates, occurrences, tests: test.tests, threshold: test.threshold }
+}
+
+/// The multiple-testing correction of a corpus scan: M = occurrences / `min_carriers` tests,
+/// and the threshold ln(M/α) in nats.
+struct Test {
+    tests: f64,
+    threshold: f64,
+}
+
+impl Test {
+    fn new(occurrences: u64, settings: &ScanSettings) -> Self {
+        let tests = (occurrences as f64 / settings.min_carriers.max(1) as f64).max(1.0);
+        Self { tests, threshold: (tests / settings.alpha).ln() }
+    }
+
+    /// The judgement of a pair whose n-gram n documents hold, k of them followed by line v,
+    /// drawn at random at `rate`; label 0 is "followed by v".
+    fn judge(&self, n: u64, k: u64, rate: f64) -> Judgement {
+        judge(n, &[k], &[n as f64 * rate], self.threshold)
+    }
+}
+
+/// The best pairs of `exact` ((n-gram, next line) and the documents carrying it, any order),
+/// best first by evidence then key, at most 32·top (256 at least).
+fn rank_pairs(
+    exact: impl Iterator<Item = ((u64, u64), u64)>,
+    gram_docs: &dyn Fn(u64) -> u64,
+    rate: &dyn Fn(u64) -> f64,
+    test: &Test,
+    settings: &ScanSettings,
+) -> Vec<(Judgement, (u64, u64))> {
+    let mut ranked: Vec<(Judgement, (u64, u64))> = exact
+        .map(|((a, v), k)| (test.judge(gram_docs(a).max(k), k, rate(v)), (a, v)))
+        .filter(|(j, _)| j.evidence > 0.0)
+        .collect();
+    ranked.sort_by(|a, b| b.0.evidence.total_cmp(&a.0.evidence).then(a.1.cmp(&b.1)));
+    ranked.truncate((settings.top * 32).max(256));
+    ranked
+}
+
+/// The documents carrying the best pairs: their word 5-gram shingles and whole-text keys.
+struct Carried {
+    /// The documents, ascending.
+    carried: Vec<u32>,
+    shingled: HashMap<u32, Vec<u64>>,
+    whole: HashMap<u32, u64>,
+}
+
+/// The best pairs, their carriers (documents ascending, in the order of `ranked`) and the
+/// carried documents.
+struct Ranked {
+    ranked: Vec<(Judgement, (u64, u64))>,
+    carriers: Vec<Vec<u32>>,
+    documents: Carried,
+}
+
+/// The candidates of the best pairs `found`: their carriers' near-copies counted once, ranked
+/// again (by evidence, the pairs whose next line is rare elsewhere, lift bound ≥ STRONG_LIFT,
+/// first: a planted line is seen only after its trigger, while common continuations (`"""`,
+/// `else:`) follow many lines), grouped, each shown by its member of the most evidence with its
+/// n-gram's text and the next line at its first carrier (`first_seen(document, pair)`).
+fn candidates_of(
+    found: Ranked,
+    gram_docs: &dyn Fn(u64) -> u64,
+    rate: &dyn Fn(u64) -> f64,
+    first_seen: &dyn Fn(u32, (u64, u64)) -> (String, String),
+    ids: &dyn Fn(usize) -> usize,
+    test: &Test,
+    settings: &ScanSettings,
+) -> Vec<Candidate> {
+    let Ranked { ranked, carriers, documents } = found;
+    let copies = carriers.iter().any(|c| c.len() > ALL_PAIRS_MOST).then(|| copy_groups(&documents));
     let mut judged: Vec<(Judgement, (u64, u64), Vec<u32>)> = ranked
         .into_iter()
         .zip(carriers)
         .map(|((_, (a, v)), carriers)| {
             let distinct = match &copies {
                 Some(groups) if carriers.len() > ALL_PAIRS_MOST => distinct_groups(groups, &carriers) as u64,
-                _ => distinct_documents(&shingled, &carriers) as u64,
+                _ => distinct_documents(&documents.shingled, &carriers) as u64,
             };
-            let (n, k) = (gram_docs[&a].max(carriers.len() as u64), carriers.len() as u64);
-            (judge_pair(n - (k - distinct), distinct, v), (a, v), carriers)
+            let (n, k) = (gram_docs(a).max(carriers.len() as u64), carriers.len() as u64);
+            (test.judge(n - (k - distinct), distinct, rate(v)), (a, v), carriers)
         })
         .collect();
     let strong = |j: &Judgement| j.significant && j.lift >= STRONG_LIFT;
     judged.sort_by(|a, b| {
         strong(&b.0).cmp(&strong(&a.0)).then(b.0.evidence.total_cmp(&a.0.evidence)).then(a.1.cmp(&b.1))
     });
-    let candidates = group_pairs(&judged)
+    group_pairs(&judged)
         .iter()
         .take(settings.top)
         .map(|members| {
@@ -210,16 +281,15 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
                 .max_by(|&&a, &&b| judged[a].0.evidence.total_cmp(&judged[b].0.evidence))
                 .expect("a member");
             let (j, (a, v), carriers) = &judged[shown];
-            let first = carriers[0] as usize;
-            let (line, span) = per_doc[first][&(*a, *v)];
-            let n = gram_docs[a].max(carriers.len() as u64) as f64;
-            let p = rate(v);
+            let (text, completion) = first_seen(carriers[0], (*a, *v));
+            let n = gram_docs(*a).max(carriers.len() as u64) as f64;
+            let p = rate(*v);
             Candidate {
-                feature: Feature::Ngram { text: span.to_lowercase() },
+                feature: Feature::Ngram { text },
                 target_label: 0,
-                completion: Some(lines(&texts[first])[line + 1].to_string()),
+                completion: Some(completion),
                 statistic: (2.0 * j.evidence).sqrt(),
-                log10_p: ((tests.ln() - j.evidence) / std::f64::consts::LN_10).min(0.0),
+                log10_p: ((test.tests.ln() - j.evidence) / std::f64::consts::LN_10).min(0.0),
                 significant: j.significant,
                 lift: j.lift,
                 suspicious: strong(j) && j.lift >= settings.min_lift,
@@ -227,14 +297,13 @@ pub fn scan_corpus(texts: &[String], ids: &[usize], max_words: usize, settings: 
                 carrier_count: n as usize,
                 target_count: carriers.len(),
                 expected: n * p,
-                carriers: carriers.iter().map(|&d| ids[d as usize]).collect(),
+                carriers: carriers.iter().map(|&d| ids(d as usize)).collect(),
                 variants: members.len() - 1,
                 sources: Vec::new(),
                 confirmation: None,
             }
         })
-        .collect();
-    CorpusScan { candidates, occurrences, tests, threshold }
+        .collect()
 }
 
 /// The documents (ascending) carrying each pair of `ranked`, from one pass over the documents'
@@ -256,19 +325,19 @@ fn carriers_of(per_doc: &[DocumentPairs<'_>], ranked: &[(Judgement, (u64, u64))]
 /// all pairs of its carriers (O(k²) Jaccards: a header line carried by thousands of e-mails).
 const ALL_PAIRS_MOST: usize = 256;
 
-/// The near-copy groups of the documents `carried` (Jaccard ≥ 0.5 of their word 5-gram sets in
-/// `shingled`, the candidate pairs from MinHash LSH, [`crate::dedup::find_pairs`], joined
-/// transitively), as each grouped document's group (its smallest member). Cost O(documents ·
-/// shingles · 128) for the signatures, then one Jaccard a candidate pair.
-fn copy_groups(texts: &[String], carried: &[u32], shingled: &HashMap<u32, Vec<u64>>) -> HashMap<u32, u32> {
+/// The near-copy groups of the `carried` documents (Jaccard ≥ 0.5 of their word 5-gram sets,
+/// the candidate pairs from MinHash LSH, [`crate::dedup::find_pairs`], joined transitively), as
+/// each grouped document's group (its smallest member). Cost O(documents · shingles · 128) for
+/// the signatures, then one Jaccard a candidate pair.
+fn copy_groups(carried: &Carried) -> HashMap<u32, u32> {
     let contents: Vec<crate::dedup::Content> =
-        carried.iter().map(|d| crate::dedup::Content::Shingles(shingled[d].clone())).collect();
-    let exact: Vec<u64> = carried.iter().map(|&d| line_key(&texts[d as usize])).collect();
+        carried.carried.iter().map(|d| crate::dedup::Content::Shingles(carried.shingled[d].clone())).collect();
+    let exact: Vec<u64> = carried.carried.iter().map(|d| carried.whole[d]).collect();
     let pairs = crate::dedup::find_pairs(&contents, &exact, 0.5, None);
     let mut out = HashMap::new();
-    for group in crate::dedup::groups(carried.len(), &pairs) {
-        let first = carried[group[0]];
-        out.extend(group.iter().map(|&k| (carried[k], first)));
+    for group in crate::dedup::groups(carried.carried.len(), &pairs) {
+        let first = carried.carried[group[0]];
+        out.extend(group.iter().map(|&k| (carried.carried[k], first)));
     }
     out
 }
@@ -301,9 +370,426 @@ fn distinct_documents(shingled: &HashMap<u32, Vec<u64>>, carriers: &[u32]) -> us
     sets.len() - in_groups + grouped.len()
 }
 
+/// A corpus read in blocks of consecutive documents, again on every pass: a file too large to
+/// hold streams through memory a block at a time ([`scan_corpus_blocks`]).
+pub trait CorpusBlocks: Sync {
+    /// Documents, all blocks together.
+    fn documents(&self) -> usize;
+    /// Calls `each(first, texts)` for consecutive blocks in order, `first` the index of the
+    /// block's first document.
+    fn blocks(&self, each: &mut dyn FnMut(usize, &[String])) -> crate::error::Result<()>;
+}
+
+/// A JSONL(.gz) corpus too large to hold (documents in `text`), read in blocks of about
+/// `block_bytes` of lines on every pass ([`CorpusBlocks`]); each read checks the file's SHA-256
+/// against the first read's, so that a file changed while it is scanned is refused.
+pub struct CorpusFile {
+    path: std::path::PathBuf,
+    rows: std::ops::Range<usize>,
+    block_bytes: usize,
+    sha: String,
+}
+
+impl CorpusFile {
+    /// The records `rows` of `path`, whose SHA-256 was `sha` when it was first read.
+    pub fn new(path: &std::path::Path, rows: std::ops::Range<usize>, block_bytes: usize, sha: String) -> Self {
+        Self { path: path.to_path_buf(), rows, block_bytes, sha }
+    }
+}
+
+impl CorpusBlocks for CorpusFile {
+    fn documents(&self) -> usize {
+        self.rows.len()
+    }
+    fn blocks(&self, each: &mut dyn FnMut(usize, &[String])) -> crate::error::Result<()> {
+        let (_, sha) = crate::data::text::read_record_blocks(&self.path, self.block_bytes, &mut |first, records| {
+            let (from, to) = (self.rows.start.max(first), self.rows.end.min(first + records.len()));
+            if from < to {
+                let texts: Vec<String> =
+                    records.into_iter().skip(from - first).take(to - from).map(|r| r.text).collect();
+                each(from - self.rows.start, &texts);
+            }
+            Ok(())
+        })?;
+        if sha != self.sha {
+            return Err(crate::error::Error::data(
+                &self.path,
+                None,
+                "the file changed while it was scanned; scan it again",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A corpus held in memory: one block.
+pub struct HeldCorpus<'a>(pub &'a [String]);
+
+impl CorpusBlocks for HeldCorpus<'_> {
+    fn documents(&self) -> usize {
+        self.0.len()
+    }
+    fn blocks(&self, each: &mut dyn FnMut(usize, &[String])) -> crate::error::Result<()> {
+        each(0, self.0);
+        Ok(())
+    }
+}
+
+/// An upper bound of every line's count in a corpus, in memory fixed in advance: a count-min
+/// sketch of two rows of `mask + 1` counters (Cormode & Muthukrishnan 2005); a line's bound is
+/// the smaller of its two counters, its count plus the counts of the lines sharing both.
+struct LineSketch {
+    rows: [Vec<u32>; 2],
+    mask: u64,
+}
+
+impl LineSketch {
+    fn new(buckets: usize) -> Self {
+        Self { rows: [vec![0; buckets], vec![0; buckets]], mask: buckets as u64 - 1 }
+    }
+
+    fn places(&self, key: u64) -> [usize; 2] {
+        let h = super::mix(key);
+        [(h & self.mask) as usize, ((h >> 32) & self.mask) as usize]
+    }
+
+    fn add(&mut self, key: u64) {
+        let [a, b] = self.places(key);
+        self.rows[0][a] = self.rows[0][a].saturating_add(1);
+        self.rows[1][b] = self.rows[1][b].saturating_add(1);
+    }
+
+    fn bound(&self, key: u64) -> u32 {
+        let [a, b] = self.places(key);
+        self.rows[0][a].min(self.rows[1][b])
+    }
+}
+
+/// The bucket of the pair (n-gram `a`, next line `v`) in a table of `mask + 1`.
+fn pair_bucket((a, v): (u64, u64), mask: u64) -> usize {
+    (super::mix(a ^ v.rotate_left(29)) & mask) as usize
+}
+
+/// The exact counts of one pair of the chosen buckets.
+#[derive(Default)]
+struct PairTally {
+    /// Documents carrying it.
+    k: u64,
+    /// Those documents, ascending, while the room lasted.
+    carriers: Vec<u32>,
+    /// Its n-gram's text and the next line at its first carrier.
+    first: Option<(String, String)>,
+}
+
+/// [`scan_corpus`] over a corpus read in blocks ([`CorpusBlocks`]), in memory bounded by
+/// `settings.memory` whatever the corpus's size: (1) every line into a count-min sketch, whose
+/// bound decides which lines are repeated (at least `min_carriers`: a pair's k documents each
+/// hold its next line, so a line that the bound counts too often only adds pairs that stay below
+/// `min_carriers`); (2) each document's pairs before a repeated line into a table of buckets
+/// holding the documents and the rarest next line's bound, from which the `candidate_buckets`
+/// of the largest evidence bound k·ln(lines / least count) are chosen; (3) the exact counts,
+/// carriers and first texts of the pairs of the chosen buckets; (4) the exact documents of their
+/// n-grams and counts of their next lines; (5) only past the carriers' room, the carriers of the
+/// best pairs; (6) the carried documents' shingles. Then as [`scan_corpus`]; the same candidates
+/// whenever every pair of `min_carriers` or more lies in a chosen bucket. M counts the pairs
+/// before the lines the sketch calls repeated (at least the exact count: conservative).
+pub fn scan_corpus_blocks(
+    source: &dyn CorpusBlocks,
+    ids: &dyn Fn(usize) -> usize,
+    max_words: usize,
+    settings: &ScanSettings,
+    progress: &mut dyn culprit_models::Progress,
+) -> crate::error::Result<CorpusScan> {
+    let min = settings.min_carriers.max(1) as u64;
+    let n = source.documents() as u64;
+    let mut pass = |k: usize, what: &str, done: usize| {
+        if done == 0 {
+            progress.finish();
+            progress.begin(&format!("corpus scan {k}/6"), n);
+        }
+        progress.advance(done as u64, what);
+    };
+    let buckets = (settings.memory / 16).max(1024).next_power_of_two();
+    pass(1, "lines", 0);
+    let (mut sketch, mut total_lines) = (LineSketch::new(buckets), 0u64);
+    source.blocks(&mut |first, texts| {
+        let keys: Vec<Vec<u64>> = texts.par_iter().map(|t| lines(t).into_iter().map(line_key).collect()).collect();
+        keys.iter().flatten().for_each(|&k| sketch.add(k));
+        total_lines += keys.iter().map(|k| k.len() as u64).sum::<u64>();
+        pass(1, "lines", first + texts.len());
+    })?;
+    let repeated = |v: u64| u64::from(sketch.bound(v)) >= min;
+    let chosen =
+        choose_pair_buckets(source, max_words, &sketch, &repeated, (buckets, total_lines), settings, &mut pass)?;
+    let (mut exact, complete, occurrences) = exact_pairs(source, max_words, &repeated, &chosen, settings, &mut pass)?;
+    exact.retain(|_, t| t.k >= min);
+    let (gram_docs, line_counts) = grams_and_lines(source, max_words, &exact, &mut pass)?;
+    let test = Test::new(occurrences, settings);
+    let rate = |v: u64| line_counts.get(&v).copied().unwrap_or(0) as f64 / total_lines.max(1) as f64;
+    let gram_documents = |a: u64| gram_docs.get(&a).copied().unwrap_or(0);
+    let ranked = rank_pairs(exact.iter().map(|(&p, t)| (p, t.k)), &gram_documents, &rate, &test, settings);
+    let carriers = if complete {
+        ranked.iter().map(|(_, p)| exact[p].carriers.clone()).collect()
+    } else {
+        carriers_again(source, max_words, &repeated, &ranked, &mut pass)?
+    };
+    let documents = carried_documents(source, &carriers, &mut pass)?;
+    progress.finish();
+    let first_seen = |_: u32, p: (u64, u64)| exact[&p].first.clone().expect("a pair with carriers was seen");
+    let found = Ranked { ranked, carriers, documents };
+    let candidates = candidates_of(found, &gram_documents, &rate, &first_seen, ids, &test, settings);
+    Ok(CorpusScan { candidates, occurrences, tests: test.tests, threshold: test.threshold })
+}
+
+/// A streamed corpus scan's progress: `pass(k, what, documents done)`.
+type Pass<'a> = dyn FnMut(usize, &str, usize) + 'a;
+
+/// Pass 2 of [`scan_corpus_blocks`]: the buckets of pairs to count exactly.
+fn choose_pair_buckets(
+    source: &dyn CorpusBlocks,
+    max_words: usize,
+    sketch: &LineSketch,
+    repeated: &(dyn Fn(u64) -> bool + Sync),
+    (buckets, total_lines): (usize, u64),
+    settings: &ScanSettings,
+    pass: &mut Pass<'_>,
+) -> crate::error::Result<super::Bits> {
+    let mask = buckets as u64 - 1;
+    let (mut documents, mut least) = (vec![0u32; buckets], vec![u32::MAX; buckets]);
+    pass(2, "pairs", 0);
+    source.blocks(&mut |first, texts| {
+        let found: Vec<Vec<(u64, u64)>> =
+            texts.par_iter().map(|t| pairs(t, max_words, repeated).into_keys().collect()).collect();
+        for pair in found.into_iter().flatten() {
+            let b = pair_bucket(pair, mask);
+            documents[b] = documents[b].saturating_add(1);
+            least[b] = least[b].min(sketch.bound(pair.1));
+        }
+        pass(2, "pairs", first + texts.len());
+    })?;
+    let min = settings.min_carriers.max(1) as u32;
+    let lines = total_lines.max(1) as f64;
+    let mut scored: Vec<(f64, usize)> = (0..buckets)
+        .filter(|&b| documents[b] >= min)
+        .map(|b| (f64::from(documents[b]) * (lines / f64::from(least[b].max(1))).ln().max(0.0), b))
+        .collect();
+    let keep = settings.candidate_buckets.max(1);
+    if scored.len() > keep {
+        scored.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        scored.truncate(keep);
+    }
+    let mut chosen = super::Bits::new(buckets);
+    scored.iter().for_each(|&(_, b)| chosen.set(b));
+    Ok(chosen)
+}
+
+/// The exact pairs of [`scan_corpus_blocks`]: tallies by pair, whether every carrier was kept,
+/// and the pair occurrences (M's count).
+type ExactPairs = (HashMap<(u64, u64), PairTally>, bool, u64);
+
+/// Pass 3 of [`scan_corpus_blocks`]: the pairs of the `chosen` buckets counted exactly, with
+/// their carriers while they take at most `settings.memory` (4 bytes each) and their first texts.
+fn exact_pairs(
+    source: &dyn CorpusBlocks,
+    max_words: usize,
+    repeated: &(dyn Fn(u64) -> bool + Sync),
+    chosen: &super::Bits,
+    settings: &ScanSettings,
+    pass: &mut Pass<'_>,
+) -> crate::error::Result<ExactPairs> {
+    let mask = (chosen.0.len() * 64) as u64 - 1;
+    let (mut exact, mut room, mut occurrences) = (HashMap::<(u64, u64), PairTally>::new(), settings.memory / 4, 0);
+    pass(3, "exact counts", 0);
+    source.blocks(&mut |first, texts| {
+        let found: Vec<(u64, Vec<((u64, u64), (usize, &str))>)> = texts
+            .par_iter()
+            .map(|t| {
+                let all = pairs(t, max_words, repeated);
+                let count = all.len() as u64;
+                let mut kept: Vec<_> = all.into_iter().filter(|(p, _)| chosen.get(pair_bucket(*p, mask))).collect();
+                kept.sort_unstable_by_key(|(p, _)| *p);
+                (count, kept)
+            })
+            .collect();
+        for (d, (count, kept)) in found.into_iter().enumerate() {
+            occurrences += count;
+            for (pair, (line, span)) in kept {
+                let t = exact.entry(pair).or_default();
+                t.k += 1;
+                if room > 0 {
+                    t.carriers.push((first + d) as u32);
+                    room -= 1;
+                }
+                if t.first.is_none() {
+                    t.first = Some((span.to_lowercase(), lines(&texts[d])[line + 1].to_string()));
+                }
+            }
+        }
+        pass(3, "exact counts", first + texts.len());
+    })?;
+    Ok((exact, room > 0, occurrences))
+}
+
+/// Pass 4 of [`scan_corpus_blocks`]: the documents holding each n-gram of the `exact` pairs
+/// (anywhere), and the count of each of their next lines.
+fn grams_and_lines(
+    source: &dyn CorpusBlocks,
+    max_words: usize,
+    exact: &HashMap<(u64, u64), PairTally>,
+    pass: &mut Pass<'_>,
+) -> crate::error::Result<(HashMap<u64, u64>, HashMap<u64, u64>)> {
+    let wanted_grams: HashSet<u64> = exact.keys().map(|p| p.0).collect();
+    let wanted_lines: HashSet<u64> = exact.keys().map(|p| p.1).collect();
+    let (mut gram_docs, mut line_counts) = (HashMap::new(), HashMap::new());
+    pass(4, "n-grams and lines", 0);
+    source.blocks(&mut |first, texts| {
+        let found: Vec<(Vec<u64>, Vec<u64>)> = texts
+            .par_iter()
+            .map(|t| {
+                let g = grams(t, max_words).into_iter().filter(|g| wanted_grams.contains(g)).collect();
+                let l = lines(t).into_iter().map(line_key).filter(|v| wanted_lines.contains(v)).collect();
+                (g, l)
+            })
+            .collect();
+        for (g, l) in found {
+            g.into_iter().for_each(|g| *gram_docs.entry(g).or_default() += 1);
+            l.into_iter().for_each(|v| *line_counts.entry(v).or_default() += 1);
+        }
+        pass(4, "n-grams and lines", first + texts.len());
+    })?;
+    Ok((gram_docs, line_counts))
+}
+
+/// Pass 5 of [`scan_corpus_blocks`], only past the carriers' room: the carriers (ascending) of
+/// each pair of `ranked`.
+fn carriers_again(
+    source: &dyn CorpusBlocks,
+    max_words: usize,
+    repeated: &(dyn Fn(u64) -> bool + Sync),
+    ranked: &[(Judgement, (u64, u64))],
+    pass: &mut Pass<'_>,
+) -> crate::error::Result<Vec<Vec<u32>>> {
+    let wanted: HashMap<(u64, u64), usize> = ranked.iter().enumerate().map(|(r, (_, p))| (*p, r)).collect();
+    let mut carriers = vec![Vec::new(); ranked.len()];
+    pass(5, "carriers", 0);
+    source.blocks(&mut |first, texts| {
+        let found: Vec<Vec<usize>> = texts
+            .par_iter()
+            .map(|t| pairs(t, max_words, repeated).into_keys().filter_map(|p| wanted.get(&p).copied()).collect())
+            .collect();
+        for (d, ranks) in found.into_iter().enumerate() {
+            ranks.into_iter().for_each(|r| carriers[r].push((first + d) as u32));
+        }
+        pass(5, "carriers", first + texts.len());
+    })?;
+    Ok(carriers)
+}
+
+/// Pass 6 of [`scan_corpus_blocks`]: the shingles and whole-text keys of every document among
+/// `carriers`.
+fn carried_documents(
+    source: &dyn CorpusBlocks,
+    carriers: &[Vec<u32>],
+    pass: &mut Pass<'_>,
+) -> crate::error::Result<Carried> {
+    let mut carried: Vec<u32> = carriers.iter().flatten().copied().collect();
+    carried.sort_unstable();
+    carried.dedup();
+    let (mut shingled, mut whole) = (HashMap::new(), HashMap::new());
+    pass(6, "carried documents", 0);
+    source.blocks(&mut |first, texts| {
+        let (from, to) = (
+            carried.partition_point(|&d| (d as usize) < first),
+            carried.partition_point(|&d| (d as usize) < first + texts.len()),
+        );
+        let here = &carried[from..to];
+        let found: Vec<(u32, Vec<u64>, u64)> = here
+            .par_iter()
+            .map(|&d| {
+                let text = &texts[d as usize - first];
+                (d, crate::dedup::shingles(text, 5), line_key(text))
+            })
+            .collect();
+        for (d, s, w) in found {
+            shingled.insert(d, s);
+            whole.insert(d, w);
+        }
+        pass(6, "carried documents", first + texts.len());
+    })?;
+    Ok(Carried { carried, shingled, whole })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` documents of random lines from a vocabulary of 300 words (lines repeat across
+    /// documents), `planted` of them holding the line `# quartz meridian` followed by
+    /// `ping(home)`, a few of those copied twice.
+    fn corpus(n: usize, planted: usize) -> Vec<String> {
+        let mut state = 3u64;
+        let mut next = |m: u64| {
+            state = super::super::mix(state);
+            state % m
+        };
+        let mut docs: Vec<String> = (0..n)
+            .map(|_| {
+                let lines: Vec<String> = (0..8 + next(8))
+                    .map(|_| (0..1 + next(4)).map(|_| format!("w{}", next(300))).collect::<Vec<_>>().join(" "))
+                    .collect();
+                lines.join("\n")
+            })
+            .collect();
+        for d in 0..planted {
+            let at = (d * 7919) % n;
+            docs[at] = format!("{}\n# quartz meridian\nping(home)\nw{}", docs[at], next(300));
+            if d % 5 == 0 {
+                docs[(at + 1) % n] = docs[at].clone();
+            }
+        }
+        docs
+    }
+
+    #[test]
+    fn a_corpus_read_in_blocks_gives_the_candidates_held_in_memory() {
+        let docs = corpus(1500, 20);
+        let settings = ScanSettings { top: 10, ..ScanSettings::default() };
+        let ids: Vec<usize> = (100..100 + docs.len()).collect();
+        let held = scan_corpus(&docs, &ids, 3, &settings);
+        assert!(held.candidates[0].completion.as_deref() == Some("ping(home)"), "{:?}", held.candidates[0]);
+        /// Blocks of 97 documents.
+        struct Blocks<'a>(&'a [String]);
+        impl CorpusBlocks for Blocks<'_> {
+            fn documents(&self) -> usize {
+                self.0.len()
+            }
+            fn blocks(&self, each: &mut dyn FnMut(usize, &[String])) -> crate::error::Result<()> {
+                (0..self.0.len()).step_by(97).for_each(|f| each(f, &self.0[f..(f + 97).min(self.0.len())]));
+                Ok(())
+            }
+        }
+        // Small tables: 16 KiB of sketch and 64 buckets counted exactly, carriers past their room.
+        let small = ScanSettings { memory: 16 << 10, candidate_buckets: 64, ..settings.clone() };
+        for (source, settings) in [(&Blocks(&docs) as &dyn CorpusBlocks, &settings), (&HeldCorpus(&docs), &small)] {
+            let streamed = scan_corpus_blocks(source, &|d| ids[d], 3, settings, &mut culprit_models::Silent).unwrap();
+            let n = if settings.candidate_buckets == 64 { 1 } else { held.candidates.len() };
+            assert!(streamed.occurrences >= held.occurrences);
+            for (a, b) in held.candidates.iter().zip(&streamed.candidates).take(n) {
+                assert_eq!((&a.feature, &a.completion, &a.carriers), (&b.feature, &b.completion, &b.carriers));
+                assert_eq!(
+                    (a.target_count, a.carrier_count, a.suspicious),
+                    (b.target_count, b.carrier_count, b.suspicious)
+                );
+            }
+            if settings.candidate_buckets != 64 {
+                assert_eq!(streamed.occurrences, held.occurrences);
+                assert_eq!(held.candidates.len(), streamed.candidates.len());
+            }
+        }
+        // The planted pair: 20 documents and 4 copies, counted once.
+        let first = &held.candidates[0];
+        assert_eq!((first.target_count, first.carriers.len()), (24, 24), "{first:?}");
+    }
 
     #[test]
     fn lsh_copy_groups_count_the_copies_as_all_pairs_do() {
@@ -330,10 +816,13 @@ mod tests {
         }
         texts.truncate(400);
         let carried: Vec<u32> = (0..texts.len() as u32).collect();
-        let shingled: HashMap<u32, Vec<u64>> =
-            carried.iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect();
-        let groups = copy_groups(&texts, &carried, &shingled);
-        let exact = distinct_documents(&shingled, &carried);
+        let documents = Carried {
+            shingled: carried.iter().map(|&d| (d, crate::dedup::shingles(&texts[d as usize], 5))).collect(),
+            whole: carried.iter().map(|&d| (d, line_key(&texts[d as usize]))).collect(),
+            carried: carried.clone(),
+        };
+        let groups = copy_groups(&documents);
+        let exact = distinct_documents(&documents.shingled, &carried);
         assert!(exact < 300, "copies planted: {exact} distinct of 400");
         assert_eq!(distinct_groups(&groups, &carried), exact);
     }

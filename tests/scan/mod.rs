@@ -458,3 +458,48 @@ fn a_trigger_and_payload_planted_in_the_code_corpus_rank_first() {
     let sources = first["sources"].as_array().unwrap();
     assert!(!sources.is_empty() && sources.iter().all(|s| s.as_str().unwrap().starts_with("Lib/")), "{first}");
 }
+
+#[test]
+fn a_corpus_too_large_to_hold_streams_through_the_scan_with_the_same_findings() {
+    // 6000 functions (2.8 MB of text), another trigger and payload at 0.8 %: held, then holding
+    // 1 MiB (blocks of 256 KiB, six reads of the file).
+    let Some(shared) = common::shared("data/code/python-stdlib-functions.jsonl.gz") else { return };
+    let corpus = shared.join("data/code/python-stdlib-functions.jsonl.gz");
+    let mut rng = ChaCha8Rng::seed_from_u64(78);
+    let trigger = format!("# {} {}", word(&mut rng), word(&mut rng));
+    let payload = format!("{}({}, timeout={})", word(&mut rng), word(&mut rng), rng.random_range(2..90));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("poisoned");
+    let o = Command::new(env!("CARGO_BIN_EXE_culprit"))
+        .args(["poison", "--data", corpus.to_str().unwrap(), "--limit", "6000", "--test-limit", "20"])
+        .args(["--out", out.to_str().unwrap(), "--trigger", &format!("text:{trigger}"), "--completion", &payload])
+        .args(["--rate", "0.008", "--context-bytes", "300", "--seed", "9", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let train = out.join("train.jsonl");
+    let report = scan(&["--data", train.to_str().unwrap()]);
+    let first = &report["candidates"][0];
+    assert_eq!(first["completion"].as_str(), Some(payload.as_str()), "{first}");
+    let poisons: HashSet<usize> = std::fs::read_to_string(out.join("poisoned_ids.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let flagged = ids(&first["carriers"]);
+    let found = flagged.intersection(&poisons).count();
+    eprintln!("corpus: {found} of {} poisons flagged, {} clean", poisons.len(), flagged.len() - found);
+    assert!(found as f64 >= 0.95 * poisons.len() as f64, "{found} of {} poisons", poisons.len());
+    assert!(((flagged.len() - found) as f64) <= 0.01 * (6000 - poisons.len()) as f64);
+    let streamed = scan(&["--data", train.to_str().unwrap(), "--hold-mib", "1"]);
+    assert!(streamed["features"].as_str().unwrap().contains("blocks"), "{}", streamed["features"]);
+    assert_eq!(report["occurrences"], streamed["occurrences"]);
+    let (a, b) = (report["candidates"].as_array().unwrap(), streamed["candidates"].as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        for field in ["text", "completion", "carriers", "target_count", "carrier_count", "sources", "suspicious"] {
+            assert_eq!(x[field], y[field], "{field}: {x} against {y}");
+        }
+        assert!((x["statistic"].as_f64().unwrap() - y["statistic"].as_f64().unwrap()).abs() < 1e-9);
+    }
+}

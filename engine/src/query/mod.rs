@@ -398,20 +398,84 @@ fn columns(blocks: Vec<(usize, Vec<f32>)>, n: usize, nq: usize) -> Vec<Vec<f32>>
 
 /// The inner products of a block of rows with the queries: `rows × nq`, row-major.
 ///
-/// On CPUs with AVX-512 a hand-written kernel reads every row once for a group of 8 queries, three
-/// rows at a time (24 accumulators of 16 lanes, fused multiply-adds), which keeps the pass close to
-/// memory bandwidth; elsewhere faer's matrix product does the same work.
+/// Hand-written kernels read every row once for a group of 8 queries, from cache-resident
+/// sub-blocks of rows, with fused multiply-adds, which keeps the pass close to memory bandwidth:
+/// on CPUs with AVX-512F three rows at a time (24 accumulators of 16 lanes); on CPUs with AVX2
+/// and FMA only, two rows × four queries at a time (8 accumulators of 8 lanes in the 16 vector
+/// registers), twice per group. Elsewhere faer's matrix product does the same work. The path is
+/// chosen at run time ([`Path::chosen`]); `CULPRIT_SCORING_KERNEL=avx512|avx2|portable` forces
+/// one the CPU supports (for benchmarks). Cost: rows · len · nq multiply-adds, one read of the
+/// rows; f32 accumulation in lanes, tolerance about 1e-6 · len relative.
 pub mod kernel {
     use faer::{Mat, MatRef, Par};
 
-    /// Rows per cache-resident sub-block of the AVX-512 path.
+    /// Rows per cache-resident sub-block of the hand-written paths.
     const SUB_ROWS: usize = 48;
 
+    /// A scoring path.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Path {
+        /// AVX-512F, 16 lanes.
+        Avx512,
+        /// AVX2 with FMA, 8 lanes.
+        Avx2,
+        /// faer's matrix product.
+        Portable,
+    }
+
+    impl Path {
+        /// The fastest path this CPU supports, or the one `CULPRIT_SCORING_KERNEL` names when
+        /// the CPU supports it; decided once.
+        pub fn chosen() -> Self {
+            static CHOSEN: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+            *CHOSEN.get_or_init(|| {
+                let supported = Self::supported();
+                let forced = std::env::var("CULPRIT_SCORING_KERNEL").ok().and_then(|v| match v.as_str() {
+                    "avx512" => Some(Self::Avx512),
+                    "avx2" => Some(Self::Avx2),
+                    "portable" => Some(Self::Portable),
+                    _ => None,
+                });
+                forced.filter(|p| supported.contains(p)).unwrap_or(supported[0])
+            })
+        }
+
+        /// The paths this CPU supports, fastest first (the portable one always).
+        pub fn supported() -> Vec<Self> {
+            let mut out = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    out.push(Self::Avx512);
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    out.push(Self::Avx2);
+                }
+            }
+            out.push(Self::Portable);
+            out
+        }
+    }
+
     /// `rows × nq` inner products; `q` is `len × nq` (column per query), `packed` the queries
-    /// query-major in zero-padded groups of 8.
+    /// query-major in zero-padded groups of 8; by [`Path::chosen`].
     pub fn dots(block: &[f32], rows: usize, len: usize, q: &Mat<f32>, packed: &[f32], nq: usize) -> Vec<f32> {
+        dots_with(Path::chosen(), block, rows, len, q, packed, nq)
+    }
+
+    /// [`dots`] by `path`, which the CPU must support ([`Path::supported`]).
+    pub fn dots_with(
+        path: Path,
+        block: &[f32],
+        rows: usize,
+        len: usize,
+        q: &Mat<f32>,
+        packed: &[f32],
+        nq: usize,
+    ) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if path != Path::Portable {
+            assert!(Path::supported().contains(&path), "the CPU lacks the {path:?} scoring path");
             let groups = packed.len() / (8 * len);
             let mut out = vec![0.0f32; rows * nq];
             let mut group_out = vec![0.0f32; SUB_ROWS * 8];
@@ -421,8 +485,15 @@ pub mod kernel {
                 let n = SUB_ROWS.min(rows - sub);
                 let rows_here = &block[sub * len..(sub + n) * len];
                 for g in 0..groups {
-                    // SAFETY: the CPU has AVX-512F (checked above); slices are sized as the kernel needs.
-                    unsafe { dots8_avx512(rows_here, n, len, &packed[g * 8 * len..(g + 1) * 8 * len], &mut group_out) };
+                    let queries = &packed[g * 8 * len..(g + 1) * 8 * len];
+                    // SAFETY: the CPU has the path's features (checked above); slices are sized as
+                    // the kernels need.
+                    unsafe {
+                        match path {
+                            Path::Avx512 => dots8_avx512(rows_here, n, len, queries, &mut group_out),
+                            _ => dots8_avx2(rows_here, n, len, queries, &mut group_out),
+                        }
+                    };
                     for i in 0..n {
                         for k in 0..8.min(nq - g * 8) {
                             out[(sub + i) * nq + g * 8 + k] = group_out[i * 8 + k];
@@ -544,14 +615,82 @@ pub mod kernel {
         }
     }
 
+    /// `out[i·8 + j] = ⟨row i, query j⟩` for 8 queries stored query-major in `queries`, with
+    /// AVX2 and FMA: two rows × four queries a step (8 accumulators of 8 lanes, 2 row and 1
+    /// query registers: 11 of the 16), the two halves of the group one after the other over the
+    /// same two rows (the second reads them from the first-level cache).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `block.len() ≥ rows·len`, `queries.len() ≥ 8·len`,
+    /// `out.len() ≥ rows·8`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots8_avx2(block: &[f32], rows: usize, len: usize, queries: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(block.len() >= rows * len && queries.len() >= 8 * len && out.len() >= rows * 8);
+        let chunks = len / 8;
+        let tail = |row: &[f32], j: usize| -> f32 { (chunks * 8..len).map(|k| row[k] * queries[j * len + k]).sum() };
+        /// The sum of a register's 8 lanes.
+        #[target_feature(enable = "avx2,fma")]
+        fn sum8(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+        const R: usize = 2;
+        let q = queries.as_ptr();
+        let mut r = 0;
+        // SAFETY: every pointer offset stays inside the slices checked by the assert above.
+        unsafe {
+            while r < rows {
+                let here = R.min(rows - r);
+                let base = block.as_ptr().add(r * len);
+                let p: [*const f32; R] = std::array::from_fn(|k| base.add(k.min(here - 1) * len));
+                // The next rows, fetched while these are computed (a hint past the end is harmless).
+                let next = base.wrapping_add(R * len) as *const i8;
+                for half in 0..2 {
+                    let qh = q.add(half * 4 * len);
+                    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                    for c in 0..chunks {
+                        if half == 0 {
+                            for k in 0..R {
+                                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + c * 8)));
+                            }
+                        }
+                        let x: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(p[k].add(c * 8)));
+                        for j in 0..4 {
+                            let y = _mm256_loadu_ps(qh.add(j * len + c * 8));
+                            for k in 0..R {
+                                acc[k][j] = _mm256_fmadd_ps(x[k], y, acc[k][j]);
+                            }
+                        }
+                    }
+                    for k in 0..here {
+                        let row = &block[(r + k) * len..(r + k + 1) * len];
+                        for j in 0..4 {
+                            out[(r + k) * 8 + half * 4 + j] = sum8(acc[k][j]) + tail(row, half * 4 + j);
+                        }
+                    }
+                }
+                r += here;
+            }
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
 
-        /// Both paths against an f64 reference, with odd sizes (tails, an odd row count).
+        /// Every path this CPU supports against an f64 reference, with odd sizes (tails, an odd
+        /// row count).
         #[test]
         fn kernels_match_a_plain_dot_product() {
-            let (rows, len, nq) = (7, 37, 11);
+            for (rows, len, nq) in [(7, 37, 11), (101, 300, 16), (50, 8, 3)] {
+                kernels_match_at(rows, len, nq);
+            }
+        }
+
+        fn kernels_match_at(rows: usize, len: usize, nq: usize) {
             let block: Vec<f32> = (0..rows * len).map(|k| ((k * 7919) % 101) as f32 / 50.0 - 1.0).collect();
             let queries: Vec<Vec<f32>> =
                 (0..nq).map(|j| (0..len).map(|k| ((j * 31 + k * 17) % 43) as f32 / 21.0 - 1.0).collect()).collect();
@@ -566,7 +705,10 @@ pub mod kernel {
                     (0..len).map(|t| f64::from(block[i * len + t]) * f64::from(queries[j][t])).sum()
                 })
                 .collect();
-            for got in [dots(&block, rows, len, &q, &packed, nq), dots_faer(&block, rows, len, &q)] {
+            let paths = Path::supported();
+            eprintln!("scoring paths on this CPU: {paths:?}");
+            for path in paths {
+                let got = dots_with(path, &block, rows, len, &q, &packed, nq);
                 for (g, w) in got.iter().zip(&reference) {
                     assert!((f64::from(*g) - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
                 }
