@@ -587,6 +587,9 @@ fn choose_pair_buckets(
 /// and the pair occurrences (M's count).
 type ExactPairs = (HashMap<(u64, u64), PairTally>, bool, u64);
 
+/// A document's pairs of the chosen buckets, by pair: its first line and the n-gram's text there.
+type KeptPairs<'a> = Vec<((u64, u64), (usize, &'a str))>;
+
 /// Pass 3 of [`scan_corpus_blocks`]: the pairs of the `chosen` buckets counted exactly, with
 /// their carriers while they take at most `settings.memory` (4 bytes each) and their first texts.
 fn exact_pairs(
@@ -601,7 +604,7 @@ fn exact_pairs(
     let (mut exact, mut room, mut occurrences) = (HashMap::<(u64, u64), PairTally>::new(), settings.memory / 4, 0);
     pass(3, "exact counts", 0);
     source.blocks(&mut |first, texts| {
-        let found: Vec<(u64, Vec<((u64, u64), (usize, &str))>)> = texts
+        let found: Vec<(u64, KeptPairs<'_>)> = texts
             .par_iter()
             .map(|t| {
                 let all = pairs(t, max_words, repeated);
