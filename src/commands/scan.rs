@@ -312,13 +312,16 @@ fn scan_text_stream(
     let shown = gather_records(&args.data.path, block, &report, if args.run.is_some() { 500 } else { 10 })?;
     add_sources(&mut report, &|id| shown.get(&id).and_then(|r| r.source.clone()));
     confirm_texts(args, &mut report, &|id| shown.get(&id).map(|r| r.text.as_str()))?;
-    let html = (args.report.format == Format::Html).then(|| {
-        let ids: Vec<usize> = shown.keys().copied().collect();
-        let texts: Vec<String> = ids.iter().map(|id| shown[id].text.clone()).collect();
-        let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
-        to_html(&report, &Shown::Texts(&texts), &|id| row.get(&id).copied())
-    });
+    let html = (args.report.format == Format::Html).then(|| gathered_html(&report, &shown));
     Ok((report, html))
+}
+
+/// The HTML page of `report` showing the texts of `shown` (gathered by [`gather_records`]).
+fn gathered_html(report: &ScanReport, shown: &HashMap<usize, data::text::Record>) -> String {
+    let ids: Vec<usize> = shown.keys().copied().collect();
+    let texts: Vec<String> = ids.iter().map(|id| shown[id].text.clone()).collect();
+    let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
+    to_html(report, &Shown::Texts(&texts), &|id| row.get(&id).copied())
 }
 
 /// The records of the first `each` carriers of every candidate of `report`, by id, from one
@@ -401,12 +404,7 @@ fn scan_corpus_stream(
     let mut report = corpus_report(args, settings, found, rows.len(), features, started);
     let shown = gather_records(path, block, &report, 10)?;
     add_sources(&mut report, &|id| shown.get(&id).and_then(|r| r.source.clone()));
-    let html = (args.report.format == Format::Html).then(|| {
-        let ids: Vec<usize> = shown.keys().copied().collect();
-        let texts: Vec<String> = ids.iter().map(|id| shown[id].text.clone()).collect();
-        let row: HashMap<usize, usize> = ids.iter().enumerate().map(|(k, &id)| (id, k)).collect();
-        to_html(&report, &Shown::Texts(&texts), &|id| row.get(&id).copied())
-    });
+    let html = (args.report.format == Format::Html).then(|| gathered_html(&report, &shown));
     Ok((report, html))
 }
 
