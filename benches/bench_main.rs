@@ -3,6 +3,11 @@
 //! - `per_example_gradients`: gradients/s for the MLP 784-512-256-10 at batch 256 on MNIST-shaped
 //!   inputs: layer taps (exact, JL, Kronecker projections; flex and ndarray backends) against the
 //!   naive one-backward-per-example loop, all measured in the same run.
+//! - `cache`: `culprit cache`'s work end to end (tapped forward and backward, the default exact
+//!   `factors` rows and `kron:32x32` projections, the finiteness check, shards written and synced)
+//!   for the MLP 784-512-256-10 over 4096 MNIST-shaped examples in batches of 256, against one
+//!   plain forward and backward of the batch's mean loss (every parameter's gradient, as a
+//!   training step computes it) over the same examples.
 //! - `store`: gradient-store write and read throughput (GB/s) against plain file write and
 //!   memory read baselines of the same bytes.
 //! - `scoring`: a batch of 8 queries scored against a synthetic store of 1M rows × 2048 f32
@@ -76,6 +81,59 @@ fn per_example_gradients(c: &mut Criterion) {
         }
         group.bench_function(BenchmarkId::new(format!("naive_loop/{}", backend.name()), "none"), |b| {
             b.iter(|| per_example_loop(&net, &batch, &y, Measurement::TRAINING_LOSS))
+        });
+    }
+    group.finish();
+}
+
+fn cache(c: &mut Criterion) {
+    use culprit::store::build::{StoreLayout, build};
+    use culprit_models::Batch;
+    use culprit_models::network::{cross_entropy, one_hot};
+    const N: usize = 4096;
+    let (x, y) = mnist_like(N);
+    let data = Features::new(x, y, 784);
+    let device = Backend::Flex.autodiff_device();
+    let net = Network::init(&mlp(), 0, &device, DType::F32).unwrap();
+    let mut group = c.benchmark_group("cache");
+    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(15));
+    group.throughput(Throughput::Elements(N as u64));
+    let trainable = net.clone().require_grad();
+    group.bench_function("baseline_plain_forward_backward", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for start in (0..N).step_by(BATCH) {
+                let batch = data.slice(start..(start + BATCH).min(N));
+                let labels = Batch::labels(&batch).into_owned();
+                let target = one_hot(&labels, 10, &device, DType::F32);
+                let loss = cross_entropy(trainable.logits(&batch), target).mean();
+                let grads = loss.backward();
+                // Every parameter's gradient, read back as a training step's optimiser would use it.
+                total += trainable
+                    .parameters()
+                    .iter()
+                    .map(|p| p.grad(&grads).unwrap().into_data().num_elements())
+                    .sum::<usize>();
+            }
+            total
+        })
+    });
+    for spec in ["factors", "kron:32x32"] {
+        let key = StoreKey { weights_sha256: "w".into(), data_sha256: "d".into(), projection: spec.into(), seed: 0 };
+        let layout = StoreLayout {
+            projection: ProjectionSpec::parse(spec).unwrap(),
+            seed: 0,
+            dtype: Dtype::F32,
+            batch: BATCH,
+            rows_per_shard: None,
+            part: None,
+        };
+        group.bench_function(BenchmarkId::new("store_build", spec), |b| {
+            b.iter(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let store = dir.path().join("gradients");
+                build(&store, key.clone(), &net, &data, &layout, &mut culprit_models::train::Silent).unwrap()
+            })
         });
     }
     group.finish();
@@ -270,5 +328,5 @@ fn language_model(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, per_example_gradients, store, scoring, scoring_factors, language_model);
+criterion_group!(benches, per_example_gradients, cache, store, scoring, scoring_factors, language_model);
 criterion_main!(benches);

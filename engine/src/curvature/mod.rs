@@ -36,6 +36,7 @@ pub mod kronecker;
 pub mod methods;
 pub mod operators;
 pub mod self_influence;
+pub(crate) mod sparse;
 
 use std::any::Any;
 use std::path::Path;

@@ -25,6 +25,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use crate::curvature::sparse::SparseRows;
 use crate::gradients::{LayerFactors, factors_from_taps, read_f64};
 use crate::objective::Objective;
 
@@ -107,6 +108,11 @@ pub(crate) struct LayerChunk {
     inputs: Vec<f64>,
     /// The same rounded to f32, made on the first single-precision product.
     inputs32: OnceLock<Vec<f32>>,
+    /// The inputs in compressed rows when few are non-zero (the products' GEMMs then cost
+    /// 2·nnz·cols instead of 2·r·in·cols: [`crate::curvature::sparse`]), in f64 and, made on the
+    /// first single-precision product, f32.
+    sparse: Option<SparseRows<f64>>,
+    sparse32: OnceLock<Option<SparseRows<f32>>>,
     /// in.
     width: usize,
     /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: C matrices `[b·L, out]`,
@@ -143,6 +149,13 @@ impl LayerChunk {
     /// (`single`) in f32 with the operands rounded and the result widened to f64.
     fn input_product(&self, transpose: bool, b: &[f64], cols: usize, single: bool, par: Par) -> Vec<f64> {
         let r = self.inputs.len() / self.width.max(1);
+        if let Some(sparse) = &self.sparse {
+            if !single {
+                return sparse.product(transpose, b, cols, par);
+            }
+            let sparse32 = self.sparse32.get_or_init(|| SparseRows::from_column_major(&self.inputs, r, self.width));
+            return sparse32.as_ref().expect("as sparse as in f64").product(transpose, b, cols, par);
+        }
         let (rows, inner) = if transpose { (self.width, r) } else { (r, self.width) };
         if !single {
             let x = MatRef::from_column_major_slice(&self.inputs, r, self.width);
@@ -174,11 +187,15 @@ impl ChunkFactors {
                 if c == 0 {
                     let positions = f.input.dims()[2];
                     let inputs = column_major(flatten_positions(f.input.clone()));
+                    let width = net.layers()[l].inputs;
+                    let sparse = SparseRows::from_column_major(&inputs, inputs.len() / width.max(1), width);
                     let (input, bias, mask) = (f.input, f.bias, f.mask);
-                    let (nonzero, width) = (Vec::new(), net.layers()[l].inputs);
+                    let nonzero = Vec::new();
                     layers.push(LayerChunk {
                         inputs,
                         inputs32: OnceLock::new(),
+                        sparse,
+                        sparse32: OnceLock::new(),
                         width,
                         logit_grads: Vec::new(),
                         positions,
@@ -198,9 +215,10 @@ impl ChunkFactors {
     }
 
     /// Bytes the factors of one example take, at most (inputs kept three times: as taps,
-    /// column-major, and in f32 once a single-precision product asks).
+    /// column-major, and in f32 once a single-precision product asks; and when sparse, their
+    /// non-zeros in f64 and f32 with their columns, at most 0.3 · 20 bytes an input).
     pub(crate) fn bytes_per_example(layers: &[culprit_models::model::TrackedLayer], classes: usize) -> usize {
-        layers.iter().map(|l| (5 * l.inputs + 2 * classes * l.outputs) * l.positions).sum::<usize>() * 4
+        layers.iter().map(|l| (7 * l.inputs + 2 * classes * l.outputs) * l.positions).sum::<usize>() * 4
     }
 
     /// Per layer, the loss gradient at the layer's output when the label is `class`,
@@ -306,20 +324,94 @@ impl<'a, M: Model> GaussNewton<'a, M> {
     }
 
     /// outs[q] += scale · Σ_chunk Jᵢᵀ(diag pᵢ − pᵢpᵢᵀ)Jᵢ v_q over the chunk's examples.
+    ///
+    /// The sweeps between the GEMMs are compiled for AVX-512F or AVX2+FMA where the CPU has them
+    /// (chosen at run time): in the baseline x86-64 instruction set they take as long as the
+    /// GEMMs themselves.
     fn apply_chunk(&self, f: &ChunkFactors, dirs: &[LayerDirections], outs: &mut [Vec<f64>], scale: f64, par: Par) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just now).
+                return unsafe { self.apply_chunk_avx512(f, dirs, outs, scale, par) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just now).
+                return unsafe { self.apply_chunk_avx2(f, dirs, outs, scale, par) };
+            }
+        }
+        self.apply_chunk_plain(f, dirs, outs, scale, par)
+    }
+
+    /// [`Self::apply_chunk_plain`] compiled for AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn apply_chunk_avx512(
+        &self,
+        f: &ChunkFactors,
+        dirs: &[LayerDirections],
+        outs: &mut [Vec<f64>],
+        scale: f64,
+        par: Par,
+    ) {
+        self.apply_chunk_plain(f, dirs, outs, scale, par)
+    }
+
+    /// [`Self::apply_chunk_plain`] compiled for AVX2 with FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_chunk_avx2(
+        &self,
+        f: &ChunkFactors,
+        dirs: &[LayerDirections],
+        outs: &mut [Vec<f64>],
+        scale: f64,
+        par: Par,
+    ) {
+        self.apply_chunk_plain(f, dirs, outs, scale, par)
+    }
+
+    #[inline(always)]
+    fn apply_chunk_plain(
+        &self,
+        f: &ChunkFactors,
+        dirs: &[LayerDirections],
+        outs: &mut [Vec<f64>],
+        scale: f64,
+        par: Par,
+    ) {
         let k = outs.len();
         let jv = self.jacobian_products(f, dirs, k, par);
         let classes = self.objective.model.num_classes();
         let b = f.rows;
-        // u = (diag p − p pᵀ) Jv · scale, laid out [C][k][b] as Jv.
+        // The probabilities by class, p_c = [b].
+        let mut by_class = vec![0.0; classes * b];
+        for (i, p) in f.probabilities.chunks_exact(classes).enumerate() {
+            for (c, v) in p.iter().enumerate() {
+                by_class[c * b + i] = *v;
+            }
+        }
+        // u = (diag p − p pᵀ) Jv · scale, laid out [C][k][b] as Jv: per direction, pᵀJv per
+        // example, then every class's u, each a contiguous sweep over the chunk's examples.
         let mut u = vec![0.0; classes * k * b];
+        let mut pj = vec![0.0; b];
         for q in 0..k {
-            for i in 0..b {
-                let p = &f.probabilities[i * classes..(i + 1) * classes];
-                let pj: f64 = (0..classes).map(|c| p[c] * jv[(c * k + q) * b + i]).sum();
-                for c in 0..classes {
-                    let at = (c * k + q) * b + i;
-                    u[at] = p[c] * (jv[at] - pj) * scale;
+            pj.fill(0.0);
+            for c in 0..classes {
+                let (p, jvc) = (&by_class[c * b..(c + 1) * b], &jv[(c * k + q) * b..(c * k + q + 1) * b]);
+                pj.iter_mut().zip(p).zip(jvc).for_each(|((s, p), j)| *s += p * j);
+            }
+            for c in 0..classes {
+                let at = (c * k + q) * b;
+                let (p, jvc) = (&by_class[c * b..(c + 1) * b], &jv[at..at + b]);
+                for (((u, p), j), s) in u[at..at + b].iter_mut().zip(p).zip(jvc).zip(&pj) {
+                    *u = p * (j - s) * scale;
                 }
             }
         }
@@ -327,6 +419,7 @@ impl<'a, M: Model> GaussNewton<'a, M> {
     }
 
     /// Jv for every class, direction and example of a chunk, `[C][k][b]`, summed over layers.
+    #[inline(always)]
     fn jacobian_products(&self, f: &ChunkFactors, dirs: &[LayerDirections], k: usize, par: Par) -> Vec<f64> {
         let classes = self.objective.model.num_classes();
         let b = f.rows;
@@ -367,6 +460,7 @@ impl<'a, M: Model> GaussNewton<'a, M> {
 
     /// outs[q] += Jᵀu_q: per layer Δ = Σ_c u_c ∂z_c/∂out per row, then inputsᵀ Δ in the weight's
     /// layout, and Σ_rows Δ for the bias.
+    #[inline(always)]
     fn add_transposed_products(&self, f: &ChunkFactors, u: &[f64], outs: &mut [Vec<f64>], par: Par) {
         let classes = self.objective.model.num_classes();
         let (b, k) = (f.rows, outs.len());
@@ -395,11 +489,15 @@ impl<'a, M: Model> GaussNewton<'a, M> {
                 let block = &gw[q * out * inputs..(q + 1) * out * inputs]; // [in, out], column-major
                 let weights = &mut target[offset..offset + spec.weight_len()];
                 match spec.layout {
-                    // weights[i·out + o]
+                    // weights[i·out + o], by tiles of 16 inputs: the 16 rows of the target stay
+                    // cached while every output of the tile's inputs is added.
                     WeightLayout::InputMajor => {
-                        for o in 0..out {
-                            for i in 0..inputs {
-                                weights[i * out + o] += block[o * inputs + i];
+                        for i0 in (0..inputs).step_by(16) {
+                            let i1 = (i0 + 16).min(inputs);
+                            for o in 0..out {
+                                for (i, g) in (i0..i1).zip(&block[o * inputs + i0..o * inputs + i1]) {
+                                    weights[i * out + o] += g;
+                                }
                             }
                         }
                     }

@@ -19,10 +19,13 @@
 //! rows), and scored against the store as one matrix product per block of rows, streamed shard
 //! by shard from the memory map and spread over threads with rayon, keeping a bounded top-k per
 //! query: memory stays flat in the store's size and many queries cost one pass. Cost:
-//! n·k·q multiply-adds for n rows of length k and q queries. With AVX-512 the pass runs at 74–88%
-//! of a plain parallel read of the same bytes for 1 to 8 queries (`benches/`, group `scoring`):
-//! rows are prefetched a few rows ahead, since each row is its own stream for the hardware
-//! prefetcher. `factors` stores are scored per layer as ãᵀQδ̃ ([`kernel::factored_dots`]).
+//! n·k·q multiply-adds for n rows of length k and q queries. On an AMD EPYC Zen 5 (2 cores) the
+//! pass runs at 85%, 78% and 70% of a plain parallel read of the same bytes for 1, 4 and 8
+//! queries with the AVX-512 kernels, and at 95%, 89% and 70% with the AVX2 ones (`benches/`,
+//! group `scoring`, 2 GiB store); from about 8 queries the multiply-adds bound it (16 queries:
+//! 40–43%). Rows are prefetched a few rows ahead, since each row is its own stream for the
+//! hardware prefetcher. `factors` stores are scored per layer as ãᵀQδ̃
+//! ([`kernel::factored_dots`]).
 
 pub mod attribute;
 pub mod ensemble;
@@ -333,7 +336,7 @@ struct PackedQueries {
     blocks: Option<Vec<Mat<f32>>>,
     /// `len × nq`, one column per query.
     q: Mat<f32>,
-    /// Query-major, zero-padded to groups of 8, for the SIMD kernel.
+    /// Query-major (`nq · len`), for the SIMD kernels.
     packed: Vec<f32>,
 }
 
@@ -354,7 +357,7 @@ impl PackedQueries {
                 .collect();
             return Self { nq, len, blocks: Some(blocks), q: Mat::zeros(0, 0), packed: Vec::new() };
         }
-        let mut packed = vec![0.0f32; nq.div_ceil(8).max(1) * 8 * len];
+        let mut packed = vec![0.0f32; nq * len];
         for (j, query) in queries.iter().enumerate() {
             packed[j * len..(j + 1) * len].copy_from_slice(query);
         }
@@ -398,14 +401,21 @@ fn columns(blocks: Vec<(usize, Vec<f32>)>, n: usize, nq: usize) -> Vec<Vec<f32>>
 
 /// The inner products of a block of rows with the queries: `rows × nq`, row-major.
 ///
-/// Hand-written kernels read every row once for a group of 8 queries, from cache-resident
-/// sub-blocks of rows, with fused multiply-adds, which keeps the pass close to memory bandwidth:
-/// on CPUs with AVX-512F three rows at a time (24 accumulators of 16 lanes); on CPUs with AVX2
-/// and FMA only, two rows × four queries at a time (8 accumulators of 8 lanes in the 16 vector
-/// registers), twice per group. Elsewhere faer's matrix product does the same work. The path is
-/// chosen at run time ([`Path::chosen`]); `CULPRIT_SCORING_KERNEL=avx512|avx2|portable` forces
-/// one the CPU supports (for benchmarks). Cost: rows · len · nq multiply-adds, one read of the
-/// rows; f32 accumulation in lanes, tolerance about 1e-6 · len relative.
+/// Hand-written kernels read every row once for all the queries, from cache-resident sub-blocks
+/// of rows, with fused multiply-adds, which keeps the pass close to memory bandwidth. The
+/// queries are split into groups of 8, 4, 2 and 1 (greedily: 11 queries are 8 + 2 + 1), so no
+/// multiply-add is spent on padding; each group is one register-blocked pass over the
+/// sub-block: R rows × Q queries of accumulators a step, every query chunk loaded once for R
+/// rows. On CPUs with AVX-512F (32 registers of 16 lanes) Q × R is 8×3, 4×5, 2×8 or 1×8; on
+/// CPUs with AVX2 and FMA only (16 registers of 8 lanes), 4×2 (a group of 8 is two such
+/// passes), 2×4 or 1×6. Elsewhere faer's matrix product does the same work. The path is chosen
+/// at run time ([`Path::chosen`]); `CULPRIT_SCORING_KERNEL=avx512|avx2|portable` forces one
+/// the CPU supports (for benchmarks).
+///
+/// Cost: rows · len · nq multiply-adds and one read of the rows from memory. Up to a few queries
+/// the pass is bound by memory bandwidth; beyond that by the multiply-adds (each query costs one
+/// per element read: 8 queries need 2 multiply-adds per byte). f32 accumulation in lanes,
+/// tolerance about 1e-6 · len relative.
 pub mod kernel {
     use faer::{Mat, MatRef, Par};
 
@@ -455,10 +465,31 @@ pub mod kernel {
             out.push(Self::Portable);
             out
         }
+
+        /// The widest query group of this path's kernels.
+        fn widest_group(self) -> usize {
+            match self {
+                Self::Avx512 => 8,
+                _ => 4,
+            }
+        }
+    }
+
+    /// The query groups `(first query, width)` of `nq` queries: widths of 8 (at most `widest`),
+    /// 4, 2 and 1, greedily.
+    pub fn groups(nq: usize, widest: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut first = 0;
+        while first < nq {
+            let width = [8, 4, 2, 1].into_iter().find(|&w| w <= widest && w <= nq - first).expect("1 fits");
+            out.push((first, width));
+            first += width;
+        }
+        out
     }
 
     /// `rows × nq` inner products; `q` is `len × nq` (column per query), `packed` the queries
-    /// query-major in zero-padded groups of 8; by [`Path::chosen`].
+    /// query-major (`nq · len`); by [`Path::chosen`].
     pub fn dots(block: &[f32], rows: usize, len: usize, q: &Mat<f32>, packed: &[f32], nq: usize) -> Vec<f32> {
         dots_with(Path::chosen(), block, rows, len, q, packed, nq)
     }
@@ -476,28 +507,49 @@ pub mod kernel {
         #[cfg(target_arch = "x86_64")]
         if path != Path::Portable {
             assert!(Path::supported().contains(&path), "the CPU lacks the {path:?} scoring path");
-            let groups = packed.len() / (8 * len);
+            assert!(packed.len() >= nq * len, "one packed query of the row length per query");
             let mut out = vec![0.0f32; rows * nq];
             let mut group_out = vec![0.0f32; SUB_ROWS * 8];
+            let groups = groups(nq, path.widest_group());
             // Sub-blocks small enough to stay in cache while every group of queries passes over
             // them, so rows come from memory once however many queries there are.
             for sub in (0..rows).step_by(SUB_ROWS) {
                 let n = SUB_ROWS.min(rows - sub);
                 let rows_here = &block[sub * len..(sub + n) * len];
-                for g in 0..groups {
-                    let queries = &packed[g * 8 * len..(g + 1) * 8 * len];
-                    // SAFETY: the CPU has the path's features (checked above); slices are sized as
-                    // the kernels need.
-                    unsafe {
-                        match path {
-                            Path::Avx512 => dots8_avx512(rows_here, n, len, queries, &mut group_out),
-                            _ => dots8_avx2(rows_here, n, len, queries, &mut group_out),
-                        }
-                    };
+                for &(first, width) in &groups {
+                    let queries = &packed[first * len..(first + width) * len];
+                    group_out[..n * width].fill(0.0);
+                    // The rows in spans of columns whose slice of the group's queries stays in
+                    // the first-level cache (16 KiB): a group of 8 queries of 2048 values is
+                    // 64 KiB, more than that cache, and would be read from the next one.
+                    let span = (4096 / width).max(16);
+                    for start in (0..len).step_by(span) {
+                        let span = (start, (start + span).min(len));
+                        // SAFETY: the CPU has the path's features (checked above); the slices are
+                        // sized as the kernels need (each asserts it).
+                        unsafe {
+                            match (path, width) {
+                                (Path::Avx512, 8) => {
+                                    group_avx512::<8, 3>(rows_here, n, len, queries, span, &mut group_out)
+                                }
+                                (Path::Avx512, 4) => {
+                                    group_avx512::<4, 5>(rows_here, n, len, queries, span, &mut group_out)
+                                }
+                                (Path::Avx512, 2) => {
+                                    group_avx512::<2, 8>(rows_here, n, len, queries, span, &mut group_out)
+                                }
+                                (Path::Avx512, _) => {
+                                    group_avx512::<1, 8>(rows_here, n, len, queries, span, &mut group_out)
+                                }
+                                (_, 4) => group_avx2::<4, 2>(rows_here, n, len, queries, span, &mut group_out),
+                                (_, 2) => group_avx2::<2, 4>(rows_here, n, len, queries, span, &mut group_out),
+                                (_, _) => group_avx2::<1, 6>(rows_here, n, len, queries, span, &mut group_out),
+                            }
+                        };
+                    }
                     for i in 0..n {
-                        for k in 0..8.min(nq - g * 8) {
-                            out[(sub + i) * nq + g * 8 + k] = group_out[i * 8 + k];
-                        }
+                        out[(sub + i) * nq + first..(sub + i) * nq + first + width]
+                            .copy_from_slice(&group_out[i * width..(i + 1) * width]);
                     }
                 }
             }
@@ -564,22 +616,30 @@ pub mod kernel {
         (0..rows * nq).map(|k| out[(k / nq, k % nq)]).collect()
     }
 
-    /// `out[i·8 + j] = ⟨row i, query j⟩` for 8 queries stored query-major in `queries`.
+    /// `out[i·Q + j] += ⟨row i, query j⟩` over the columns `span` of the rows (and of the Q
+    /// queries stored query-major in `queries`), with AVX-512F: R rows × Q queries of 16-lane accumulators a step (Q·R + R + 1 of the 32
+    /// registers), the next R rows prefetched while these are computed.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; `block.len() ≥ rows·len`, `queries.len() ≥ 8·len`,
-    /// `out.len() ≥ rows·8`.
+    /// The CPU must support AVX-512F. (The slices' sizes are asserted.)
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dots8_avx512(block: &[f32], rows: usize, len: usize, queries: &[f32], out: &mut [f32]) {
+    pub unsafe fn group_avx512<const Q: usize, const R: usize>(
+        block: &[f32],
+        rows: usize,
+        len: usize,
+        queries: &[f32],
+        span: (usize, usize),
+        out: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
-        assert!(block.len() >= rows * len && queries.len() >= 8 * len && out.len() >= rows * 8);
-        let chunks = len / 16;
-        let tail = |row: &[f32], j: usize| -> f32 { (chunks * 16..len).map(|k| row[k] * queries[j * len + k]).sum() };
+        assert!(block.len() >= rows * len && queries.len() >= Q * len && out.len() >= rows * Q);
+        assert!(span.0 <= span.1 && span.1 <= len, "a span within the rows");
+        let (first, chunks) = (span.0, (span.1 - span.0) / 16);
+        let tail = |row: &[f32], j: usize| -> f32 {
+            (first + chunks * 16..span.1).map(|k| row[k] * queries[j * len + k]).sum()
+        };
         let q = queries.as_ptr();
-        // R rows at a time: every query chunk loaded from cache serves R rows (8·R accumulators
-        // plus R row registers fit in the 32 vector registers).
-        const R: usize = 3;
         let mut r = 0;
         // SAFETY: every pointer offset stays inside the slices checked by the assert above.
         unsafe {
@@ -590,15 +650,15 @@ pub mod kernel {
                 // The next R rows, fetched into cache while these are computed: rows are separate
                 // 4·len-byte streams, and hardware prefetchers ramp up on each anew. Prefetching
                 // past the block's end is harmless (a hint; the address is never dereferenced).
-                let next = base.wrapping_add(4 * R * len) as *const i8;
-                let mut acc = [[_mm512_setzero_ps(); 8]; R];
+                let next = base.wrapping_add(R * len) as *const i8;
+                let mut acc = [[_mm512_setzero_ps(); Q]; R];
                 for c in 0..chunks {
                     for k in 0..R {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + c * 16)));
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + first + c * 16)));
                     }
-                    let x: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(p[k].add(c * 16)));
-                    for j in 0..8 {
-                        let y = _mm512_loadu_ps(q.add(j * len + c * 16));
+                    let x: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(p[k].add(first + c * 16)));
+                    for j in 0..Q {
+                        let y = _mm512_loadu_ps(q.add(j * len + first + c * 16));
                         for k in 0..R {
                             acc[k][j] = _mm512_fmadd_ps(x[k], y, acc[k][j]);
                         }
@@ -606,8 +666,8 @@ pub mod kernel {
                 }
                 for k in 0..here {
                     let row = &block[(r + k) * len..(r + k + 1) * len];
-                    for j in 0..8 {
-                        out[(r + k) * 8 + j] = _mm512_reduce_add_ps(acc[k][j]) + tail(row, j);
+                    for j in 0..Q {
+                        out[(r + k) * Q + j] += _mm512_reduce_add_ps(acc[k][j]) + tail(row, j);
                     }
                 }
                 r += here;
@@ -615,21 +675,29 @@ pub mod kernel {
         }
     }
 
-    /// `out[i·8 + j] = ⟨row i, query j⟩` for 8 queries stored query-major in `queries`, with
-    /// AVX2 and FMA: two rows × four queries a step (8 accumulators of 8 lanes, 2 row and 1
-    /// query registers: 11 of the 16), the two halves of the group one after the other over the
-    /// same two rows (the second reads them from the first-level cache).
+    /// `out[i·Q + j] += ⟨row i, query j⟩` over the columns `span` of the rows (and of the Q
+    /// queries stored query-major in `queries`), with AVX2 and FMA: R rows × Q queries of 8-lane accumulators a step (Q·R + R + 1 of the 16
+    /// registers), the next R rows prefetched while these are computed.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `block.len() ≥ rows·len`, `queries.len() ≥ 8·len`,
-    /// `out.len() ≥ rows·8`.
+    /// The CPU must support AVX2 and FMA. (The slices' sizes are asserted.)
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots8_avx2(block: &[f32], rows: usize, len: usize, queries: &[f32], out: &mut [f32]) {
+    pub unsafe fn group_avx2<const Q: usize, const R: usize>(
+        block: &[f32],
+        rows: usize,
+        len: usize,
+        queries: &[f32],
+        span: (usize, usize),
+        out: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
-        assert!(block.len() >= rows * len && queries.len() >= 8 * len && out.len() >= rows * 8);
-        let chunks = len / 8;
-        let tail = |row: &[f32], j: usize| -> f32 { (chunks * 8..len).map(|k| row[k] * queries[j * len + k]).sum() };
+        assert!(block.len() >= rows * len && queries.len() >= Q * len && out.len() >= rows * Q);
+        assert!(span.0 <= span.1 && span.1 <= len, "a span within the rows");
+        let (first, chunks) = (span.0, (span.1 - span.0) / 8);
+        let tail = |row: &[f32], j: usize| -> f32 {
+            (first + chunks * 8..span.1).map(|k| row[k] * queries[j * len + k]).sum()
+        };
         /// The sum of a register's 8 lanes.
         #[target_feature(enable = "avx2,fma")]
         fn sum8(v: __m256) -> f32 {
@@ -637,7 +705,6 @@ pub mod kernel {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
         }
-        const R: usize = 2;
         let q = queries.as_ptr();
         let mut r = 0;
         // SAFETY: every pointer offset stays inside the slices checked by the assert above.
@@ -648,28 +715,23 @@ pub mod kernel {
                 let p: [*const f32; R] = std::array::from_fn(|k| base.add(k.min(here - 1) * len));
                 // The next rows, fetched while these are computed (a hint past the end is harmless).
                 let next = base.wrapping_add(R * len) as *const i8;
-                for half in 0..2 {
-                    let qh = q.add(half * 4 * len);
-                    let mut acc = [[_mm256_setzero_ps(); 4]; R];
-                    for c in 0..chunks {
-                        if half == 0 {
-                            for k in 0..R {
-                                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + c * 8)));
-                            }
-                        }
-                        let x: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(p[k].add(c * 8)));
-                        for j in 0..4 {
-                            let y = _mm256_loadu_ps(qh.add(j * len + c * 8));
-                            for k in 0..R {
-                                acc[k][j] = _mm256_fmadd_ps(x[k], y, acc[k][j]);
-                            }
+                let mut acc = [[_mm256_setzero_ps(); Q]; R];
+                for c in 0..chunks {
+                    for k in 0..R {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + first + c * 8)));
+                    }
+                    let x: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(p[k].add(first + c * 8)));
+                    for j in 0..Q {
+                        let y = _mm256_loadu_ps(q.add(j * len + first + c * 8));
+                        for k in 0..R {
+                            acc[k][j] = _mm256_fmadd_ps(x[k], y, acc[k][j]);
                         }
                     }
-                    for k in 0..here {
-                        let row = &block[(r + k) * len..(r + k + 1) * len];
-                        for j in 0..4 {
-                            out[(r + k) * 8 + half * 4 + j] = sum8(acc[k][j]) + tail(row, half * 4 + j);
-                        }
+                }
+                for k in 0..here {
+                    let row = &block[(r + k) * len..(r + k + 1) * len];
+                    for j in 0..Q {
+                        out[(r + k) * Q + j] += sum8(acc[k][j]) + tail(row, j);
                     }
                 }
                 r += here;
@@ -685,7 +747,7 @@ pub mod kernel {
         /// row count).
         #[test]
         fn kernels_match_a_plain_dot_product() {
-            for (rows, len, nq) in [(7, 37, 11), (101, 300, 16), (50, 8, 3)] {
+            for (rows, len, nq) in [(7, 37, 11), (101, 300, 16), (50, 8, 3), (61, 77, 15), (9, 16, 1), (3, 50, 2)] {
                 kernels_match_at(rows, len, nq);
             }
         }
@@ -695,7 +757,7 @@ pub mod kernel {
             let queries: Vec<Vec<f32>> =
                 (0..nq).map(|j| (0..len).map(|k| ((j * 31 + k * 17) % 43) as f32 / 21.0 - 1.0).collect()).collect();
             let q = Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]);
-            let mut packed = vec![0.0f32; nq.div_ceil(8) * 8 * len];
+            let mut packed = vec![0.0f32; nq * len];
             for (j, query) in queries.iter().enumerate() {
                 packed[j * len..(j + 1) * len].copy_from_slice(query);
             }

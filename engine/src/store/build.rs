@@ -17,14 +17,17 @@
 //! naming the row, never a checksummed shard that poisons every later score.
 //!
 //! Cost: one tapped forward and backward per batch plus the projection (see
-//! [`crate::gradients::projection`]); memory: one shard of rows plus one batch of factors.
+//! [`crate::gradients::projection`]); each batch's rows are written by a thread of their own
+//! while the next batch is computed ([`super::stream::ShardStream`]). Memory: a few batches of
+//! rows and one batch of factors.
 
 use std::path::{Path, PathBuf};
 
 use culprit_models::model::{Batch, Model};
 use culprit_models::train::Progress;
 
-use super::{Dtype, GradientStore, Shard, StoreKey, StoreManifest, write_shard};
+use super::stream::ShardStream;
+use super::{Dtype, GradientStore, Shard, StoreKey, StoreManifest};
 use crate::error::{Error, Result};
 use crate::gradients::projection::{ProjectionSpec, Projector};
 use crate::gradients::{Measurement, layer_factors};
@@ -157,18 +160,20 @@ pub fn build<M: Model>(
         let _lock = Lock::acquire(&path, &format!("shard {} of the gradient store", info.file))?;
         crate::io::remove_stale_temporaries(&path)?;
         if !shard_complete(dir, &manifest, j) {
-            let rows = shard_rows(
+            let mut stream = ShardStream::create(&path, &GradientStore::expected_header(&manifest, j))?;
+            shard_rows(
                 model,
                 data,
                 &projector,
                 info.first_row..info.first_row + info.rows,
                 layout.batch,
+                &mut stream,
                 &mut |n| {
                     done += n;
                     progress.advance(done as u64, &format!("shard {}/{}", j + 1, manifest.shards.len()));
                 },
             )?;
-            bytes_written += write_shard(&path, &GradientStore::expected_header(&manifest, j), &rows)?;
+            bytes_written += stream.finish()?;
             written += 1;
         }
     }
@@ -195,18 +200,19 @@ pub fn build<M: Model>(
     })
 }
 
-/// The projected loss-gradient rows of examples `range`, in batches; `advanced(n)` is told of
-/// every batch of n. A row that is not finite is an error naming it.
+/// The projected loss-gradient rows of examples `range`, in batches, each handed to `stream`
+/// (written while the next is computed); `advanced(n)` is told of every batch of n. A row that
+/// is not finite is an error naming it (the stream, dropped unfinished, leaves no shard).
 fn shard_rows<M: Model>(
     model: &M,
     data: &M::Batch,
     projector: &Projector,
     range: std::ops::Range<usize>,
     batch: usize,
+    stream: &mut ShardStream,
     advanced: &mut dyn FnMut(usize),
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     let row_len = projector.row_len();
-    let mut rows = Vec::with_capacity(range.len() * row_len);
     let part = data.slice(range.clone());
     for sub in part.groups().chunks(part.len(), batch, culprit_models::model::ROWS_PER_CHUNK) {
         let (start, stop) = (range.start + sub.start, range.start + sub.end);
@@ -221,8 +227,8 @@ fn shard_rows<M: Model>(
                 projected[bad]
             )));
         }
-        rows.extend(projected);
+        stream.push(projected)?;
         advanced(stop - start);
     }
-    Ok(rows)
+    Ok(())
 }

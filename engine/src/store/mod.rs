@@ -10,6 +10,7 @@
 //! and CRC are verified when the store is opened; a corrupted or truncated shard is named.
 
 pub mod build;
+pub mod stream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
