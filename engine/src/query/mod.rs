@@ -99,7 +99,7 @@ impl TopK {
 
     #[inline]
     fn push(&mut self, s: Scored) {
-        if self.k == 0 || (s.score < self.enter_largest && s.score > self.enter_smallest) {
+        if !self.may_enter(s.score) {
             return;
         }
         if self.largest.len() < self.k {
