@@ -105,3 +105,31 @@ for name, secs, p in rows:
 json.dump(dict(cpu=cpu, isa=avx, rows=[dict(system=n, seconds=s, pearson=p) for n, s, p in rows]),
           open(f"{out}/side_by_side.json", "w"), indent=1)
 EOF
+
+# 4. Per-example gradients, MLP 784-512-256-10 (ReLU) on MNIST: PyTorch's batched mean-loss
+# backward (the one pass the factors need), its hand-written per-example outer products and
+# vmap(grad), batch 256 (../shared/bench/peers/perex_grad_bench.py), beside `culprit cache` end
+# to end (process start, data loading, taps, the factor rows, the checksummed shard written and
+# fsynced) over 20000 images with the default exact factors. SKIP_PEREX=1 skips this part.
+if [ "${SKIP_PEREX:-0}" != 1 ]; then
+    perex="$OUT/perex.log"
+    PEERS=$PEERS "$py" $peers/perex_grad_bench.py --threads "$(nproc)" --batch 256 --seconds 5 | tee "$perex"
+    mlp="$OUT/mlp"
+    rm -rf "$mlp"
+    "$culprit" train --data $data --limit 20000 --model mlp --hidden 512,256 --epochs 1 --out "$mlp" --quiet
+    n=20000
+    seconds=$(timed "$culprit" cache --run "$mlp" --quiet)
+    "$py" - "$perex" "$n" "$seconds" "$cpu" "$avx512" <<'PY'
+import re, sys
+log, n, seconds, cpu, avx = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+rates = {m.group(1): float(m.group(2)) for m in re.finditer(r"batch\s+\d+\s+(\S+)\s+(\d+) examples/s", open(log).read())}
+culprit = n / seconds
+print(f"\n{cpu}, {avx}; per-example gradients, MLP 784-512-256-10, examples/s")
+for name in ("batched_backward", "manual_outer_flat", "vmap_grad+flat", "vmap_grad"):
+    if name in rates:
+        print(f"  PyTorch {name:<20s} {rates[name]:10.0f}")
+print(f"  culprit cache (factors, end to end, {n} images in {seconds:.2f} s) {culprit:10.0f}")
+if "batched_backward" in rates:
+    print(f"  culprit cache takes {rates['batched_backward'] / culprit:.2f}× the time of PyTorch's plain batched backward")
+PY
+fi

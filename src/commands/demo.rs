@@ -165,7 +165,14 @@ impl Demo<'_> {
         )?;
         say(self.out, "4. Fit the exact inverse Hessian (closed form, Cholesky):")?;
         let fit = super::fit::fit(&run.dir, &FitOptions::new(Method::Exact), self.options.backend)?;
-        say(self.out, format!("   fitted in {:.2} s; a solve takes {:.1} ms", fit.fit_seconds, 1e3 * fit.solve_seconds))
+        say(
+            self.out,
+            format!(
+                "   fitted in {:.2} s; a solve takes {:.1} ms",
+                fit.fit_seconds,
+                1e3 * fit.solve_seconds.unwrap_or(0.0)
+            ),
+        )
     }
 
     /// Step 5: trace the fooled inputs, check against the ground truth, write the report.

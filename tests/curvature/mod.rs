@@ -147,9 +147,8 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
         assert!((info.relative_residual - r).abs() < 1e-9, "CG reports {:e}, true {r:e}", info.relative_residual);
         iterations.push(info.iterations);
     }
-    // Several right-hand sides at once (k recurrences sharing one product per iteration): each
-    // reaches the tolerance against the closed form, in the iterations it takes alone (± 1: the
-    // shared products round differently).
+    // Several right-hand sides at once (one block Krylov space): each reaches the tolerance
+    // against the closed form, in no more iterations than it takes alone (+ 2 for rounding).
     let qs: Vec<Vec<f64>> = (10..14).map(|s| probe(o.model.num_params(), s)).collect();
     for precondition in [false, true] {
         let cg = Curvature::fit(&o, &with_precondition(Method::Cg, precondition)).unwrap();
@@ -157,7 +156,7 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
             let (r, together) = (residual(&h, 0.0, &x, q), info.unwrap().iterations);
             assert!(r <= 1e-8 * 1.5, "batched CG residual {r:e} after {together} iterations");
             let alone = cg.solve(&o, std::slice::from_ref(q)).unwrap().remove(0).1.unwrap().iterations;
-            assert!(together.abs_diff(alone) <= 1, "batched {together} iterations, alone {alone}");
+            assert!(together <= alone + 2, "batched {together} iterations, alone {alone}");
         }
     }
     // A loose tolerance iterates on single-precision products; the residuals it reports are still
@@ -199,6 +198,100 @@ fn solvers_reach_their_tolerance_against_the_closed_form() {
     };
     let err = Curvature::fit(&o, &shallow).unwrap().solve(&o, std::slice::from_ref(&q)).unwrap_err().to_string();
     assert!(err.contains("did not converge"), "{err}");
+}
+
+/// Textbook CG (Hestenes & Stiefel) on a dense matrix for exactly `k` iterations from x = 0.
+fn dense_cg(h: &[Vec<f64>], q: &[f64], k: usize) -> Vec<f64> {
+    let (mut x, mut r, mut p) = (vec![0.0; q.len()], q.to_vec(), q.to_vec());
+    for _ in 0..k {
+        let ap = matvec(h, &p);
+        let rr = dot(&r, &r);
+        let alpha = rr / dot(&p, &ap);
+        x.iter_mut().zip(&p).for_each(|(xi, pi)| *xi += alpha * pi);
+        r.iter_mut().zip(&ap).for_each(|(ri, ai)| *ri -= alpha * ai);
+        let beta = dot(&r, &r) / rr;
+        p.iter_mut().zip(&r).for_each(|(pi, ri)| *pi = ri + beta * *pi);
+    }
+    x
+}
+
+/// `fit --check quick`: CG stopped after k products returns the iterate of k textbook CG steps on
+/// the closed-form Hessian (within 1e-8 relative) and its true residual, without failing; with a
+/// budget past convergence it is the converged solve.
+#[test]
+fn cg_within_a_product_budget_is_the_kth_iterate_of_textbook_cg() {
+    let o = trained(300, Architecture::LogReg, vec![], 1e-3);
+    let h = hand_hessian(&o);
+    let q = probe(o.model.num_params(), 3);
+    let cg = Curvature::fit(&o, &with_precondition(Method::Cg, false)).unwrap();
+    for k in [1, 4, 10] {
+        let (x, info) = cg.solve_within(&o, &q, k).unwrap();
+        let info = info.unwrap();
+        let reference = dense_cg(&h, &q, k);
+        assert!(rel(&x, &reference) < 1e-8, "k = {k}: {:e} from textbook CG", rel(&x, &reference));
+        assert_eq!(info.iterations, k);
+        let r = residual(&h, 0.0, &x, &q);
+        assert!(
+            (info.relative_residual - r).abs() <= 1e-9 * r.max(1e-3),
+            "k = {k}: reports {:e}, true {r:e}",
+            info.relative_residual
+        );
+        assert!(r > 1e-8, "k = {k}: residual {r:e} already converged, the budget was not what stopped it");
+    }
+    let (x, info) = cg.solve_within(&o, &q, 100_000).unwrap();
+    let r = residual(&h, 0.0, &x, &q);
+    assert!(r <= 1e-8 * 1.5 && info.unwrap().iterations < 1000, "a budget past convergence: residual {r:e}");
+}
+
+/// A dense symmetric matrix as an operator (the closed-form Hessian).
+struct DenseOperator<'a>(&'a [Vec<f64>]);
+
+impl LinearOperator for DenseOperator<'_> {
+    fn dim(&self) -> usize {
+        self.0.len()
+    }
+    fn apply(&self, v: &[f64]) -> Vec<f64> {
+        matvec(self.0, v)
+    }
+}
+
+/// Block CG on the closed-form logistic-regression Hessian, plain and Jacobi-preconditioned:
+/// every column, including an exact duplicate, a linear combination of two others (a rank-
+/// deficient block, the breakdown-free case) and a zero query, reaches 1e-8 against the closed
+/// form, in no more iterations (+ 2 for rounding) than the slowest independent recurrence.
+#[test]
+fn block_cg_solves_dependent_queries_against_the_closed_form() {
+    let o = trained(300, Architecture::LogReg, vec![], 1e-3);
+    let h = hand_hessian(&o);
+    let d = h.len();
+    let mut qs: Vec<Vec<f64>> = (20..24).map(|s| probe(d, s)).collect();
+    qs.push(qs[0].clone());
+    qs.push(qs[1].iter().zip(&qs[2]).map(|(a, b)| 2.0 * a - b).collect());
+    qs.push(vec![0.0; d]);
+    let rhs: Vec<&[f64]> = qs.iter().map(Vec::as_slice).collect();
+    let a = DenseOperator(&h);
+    let inverse_diagonal: Vec<f64> = (0..d).map(|i| 1.0 / h[i][i]).collect();
+    let jacobi = |r: &[f64]| r.iter().zip(&inverse_diagonal).map(|(x, w)| x * w).collect::<Vec<f64>>();
+    let cg = ConjugateGradient { tolerance: 1e-8, max_iterations: 2000 };
+    for precondition in [None, Some(&jacobi as culprit::curvature::iterative::Preconditioner<'_>)] {
+        let block = cg.solve_block(None, &a, &rhs, precondition).unwrap();
+        let independent = cg.solve_many(&a, &rhs, precondition).unwrap();
+        let slowest = independent.iter().map(|(_, i)| i.iterations).max().unwrap();
+        for (j, ((x, info), q)) in block.iter().zip(&qs).enumerate() {
+            let r = if norm(q) == 0.0 { norm(x) } else { residual(&h, 0.0, x, q) };
+            assert!(r <= 1.5e-8, "column {j} (preconditioned {}): residual {r:e}", precondition.is_some());
+            assert!(
+                (info.relative_residual - r).abs() <= 1e-9,
+                "column {j} reports {:e}, true {r:e}",
+                info.relative_residual
+            );
+            assert!(
+                info.iterations <= slowest + 2,
+                "column {j}: block {} iterations, independent ≤ {slowest}",
+                info.iterations
+            );
+        }
+    }
 }
 
 #[test]
@@ -260,6 +353,14 @@ fn kronecker_methods_against_the_exact_ggn_of_small_mlps() {
         let (pi, qi) = (plain_info.unwrap().iterations, pre_info.unwrap().iterations);
         eprintln!("MLP {hidden:?}: CG {pi} iterations, EK-FAC-preconditioned CG {qi}");
         assert!(compare(&plain, &exact).0 < 1e-6 && compare(&pre, &exact).0 < 1e-6);
+        // The single-precision inverse that preconditions CG is the f64 one within 1e-5.
+        let fitted = Curvature::fit(&o, &with_precondition(Method::Ekfac, false)).unwrap();
+        let k = fitted.fitted.as_any().downcast_ref::<culprit::curvature::kronecker::KroneckerFactors>().unwrap();
+        for damping in [0.0, 0.5] {
+            let single = k.single_precision(damping).apply(&q);
+            let double = k.solve_one(&q, damping);
+            assert!(rel(&single, &double) < 1e-5, "f32 inverse {:e} from f64 (δ = {damping})", rel(&single, &double));
+        }
         // The damping is added exactly in the eigenbasis: with huge damping every method tends
         // to q/δ.
         let big =

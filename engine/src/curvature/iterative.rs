@@ -153,6 +153,61 @@ impl ConjugateGradient {
         qs: &[&[f64]],
         precondition: Option<Preconditioner<'_>>,
     ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
+        let columns = self.iterate_columns(fast, a, qs, precondition)?;
+        self.outcomes(a, qs, columns.into_iter().map(|c| (c.x, c.done)).collect())
+    }
+
+    /// Each right-hand side's solution and info, or the typed non-convergence (with the true
+    /// residual reached) of the first that has none.
+    pub(super) fn outcomes(
+        &self,
+        a: &dyn LinearOperator,
+        qs: &[&[f64]],
+        solved: Vec<(Vec<f64>, Option<SolveInfo>)>,
+    ) -> Result<Vec<(Vec<f64>, SolveInfo)>, CurvatureError> {
+        solved
+            .into_iter()
+            .zip(qs)
+            .map(|((x, done), q)| match done {
+                Some(info) => Ok((x, info)),
+                None => Err(CurvatureError::NotConverged {
+                    method: "cg".into(),
+                    iterations: self.max_iterations,
+                    residual: residual_of(a, &x, q),
+                    tolerance: self.tolerance,
+                }),
+            })
+            .collect()
+    }
+
+    /// [`ConjugateGradient::solve`] that stops after at most `max_iterations` products without
+    /// failing: the x reached and its true residual (one more product), converged or not. For a
+    /// cheap probe of an operator and a preconditioner (`fit --check quick`).
+    pub fn solve_within(
+        &self,
+        a: &dyn LinearOperator,
+        q: &[f64],
+        precondition: Option<Preconditioner<'_>>,
+    ) -> Result<(Vec<f64>, SolveInfo), CurvatureError> {
+        let column = self.iterate_columns(None, a, &[q], precondition)?.pop().expect("one right-hand side");
+        Ok(match column.done {
+            Some(info) => (column.x, info),
+            None => {
+                let relative_residual = residual_of(a, &column.x, q);
+                (column.x, SolveInfo { iterations: self.max_iterations, relative_residual })
+            }
+        })
+    }
+
+    /// The shared recurrences of [`ConjugateGradient::solve_many_mixed`], up to
+    /// `max_iterations`; columns that did not converge have `done` = `None`.
+    fn iterate_columns(
+        &self,
+        fast: Option<&dyn LinearOperator>,
+        a: &dyn LinearOperator,
+        qs: &[&[f64]],
+        precondition: Option<Preconditioner<'_>>,
+    ) -> Result<Vec<CgColumn>, CurvatureError> {
         let mut iterate = fast.unwrap_or(a);
         let mut columns: Vec<CgColumn> = qs
             .iter()
@@ -204,19 +259,7 @@ impl ConjugateGradient {
             }
         }
         self.confirm(a, qs, &mut columns, precondition);
-        columns
-            .into_iter()
-            .zip(qs)
-            .map(|(column, q)| match column.done {
-                Some(info) => Ok((column.x, info)),
-                None => Err(CurvatureError::NotConverged {
-                    method: "cg".into(),
-                    iterations: self.max_iterations,
-                    residual: residual_of(a, &column.x, q),
-                    tolerance: self.tolerance,
-                }),
-            })
-            .collect()
+        Ok(columns)
     }
 
     /// Confirms every column whose recurrence reached the tolerance with its true residual (one

@@ -250,6 +250,25 @@ impl KroneckerFactors {
         out
     }
 
+    /// [`KroneckerFactors::solve_one`]'s operator in single precision, for preconditioning
+    /// (CG's preconditioner need only be a fixed positive definite approximation: its rounding,
+    /// about 1e-7 relative, changes the directions, never the residuals CG checks). Half the
+    /// time of the f64 products, which on an MLP cost more than the GGN product itself.
+    pub fn single_precision(&self, damping: f64) -> SinglePrecisionInverse<'_> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|k| SingleLayer {
+                m: k.m,
+                o: k.o,
+                q_a: Mat::<f32>::from_fn(k.m, k.m, |i, j| k.q_a[(i, j)] as f32),
+                q_s: Mat::<f32>::from_fn(k.o, k.o, |i, j| k.q_s[(i, j)] as f32),
+                inverse: k.eigenvalues.iter().map(|e| (1.0 / (e + self.l2 + damping)) as f32).collect(),
+            })
+            .collect();
+        SinglePrecisionInverse { layers, tracked: &self.tracked }
+    }
+
     /// Self-influence gᵢᵀ(G̃ + (λ + damping) I)⁻¹gᵢ of per-example gradients given by their layer
     /// factors (block-diagonal: summed over layers), without forming gᵢ or solving: in the
     /// eigenbasis a dense layer's gradient is rank one, (Q_Aᵀãᵢ) ⊗ (Q_Sᵀδᵢ), so its self-influence
@@ -330,5 +349,46 @@ impl Fitted for KroneckerFactors {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// One layer of [`SinglePrecisionInverse`].
+struct SingleLayer {
+    m: usize,
+    o: usize,
+    q_a: Mat<f32>,
+    q_s: Mat<f32>,
+    /// 1/(Λ + λ + δ), m×o row-major.
+    inverse: Vec<f32>,
+}
+
+/// (G̃ + (λ + δ) I)⁻¹ with f32 eigenvectors ([`KroneckerFactors::single_precision`]).
+pub struct SinglePrecisionInverse<'a> {
+    layers: Vec<SingleLayer>,
+    tracked: &'a [TrackedLayer],
+}
+
+impl SinglePrecisionInverse<'_> {
+    /// Q_A ((Q_Aᵀ V Q_S) / (Λ + λ + δ)) Q_Sᵀ per layer, in f32, returned in f64. Cost per layer
+    /// 2·m·o·(m + o) multiply-adds.
+    pub fn apply(&self, q: &[f64]) -> Vec<f64> {
+        let mut out = Vec::with_capacity(q.len());
+        let mut offset = 0;
+        for (spec, k) in self.tracked.iter().zip(&self.layers) {
+            let len = spec.num_params();
+            let view = spec.to_view(&q[offset..offset + len]);
+            let v = Mat::<f32>::from_fn(k.m, k.o, |i, j| view[i * k.o + j] as f32);
+            let mut inner = k.q_a.transpose() * &v * &k.q_s;
+            for i in 0..k.m {
+                for j in 0..k.o {
+                    inner[(i, j)] *= k.inverse[i * k.o + j];
+                }
+            }
+            let x = &k.q_a * &inner * k.q_s.transpose();
+            let flat: Vec<f64> = (0..k.m * k.o).map(|idx| f64::from(x[(idx / k.o, idx % k.o)])).collect();
+            out.extend(spec.from_view(&flat));
+            offset += len;
+        }
+        out
     }
 }

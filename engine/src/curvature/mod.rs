@@ -30,6 +30,7 @@
 //! fitted method with the options it was fitted with, and saves and loads it in the one
 //! container format (`docs/FORMAT.md`: magic `CULPRITC`).
 
+pub mod block_cg;
 pub mod dense;
 pub mod iterative;
 pub mod kronecker;
@@ -69,6 +70,15 @@ pub enum Space {
 pub trait Fitted: Send + Sync + Any {
     /// x = (H + δI)⁻¹ q for each query, in [`Fitted::space`].
     fn solve(&self, source: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>>;
+
+    /// x = (H + δI)⁻¹ q for one query within at most `products` operator products where the
+    /// method iterates toward a tolerance, returning what it reached (converged or not): the
+    /// cheap self-check of `fit`. Methods whose solve is a fixed factored product solve fully
+    /// (the default).
+    fn solve_within(&self, source: &dyn CurvatureSource, query: &[f64], products: usize) -> Result<Solution> {
+        let _ = products;
+        Ok(self.solve(source, &[query.to_vec()])?.pop().expect("one query"))
+    }
 
     /// Self-influence gᵢᵀ(H + δI)⁻¹gᵢ of every example of a batch, given its loss gradients' layer
     /// factors (f64). The default forms each gradient and solves; methods with a factored form
@@ -232,6 +242,11 @@ impl Curvature {
     /// each solve ended.
     pub fn solve(&self, source: &dyn CurvatureSource, queries: &[Vec<f64>]) -> Result<Vec<Solution>> {
         self.fitted.solve(source, queries)
+    }
+
+    /// [`Fitted::solve_within`]: one query within at most `products` products.
+    pub fn solve_within(&self, source: &dyn CurvatureSource, query: &[f64], products: usize) -> Result<Solution> {
+        self.fitted.solve_within(source, query, products)
     }
 
     /// The space the curvature solves in.
