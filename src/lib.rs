@@ -30,7 +30,7 @@ pub mod scan;
 pub mod workspace;
 
 pub use culprit_engine::{Error, Result};
-pub use culprit_engine::{curvature, error, gradients, io, objective, params, query, store};
+pub use culprit_engine::{curvature, error, gradients, io, objective, params, query, simd, store};
 
 /// Keeps freed memory in the process: burn allocates and frees a tensor per operation, many of
 /// them megabytes, and glibc's defaults hand those back to the kernel and fault them in again

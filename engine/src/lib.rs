@@ -11,7 +11,7 @@
 //! | 3. query | scores of many queries against a store in one pass, with top-k | [`query`] |
 //!
 //! Beneath them, [`io`] writes files atomically, locks writers and holds the one binary container
-//! every culprit file uses; [`error`] holds the typed errors; [`params`] the typed option values.
+//! every culprit file uses; [`simd`] picks the instruction set of the kernels; [`error`] holds the typed errors; [`params`] the typed option values.
 //! Nothing here knows about run directories, data files or commands: those live in the `culprit`
 //! crate, above this one, and the compiler keeps it that way.
 
@@ -22,6 +22,7 @@ pub mod io;
 pub mod objective;
 pub mod params;
 pub mod query;
+pub mod simd;
 pub mod store;
 
 pub use error::{CurvatureError, Error, Result};

@@ -11,11 +11,15 @@
 use std::sync::OnceLock;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use culprit_models::model::{Batch, Model, ROWS_PER_CHUNK, RowGroups, TrackedLayer, extend, restrict, tracked_len};
+use culprit_models::model::{
+    Batch, Model, ROWS_PER_CHUNK, RowGroups, TrackedLayer, UnitLink, extend, restrict, tracked_len,
+};
 use culprit_models::network::probabilities;
 use faer::Mat;
 
+use crate::curvature::blocks::{self, BlockChunk};
 use crate::curvature::operators::{ChunkFactors, GaussNewton, HessianFd, LinearOperator, SampledOperator};
+use crate::curvature::symmetry::{Gauge, GaugeChunk, NullSpace};
 use crate::error::{Error, Result};
 use crate::gradients::{LayerFactors, Measurement, Target, layer_factors, layer_factors_choosing, read_f64};
 
@@ -77,6 +81,29 @@ pub trait CurvatureSource: Sync {
     fn closed_form_hessian(&self) -> Option<Mat<f64>>;
     /// Calls `f` for every [`FisherSample`] over the training data, in chunks of `chunk`.
     fn for_each_fisher_sample(&self, chunk: usize, f: &mut dyn FnMut(FisherSample<'_>));
+    /// θ restricted to the tracked layers.
+    fn tracked_theta(&self) -> Vec<f64>;
+    /// How the model's units link its tracked layers ([`Model::unit_links`]).
+    fn unit_links(&self) -> Vec<UnitLink>;
+    /// The exact null space of every example's logit Jacobian that the unit links give
+    /// ([`NullSpace`]), at the trained θ.
+    fn null_space(&self) -> NullSpace {
+        NullSpace::of(self.layers(), &self.tracked_theta(), &self.unit_links())
+    }
+    /// The coarse space of near-linear units ([`Gauge`]) for the damped curvature with
+    /// `shift` = λ + δ; `None` where the model has no dense ReLU link or the per-class factors
+    /// are not cached.
+    fn gauge(&self, shift: f64) -> Option<Gauge> {
+        let _ = shift;
+        None
+    }
+    /// The exact damped blocks A_ℓℓ ([`blocks::exact_block`]) of the tracked layers acting once
+    /// per example with at most `max_params` parameters, with their indices; empty where the
+    /// per-class factors are not cached.
+    fn exact_blocks(&self, shift: f64, max_params: usize) -> Vec<(usize, Mat<f64>)> {
+        let _ = (shift, max_params);
+        Vec::new()
+    }
 }
 
 impl<M: Model> Objective<M> {
@@ -179,6 +206,42 @@ impl<M: Model> CurvatureSource for Objective<M> {
 
     fn closed_form_hessian(&self) -> Option<Mat<f64>> {
         self.model.closed_form_hessian(&self.data, self.l2)
+    }
+
+    fn tracked_theta(&self) -> Vec<f64> {
+        restrict(self.model.layers(), &self.theta())
+    }
+
+    fn unit_links(&self) -> Vec<UnitLink> {
+        self.model.unit_links()
+    }
+
+    fn exact_blocks(&self, shift: f64, max_params: usize) -> Vec<(usize, Mat<f64>)> {
+        let Some(chunks) = self.cached_factors() else { return Vec::new() };
+        let layers = self.model.layers();
+        (0..layers.len())
+            .filter(|&l| layers[l].positions == 1 && layers[l].num_params() <= max_params)
+            .map(|l| {
+                let mut parts = chunks.iter().map(|c| BlockChunk {
+                    inputs: &c.layers[l].inputs,
+                    grads: &c.layers[l].logit_grads,
+                    probabilities: &c.probabilities,
+                });
+                (l, blocks::exact_block(&layers[l], self.len(), shift, &mut parts))
+            })
+            .collect()
+    }
+
+    fn gauge(&self, shift: f64) -> Option<Gauge> {
+        let (layers, links) = (self.model.layers(), self.model.unit_links());
+        let link = Gauge::link(layers, &links)?;
+        let chunks = self.cached_factors()?;
+        let mut parts = chunks.iter().map(|c| GaugeChunk {
+            inputs: &c.layers[link.producer].inputs,
+            consumer_grads: &c.layers[link.consumer].logit_grads,
+            probabilities: &c.probabilities,
+        });
+        Gauge::build(layers, &self.tracked_theta(), link, self.len(), shift, &mut parts)
     }
 
     /// Classifiers (one prediction per example): the exact expectation, one sample per class c

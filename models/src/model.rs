@@ -134,6 +134,18 @@ pub fn tracked_len(layers: &[TrackedLayer]) -> usize {
     layers.iter().map(TrackedLayer::num_params).sum()
 }
 
+/// Each tracked layer's first index in the tracked space.
+pub fn tracked_starts(layers: &[TrackedLayer]) -> Vec<usize> {
+    layers
+        .iter()
+        .scan(0, |offset, l| {
+            let start = *offset;
+            *offset += l.num_params();
+            Some(start)
+        })
+        .collect()
+}
+
 /// The tracked coordinates of a vector of θ's space, in layer order.
 pub fn restrict(layers: &[TrackedLayer], full: &[f64]) -> Vec<f64> {
     let mut out = Vec::with_capacity(tracked_len(layers));
@@ -154,6 +166,37 @@ pub fn extend(layers: &[TrackedLayer], tracked: &[f64], full_len: usize) -> Vec<
         offset += len;
     }
     out
+}
+
+/// How the units one tracked layer computes reach the next tracked layer: what the curvature
+/// methods need to know of a network's symmetries (`culprit_engine::curvature::symmetry`).
+///
+/// Unit o is output o of the `producer` (its pre-activation, at every position); after the
+/// activation (and any max-pooling or flattening) it becomes the `consumer`'s inputs
+/// o·`stride`..(o + 1)·`stride`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitLink {
+    /// The tracked layer whose outputs are the units.
+    pub producer: usize,
+    /// The tracked layer that reads them.
+    pub consumer: usize,
+    /// Consumer inputs per unit: 1 for a dense layer, k² for a convolution's k×k patches, the
+    /// pooled map's pixels when a convolution's channels are flattened into a dense layer.
+    pub stride: usize,
+    /// What lies between the two.
+    pub kind: LinkKind,
+}
+
+/// The map between a link's producer and consumer, as far as the logits can tell units apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Positively homogeneous, f(αa) = αf(a) for α > 0 (ReLU, with max-pooling): scaling unit o's
+    /// incoming weights and bias by α and its outgoing weights by 1/α leaves every logit
+    /// unchanged.
+    Homogeneous,
+    /// Linear (no activation): any invertible mixing of the units, W_in → W_in R and
+    /// W_out → R⁻¹ W_out, leaves every logit unchanged (the rescalings among them).
+    Linear,
 }
 
 /// What a tapped forward recorded for one tracked layer: its input and the probe on its output.
@@ -295,6 +338,15 @@ pub trait Model: Clone + Send + Sync {
     fn closed_form_hessian(&self, data: &Self::Batch, l2: f64) -> Option<faer::Mat<f64>> {
         let _ = (data, l2);
         None
+    }
+
+    /// How the units of one tracked layer reach the next ([`UnitLink`]), for each pair of
+    /// consecutive tracked layers joined by a positively homogeneous or linear map; the default
+    /// declares none (no symmetry is then used, which is always correct). A declared link must be
+    /// exact: every logit of every input is unchanged under its transformations (tested for the
+    /// reference classifiers against the exact Gauss–Newton matrix).
+    fn unit_links(&self) -> Vec<UnitLink> {
+        Vec::new()
     }
 
     /// The logits of the batch's prediction rows, `[rows, classes]`.

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::ModelError;
 use crate::config::{Activation, Architecture, LayerKind, LayerSpec, ModelConfig};
 use crate::features::Features;
-use crate::model::{LayerTap, Model, TrackedLayer};
+use crate::model::{LayerTap, LinkKind, Model, TrackedLayer, UnitLink};
 pub use crate::model::{read_f32, read_f64};
 
 /// One trainable layer's parameters as flat tensors.
@@ -261,6 +261,32 @@ impl Model for Network {
 
     fn closed_form_hessian(&self, data: &Features, l2: f64) -> Option<Mat<f64>> {
         (self.config.architecture == Architecture::LogReg).then(|| self.logreg_hessian(data, l2))
+    }
+
+    /// Consecutive layers: the text model's embedding feeds its linear layer directly (a linear
+    /// link); hidden MLP and CNN layers go through the activation, and with ReLU (positively
+    /// homogeneous, as is the CNN's max-pooling) each is a homogeneous link. A convolution's
+    /// channel o reaches the next convolution's patch inputs o·k²..(o+1)·k² (the unfolded
+    /// patches are channel-major, as the weight `[out, in, k, k]`), and the dense head's inputs
+    /// o·h·w..(o+1)·h·w after the flatten of `[channels, h, w]`.
+    fn unit_links(&self) -> Vec<UnitLink> {
+        let kind = match (self.config.architecture, self.config.activation) {
+            (Architecture::Text, _) => LinkKind::Linear,
+            (_, Activation::Relu) => LinkKind::Homogeneous,
+            _ => return Vec::new(),
+        };
+        self.specs
+            .windows(2)
+            .enumerate()
+            .map(|(producer, pair)| {
+                let stride = match (&pair[0].kind, &pair[1].kind) {
+                    (_, LayerKind::Conv2d { kernel, .. }) => kernel * kernel,
+                    (LayerKind::Conv2d { out_channels, .. }, LayerKind::Dense { inputs, .. }) => inputs / out_channels,
+                    (LayerKind::Dense { .. }, LayerKind::Dense { .. }) => 1,
+                };
+                UnitLink { producer, consumer: producer + 1, stride, kind }
+            })
+            .collect()
     }
 }
 

@@ -72,13 +72,14 @@ struct CgColumn {
 /// products before it goes on with the exact ones.
 pub const FAST_ITERATIONS: usize = 50;
 
-/// A preconditioner M⁻¹ ≈ A⁻¹ (symmetric positive definite), applied to one residual.
-pub type Preconditioner<'a> = &'a (dyn Fn(&[f64]) -> Vec<f64> + Sync);
+/// A preconditioner M⁻¹ ≈ A⁻¹: a symmetric positive definite operator, applied to every live
+/// residual at once ([`LinearOperator::apply_many`]).
+pub type Preconditioner<'a> = &'a dyn LinearOperator;
 
 impl CgColumn {
     /// CG's state from x = x₀ with residual r = q − A x₀: the first direction is M⁻¹r.
     fn restart(&mut self, r: Vec<f64>, precondition: Option<Preconditioner<'_>>) {
-        let z = precondition.map_or_else(|| r.clone(), |m| m(&r));
+        let z = precondition.map_or_else(|| r.clone(), |m| m.apply(&r));
         self.rz = dot(&r, &z);
         self.r = r;
         self.p = z;
@@ -104,7 +105,7 @@ impl CgColumn {
 
     /// The next direction p ← M⁻¹r + β p.
     fn next_direction(&mut self, precondition: Option<Preconditioner<'_>>) {
-        let z = precondition.map_or_else(|| self.r.clone(), |m| m(&self.r));
+        let z = precondition.map_or_else(|| self.r.clone(), |m| m.apply(&self.r));
         let rz_next = dot(&self.r, &z);
         let beta = rz_next / self.rz;
         self.rz = rz_next;

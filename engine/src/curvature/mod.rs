@@ -31,13 +31,17 @@
 //! container format (`docs/FORMAT.md`: magic `CULPRITC`).
 
 pub mod block_cg;
+pub(crate) mod blocked;
+pub mod blocks;
 pub mod dense;
 pub mod iterative;
 pub mod kronecker;
 pub mod methods;
 pub mod operators;
+pub(crate) mod rows;
 pub mod self_influence;
 pub(crate) mod sparse;
+pub mod symmetry;
 
 use std::any::Any;
 use std::path::Path;

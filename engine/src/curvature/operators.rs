@@ -25,9 +25,12 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use crate::curvature::rows::{self, RowChunk};
 use crate::curvature::sparse::SparseRows;
 use crate::gradients::{LayerFactors, factors_from_taps, read_f64};
 use crate::objective::Objective;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::InstructionSet;
 
 /// A symmetric linear operator on ℝᵈ (the shape of a Hessian-vector product).
 pub trait LinearOperator: Sync {
@@ -39,6 +42,23 @@ pub trait LinearOperator: Sync {
     /// over their data for all) override it.
     fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
         vs.iter().map(|v| self.apply(v)).collect()
+    }
+}
+
+/// A linear operator given by a function of one vector (a preconditioner written as a closure).
+pub struct FnOperator<F: Fn(&[f64]) -> Vec<f64> + Sync> {
+    /// d.
+    pub dim: usize,
+    /// v ↦ A v.
+    pub apply: F,
+}
+
+impl<F: Fn(&[f64]) -> Vec<f64> + Sync> LinearOperator for FnOperator<F> {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn apply(&self, v: &[f64]) -> Vec<f64> {
+        (self.apply)(v)
     }
 }
 
@@ -75,7 +95,25 @@ impl<A: LinearOperator + ?Sized> LinearOperator for Damped<'_, A> {
     }
 }
 
-pub use culprit_models::lbfgs::{dot, norm};
+/// Σ aᵢbᵢ, accumulated in 8 independent lanes so that it vectorises (the sequential sum is bound
+/// by the latency of one addition after another); within f64 rounding of it.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let split = a.len().min(b.len()) / LANES * LANES;
+    for (x, y) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
+        for t in 0..LANES {
+            acc[t] += x[t] * y[t];
+        }
+    }
+    let tail: f64 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Euclidean norm ([`dot`]).
+pub fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
 
 /// Hessian-vector products by central finite differences of the f64 full-batch gradient.
 pub struct HessianFd<'a, M: Model> {
@@ -105,7 +143,7 @@ impl<M: Model> LinearOperator for HessianFd<'_, M> {
 /// product are one GEMM each (faer) and the rest are contiguous sweeps over rows.
 pub(crate) struct LayerChunk {
     /// Inputs, one row per (example, position): `[b·L, in]`, column-major.
-    inputs: Vec<f64>,
+    pub(crate) inputs: Vec<f64>,
     /// The same rounded to f32, made on the first single-precision product.
     inputs32: OnceLock<Vec<f32>>,
     /// The inputs in compressed rows when few are non-zero (the products' GEMMs then cost
@@ -114,12 +152,12 @@ pub(crate) struct LayerChunk {
     sparse: Option<SparseRows<f64>>,
     sparse32: OnceLock<Option<SparseRows<f32>>>,
     /// in.
-    width: usize,
+    pub(crate) width: usize,
     /// Per class c, ∂z_c/∂(layer output), rows as in `inputs`: C matrices `[b·L, out]`,
     /// column-major.
-    logit_grads: Vec<Vec<f64>>,
+    pub(crate) logit_grads: Vec<Vec<f64>>,
     /// Positions per example (1 for dense layers).
-    positions: usize,
+    pub(crate) positions: usize,
     /// The layer's inputs as its taps gave them, `[b, in, L]` (for Fisher samples).
     pub(crate) input: Tensor<3>,
     /// Whether the layer has a bias.
@@ -141,6 +179,9 @@ pub(crate) struct ChunkFactors {
     pub(crate) probabilities: Vec<f64>,
     /// Per tracked layer.
     pub(crate) layers: Vec<LayerChunk>,
+    /// The same in f32, row-major, made on the first single-precision product (`None` inside when
+    /// a layer acts at several positions): [`crate::curvature::rows`].
+    rows32: OnceLock<Option<RowChunk>>,
 }
 
 impl LayerChunk {
@@ -211,14 +252,22 @@ impl ChunkFactors {
                 layers[l].logit_grads.push(g);
             }
         }
-        Self { rows: batch.len(), probabilities, layers }
+        Self { rows: batch.len(), probabilities, layers, rows32: OnceLock::new() }
+    }
+
+    /// The chunk's f32 row-major copy ([`RowChunk`]), made on first use; `None` when a layer
+    /// acts at several positions.
+    pub(crate) fn rows32(&self) -> Option<&RowChunk> {
+        self.rows32.get_or_init(|| RowChunk::of(self)).as_ref()
     }
 
     /// Bytes the factors of one example take, at most (inputs kept three times: as taps,
     /// column-major, and in f32 once a single-precision product asks; and when sparse, their
-    /// non-zeros in f64 and f32 with their columns, at most 0.3 · 20 bytes an input).
+    /// non-zeros in f64 and f32 with their columns, at most 0.3 · 20 bytes an input; plus the f32
+    /// row-major copy of single-precision products, [`RowChunk::bytes_per_example`]).
     pub(crate) fn bytes_per_example(layers: &[culprit_models::model::TrackedLayer], classes: usize) -> usize {
         layers.iter().map(|l| (7 * l.inputs + 2 * classes * l.outputs) * l.positions).sum::<usize>() * 4
+            + RowChunk::bytes_per_example(layers, classes)
     }
 
     /// Per layer, the loss gradient at the layer's output when the label is `class`,
@@ -331,12 +380,12 @@ impl<'a, M: Model> GaussNewton<'a, M> {
     fn apply_chunk(&self, f: &ChunkFactors, dirs: &[LayerDirections], outs: &mut [Vec<f64>], scale: f64, par: Par) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked just now).
+            if InstructionSet::chosen() == InstructionSet::Avx512 {
+                // SAFETY: `chosen` returns only a set the CPU supports.
                 return unsafe { self.apply_chunk_avx512(f, dirs, outs, scale, par) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just now).
+            if InstructionSet::chosen() == InstructionSet::Avx2 {
+                // SAFETY: `chosen` returns only a set the CPU supports.
                 return unsafe { self.apply_chunk_avx2(f, dirs, outs, scale, par) };
             }
         }
@@ -568,10 +617,20 @@ impl<M: Model> LinearOperator for GaussNewton<'_, M> {
     }
 
     fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
-        let dirs = self.split(vs);
         let scale = 1.0 / self.objective.len() as f64;
         let mut outs = self.regularised(vs);
-        match self.objective.cached_factors() {
+        let cached = self.objective.cached_factors();
+        // Single precision, every layer dense: the row-major f32 products.
+        if let Some(chunks) = cached.filter(|_| self.single) {
+            let row_chunks: Option<Vec<&RowChunk>> = chunks.iter().map(ChunkFactors::rows32).collect();
+            if let Some(row_chunks) = row_chunks {
+                let sums = rows::products(&row_chunks, self.objective.model.layers(), vs, scale);
+                outs.iter_mut().zip(&sums).for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(x, y)| *x += y));
+                return outs;
+            }
+        }
+        let dirs = self.split(vs);
+        match cached {
             Some(chunks) => {
                 let zero = || vec![vec![0.0; self.dim()]; vs.len()];
                 let sum = chunks

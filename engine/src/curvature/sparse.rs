@@ -22,6 +22,9 @@
 use faer::Par;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::simd::InstructionSet;
+
 /// The largest share of non-zero inputs for which a layer is held sparse.
 pub const DENSITY: f64 = 0.3;
 
@@ -174,12 +177,12 @@ impl<T: Element> SparseRows<T> {
 fn gather<T: Element>(lines: &Lines<T>, b: &[T], out: &mut [T], width: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just now).
+        if InstructionSet::chosen() == InstructionSet::Avx512 {
+            // SAFETY: `chosen` returns only a set the CPU supports.
             return unsafe { gather_avx512(lines, b, out, width) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just now).
+        if InstructionSet::chosen() == InstructionSet::Avx2 {
+            // SAFETY: `chosen` returns only a set the CPU supports.
             return unsafe { gather_avx2(lines, b, out, width) };
         }
     }

@@ -429,6 +429,8 @@ fn columns(blocks: Vec<(usize, Vec<f32>)>, n: usize, nq: usize) -> Vec<Vec<f32>>
 pub mod kernel {
     use faer::{Mat, MatRef, Par};
 
+    use crate::simd::InstructionSet;
+
     /// Rows per cache-resident sub-block of the hand-written paths.
     const SUB_ROWS: usize = 48;
 
@@ -444,18 +446,20 @@ pub mod kernel {
     }
 
     impl Path {
-        /// The fastest path this CPU supports, or the one `CULPRIT_SCORING_KERNEL` names when
-        /// the CPU supports it; decided once.
+        /// The fastest path this CPU supports, or the one `CULPRIT_SCORING_KERNEL` (else
+        /// `CULPRIT_KERNEL`, [`crate::simd`]) names when the CPU supports it; decided once.
         pub fn chosen() -> Self {
             static CHOSEN: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
             *CHOSEN.get_or_init(|| {
                 let supported = Self::supported();
-                let forced = std::env::var("CULPRIT_SCORING_KERNEL").ok().and_then(|v| match v.as_str() {
-                    "avx512" => Some(Self::Avx512),
-                    "avx2" => Some(Self::Avx2),
-                    "portable" => Some(Self::Portable),
-                    _ => None,
-                });
+                let named = |variable: &str| std::env::var(variable).ok().and_then(|v| InstructionSet::named(&v));
+                let forced = named("CULPRIT_SCORING_KERNEL").or_else(|| named(crate::simd::KERNEL_VARIABLE)).map(
+                    |set| match set {
+                        InstructionSet::Avx512 => Self::Avx512,
+                        InstructionSet::Avx2 => Self::Avx2,
+                        InstructionSet::Portable => Self::Portable,
+                    },
+                );
                 forced.filter(|p| supported.contains(p)).unwrap_or(supported[0])
             })
         }
