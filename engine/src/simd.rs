@@ -1,8 +1,10 @@
 //! The instruction set the curvature kernels are compiled for, chosen once at run time.
 //!
-//! The hot loops of the Gauss–Newton products (`curvature::operators`, `sparse`, `rows`,
-//! `blocked`) are written once as plain Rust and compiled three times: for AVX-512F, for AVX2
-//! with FMA, and for the baseline x86-64 (or any other) instruction set. [`InstructionSet::chosen`]
+//! The hot loops of the Gauss–Newton products (`curvature::operators`, `sparse`, `rows`) are
+//! written once as plain Rust and compiled three times: for AVX-512F, for AVX2 with FMA, and for
+//! the baseline x86-64 (or any other) instruction set; the sparse tiles of `blocked` have an
+//! intrinsics kernel for each of the first two (the compiler's AVX2 copy of the plain loop spilled
+//! its registers). [`InstructionSet::chosen`]
 //! picks the widest one this CPU supports, so one binary is fast on a Zen 3 (AVX2 only) and on a
 //! Sapphire Rapids or Zen 4/5 (AVX-512). `CULPRIT_KERNEL=avx512|avx2|portable` narrows the choice
 //! (a set the CPU lacks is never chosen), so that both paths can be measured and tested on one

@@ -10,7 +10,7 @@
 //!
 //! Γᵢ = ∂zᵢ/∂(layer output) (C × o; the identity for the logit layer). For the last layer of an
 //! MLP (257 × 10 on MNIST) this is 2570 × 2570: built from the cached per-class factors as
-//! o(o+1)/2 weighted Gram matrices X̃ᵀ diag(Sᵢ[a][b]) X̃ (cost o²/2 · n · m² flops, m = inputs + 1),
+//! o(o+1)/2 weighted Gram matrices X̃ᵀ diag(Sᵢ\[a\]\[b\]) X̃ (cost o²/2 · n · m² flops, m = inputs + 1),
 //! inverted once (Cholesky, m³o³/3). K-FAC and EK-FAC replace it by a Kronecker product, which
 //! cannot follow how each example's curvature Sᵢ depends on its inputs x̃ᵢ: on the MNIST MLP
 //! 784-256-10 (EK-FAC-preconditioned CG, 1e-6, one query, with the null space and coarse space of
