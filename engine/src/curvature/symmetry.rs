@@ -284,7 +284,7 @@ impl LinearOperator for OnComplement<'_> {
 
     fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
         let mut outs = self.inner.apply_many(vs);
-        outs.iter_mut().for_each(|o| self.null.remove(o));
+        outs.par_iter_mut().for_each(|o| self.null.remove(o));
         outs
     }
 }
@@ -662,12 +662,13 @@ impl LinearOperator for WithGauge<'_> {
     }
 
     /// Per vector: Gᵀv once (for Πv and the coarse solve), M⁻¹ of all the (I − Π)v at once,
-    /// then one image G(E⁻¹Gᵀv − X) with Π M⁻¹(…) = G(X).
+    /// then one image G(E⁻¹Gᵀv − X) with Π M⁻¹(…) = G(X). The per-vector steps (small GEMMs
+    /// and the gathers of L's weights) run for the vectors in parallel.
     fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
         let g = self.gauge;
-        let adjoints: Vec<Mat<f64>> = vs.iter().map(|v| g.adjoint(v)).collect();
+        let adjoints: Vec<Mat<f64>> = vs.par_iter().map(|v| g.adjoint(v)).collect();
         let rest: Vec<Vec<f64>> = vs
-            .iter()
+            .par_iter()
             .zip(&adjoints)
             .map(|(v, adjoint)| {
                 let mut r = v.to_vec();
@@ -677,10 +678,10 @@ impl LinearOperator for WithGauge<'_> {
             .collect();
         let mut outs = self.inner.apply_many(&rest.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let coarse = g.coarse_coefficients(&adjoints);
-        for (out, coarse) in outs.iter_mut().zip(coarse) {
+        outs.par_iter_mut().zip(coarse).for_each(|(out, coarse)| {
             let x = g.projection_coefficients(&g.adjoint(out));
             g.add_image(&(coarse - x), out);
-        }
+        });
         outs
     }
 }

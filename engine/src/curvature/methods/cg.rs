@@ -33,8 +33,8 @@
 //! Measured on the MNIST MLP 784-256-10 (10 000 images with a 1% patch backdoor, λ = 1e-4,
 //! tolerance 1e-6, 10 triggered queries; Intel Xeon with AVX-512, 2 cores): block iterations
 //! 538 with EK-FAC alone → ~300 with (1) → ~175 with (2) → 128–140 with (3); a whole trace
-//! 594.7 s → 56.2 s with the f32 row products (62.1 s with the AVX2 kernels; 51–59 s in other
-//! runs), top-200 unchanged for every query (scores within 7·10⁻⁴ relative). Cost per solve: iterations × (one product + one
+//! 594.7 s → 52.0 s with the f32 row products (58.4 s with the AVX2 kernels), top-200 unchanged
+//! for every query (scores within 7·10⁻⁴ relative). Cost per solve: iterations × (one product + one
 //! preconditioner apply) + O(n·64²) for the coarse space.
 //!
 //! Measured on MNIST logistic regression (5000 images, λ = 1e-3, 10 test points, `benches/peers.sh`):
