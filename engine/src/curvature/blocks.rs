@@ -117,11 +117,25 @@ pub struct InverseBlock {
     inverse: Mat<f32>,
 }
 
+/// A Cholesky pivot below this share of its diagonal entry (L_jj² < `PIVOT`·M_jj) makes
+/// [`well_conditioned_inverse`] refuse: the inverse is kept in f32, and one that large would be
+/// rounding noise (an f32-summed operator's null directions carry about 1e-7 of it), perhaps
+/// indefinite.
+pub const PIVOT: f64 = 1e-6;
+
+/// M⁻¹ of a symmetric positive definite M, or `None` when its Cholesky factorisation fails or
+/// has a pivot below [`PIVOT`] of its diagonal entry. Cost n³/3 + n³ flops.
+pub fn well_conditioned_inverse(m: &Mat<f64>) -> Option<Mat<f64>> {
+    let llt = m.llt(Side::Lower).ok()?;
+    let l = llt.L();
+    (0..m.nrows()).all(|j| l[(j, j)].powi(2) >= PIVOT * m[(j, j)]).then(|| llt.inverse())
+}
+
 impl InverseBlock {
-    /// The inverse of the layer's block `block` (view order); `None` when it is not positive
-    /// definite.
+    /// The inverse of the layer's block `block` (view order); `None` when it is not well
+    /// conditioned ([`well_conditioned_inverse`]).
     pub fn new(spec: &TrackedLayer, start: usize, block: &Mat<f64>) -> Option<Self> {
-        let inverse = block.llt(Side::Lower).ok()?.inverse();
+        let inverse = well_conditioned_inverse(block)?;
         let size = inverse.nrows();
         Some(Self {
             spec: spec.clone(),
@@ -156,5 +170,38 @@ impl LinearOperator for ExactLayers<'_> {
             }
         }
         outs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A well-conditioned SPD matrix is inverted (M·M⁻¹ = I within 1e-12); one with a pivot of
+    /// 1e-9 of its diagonal (rounding noise in an f32-summed operator) and an indefinite one are
+    /// refused.
+    #[test]
+    fn only_well_conditioned_matrices_are_inverted() {
+        let n = 5;
+        let spd = Mat::<f64>::from_fn(n, n, |i, j| if i == j { 4.0 + i as f64 } else { 1.0 / (1.0 + (i + j) as f64) });
+        let inverse = well_conditioned_inverse(&spd).expect("well conditioned");
+        let product = &spd * &inverse;
+        for i in 0..n {
+            for j in 0..n {
+                let want = f64::from(u8::from(i == j));
+                assert!((product[(i, j)] - want).abs() < 1e-12, "({i}, {j}): {}", product[(i, j)]);
+            }
+        }
+        // Rows 0 and 1 equal up to 1e-9·‖row‖ in their last entry: a pivot of about 1e-18.
+        let mut nearly = spd.clone();
+        for j in 0..n {
+            nearly[(1, j)] = spd[(0, j)];
+            nearly[(j, 1)] = spd[(j, 0)];
+        }
+        nearly[(1, 1)] = spd[(0, 0)] * (1.0 + 1e-9);
+        assert!(well_conditioned_inverse(&nearly).is_none(), "a pivot of 1e-9 relative accepted");
+        let mut indefinite = spd.clone();
+        indefinite[(2, 2)] = -1.0;
+        assert!(well_conditioned_inverse(&indefinite).is_none(), "an indefinite matrix accepted");
     }
 }

@@ -163,6 +163,14 @@ struct Sums {
 /// thread, each summing into its own buffers.
 pub(crate) fn products(chunks: &[&RowChunk], layers: &[TrackedLayer], vs: &[&[f64]], scale: f64) -> Vec<Vec<f64>> {
     let k = vs.len();
+    let dim: usize = layers.iter().map(TrackedLayer::num_params).sum();
+    if k == 0 {
+        return Vec::new();
+    }
+    let chunks: Vec<&RowChunk> = chunks.iter().copied().filter(|c| c.rows > 0).collect();
+    if chunks.is_empty() {
+        return vec![vec![0.0; dim]; k];
+    }
     let dirs = split(layers, vs);
     let zero = || Sums {
         weights: layers

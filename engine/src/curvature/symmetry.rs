@@ -33,10 +33,11 @@
 
 use culprit_models::model::{LinkKind, TrackedLayer, UnitLink, WeightLayout, tracked_starts};
 use faer::linalg::matmul::matmul;
-use faer::linalg::solvers::{DenseSolveCore, Solve};
+use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, Par, Side};
 use rayon::prelude::*;
 
+use super::blocks::well_conditioned_inverse;
 use super::operators::LinearOperator;
 
 /// Mixing directions of a linear link are all kept up to this many (H² for H units); past it,
@@ -125,35 +126,40 @@ impl NullSpace {
     }
 
     /// The space spanned by `vectors`; those numerically dependent on the ones before them are
-    /// dropped.
-    fn from_vectors(mut vectors: Vec<SparseVector>, dim: usize) -> Self {
-        loop {
-            let k = vectors.len();
-            if k == 0 {
-                return Self { vectors, gram: None, orthogonal: None, entries: Vec::new(), dim };
-            }
-            let gram = gram_of(&vectors, dim);
-            let orthogonal = (0..k)
-                .all(|i| (0..k).all(|j| i == j || gram[(i, j)] == 0.0))
-                .then(|| (0..k).map(|j| 1.0 / gram[(j, j)]).collect());
-            if let Ok(llt) = gram.llt(Side::Lower)
-                && (0..k).all(|j| llt.L()[(j, j)].powi(2) > 1e-12 * gram[(j, j)])
-            {
-                let entries = entries_of(&vectors);
-                return Self { vectors, gram: Some(llt), orthogonal, entries, dim };
-            }
-            match dependent_column(&gram) {
-                Some(j) => {
-                    vectors.remove(j);
-                }
-                None => {
-                    let llt = gram.llt(Side::Lower).expect("checked positive definite");
-                    let entries = entries_of(&vectors);
-                    return Self { vectors, gram: Some(llt), orthogonal, entries, dim };
-                }
-            }
+    /// dropped, all in one pass ([`independent_columns`]).
+    fn from_vectors(vectors: Vec<SparseVector>, dim: usize) -> Self {
+        let empty = Self { vectors: Vec::new(), gram: None, orthogonal: None, entries: Vec::new(), dim };
+        if vectors.is_empty() {
+            return empty;
         }
+        let gram = gram_of(&vectors, dim);
+        let k = vectors.len();
+        let full_rank =
+            gram.llt(Side::Lower).is_ok_and(|llt| (0..k).all(|j| llt.L()[(j, j)].powi(2) > 1e-12 * gram[(j, j)]));
+        let (vectors, gram) = if full_rank {
+            (vectors, gram)
+        } else {
+            let kept = independent_columns(&gram);
+            let gram = Mat::<f64>::from_fn(kept.len(), kept.len(), |a, b| gram[(kept[a], kept[b])]);
+            let mut keep = vec![false; k];
+            kept.iter().for_each(|&j| keep[j] = true);
+            let vectors = vectors.into_iter().zip(keep).filter_map(|(v, keep)| keep.then_some(v)).collect();
+            (vectors, gram)
+        };
+        let k = vectors.len();
+        if k == 0 {
+            return empty;
+        }
+        let orthogonal = (0..k)
+            .all(|i| (0..k).all(|j| i == j || gram[(i, j)] == 0.0))
+            .then(|| (0..k).map(|j| 1.0 / gram[(j, j)]).collect());
+        // Pruned to pivots above 1e-12 of their diagonal, the Gram matrix factors; should rounding
+        // still defeat it, the solve goes on without deflation.
+        let Ok(llt) = gram.llt(Side::Lower) else { return empty };
+        let entries = entries_of(&vectors);
+        Self { vectors, gram: Some(llt), orthogonal, entries, dim }
     }
+
     /// The number of independent null directions.
     pub fn len(&self) -> usize {
         self.vectors.len()
@@ -238,30 +244,29 @@ fn gram_of(vectors: &[SparseVector], dim: usize) -> Mat<f64> {
     gram
 }
 
-/// The first column j of a symmetric positive semi-definite matrix whose Cholesky pivot falls
-/// below 1e-12 of its diagonal (numerically dependent on the columns before it), if any.
-fn dependent_column(gram: &Mat<f64>) -> Option<usize> {
+/// The columns of a Gram matrix independent of the kept ones before them (Cholesky pivot above
+/// 1e-12 of the diagonal entry), in one left-looking Cholesky pass that skips the others: the
+/// same set as dropping the first dependent column and starting again, at the cost of one
+/// factorisation (k³/3) instead of one per dropped column.
+fn independent_columns(gram: &Mat<f64>) -> Vec<usize> {
     let k = gram.nrows();
-    let mut l = Mat::<f64>::zeros(k, k);
+    let mut kept = Vec::new();
+    // rows[i]: row i of L over the kept columns so far, in their order.
+    let mut rows: Vec<Vec<f64>> = vec![Vec::new(); k];
     for j in 0..k {
-        let mut d = gram[(j, j)];
-        for t in 0..j {
-            d -= l[(j, t)] * l[(j, t)];
-        }
+        let d = gram[(j, j)] - rows[j].iter().map(|x| x * x).sum::<f64>();
         if !(d > 1e-12 * gram[(j, j)]) {
-            return Some(j);
+            continue;
         }
         let d = d.sqrt();
-        l[(j, j)] = d;
-        for i in j + 1..k {
-            let mut s = gram[(i, j)];
-            for t in 0..j {
-                s -= l[(i, t)] * l[(j, t)];
-            }
-            l[(i, j)] = s / d;
+        let row_j = std::mem::take(&mut rows[j]);
+        for (i, row_i) in rows.iter_mut().enumerate().skip(j + 1) {
+            let s = gram[(i, j)] - row_i.iter().zip(&row_j).map(|(a, b)| a * b).sum::<f64>();
+            row_i.push(s / d);
         }
+        kept.push(j);
     }
-    None
+    kept
 }
 
 /// An operator restricted to the complement of a null space it maps to itself:
@@ -296,6 +301,10 @@ pub const NEAR_LINEAR_ACTIVITY: f64 = 0.9;
 /// At most this many near-linear units (the most active) make the coarse space: its operator has
 /// (units)² rows.
 pub const MAX_GAUGE_UNITS: usize = 64;
+
+/// The most partial sums of the disagreements' curvature D built at once (one per thread up to
+/// this): each is an l⁴ f32 matrix, 67 MB at [`MAX_GAUGE_UNITS`].
+pub const MAX_ACCUMULATORS: usize = 4;
 
 /// The coarse space of a ReLU link's near-linear units, for preconditioning (approximate, unlike
 /// [`NullSpace`]).
@@ -399,7 +408,7 @@ impl Gauge {
         let gram_in = w_in.transpose() * &w_in;
         let gram_out = &w_out * w_out.transpose();
         let e = coarse_operator(&rows, &units, &w_out, &gram_in, &gram_out, n, shift);
-        let inverse = e.llt(Side::Lower).ok()?.inverse();
+        let inverse = well_conditioned_inverse(&e)?;
         let coarse = Mat::<f32>::from_fn(l * l, l * l, |i, j| inverse[(i, j)] as f32);
         let ein = gram_in.self_adjoint_eigen(Side::Lower).ok()?;
         let eout = gram_out.self_adjoint_eigen(Side::Lower).ok()?;
@@ -566,7 +575,8 @@ fn coarse_operator(
         }
     }
     let scale = 1.0 / n as f64;
-    let groups = rows.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+    // One l⁴ f32 accumulator per group (67 MB at 64 units): at most MAX_ACCUMULATORS of them.
+    let groups = rows.len().div_ceil(rayon::current_num_threads().clamp(1, MAX_ACCUMULATORS)).max(1);
     let d = rows
         .par_chunks(groups)
         .map(|group| {
@@ -683,5 +693,35 @@ impl LinearOperator for WithGauge<'_> {
             g.add_image(&(coarse - x), out);
         });
         outs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// e₁, e₂, e₁ + e₂, e₃, 2e₃, e₁ + 1e-3·e₄, e₂ + 1e-7·e₅: the third and fifth are dependent
+    /// on the ones before them, the sixth keeps a pivot of 1e-6 of its norm² (kept), the last
+    /// one of 1e-14 (dropped, below 1e-12).
+    #[test]
+    fn dependent_directions_are_dropped_in_one_pass() {
+        let unit = |i: usize, x: f64| SparseVector { indices: vec![i], values: vec![x] };
+        let pair = |i: usize, j: usize, x: f64| SparseVector { indices: vec![i, j], values: vec![1.0, x] };
+        let vectors = vec![
+            unit(0, 1.0),
+            unit(1, 1.0),
+            pair(0, 1, 1.0),
+            unit(2, 1.0),
+            unit(2, 2.0),
+            pair(0, 3, 1e-3),
+            pair(1, 4, 1e-7),
+        ];
+        let gram = gram_of(&vectors, 5);
+        assert_eq!(independent_columns(&gram), vec![0, 1, 3, 5]);
+        let space = NullSpace::from_vectors(vectors, 5);
+        assert_eq!(space.len(), 4);
+        // Π of e₄ within the space: e₄ is in span(e₁, e₁ + 1e-3·e₄), so Π e₄ = e₄.
+        let projected = space.component(&[0.0, 0.0, 0.0, 1.0, 0.0]);
+        assert!((projected[3] - 1.0).abs() < 1e-6 && projected[4].abs() < 1e-12, "{projected:?}");
     }
 }
