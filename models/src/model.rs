@@ -108,6 +108,18 @@ impl TrackedLayer {
         view
     }
 
+    /// Index, within the layer's θ block, of entry (row, column) of its view ([`Self::to_view`]:
+    /// row = input, the bias as the last row).
+    pub fn view_index(&self, row: usize, column: usize) -> usize {
+        if row == self.inputs {
+            return self.weight_len() + column;
+        }
+        match self.layout {
+            WeightLayout::InputMajor => row * self.outputs + column,
+            WeightLayout::OutputMajor => column * self.inputs + row,
+        }
+    }
+
     /// The inverse of [`TrackedLayer::to_view`].
     pub fn from_view(&self, view: &[f64]) -> Vec<f64> {
         let (i, o) = (self.inputs, self.outputs);
@@ -468,6 +480,30 @@ pub fn sum_rows(values: Tensor<1>, groups: &RowGroups, batch: usize) -> Tensor<1
             let m =
                 Tensor::<2>::from_data(TensorData::new(member, [batch, rows]).convert_dtype(dtype), (&device, dtype));
             m.matmul(values.reshape([rows, 1])).reshape([batch])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `view_index` names, for both layouts and with or without a bias, the θ entry that
+    /// `to_view` puts at (row, column).
+    #[test]
+    fn view_index_is_where_to_view_reads() {
+        for layout in [WeightLayout::InputMajor, WeightLayout::OutputMajor] {
+            for bias in [false, true] {
+                let layer =
+                    TrackedLayer { name: "l".into(), inputs: 3, outputs: 4, bias, positions: 1, layout, offset: 0 };
+                let block: Vec<f64> = (0..layer.num_params()).map(|k| k as f64).collect();
+                let view = layer.to_view(&block);
+                for row in 0..layer.view_rows() {
+                    for column in 0..layer.outputs {
+                        assert_eq!(block[layer.view_index(row, column)], view[row * layer.outputs + column]);
+                    }
+                }
+            }
         }
     }
 }

@@ -31,7 +31,7 @@
 //! iterations without, 368 with. Cost: Wᵀv is Σ|supp vₒ| multiply-adds; Π_W solves with the
 //! Gram matrix WᵀW (Cholesky once, diagonal when the supports are disjoint).
 
-use culprit_models::model::{LinkKind, TrackedLayer, UnitLink, WeightLayout, tracked_starts};
+use culprit_models::model::{LinkKind, TrackedLayer, UnitLink, tracked_starts};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, Par, Side};
@@ -67,18 +67,6 @@ pub struct NullSpace {
     dim: usize,
 }
 
-/// Index, within a tracked layer's θ block, of entry (row, column) of its m×o Kronecker view
-/// (row = input, the bias as the last row).
-fn block_index(layer: &TrackedLayer, row: usize, column: usize) -> usize {
-    if row == layer.inputs {
-        return layer.weight_len() + column;
-    }
-    match layer.layout {
-        WeightLayout::InputMajor => row * layer.outputs + column,
-        WeightLayout::OutputMajor => column * layer.inputs + row,
-    }
-}
-
 impl NullSpace {
     /// The null directions of the links `links` at the tracked parameters `theta` of `layers`.
     /// Directions that are zero (a unit whose weights are all zero) or numerically dependent on
@@ -104,13 +92,13 @@ impl NullSpace {
                 // δW_in[:, b] = W_in[:, a] (bias included);  δW_out[rows of a, :] = −W_out[rows of b, :].
                 let mut entries: Vec<(usize, f64)> = Vec::new();
                 for row in 0..producer.view_rows() {
-                    let value = theta[p0 + block_index(producer, row, a)];
-                    entries.push((p0 + block_index(producer, row, b), value));
+                    let value = theta[p0 + producer.view_index(row, a)];
+                    entries.push((p0 + producer.view_index(row, b), value));
                 }
                 for offset in 0..link.stride {
                     for column in 0..consumer.outputs {
-                        let value = theta[c0 + block_index(consumer, b * link.stride + offset, column)];
-                        entries.push((c0 + block_index(consumer, a * link.stride + offset, column), -value));
+                        let value = theta[c0 + consumer.view_index(b * link.stride + offset, column)];
+                        entries.push((c0 + consumer.view_index(a * link.stride + offset, column), -value));
                     }
                 }
                 entries.retain(|(_, v)| *v != 0.0);
@@ -396,7 +384,7 @@ impl Gauge {
         let (producer_start, consumer_start) = (starts[link.producer], starts[link.consumer]);
         let (m, o) = (producer.view_rows(), consumer.outputs);
         let w_all =
-            Mat::<f64>::from_fn(m, producer.outputs, |row, a| theta[producer_start + block_index(&producer, row, a)]);
+            Mat::<f64>::from_fn(m, producer.outputs, |row, a| theta[producer_start + producer.view_index(row, a)]);
         let (rows, activity) = pre_activations(&producer, &w_all, o, chunks);
         let units = near_linear(&activity, n);
         let l = units.len();
@@ -404,7 +392,7 @@ impl Gauge {
             return None;
         }
         let w_in = Mat::<f64>::from_fn(m, l, |row, a| w_all[(row, units[a])]);
-        let w_out = Mat::<f64>::from_fn(l, o, |a, k| theta[consumer_start + block_index(&consumer, units[a], k)]);
+        let w_out = Mat::<f64>::from_fn(l, o, |a, k| theta[consumer_start + consumer.view_index(units[a], k)]);
         let gram_in = w_in.transpose() * &w_in;
         let gram_out = &w_out * w_out.transpose();
         let e = coarse_operator(&rows, &units, &w_out, &gram_in, &gram_out, n, shift);
@@ -459,11 +447,11 @@ impl Gauge {
         let mut r_in = Mat::<f64>::zeros(m, l);
         for row in 0..m {
             for (a, &unit) in self.units.iter().enumerate() {
-                r_in[(row, a)] = r[self.producer_start + block_index(&self.producer, row, unit)];
+                r_in[(row, a)] = r[self.producer_start + self.producer.view_index(row, unit)];
             }
         }
         let r_out =
-            Mat::<f64>::from_fn(l, o, |a, k| r[self.consumer_start + block_index(&self.consumer, self.units[a], k)]);
+            Mat::<f64>::from_fn(l, o, |a, k| r[self.consumer_start + self.consumer.view_index(self.units[a], k)]);
         self.w_in.transpose() * &r_in - &r_out * self.w_out.transpose()
     }
 
@@ -473,12 +461,12 @@ impl Gauge {
         let image_out = x * &self.w_out;
         for row in 0..self.w_in.nrows() {
             for (a, &unit) in self.units.iter().enumerate() {
-                out[self.producer_start + block_index(&self.producer, row, unit)] += image_in[(row, a)];
+                out[self.producer_start + self.producer.view_index(row, unit)] += image_in[(row, a)];
             }
         }
         for (a, &unit) in self.units.iter().enumerate() {
             for k in 0..self.w_out.ncols() {
-                out[self.consumer_start + block_index(&self.consumer, unit, k)] -= image_out[(a, k)];
+                out[self.consumer_start + self.consumer.view_index(unit, k)] -= image_out[(a, k)];
             }
         }
     }
