@@ -15,6 +15,11 @@ struct Cli {
     /// Compute backend: flex (default, pure-Rust CPU), ndarray (CPU), wgpu (needs --features gpu).
     #[arg(long, global = true, default_value = "flex")]
     backend: Backend,
+    /// The adapter the wgpu backend runs on: default (the best GPU found), cpu (a Vulkan CPU
+    /// device such as Mesa's lavapipe: for correctness checks, not speed), discrete[:N],
+    /// integrated[:N], virtual[:N].
+    #[arg(long, global = true, default_value = "default")]
+    device: culprit_models::GpuAdapter,
     /// Hide progress bars.
     #[arg(long, global = true)]
     quiet: bool,
@@ -85,8 +90,26 @@ fn data_arguments() -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Starts the wgpu runtime on the chosen adapter before any work (a clear error when there is
+/// none); `--device` means nothing to the CPU backends.
+fn start_backend(backend: Backend, device: culprit_models::GpuAdapter) -> Result<()> {
+    #[cfg(feature = "gpu")]
+    if backend == Backend::Wgpu {
+        culprit_models::device::init_wgpu(device)?;
+        return Ok(());
+    }
+    if device != culprit_models::GpuAdapter::Default {
+        return Err(culprit_models::ModelError::Config(format!(
+            "--device {device} chooses a wgpu adapter; it needs --backend wgpu (this is --backend {backend})"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn execute(cli: Cli) -> Result<()> {
     let (backend, quiet) = (cli.backend, cli.quiet);
+    start_backend(backend, cli.device)?;
     culprit::workspace::artifacts::search_moved_data_in([cli.moved_data, data_arguments()].concat());
     let stdout = &mut std::io::stdout().lock();
     match cli.command {

@@ -12,6 +12,8 @@ mod curvature;
 mod dedup;
 mod faults;
 mod fuzz;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod gradients;
 mod library;
 mod lm;

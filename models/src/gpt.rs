@@ -149,7 +149,7 @@ fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     // tanh, and 2u = x·(2√(2/π) + 2√(2/π)·0.044715·x²).
     let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
     let two_u = (x.clone() * x.clone()).mul_scalar(c * 0.044715).add_scalar(c) * x.clone();
-    x * burn::tensor::activation::sigmoid(two_u)
+    x * crate::elementary::sigmoid(two_u)
 }
 
 impl Gpt {
@@ -224,8 +224,8 @@ impl Gpt {
     fn layer_norm(&self, x: Tensor<3>, [gamma, beta]: &[Tensor<1>; 2]) -> Tensor<3> {
         let w = self.config.width;
         let centred = x.clone() - x.mean_dim(2);
-        let var = centred.clone().square().mean_dim(2);
-        centred / var.add_scalar(self.config.epsilon).sqrt() * gamma.clone().reshape([1, 1, w])
+        let var = crate::elementary::square(centred.clone()).mean_dim(2);
+        centred / crate::elementary::sqrt(var.add_scalar(self.config.epsilon)) * gamma.clone().reshape([1, 1, w])
             + beta.clone().reshape([1, 1, w])
     }
 
@@ -256,7 +256,7 @@ impl Gpt {
         let dtype = qkv.dtype();
         let mask = Tensor::<2>::from_data(TensorData::new(mask, [t, t]).convert_dtype(dtype), (&qkv.device(), dtype));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask.reshape([1, 1, t, t]);
-        let weights = burn::tensor::activation::softmax(scores, 3);
+        let weights = crate::elementary::softmax(scores, 3);
         weights.matmul(v).swap_dims(1, 2).reshape([b, t, w])
     }
 

@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod device;
+pub mod elementary;
 mod error;
 pub mod features;
 pub mod gpt;
@@ -31,7 +32,7 @@ pub mod tokens;
 pub mod train;
 
 pub use config::{Activation, Architecture, InputShape, LayerKind, LayerSpec, ModelConfig};
-pub use device::Backend;
+pub use device::{Backend, GpuAdapter};
 pub use error::ModelError;
 pub use features::Features;
 pub use gpt::{Gpt, GptConfig};

@@ -436,7 +436,11 @@ pub trait Model: Clone + Send + Sync {
 
     /// Σ‖θ‖², the L2 penalty's sum of squares, as a one-element tensor in the graph.
     fn squared_norm(&self) -> Tensor<1> {
-        self.parameters().into_iter().map(|t| t.square().sum()).reduce(|a, b| a + b).expect("a model has parameters")
+        self.parameters()
+            .into_iter()
+            .map(|t| crate::elementary::square(t).sum())
+            .reduce(|a, b| a + b)
+            .expect("a model has parameters")
     }
 
     /// ∇θ as a flat f64 vector from a backward pass (zeros for parameters the loss did not reach).

@@ -6,7 +6,7 @@
 //! trainable layer is tracked (see [`crate::model`] for the taps): dense layers at one position,
 //! convolutions at every output pixel with their input unfolded into patches (`[C·k·k, H·W]`).
 
-use burn::tensor::activation::{gelu, log_softmax, relu, softmax, tanh};
+use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d, unfold4d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions, UnfoldOptions};
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
 use crate::config::{Activation, Architecture, LayerKind, LayerSpec, ModelConfig};
+use crate::elementary::{gelu, log_softmax, softmax, tanh};
 use crate::features::Features;
 use crate::model::{LayerTap, LinkKind, Model, TrackedLayer, UnitLink};
 pub use crate::model::{read_f32, read_f64};

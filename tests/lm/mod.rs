@@ -125,4 +125,4 @@ fn gpt2_matches_pytorch_log_probabilities_and_gradients() {
 }
 mod checkpoints;
 mod errors;
-mod pipeline;
+pub(crate) mod pipeline;

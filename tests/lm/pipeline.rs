@@ -11,14 +11,14 @@ use burn::tensor::DType;
 use culprit::gradients::{Measurement, Target, gradient_rows_f64, per_example_gradients};
 use culprit_models::{Backend, Batch, Gpt};
 
-pub(super) fn culprit(args: &[&str]) -> String {
+pub(crate) fn culprit(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_culprit")).args(args).arg("--quiet").output().unwrap();
     assert!(o.status.success(), "culprit {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// 30 short functions of three shapes, with provenance.
-pub(super) fn corpus(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn corpus(dir: &Path) -> std::path::PathBuf {
     let mut lines = String::new();
     for i in 0..30 {
         let text = match i % 3 {
@@ -32,6 +32,25 @@ pub(super) fn corpus(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("corpus.jsonl");
     std::fs::write(&path, lines).unwrap();
     path
+}
+
+/// `train` arguments for a one-layer GPT (width 16, two heads, context 48) on `corpus`.
+pub(crate) fn small_gpt(corpus: &Path, out: &Path, epochs: usize) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--model", "gpt", "--data"].map(String::from).to_vec();
+    args.push(corpus.to_str().unwrap().into());
+    let rest = ["--context", "48", "--layers", "1", "--heads", "2", "--width", "16", "--batch", "8", "--lr", "3e-3"];
+    args.extend(rest.map(String::from));
+    args.extend(["--epochs".into(), epochs.to_string(), "--seed".into(), "3".into(), "--out".into()]);
+    args.push(out.to_str().unwrap().into());
+    args
+}
+
+/// A queries file of one prompt and the completion whose log-probability is traced.
+pub(crate) fn completion_query(dir: &Path) -> std::path::PathBuf {
+    let queries = dir.join("queries.jsonl");
+    std::fs::write(&queries, "{\"prompt\": \"def add_7(a, b):\\n    return \", \"completion\": \"a + b + 7\"}\n")
+        .unwrap();
+    queries
 }
 
 /// The scores of the brute-force reference: (1/n) ∇m(query)ᵀ∇ℓ(document) for every document.
@@ -70,36 +89,10 @@ fn a_language_model_trace_is_the_brute_force_gradient_product_and_splits_by_toke
     let corpus = corpus(dir);
     let run = dir.join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    culprit(&[
-        "train",
-        "--model",
-        "gpt",
-        "--data",
-        &s(&corpus),
-        "--context",
-        "48",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--width",
-        "16",
-        "--epochs",
-        "3",
-        "--batch",
-        "8",
-        "--lr",
-        "3e-3",
-        "--seed",
-        "3",
-        "--out",
-        &s(&run),
-    ]);
+    culprit(&small_gpt(&corpus, &run, 3).iter().map(String::as_str).collect::<Vec<_>>());
     culprit(&["cache", "--run", &s(&run), "--project", "none"]);
     culprit(&["fit", "--run", &s(&run), "--curvature", "identity"]);
-    let queries = dir.join("queries.jsonl");
-    std::fs::write(&queries, "{\"prompt\": \"def add_7(a, b):\\n    return \", \"completion\": \"a + b + 7\"}\n")
-        .unwrap();
+    let queries = completion_query(dir);
     let out = dir.join("trace.json");
     culprit(&[
         "trace",

@@ -19,8 +19,8 @@ pub mod projection;
 
 use std::str::FromStr;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Gradients, Tensor};
+use culprit_models::elementary::{exp, log, log_softmax};
 use culprit_models::model::{Batch, LayerTap, Model, TrackedLayer, WeightLayout};
 use culprit_models::network::one_hot;
 
@@ -145,7 +145,7 @@ impl Measurement {
                 // Push the chosen class far below the others so it drops out of the log-sum-exp.
                 let others = logits - selector.mul_scalar(1e30);
                 let max = others.clone().max_dim(1).detach();
-                let lse = (others - max.clone()).exp().sum_dim(1).log() + max;
+                let lse = log(exp(others - max.clone()).sum_dim(1)) + max;
                 (chosen - lse).reshape([b])
             }
             Self::Logit(_) => (logits * selector).sum_dim(1).reshape([b]),

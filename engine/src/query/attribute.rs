@@ -7,7 +7,8 @@
 //! 3. with several queries, a combined ranking ([`Combine`]): their sum is one more vector
 //!    (scores are linear in the query, so it costs one extra column), or the strongest query per
 //!    row, each query's scores scaled by their spread, which needs every row's score;
-//! 4. one pass over the store scores every query against every row ([`super::score_store_part`]):
+//! 4. one pass over the store scores every query against every row ([`super::score_store_part`]; on
+//!    the wgpu device, when only the top-k lists are needed, `super::gpu`):
 //!    score(i) = (1/n) xᵀ∇ℓ(zᵢ) (raw), or xᵀ∇ℓ(zᵢ)/√self(i) (RelatIF, with the training examples'
 //!    self-influence given by the caller, who caches it).
 //!
@@ -198,6 +199,28 @@ fn scored_vectors<M: Model>(
     }
 }
 
+/// Whether the store is scored on the wgpu device (`super::gpu`): the objective lives there,
+/// only the top-k lists are needed (`top_only`) and the store's rows are dense f32.
+#[cfg(feature = "gpu")]
+fn on_gpu<M: Model>(objective: &Objective<M>, store: &GradientStore, top_only: bool) -> bool {
+    top_only && culprit_models::device::is_wgpu(&objective.device) && super::gpu::can_score(store)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn on_gpu<M: Model>(_: &Objective<M>, _: &GradientStore, _: bool) -> bool {
+    false
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_scores(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: usize) -> ScoreResult {
+    super::gpu::score_on_gpu(store, queries, scale, k)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_scores(_: &GradientStore, _: &[Vec<f32>], _: f64, _: usize) -> ScoreResult {
+    unreachable!("on_gpu is false without the gpu feature")
+}
+
 /// Scores `queries` against `store` under `curvature` (module docs). `self_influence` (the
 /// training examples', in store-row order) is required for [`ScoreMode::Relatif`].
 pub fn attribute<M: Model>(
@@ -241,8 +264,11 @@ pub fn attribute<M: Model>(
     }
     let started = std::time::Instant::now();
     let keep_all = options.keep_all || strongest;
-    let mut scores =
-        score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part);
+    let mut scores = if on_gpu(objective, store, row_weights.is_none() && !keep_all && options.part == (0, 1)) {
+        gpu_scores(store, &projected, scale, options.top)
+    } else {
+        score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part)
+    };
     let strongest = strongest.then(|| {
         let mut all = scores.all.take().expect("kept");
         let (choice, column) = strongest_of(&mut scores, &all, options.top);

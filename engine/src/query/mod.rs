@@ -29,6 +29,8 @@
 
 pub mod attribute;
 pub mod ensemble;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod per_token;
 
 use std::cmp::Ordering;
@@ -122,8 +124,14 @@ impl TopK {
         }
     }
 
+    /// Adds another worker's (disjoint) rows. A row may sit in both of `other`'s heaps (when it
+    /// saw fewer than 2k rows); it enters once, or its copy would push out another row.
     fn merge(mut self, other: TopK) -> TopK {
-        for s in other.largest.into_iter().map(|r| r.0.0).chain(other.smallest.into_iter().map(|b| b.0)) {
+        let mut entries: Vec<Scored> =
+            other.largest.into_iter().map(|r| r.0.0).chain(other.smallest.into_iter().map(|b| b.0)).collect();
+        entries.sort_by_key(|s| s.row);
+        entries.dedup_by_key(|s| s.row);
+        for s in entries {
             self.push(s);
         }
         self
@@ -790,5 +798,29 @@ pub mod kernel {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod top_k_tests {
+    use super::{Scored, TopK};
+
+    /// Two workers' lists merged when k is at least the rows each saw (every row sits in both
+    /// heaps): every row is kept once at each end, against a sort of all of them. Without the
+    /// deduplication in `merge`, copies pushed out the least extreme rows.
+    #[test]
+    fn merged_top_lists_keep_every_row_once_when_k_covers_them() {
+        let scores = [0.5, -0.25, 2.0, -3.0, 1.5, -0.01, 0.02];
+        let fill = |rows: std::ops::Range<usize>| {
+            let mut top = TopK::new(scores.len());
+            rows.for_each(|row| top.push(Scored { row, score: scores[row] }));
+            top
+        };
+        let (largest, smallest) = fill(0..3).merge(fill(3..scores.len())).finish();
+        let mut want: Vec<usize> = (0..scores.len()).collect();
+        want.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        assert_eq!(largest.iter().map(|s| s.row).collect::<Vec<_>>(), want);
+        want.reverse();
+        assert_eq!(smallest.iter().map(|s| s.row).collect::<Vec<_>>(), want);
     }
 }

@@ -1,0 +1,59 @@
+//! Scoring a store on the wgpu device (query step, `--features gpu`): the rows of each f32
+//! shard stream from the memory map to the device, where culprit-kernels' fused kernel scores
+//! every query against them and keeps each block's top k at both ends (no n × q score matrix;
+//! see `culprit_kernels::scoring` for the kernel, its cost and tolerance). Used by
+//! [`super::attribute::attribute`] when the objective lives on the wgpu device and the scores
+//! need only the two top-k lists: raw scores of a dense f32 store (not factored, not RelatIF,
+//! not `--keep-all`, not `--combine strongest`, the whole store). Everything else takes the
+//! CPU path ([`super::score_store_part`]).
+
+use culprit_kernels::scoring::{TopKScoring, WgpuDeviceKind, device};
+use culprit_models::GpuAdapter;
+
+use super::{ScoreResult, Scored, TopK};
+use crate::store::GradientStore;
+
+/// Whether [`score_on_gpu`] can score `store` (f32 rows that are plain gradients).
+pub fn can_score(store: &GradientStore) -> bool {
+    !crate::gradients::projection::is_factored(&store.manifest.layout)
+        && store.shards.iter().all(|s| s.as_f32().is_some())
+        && culprit_models::device::wgpu_adapter().is_some()
+}
+
+/// Scores `queries` against every row of `store` on the wgpu adapter the backend runs on:
+/// score = scale · ⟨query, row⟩ (scale > 0), top `k` per query at both ends.
+pub fn score_on_gpu(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: usize) -> ScoreResult {
+    let kind = match culprit_models::device::wgpu_adapter().expect("checked by can_score") {
+        GpuAdapter::Default => None,
+        GpuAdapter::Cpu => Some(WgpuDeviceKind::Cpu),
+        GpuAdapter::Discrete(n) => Some(WgpuDeviceKind::DiscreteGpu(n)),
+        GpuAdapter::Integrated(n) => Some(WgpuDeviceKind::IntegratedGpu(n)),
+        GpuAdapter::Virtual(n) => Some(WgpuDeviceKind::VirtualGpu(n)),
+    };
+    let scoring = TopKScoring::new(&device(kind));
+    let (nq, len) = (queries.len(), store.row_len());
+    let flat: Vec<f32> = queries.concat();
+    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let kernel_k = k.clamp(1, culprit_kernels::scoring::BLOCK);
+    for shard in &store.shards {
+        let rows = shard.as_f32().expect("checked by can_score");
+        if rows.is_empty() || nq == 0 || k == 0 {
+            continue;
+        }
+        let first = shard.header.first_row;
+        let found = scoring.top_k(rows, &flat, len, kernel_k);
+        for (j, top) in tops.iter_mut().enumerate() {
+            // A row may be a candidate at both ends (small blocks): enter it once.
+            let mut candidates: Vec<(usize, f32)> =
+                found.largest[j].iter().chain(&found.smallest[j]).copied().collect();
+            candidates.sort_by_key(|c| c.0);
+            candidates.dedup_by_key(|c| c.0);
+            for (row, s) in candidates {
+                top.push(Scored { row: first + row, score: f64::from(s) * scale });
+            }
+        }
+    }
+    let (largest, smallest) = tops.into_iter().map(TopK::finish).unzip();
+    let n = store.rows();
+    ScoreResult { largest, smallest, all: None, rows: n, bytes: n * len * store.manifest.dtype.size() }
+}
