@@ -226,7 +226,8 @@ fn digits_logreg_on_the_gpu_gives_the_cpu_model_and_scores() {
 }
 
 /// An MNIST MLP (ReLU, 784-32-10): one epoch of Adam on the GPU lands where the CPU's does, and
-/// the factored store with EK-FAC, K-FAC and CG gives the CPU's scores.
+/// every store kind gives the CPU's scores (the factored store with EK-FAC, K-FAC and CG; the
+/// others with EK-FAC, the identity or the projected curvature).
 #[test]
 fn an_mnist_mlp_on_the_gpu_gives_the_cpu_model_and_scores() {
     let Some(backend) = gpu() else { return };
@@ -250,7 +251,12 @@ fn an_mnist_mlp_on_the_gpu_gives_the_cpu_model_and_scores() {
     let queries = DataSpec { path: shared.join("data/mnist"), split: Split::Test, skip: 0, limit: Some(20) };
     compare_pipeline(
         &dir.path().join("trained-cpu"),
-        &[("factors", &[Method::Ekfac, Method::Kfac, Method::Cg])],
+        &[
+            ("factors", &[Method::Ekfac, Method::Kfac, Method::Cg]),
+            ("none", &[Method::Ekfac, Method::Identity]),
+            ("kron:16x8", &[Method::Ekfac, Method::Projected]),
+            ("jl:128", &[Method::Identity, Method::Projected]),
+        ],
         queries,
         &[0, 3],
     );
