@@ -23,8 +23,12 @@
 use cubecl::prelude::*;
 pub use cubecl::wgpu::{WgpuDevice, WgpuDeviceKind};
 
-/// Units per cube: the rows one cube scores and selects from.
+/// Units per cube: the rows one cube scores and selects from; also the largest k.
 pub const BLOCK: usize = 256;
+
+/// The largest buffer uploaded at once (a chunk of rows, or the queries): half of wgpu's default
+/// limit on a storage binding (128 MiB), which every adapter supports.
+pub const MAX_UPLOAD_BYTES: usize = 64 << 20;
 
 /// Below every score (WGSL has no literal for −∞).
 const LOSER: f32 = -f32::MAX;
@@ -120,7 +124,8 @@ fn block_top_k(
 /// Top-k scoring of queries against store rows on a wgpu device.
 pub struct TopKScoring {
     client: Client,
-    /// Rows uploaded and scored per launch (default 65536; at most u32::MAX / d).
+    /// Rows uploaded and scored per launch (default 65536; fewer where d·4 bytes a row would
+    /// exceed [`MAX_UPLOAD_BYTES`]).
     pub chunk_rows: usize,
 }
 
@@ -145,7 +150,8 @@ impl TopKScoring {
     }
 
     /// The k largest and k smallest of S = Q Gᵀ per query, for `rows` (n × d, row-major) and
-    /// `queries` (q × d). k ≤ [`BLOCK`].
+    /// `queries` (q × d). k ≤ [`BLOCK`]; q·d·4 bytes ≤ [`MAX_UPLOAD_BYTES`] (rows of any number
+    /// upload in chunks of at most that size).
     pub fn top_k(&self, rows: &[f32], queries: &[f32], d: usize, k: usize) -> TopK {
         assert!(d > 0 && rows.len() % d == 0 && queries.len() % d == 0, "rows and queries must be multiples of d");
         assert!((1..=BLOCK).contains(&k), "k must be in 1..={BLOCK}");
@@ -155,7 +161,8 @@ impl TopKScoring {
             return out;
         }
         let query_handle = self.client.create_from_slice(f32::as_bytes(queries));
-        let chunk = self.chunk_rows.max(BLOCK).min(u32::MAX as usize / d);
+        assert!(q * d * 4 <= MAX_UPLOAD_BYTES, "the queries exceed {MAX_UPLOAD_BYTES} bytes");
+        let chunk = self.chunk_rows.max(1).min((MAX_UPLOAD_BYTES / (4 * d)).max(1));
         let launch = |start: usize| {
             let m = chunk.min(n - start);
             let blocks = m.div_ceil(BLOCK);

@@ -9,14 +9,16 @@
 //! f64 and every curvature method works on the f64 objective, so on such a device these functions
 //! are built from f64 arithmetic instead:
 //!
-//! - exp(x) = e^n · p(r), n = round(x) ∈ [−745, 709], r = x − n ∈ [−½, ½]: e^n from a 1455-entry
-//!   table computed on the host by `f64::exp`, p the degree-14 Taylor polynomial of e^r (remainder
-//!   ½¹⁵/15! = 2.3e-17). Relative error a few ulp; x < −745 gives ≈ 0 (5e-324), x > 709.78 gives ∞.
+//! - exp(x) = e^(n−1) · e · p(r), n = round(x) ∈ [−745, 710], r = x − n ∈ [−½, ½]: e^(n−1) from a
+//!   1456-entry table computed on the host by `f64::exp`, p the degree-14 Taylor polynomial of e^r
+//!   (remainder ½¹⁵/15! = 2.3e-17). Relative error a few ulp; x < −745 gives 0, x above ln(f64::MAX)
+//!   = 709.78 gives ∞.
 //!   Cost: one gather and about 30 elementwise operations.
 //! - log(x) = y₂, two Newton steps yₖ₊₁ = yₖ + x·e^(−yₖ) − 1 from y₀ = the f32 logarithm (relative
 //!   error 1e-7 squared twice): full f64 precision for x in f32's normal range [1.2e-38, 3.4e38],
 //!   which holds where culprit uses it (the sum of a log-sum-exp lies in [1, classes]); log 0 = −∞.
-//! - tanh(x) = sign(x)·(1 − a)/(1 + a), a = e^(−2|x|): absolute error ≤ 3e-16.
+//! - tanh(x) = t(x⁺) − t(−x⁻), t(y) = (1 − e^(−2y))/(1 + e^(−2y)) on y ≥ 0: absolute error ≤ 3e-16,
+//!   derivative 1 at 0.
 //! - sigmoid(x) = 1/(1 + e^(−x)).
 //! - gelu(x) = ½x(1 + erf(x/√2)), erf(z) = (2/√π)·e^(−z²)·Σₙ 2ⁿz^(2n+1)/(2n+1)!! (all terms
 //!   positive, no cancellation), z clamped to ±5.9 where erf is ±1 to f64, 96 terms: absolute
@@ -28,9 +30,12 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-/// The smallest and largest n with e^n finite and non-zero in f64 (e^−745 = 4.9e-324, e^709 = 8.2e307).
+/// The range of n = round(x) in exp: x is clamped to [−745, ln(f64::MAX) = 709.78], and the table
+/// holds e^(n−1) (e^710 itself overflows), multiplied by e after the polynomial.
 const EXP_LOW: i32 = -745;
-const EXP_HIGH: i32 = 709;
+const EXP_HIGH: i32 = 710;
+/// ln(f64::MAX): e^x is finite up to here.
+const EXP_LIMIT: f64 = 709.782_712_893_384;
 
 /// Whether burn's own f64 exp/log/tanh/erf are correct on `device`: false for the cubecl
 /// backends (wgpu), whose shader compilers lower them to 32-bit built-ins. The device's `Debug`
@@ -59,15 +64,16 @@ pub fn log<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if emulated(&x) { log_f64(x) } else { x.log() }
 }
 
-/// √x elementwise. burn's own forward is exact in f64 on the GPU, but its derivative is computed as
+/// √x elementwise, for finite x ≥ 0. burn's own forward is exact in f64 on the GPU, but its derivative is computed as
 /// x^(−½)/2 with powf, which is not: here the derivative is 1/(2√x) from a division.
 pub fn sqrt<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !emulated(&x) || !x.device().is_autodiff() {
         return x.sqrt();
     }
     let root = x.clone().detach().sqrt();
-    // Value √x; gradient 1/(2√x) through the zero-valued x − x̄.
-    root.clone() + (x.clone() - x.detach()) / root.mul_scalar(2.0)
+    // Value √x; gradient 1/(2√x) through the zero-valued x − x̄ (at x = 0 the denominator is the
+    // smallest normal f64, so the value stays 0 and the derivative is huge, as it should be).
+    root.clone() + (x.clone() - x.detach()) / root.mul_scalar(2.0).clamp_min(f64::MIN_POSITIVE)
 }
 
 /// x² elementwise, as x·x (burn's `square` differentiates through powf, wrong in f64 on the GPU).
@@ -81,9 +87,16 @@ pub fn tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 fn tanh_f64<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let a = exp_f64(x.clone().abs().mul_scalar(-2.0));
-    let magnitude = (a.clone().neg().add_scalar(1.0)) / a.add_scalar(1.0);
-    magnitude * x.sign()
+    // tanh(x) = t(x⁺) − t(−x⁻), x⁺ = relu(x), x⁻ = x − x⁺, t(y) = (1 − e^(−2y))/(1 + e^(−2y)) for
+    // y ≥ 0: no exponential overflows, and unlike |x|·sign(x) the derivative at 0 is 1
+    // (relu'(0) = 0, so x⁻ carries it).
+    let t = |y: Tensor<D>| {
+        let a = exp_f64(y.mul_scalar(-2.0));
+        (a.clone().neg().add_scalar(1.0)) / a.add_scalar(1.0)
+    };
+    let positive = burn::tensor::activation::relu(x.clone());
+    let negative = x - positive.clone();
+    t(positive) - t(negative.neg())
 }
 
 /// The logistic function 1/(1 + e^−x) elementwise.
@@ -138,10 +151,10 @@ fn exp_f64<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
     let dims = x.dims();
     let numel: usize = dims.iter().product();
-    let table: Vec<f64> = (EXP_LOW..=EXP_HIGH).map(|n| f64::from(n).exp()).collect();
+    let table: Vec<f64> = (EXP_LOW..=EXP_HIGH).map(|n| f64::from(n - 1).exp()).collect();
     let table =
         Tensor::<1>::from_data(TensorData::new(table, [(EXP_HIGH - EXP_LOW + 1) as usize]), (&device, DType::F64));
-    let clamped = x.clone().clamp(f64::from(EXP_LOW), f64::from(EXP_HIGH));
+    let clamped = x.clone().clamp(f64::from(EXP_LOW), EXP_LIMIT);
     // n = round(x) in f32 (exact for |n| ≤ 745; a neighbour of the nearest integer only moves r to
     // ±(½ + 5e-5)); no gradient flows through n.
     let n = clamped.clone().detach().cast(DType::F32).round();
@@ -153,9 +166,9 @@ fn exp_f64<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     for k in (0..13).rev() {
         p = (p * r.clone()).add_scalar(1.0 / factorial(k));
     }
-    let out = p * scale;
+    let out = p.mul_scalar(std::f64::consts::E) * scale;
     // Beyond the clamp: e^x = ∞ above, NaN stays NaN.
-    let overflow = x.clone().greater_elem(709.78);
+    let overflow = x.clone().greater_elem(EXP_LIMIT);
     let out = out.mask_fill(overflow, f64::INFINITY);
     let nan = x.clone().is_nan();
     out.mask_where(nan, x)
@@ -213,8 +226,11 @@ mod tests {
         assert!(e < 1e-14, "log_softmax_f64: {e:e}");
         let e = worst(softmax_f64(wide(), 1), burn::tensor::activation::softmax(wide(), 1), 1e-300);
         assert!(e < 1e-13, "softmax_f64: {e:e}");
-        let e = read(exp_f64(tensor(&[-1e4, 710.0, f64::NAN, f64::NEG_INFINITY])));
+        let e = read(exp_f64(tensor(&[-1e4, 710.0, f64::NAN, f64::NEG_INFINITY, 709.2, 709.7, 709.78, -700.3])));
         assert!(e[0] < 1e-300 && e[1] == f64::INFINITY && e[2].is_nan() && e[3] < 1e-300, "{e:?}");
+        for (got, x) in e[4..].iter().zip([709.2f64, 709.7, 709.78, -700.3]) {
+            assert!((got - x.exp()).abs() <= 4.0 * f64::EPSILON * x.exp(), "exp({x}): {got} vs {}", x.exp());
+        }
         assert_eq!(read(log_f64(tensor(&[0.0, 1.0, 2.0, 4.0])))[0], f64::NEG_INFINITY);
     }
 
@@ -222,12 +238,18 @@ mod tests {
     #[test]
     fn arithmetic_forms_differentiate_correctly() {
         let device = Device::flex().autodiff();
-        let xs: Vec<f64> = (-20..20).map(|k| f64::from(k) * 0.31 + 0.05).collect();
+        let mut xs: Vec<f64> = (-20..20).map(|k| f64::from(k) * 0.31 + 0.05).collect();
+        xs[0] = 0.0;
         let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [10, 4]), (&device, DType::F64)).require_grad();
-        let y = exp_f64(x.clone()).sum() + log_f64(x.clone().abs()).sum() + tanh_f64(x.clone()).sum();
+        // log |x| + 1 (finite at 0), √(x² + 1): the derivatives at x = 0 are defined.
+        let y = exp_f64(x.clone()).sum()
+            + log_f64(x.clone().abs().add_scalar(1.0)).sum()
+            + tanh_f64(x.clone()).sum()
+            + sqrt(square(x.clone()).add_scalar(1.0)).sum();
         let g = x.grad(&y.backward()).unwrap().into_data().try_to_vec::<f64>().unwrap();
         for (g, x) in g.iter().zip(&xs) {
-            let want = x.exp() + 1.0 / x + 1.0 - x.tanh().powi(2);
+            let want = x.exp() + x.signum() * f64::from(u8::from(*x != 0.0)) / (x.abs() + 1.0) + 1.0 - x.tanh().powi(2)
+                + x / (x * x + 1.0).sqrt();
             assert!((g - want).abs() < 1e-13 * want.abs().max(1.0), "x = {x}: {g} vs {want}");
         }
     }

@@ -141,11 +141,12 @@ fn scores(
     method: Method,
     backend: Backend,
     keep_all: bool,
+    top: usize,
 ) -> (Vec<usize>, Vec<f64>) {
     let report = trace(&TraceOptions {
         store: Some(store.to_path_buf()),
         keep_all,
-        top: 5,
+        top,
         backend,
         ..TraceOptions::new(run.to_path_buf(), data, indices, method)
     })
@@ -175,7 +176,7 @@ fn compare_pipeline(run: &Path, plan: &[(&str, &[Method])], queries: DataSpec, i
                 (Err(_), Err(_)) => continue,
                 (c, g) => panic!("{project} {method:?}: the CPU gives {c:?}, the GPU {g:?}"),
             }
-            let on = |r: &Path, s: &Path, b, all| scores(r, s, queries.clone(), indices.to_vec(), method, b, all);
+            let on = |r: &Path, s: &Path, b, all| scores(r, s, queries.clone(), indices.to_vec(), method, b, all, 5);
             let (c, g) = (on(&cpu_run, &cpu_store, Backend::Flex, true).1, on(&gpu_run, &gpu_store, backend, true).1);
             let e = relative(&g, &c);
             // Iterative methods stop at their tolerance from f32 products that sum in another order.
@@ -186,6 +187,21 @@ fn compare_pipeline(run: &Path, plan: &[(&str, &[Method])], queries: DataSpec, i
             assert_eq!(c.0, g.0, "{project} {method:?}: the same proponents and opponents");
             let e = relative(&g.1, &c.1);
             assert!(e < tolerance, "{project} {method:?}: listed scores differ by {e:e} of the largest");
+            // A --top beyond the kernel's block (the CPU scores it) and one within it, near the store's size.
+            for top in [300, 200] {
+                let on = |r: &Path, s: &Path, b| scores(r, s, queries.clone(), indices.to_vec(), method, b, false, top);
+                let (c, g) = (on(&cpu_run, &cpu_store, Backend::Flex), on(&gpu_run, &gpu_store, backend));
+                // Long lists hold near-ties that f32 sums may swap (seen: two rows 3e-9 apart): the
+                // same rows are listed, and the scores agree position by position.
+                let sorted = |rows: &[usize]| {
+                    let mut rows = rows.to_vec();
+                    rows.sort_unstable();
+                    rows
+                };
+                assert_eq!(sorted(&c.0), sorted(&g.0), "{project} {method:?} --top {top}: the same rows");
+                let e = relative(&g.1, &c.1);
+                assert!(e < tolerance, "{project} {method:?} --top {top}: listed scores differ by {e:e}");
+            }
             eprintln!(
                 "{project} {method:?}: GPU scores within {e:.1e} of the CPU's ({:.1} s)",
                 started.elapsed().as_secs_f64()

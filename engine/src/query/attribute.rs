@@ -200,14 +200,15 @@ fn scored_vectors<M: Model>(
 }
 
 /// Whether the store is scored on the wgpu device (`super::gpu`): the objective lives there,
-/// only the top-k lists are needed (`top_only`) and the store's rows are dense f32.
+/// only the top-k lists are needed (`top_only`), and `super::gpu::can_score` accepts the store,
+/// the number of query vectors and k.
 #[cfg(feature = "gpu")]
-fn on_gpu<M: Model>(objective: &Objective<M>, store: &GradientStore, top_only: bool) -> bool {
-    top_only && culprit_models::device::is_wgpu(&objective.device) && super::gpu::can_score(store)
+fn on_gpu<M: Model>(objective: &Objective<M>, store: &GradientStore, top_only: bool, queries: usize, k: usize) -> bool {
+    top_only && culprit_models::device::is_wgpu(&objective.device) && super::gpu::can_score(store, queries, k)
 }
 
 #[cfg(not(feature = "gpu"))]
-fn on_gpu<M: Model>(_: &Objective<M>, _: &GradientStore, _: bool) -> bool {
+fn on_gpu<M: Model>(_: &Objective<M>, _: &GradientStore, _: bool, _: usize, _: usize) -> bool {
     false
 }
 
@@ -264,7 +265,8 @@ pub fn attribute<M: Model>(
     }
     let started = std::time::Instant::now();
     let keep_all = options.keep_all || strongest;
-    let mut scores = if on_gpu(objective, store, row_weights.is_none() && !keep_all && options.part == (0, 1)) {
+    let top_only = row_weights.is_none() && !keep_all && options.part == (0, 1);
+    let mut scores = if on_gpu(objective, store, top_only, projected.len(), options.top) {
         gpu_scores(store, &projected, scale, options.top)
     } else {
         score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part)

@@ -4,7 +4,7 @@
 //! see `culprit_kernels::scoring` for the kernel, its cost and tolerance). Used by
 //! [`super::attribute::attribute`] when the objective lives on the wgpu device and the scores
 //! need only the two top-k lists: raw scores of a dense f32 store (not factored, not RelatIF,
-//! not `--keep-all`, not `--combine strongest`, the whole store). Everything else takes the
+//! not `--keep-all`, not `--combine strongest`, the whole store, `--top` ≤ 256). Everything else takes the
 //! CPU path ([`super::score_store_part`]).
 
 use culprit_kernels::scoring::{TopKScoring, WgpuDeviceKind, device};
@@ -13,9 +13,14 @@ use culprit_models::GpuAdapter;
 use super::{ScoreResult, Scored, TopK};
 use crate::store::GradientStore;
 
-/// Whether [`score_on_gpu`] can score `store` (f32 rows that are plain gradients).
-pub fn can_score(store: &GradientStore) -> bool {
-    !crate::gradients::projection::is_factored(&store.manifest.layout)
+/// Whether [`score_on_gpu`] can score `store` for `queries` query vectors and the top `k`: f32
+/// rows that are plain gradients, k ≤ the kernel's block (a block then always yields every row
+/// that can enter a list), and queries within the kernel's upload limit.
+pub fn can_score(store: &GradientStore, queries: usize, k: usize) -> bool {
+    use culprit_kernels::scoring::{BLOCK, MAX_UPLOAD_BYTES};
+    k <= BLOCK
+        && queries * store.row_len() * 4 <= MAX_UPLOAD_BYTES
+        && !crate::gradients::projection::is_factored(&store.manifest.layout)
         && store.shards.iter().all(|s| s.as_f32().is_some())
         && culprit_models::device::wgpu_adapter().is_some()
 }
@@ -34,7 +39,8 @@ pub fn score_on_gpu(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: 
     let (nq, len) = (queries.len(), store.row_len());
     let flat: Vec<f32> = queries.concat();
     let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-    let kernel_k = k.clamp(1, culprit_kernels::scoring::BLOCK);
+    assert!(k <= culprit_kernels::scoring::BLOCK, "checked by can_score");
+    let kernel_k = k.max(1);
     for shard in &store.shards {
         let rows = shard.as_f32().expect("checked by can_score");
         if rows.is_empty() || nq == 0 || k == 0 {
