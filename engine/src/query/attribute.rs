@@ -199,27 +199,34 @@ fn scored_vectors<M: Model>(
     }
 }
 
-/// Whether the store is scored on the wgpu device (`super::gpu`): the objective lives there,
-/// only the top-k lists are needed (`top_only`), and `super::gpu::can_score` accepts the store,
-/// the number of query vectors and k.
+/// The scores from the wgpu device (`super::gpu`), when that can give them: the objective lives
+/// there, only the top-k lists are needed (`top_only`), and `super::gpu::can_score` accepts the
+/// store, the number of query vectors and k. `None`: score on the CPU.
 #[cfg(feature = "gpu")]
-fn on_gpu<M: Model>(objective: &Objective<M>, store: &GradientStore, top_only: bool, queries: usize, k: usize) -> bool {
-    top_only && culprit_models::device::is_wgpu(&objective.device) && super::gpu::can_score(store, queries, k)
+fn scored_on_gpu<M: Model>(
+    objective: &Objective<M>,
+    store: &GradientStore,
+    top_only: bool,
+    queries: &[Vec<f32>],
+    scale: f64,
+    k: usize,
+) -> Option<ScoreResult> {
+    let usable = top_only
+        && culprit_models::device::is_wgpu(&objective.device)
+        && super::gpu::can_score(store, queries.len(), k);
+    usable.then(|| super::gpu::score_on_gpu(store, queries, scale, k))
 }
 
 #[cfg(not(feature = "gpu"))]
-fn on_gpu<M: Model>(_: &Objective<M>, _: &GradientStore, _: bool, _: usize, _: usize) -> bool {
-    false
-}
-
-#[cfg(feature = "gpu")]
-fn gpu_scores(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: usize) -> ScoreResult {
-    super::gpu::score_on_gpu(store, queries, scale, k)
-}
-
-#[cfg(not(feature = "gpu"))]
-fn gpu_scores(_: &GradientStore, _: &[Vec<f32>], _: f64, _: usize) -> ScoreResult {
-    unreachable!("on_gpu is false without the gpu feature")
+fn scored_on_gpu<M: Model>(
+    _: &Objective<M>,
+    _: &GradientStore,
+    _: bool,
+    _: &[Vec<f32>],
+    _: f64,
+    _: usize,
+) -> Option<ScoreResult> {
+    None
 }
 
 /// Scores `queries` against `store` under `curvature` (module docs). `self_influence` (the
@@ -266,10 +273,9 @@ pub fn attribute<M: Model>(
     let started = std::time::Instant::now();
     let keep_all = options.keep_all || strongest;
     let top_only = row_weights.is_none() && !keep_all && options.part == (0, 1);
-    let mut scores = if on_gpu(objective, store, top_only, projected.len(), options.top) {
-        gpu_scores(store, &projected, scale, options.top)
-    } else {
-        score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part)
+    let mut scores = match scored_on_gpu(objective, store, top_only, &projected, scale, options.top) {
+        Some(scores) => scores,
+        None => score_store_part(store, &projected, scale, row_weights.as_deref(), options.top, keep_all, options.part),
     };
     let strongest = strongest.then(|| {
         let mut all = scores.all.take().expect("kept");
