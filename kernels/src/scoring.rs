@@ -16,6 +16,15 @@
 //! [`TopKScoring::chunk_rows`]; a chunk's upload is queued before the previous chunk's
 //! candidates are read back, so copy and compute overlap on devices with a copy engine.
 //!
+//! Factored rows (`factors` stores, Choe et al. 2024's LoGra factors kept apart): a row holds,
+//! per layer, the two projected factors [ã (k_in); δ̃ (k_out)] of a rank-one gradient ã ⊗ δ̃, while
+//! the query keeps the layer's k_in × k_out block Q. The unit then computes that layer's part of
+//! the score as ãᵀ Q δ̃ = Σᵢ ãᵢ (Σₒ Qᵢₒ δ̃ₒ) without forming the outer product: k_in·k_out
+//! multiply-adds per layer and query, as for the expanded row, but k_in + k_out values read per
+//! row instead of k_in·k_out (16× fewer at 32 × 32). A row is described to the kernel as a list
+//! of [`RowBlock`]s, plain (a dot product over a stretch of the row) or factored, so that one
+//! kernel and one selection serve every store kind.
+//!
 //! Tolerance: f32 accumulation in row order, |Δs| ≤ d·ε·Σₗ|QⱼₗGᵢₗ| against an exact product
 //! (the comparison test allows 1e-5 of the largest score); ties between equal scores may select
 //! either row.
@@ -35,19 +44,27 @@ const LOSER: f32 = -f32::MAX;
 
 /// Scores one block of rows against one query and writes the block's k largest and k smallest.
 /// Grid: (⌈n/B⌉, q); out[((j·blocks + b)·2 + side)·k + t], side 0 largest first, 1 smallest first.
+/// A row (length `width`) and a query (length `query_width`) are described by `table`, 5 u32 per
+/// [`RowBlock`]: (row offset, query offset, a, b, factored), a plain block being a dot product
+/// over a values, a factored one ãᵀQδ̃ with ã = row[o..o + a], δ̃ = row[o + a..o + a + b] and Q
+/// the a × b row-major query block.
 /// Selection: a bitonic sort of the B scores (descending, with their rows) in shared memory,
 /// log₂B·(log₂B + 1)/2 compare-exchange steps for both sides at once; rows past n sort last, so
 /// the block's `count` valid rows hold positions 0..count. The sort's sizes and strides are
 /// runtime variables (a comptime `block` would make them constants the loops cannot halve); slots
 /// past `count` (a block of fewer than k rows) get row u32::MAX, which the host skips.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn block_top_k(
     rows: &[f32],
     queries: &[f32],
+    table: &[u32],
     out_score: &mut [f32],
     out_index: &mut [u32],
     n: u32,
-    d: u32,
+    width: u32,
+    query_width: u32,
+    blocks_per_row: u32,
     #[comptime] block: usize,
     #[comptime] k: usize,
 ) {
@@ -55,7 +72,6 @@ fn block_top_k(
     let b = CUBE_POS_X as usize;
     let j = CUBE_POS_Y as usize;
     let blocks = CUBE_COUNT_X as usize;
-    let width = d as usize;
     let row = b * block + unit;
     let valid = row < n as usize;
 
@@ -64,10 +80,30 @@ fn block_top_k(
 
     let mut acc = 0.0f32;
     if valid {
-        let r = row * width;
-        let qj = j * width;
-        for l in 0..width {
-            acc += rows[r + l] * queries[qj + l];
+        let r = row * width as usize;
+        let qj = j * query_width as usize;
+        for part in 0..blocks_per_row as usize {
+            let entry = part * 5;
+            let ro = r + table[entry] as usize;
+            let qo = qj + table[entry + 1] as usize;
+            let a = table[entry + 2] as usize;
+            let width_b = table[entry + 3] as usize;
+            if table[entry + 4] == 0 {
+                for l in 0..a {
+                    acc += rows[ro + l] * queries[qo + l];
+                }
+            } else {
+                // ãᵀ Q δ̃: each Q row against δ̃ (contiguous in both), weighted by ãᵢ.
+                let delta = ro + a;
+                for i in 0..a {
+                    let qi = qo + i * width_b;
+                    let mut inner = 0.0f32;
+                    for o in 0..width_b {
+                        inner += queries[qi + o] * rows[delta + o];
+                    }
+                    acc += rows[ro + i] * inner;
+                }
+            }
         }
     }
     if !valid {
@@ -121,6 +157,57 @@ fn block_top_k(
     }
 }
 
+/// One stretch of a row as the kernel scores it (a row is a list of these, in any order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowBlock {
+    /// ⟨row[row_offset..row_offset + len], query[query_offset..query_offset + len]⟩.
+    Plain {
+        /// Where the block starts in a row.
+        row_offset: usize,
+        /// Where it starts in a query.
+        query_offset: usize,
+        /// Its length in both.
+        len: usize,
+    },
+    /// ãᵀ Q δ̃ with ã = row[row_offset..][..k_in], δ̃ = row[row_offset + k_in..][..k_out] and Q the
+    /// k_in × k_out row-major block at query[query_offset..].
+    Factored {
+        /// Where [ã; δ̃] starts in a row.
+        row_offset: usize,
+        /// Where Q starts in a query.
+        query_offset: usize,
+        /// Length of ã (rows of Q).
+        k_in: usize,
+        /// Length of δ̃ (columns of Q).
+        k_out: usize,
+    },
+}
+
+impl RowBlock {
+    /// The kernel's table entry: (row offset, query offset, a, b, factored).
+    fn entry(self) -> [u32; 5] {
+        let small = |v: usize| u32::try_from(v).expect("offsets and lengths below 2³²");
+        match self {
+            Self::Plain { row_offset, query_offset, len } => [small(row_offset), small(query_offset), small(len), 0, 0],
+            Self::Factored { row_offset, query_offset, k_in, k_out } => {
+                [small(row_offset), small(query_offset), small(k_in), small(k_out), 1]
+            }
+        }
+    }
+
+    /// The values it spans in a row and in a query.
+    fn spans(self) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        match self {
+            Self::Plain { row_offset, query_offset, len } => {
+                (row_offset..row_offset + len, query_offset..query_offset + len)
+            }
+            Self::Factored { row_offset, query_offset, k_in, k_out } => {
+                (row_offset..row_offset + k_in + k_out, query_offset..query_offset + k_in * k_out)
+            }
+        }
+    }
+}
+
 /// Top-k scoring of queries against store rows on a wgpu device.
 pub struct TopKScoring {
     client: Client,
@@ -153,15 +240,38 @@ impl TopKScoring {
     /// `queries` (q × d). k ≤ [`BLOCK`]; q·d·4 bytes ≤ [`MAX_UPLOAD_BYTES`] (rows of any number
     /// upload in chunks of at most that size).
     pub fn top_k(&self, rows: &[f32], queries: &[f32], d: usize, k: usize) -> TopK {
-        assert!(d > 0 && rows.len() % d == 0 && queries.len() % d == 0, "rows and queries must be multiples of d");
+        self.top_k_blocks(rows, d, queries, d, &[RowBlock::Plain { row_offset: 0, query_offset: 0, len: d }], k)
+    }
+
+    /// [`TopKScoring::top_k`] for rows of length `row_len` and queries of length `query_len` laid
+    /// out as `layout` (the score is the sum over its blocks): factored rows (`factors` stores)
+    /// or several layers.
+    pub fn top_k_blocks(
+        &self,
+        rows: &[f32],
+        row_len: usize,
+        queries: &[f32],
+        query_len: usize,
+        layout: &[RowBlock],
+        k: usize,
+    ) -> TopK {
+        let d = row_len;
+        assert!(d > 0 && query_len > 0, "rows and queries must not be empty");
+        assert!(rows.len() % d == 0 && queries.len() % query_len == 0, "rows and queries must be whole");
         assert!((1..=BLOCK).contains(&k), "k must be in 1..={BLOCK}");
-        let (n, q) = (rows.len() / d, queries.len() / d);
+        for block in layout {
+            let (r, q) = block.spans();
+            assert!(r.end <= row_len && q.end <= query_len, "{block:?} lies outside a row of {row_len} or a query of {query_len}");
+        }
+        let (n, q) = (rows.len() / d, queries.len() / query_len);
         let mut out = TopK { largest: vec![Vec::new(); q], smallest: vec![Vec::new(); q] };
         if n == 0 || q == 0 {
             return out;
         }
+        assert!(q * query_len * 4 <= MAX_UPLOAD_BYTES, "the queries exceed {MAX_UPLOAD_BYTES} bytes");
+        let table: Vec<u32> = layout.iter().flat_map(|b| b.entry()).collect();
+        let table_handle = self.client.create_from_slice(u32::as_bytes(&table));
         let query_handle = self.client.create_from_slice(f32::as_bytes(queries));
-        assert!(q * d * 4 <= MAX_UPLOAD_BYTES, "the queries exceed {MAX_UPLOAD_BYTES} bytes");
         let chunk = self.chunk_rows.max(1).min((MAX_UPLOAD_BYTES / (4 * d)).max(1));
         let launch = |start: usize| {
             let m = chunk.min(n - start);
@@ -171,18 +281,22 @@ impl TopKScoring {
             let scores = self.client.empty(slots * size_of::<f32>());
             let index = self.client.empty(slots * size_of::<u32>());
             // SAFETY: every index the kernel forms is below the lengths given here: rows only for
-            // row < m, queries for j < q, outputs for slots by construction.
+            // row < m within the layout's spans (checked above), queries for j < q likewise,
+            // outputs for slots by construction.
             unsafe {
                 block_top_k::launch_unchecked(
                     &self.client,
                     CubeCount::Static(blocks as u32, q as u32, 1),
                     CubeDim::new_1d(BLOCK as u32),
                     BufferArg::from_raw_parts(rows_handle, m * d),
-                    BufferArg::from_raw_parts(query_handle.clone(), q * d),
+                    BufferArg::from_raw_parts(query_handle.clone(), q * query_len),
+                    BufferArg::from_raw_parts(table_handle.clone(), table.len()),
                     BufferArg::from_raw_parts(scores.clone(), slots),
                     BufferArg::from_raw_parts(index.clone(), slots),
                     m as u32,
                     d as u32,
+                    query_len as u32,
+                    layout.len() as u32,
                     BLOCK,
                     k,
                 );
@@ -231,11 +345,44 @@ fn keep_best(list: &mut Vec<(usize, f32)>, k: usize, largest: bool) {
 /// The plain-burn reference: S = Q Gᵀ by burn's matmul on the same device, the top k of each row
 /// of S selected on the host. Writes the whole q × n matrix: for tests and benches only.
 pub fn reference_top_k(device: &burn::tensor::Device, rows: &[f32], queries: &[f32], d: usize, k: usize) -> TopK {
+    reference_top_k_blocks(device, rows, d, queries, d, &[RowBlock::Plain { row_offset: 0, query_offset: 0, len: d }], k)
+}
+
+/// The plain-burn reference of [`TopKScoring::top_k_blocks`]: every factored block expanded to
+/// its outer product ã ⊗ δ̃ (a batched matmul of n (k_in × 1)·(1 × k_out) products), S = Q Gᵀ
+/// summed over the blocks by burn's matmul, the top k selected on the host.
+pub fn reference_top_k_blocks(
+    device: &burn::tensor::Device,
+    rows: &[f32],
+    row_len: usize,
+    queries: &[f32],
+    query_len: usize,
+    layout: &[RowBlock],
+    k: usize,
+) -> TopK {
     use burn::tensor::{Tensor, TensorData};
-    let (n, q) = (rows.len() / d, queries.len() / d);
-    let g = Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n, d]), device);
-    let qs = Tensor::<2>::from_data(TensorData::new(queries.to_vec(), [q, d]), device);
-    let s = qs.matmul(g.transpose()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 scores");
+    let (n, q) = (rows.len() / row_len, queries.len() / query_len);
+    let g = Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n, row_len]), device);
+    let qs = Tensor::<2>::from_data(TensorData::new(queries.to_vec(), [q, query_len]), device);
+    let mut total: Option<Tensor<2>> = None;
+    for block in layout {
+        let (expanded, span) = match *block {
+            RowBlock::Plain { row_offset, query_offset, len } => {
+                (g.clone().slice([0..n, row_offset..row_offset + len]), query_offset..query_offset + len)
+            }
+            RowBlock::Factored { row_offset, query_offset, k_in, k_out } => {
+                let a = g.clone().slice([0..n, row_offset..row_offset + k_in]).reshape([n, k_in, 1]);
+                let d = g.clone().slice([0..n, row_offset + k_in..row_offset + k_in + k_out]).reshape([n, 1, k_out]);
+                (a.matmul(d).reshape([n, k_in * k_out]), query_offset..query_offset + k_in * k_out)
+            }
+        };
+        let part = qs.clone().slice([0..q, span]).matmul(expanded.transpose());
+        total = Some(match total {
+            Some(t) => t + part,
+            None => part,
+        });
+    }
+    let s = total.expect("a layout has blocks").into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 scores");
     let mut out = TopK::default();
     for j in 0..q {
         let all: Vec<(usize, f32)> = s[j * n..(j + 1) * n].iter().copied().enumerate().collect();

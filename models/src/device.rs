@@ -144,6 +144,10 @@ static WGPU: std::sync::OnceLock<(GpuAdapter, Device)> = std::sync::OnceLock::ne
 #[cfg(feature = "gpu")]
 pub fn init_wgpu(adapter: GpuAdapter) -> Result<Device, ModelError> {
     use burn::tensor::DeviceKind;
+    // One starter at a time: two threads that both found WGPU empty would both start the
+    // runtime, and the second start fails ("Service already initialized").
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _starting = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((started, device)) = WGPU.get() {
         if *started == adapter {
             return Ok(device.clone());
@@ -167,11 +171,7 @@ pub fn init_wgpu(adapter: GpuAdapter) -> Result<Device, ModelError> {
         };
         ModelError::Config(format!("no wgpu adapter for device `{adapter}`: {e}{hint}"))
     })?;
-    let (started, device) = WGPU.get_or_init(|| (adapter, device));
-    if *started != adapter {
-        return Err(ModelError::Config(format!("the wgpu backend was started on `{started}` meanwhile")));
-    }
-    Ok(device.clone())
+    Ok(WGPU.get_or_init(|| (adapter, device)).1.clone())
 }
 
 /// The adapter [`init_wgpu`] started the wgpu runtime on, if it did.

@@ -416,3 +416,110 @@ fn the_fused_top_k_scoring_kernel_equals_its_plain_burn_reference() {
         }
     }
 }
+
+/// The adapter the kernel tests run on, as culprit-kernels names it.
+fn kernel_device_kind() -> Option<culprit_kernels::scoring::WgpuDeviceKind> {
+    match std::env::var("CULPRIT_TEST_GPU_DEVICE").as_deref().unwrap_or("cpu") {
+        "cpu" => Some(culprit_kernels::scoring::WgpuDeviceKind::Cpu),
+        _ => None,
+    }
+}
+
+/// The fused kernel on factored rows (`factors` stores: per layer [ã; δ̃], scored as ãᵀQδ̃) and on
+/// a row mixing factored and plain blocks, against the plain-burn reference that expands every
+/// factored block to its outer product ã ⊗ δ̃ on the CPU: the same rows in the same order, scores
+/// within 1e-5 of the largest.
+#[test]
+fn the_fused_kernel_scores_factored_rows_as_their_expanded_outer_products() {
+    use culprit_kernels::scoring::{RowBlock, TopKScoring, device, reference_top_k_blocks};
+    if gpu().is_none() {
+        return;
+    }
+    // Two factored layers (5 × 3, 7 × 4) and a plain stretch of 6 between them.
+    let layout = [
+        RowBlock::Factored { row_offset: 0, query_offset: 0, k_in: 5, k_out: 3 },
+        RowBlock::Plain { row_offset: 8, query_offset: 15, len: 6 },
+        RowBlock::Factored { row_offset: 14, query_offset: 21, k_in: 7, k_out: 4 },
+    ];
+    let (row_len, query_len) = (14 + 11, 21 + 28);
+    let (n, q) = (777, 4);
+    let rows: Vec<f32> = (0..n * row_len).map(|i| ((i as f32) * 0.618_034).sin() + 1e-4 * (i % 89) as f32).collect();
+    let queries: Vec<f32> = (0..q * query_len).map(|i| ((i as f32) * 0.377).cos()).collect();
+    let mut scoring = TopKScoring::new(&device(kernel_device_kind()));
+    for (chunk, k) in [(1 << 16, 12), (300, 5), (4096, 256)] {
+        scoring.chunk_rows = chunk;
+        let got = scoring.top_k_blocks(&rows, row_len, &queries, query_len, &layout, k);
+        let want = reference_top_k_blocks(&Device::flex(), &rows, row_len, &queries, query_len, &layout, k);
+        for (g, w) in got.largest.iter().chain(&got.smallest).zip(want.largest.iter().chain(&want.smallest)) {
+            assert_eq!(g.len(), k);
+            let rows_of = |l: &[(usize, f32)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
+            assert_eq!(rows_of(g), rows_of(w), "chunk {chunk}, k {k}");
+            let scale = w.iter().fold(0.0f32, |m, x| m.max(x.1.abs()));
+            for (a, b) in g.iter().zip(w) {
+                assert!((a.1 - b.1).abs() <= 1e-5 * scale, "row {}: {} vs {}", a.0, a.1, b.1);
+            }
+        }
+    }
+}
+
+/// The fused Kronecker projection kernel against its plain-burn reference (two batched matmuls
+/// projecting the factors, a third for Σₜ ãₜδ̃ₜᵀ) computed on the CPU: both sides projected with a
+/// bias row, an exact input side (the bias's 1 appended), an exact output side without bias, and
+/// enough positions for several shared-memory chunks; values within 1e-5 of the largest.
+#[test]
+fn the_kronecker_projection_kernel_equals_its_plain_burn_reference() {
+    use culprit::gradients::projection::{Entries, random_matrix};
+    use culprit_kernels::projection::{
+        KroneckerSides, kron_project, kron_project_tuned, reference_kron_project, tuned_routes,
+    };
+    let Some(backend) = gpu() else { return };
+    let gpu = backend.device();
+    let cpu = Device::flex();
+    let tensor3 = |dims: [usize; 3], phase: f32, device: &Device| {
+        let v: Vec<f32> = (0..dims.iter().product::<usize>()).map(|i| ((i as f32) * phase).sin()).collect();
+        Tensor::<3>::from_data(TensorData::new(v, dims), (device, DType::F32))
+    };
+    // (batch, inputs, outputs, positions, k_in (None: exact), k_out (None: exact), bias)
+    let cases = [
+        (6, 13, 7, 1, Some(5), Some(3), true),
+        (4, 20, 9, 17, Some(8), Some(4), true),
+        (3, 100, 6, 40, None, Some(4), true),
+        (5, 11, 5, 9, Some(6), None, false),
+        (2, 30, 70, 50, Some(16), Some(16), true),
+    ];
+    for (b, m, o, l, k_in, k_out, bias) in cases {
+        let on = |device: &Device| {
+            let p_in = k_in.map(|k| {
+                let full = random_matrix(m + usize::from(bias), k, Entries::Gaussian, 7, 0, device);
+                let rows = full.clone().slice([0..m, 0..k]);
+                (rows, bias.then(|| full.slice([m..m + 1, 0..k])))
+            });
+            let p_out = k_out.map(|k| random_matrix(o, k, Entries::Gaussian, 7, 1, device));
+            (tensor3([b, m, l], 0.618, device), tensor3([b, o, l], 0.377, device), p_in, p_out)
+        };
+        let case = format!("batch {b}, {m} → {o}, {l} positions, k {k_in:?} × {k_out:?}, bias {bias}");
+        let (a, d, p_in, p_out) = on(&gpu);
+        let sides = KroneckerSides { p_in: p_in.as_ref().map(|(w, r)| (w, r.as_ref())), p_out: p_out.as_ref(), bias };
+        let got = kron_project(&a, &d, &sides).unwrap_or_else(|| panic!("the kernel applies on the GPU ({case})"));
+        // The route `cache` takes: whichever of the kernel and burn's matmuls ran faster, twice
+        // (the first call times both routes, the second takes the choice).
+        let tuned: Vec<_> = (0..2).map(|_| read(kron_project_tuned(&a, &d, &sides).expect("applies"))).collect();
+        let (a, d, p_in, p_out) = on(&cpu);
+        let sides = KroneckerSides { p_in: p_in.as_ref().map(|(w, r)| (w, r.as_ref())), p_out: p_out.as_ref(), bias };
+        assert!(kron_project(&a, &d, &sides).is_none(), "no kernel on the CPU backend");
+        let want = reference_kron_project(&a, &d, &sides);
+        assert_eq!(got.dims(), want.dims(), "{case}");
+        let want = read(want);
+        let err = relative(&read(got), &want);
+        assert!(err <= 1e-5, "{case}: relative error {err:.2e}");
+        for t in &tuned {
+            let err = relative(t, &want);
+            assert!(err <= 1e-5, "{case}: the tuned route's relative error {err:.2e}");
+        }
+        assert!(
+            tuned_routes().iter().any(|r| (r.0, r.1, r.2) == (m, o, l)),
+            "{case}: the tuned route is recorded ({:?})",
+            tuned_routes()
+        );
+    }
+}

@@ -14,7 +14,8 @@
 //!   positions of such products). P_in, P_out are independent N(0, 1/k) matrices, so
 //!   E[(P_in ⊗ P_out)(P_in ⊗ P_out)ᵀ] = I. A side whose k is at least its dimension is left
 //!   exact (identity). Row of Σ_layers k_in·k_out. Cost: B·(in·k_in + out·k_out + k_in·k_out)·L.
-//!   Memory for P: Σ_layers (in·k_in + out·k_out).
+//!   Memory for P: Σ_layers (in·k_in + out·k_out). On a wgpu device one fused kernel of
+//!   culprit-kernels (`projection`) computes a layer's rows without writing the projected factors.
 //! - `factors:KINxKOUT` (or `factors`, exact factors): the same Kronecker projection, but the row
 //!   keeps the two projected factors [P_inᵀaᵢ; P_outᵀδᵢ] (k_in + k_out values per layer) instead
 //!   of their k_in·k_out outer product, so the store shrinks by k_in·k_out/(k_in + k_out) (16× at
@@ -457,6 +458,11 @@ impl Projector {
                 .zip(&self.layers)
                 .map(|(f, p)| {
                     let LayerProjection::Kron { p_in, p_out, k_in, k_out } = p else { unreachable!("kron layers") };
+                    if matches!(self.spec, ProjectionSpec::Kron { .. })
+                        && let Some(rows) = kron_rows_on_gpu(f, p_in.as_ref(), p_out.as_ref())
+                    {
+                        return rows;
+                    }
                     let (pa, pd) = projected_factors(f, p_in.as_ref(), p_out.as_ref());
                     let b = pa.dims()[0];
                     match self.spec {
@@ -541,6 +547,29 @@ impl Projector {
 
 /// The projected factors P_inᵀ [a; 1] (`[batch, L, k_in]`) and P_outᵀ δ (`[batch, L, k_out]`);
 /// a layer's projected gradient is the sum over positions of their outer products.
+/// A `kron` layer's rows Σₜ ãₜδ̃ₜᵀ where the factors live on a wgpu device, by culprit-kernels'
+/// fused Kronecker projection or burn's matmuls, whichever ran faster for the layer's shape on
+/// this device (`culprit_kernels::projection::kron_project_tuned`); `None` elsewhere.
+#[cfg(feature = "gpu")]
+fn kron_rows_on_gpu(
+    f: &LayerFactors,
+    p_in: Option<&(Tensor<2>, Option<Tensor<2>>)>,
+    p_out: Option<&Tensor<2>>,
+) -> Option<Tensor<2>> {
+    use culprit_kernels::projection::{KroneckerSides, kron_project_tuned};
+    let sides = KroneckerSides { p_in: p_in.map(|(w, b)| (w, b.as_ref())), p_out, bias: f.bias };
+    kron_project_tuned(&f.input, &f.output_grad, &sides)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn kron_rows_on_gpu(
+    _: &LayerFactors,
+    _: Option<&(Tensor<2>, Option<Tensor<2>>)>,
+    _: Option<&Tensor<2>>,
+) -> Option<Tensor<2>> {
+    None
+}
+
 fn projected_factors(
     f: &LayerFactors,
     p_in: Option<&(Tensor<2>, Option<Tensor<2>>)>,
