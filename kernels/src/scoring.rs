@@ -80,31 +80,7 @@ fn block_top_k(
 
     let mut acc = 0.0f32;
     if valid {
-        let r = row * width as usize;
-        let qj = j * query_width as usize;
-        for part in 0..blocks_per_row as usize {
-            let entry = part * 5;
-            let ro = r + table[entry] as usize;
-            let qo = qj + table[entry + 1] as usize;
-            let a = table[entry + 2] as usize;
-            let width_b = table[entry + 3] as usize;
-            if table[entry + 4] == 0 {
-                for l in 0..a {
-                    acc += rows[ro + l] * queries[qo + l];
-                }
-            } else {
-                // ãᵀ Q δ̃: each Q row against δ̃ (contiguous in both), weighted by ãᵢ.
-                let delta = ro + a;
-                for i in 0..a {
-                    let qi = qo + i * width_b;
-                    let mut inner = 0.0f32;
-                    for o in 0..width_b {
-                        inner += queries[qi + o] * rows[delta + o];
-                    }
-                    acc += rows[ro + i] * inner;
-                }
-            }
-        }
+        acc = row_score(rows, queries, table, row * width as usize, j * query_width as usize, blocks_per_row);
     }
     if !valid {
         acc = LOSER;
@@ -113,6 +89,64 @@ fn block_top_k(
     at[unit] = unit as u32;
     sync_cube();
 
+    sort_descending(&mut value, &mut at, unit);
+
+    let left = n as usize - b * block;
+    let mut count = left;
+    if left > block {
+        count = block;
+    }
+    if unit < k {
+        let top = ((j * blocks + b) * 2) * k + unit;
+        let bottom = ((j * blocks + b) * 2 + 1) * k + unit;
+        if unit < count {
+            out_score[top] = value[unit];
+            out_index[top] = (b * block) as u32 + at[unit];
+            out_score[bottom] = value[count - 1 - unit];
+            out_index[bottom] = (b * block) as u32 + at[count - 1 - unit];
+        } else {
+            out_index[top] = u32::MAX;
+            out_index[bottom] = u32::MAX;
+        }
+    }
+}
+
+/// One row's score against one query: the sum over the row's blocks (`table`, see
+/// [`block_top_k`]) of a dot product (plain blocks) or ãᵀQδ̃ (factored blocks), from the row's
+/// start `r` and the query's start `qj`.
+#[cube]
+fn row_score(rows: &[f32], queries: &[f32], table: &[u32], r: usize, qj: usize, blocks_per_row: u32) -> f32 {
+    let mut acc = 0.0f32;
+    for part in 0..blocks_per_row as usize {
+        let entry = part * 5;
+        let ro = r + table[entry] as usize;
+        let qo = qj + table[entry + 1] as usize;
+        let a = table[entry + 2] as usize;
+        let width_b = table[entry + 3] as usize;
+        if table[entry + 4] == 0 {
+            for l in 0..a {
+                acc += rows[ro + l] * queries[qo + l];
+            }
+        } else {
+            // ãᵀ Q δ̃: each Q row against δ̃ (contiguous in both), weighted by ãᵢ.
+            let delta = ro + a;
+            for i in 0..a {
+                let qi = qo + i * width_b;
+                let mut inner = 0.0f32;
+                for o in 0..width_b {
+                    inner += queries[qi + o] * rows[delta + o];
+                }
+                acc += rows[ro + i] * inner;
+            }
+        }
+    }
+    acc
+}
+
+/// Sorts the cube's scores in shared memory, largest first, carrying each one's unit in `at`:
+/// a bitonic network, log₂B·(log₂B + 1)/2 compare-exchange steps with a barrier after each.
+#[cube]
+fn sort_descending(value: &mut Shared<[f32]>, at: &mut Shared<[u32]>, unit: usize) {
     let units = CUBE_DIM as usize;
     let mut size = 2usize;
     while size <= units {
@@ -135,25 +169,6 @@ fn block_top_k(
             stride /= 2;
         }
         size *= 2;
-    }
-
-    let left = n as usize - b * block;
-    let mut count = left;
-    if left > block {
-        count = block;
-    }
-    if unit < k {
-        let top = ((j * blocks + b) * 2) * k + unit;
-        let bottom = ((j * blocks + b) * 2 + 1) * k + unit;
-        if unit < count {
-            out_score[top] = value[unit];
-            out_index[top] = (b * block) as u32 + at[unit];
-            out_score[bottom] = value[count - 1 - unit];
-            out_index[bottom] = (b * block) as u32 + at[count - 1 - unit];
-        } else {
-            out_index[top] = u32::MAX;
-            out_index[bottom] = u32::MAX;
-        }
     }
 }
 
@@ -310,26 +325,38 @@ impl TopKScoring {
             }
             let scores = f32::from_bytes(&self.client.read_one_unchecked(scores)).to_vec();
             let index = u32::from_bytes(&self.client.read_one_unchecked(index)).to_vec();
-            for j in 0..q {
-                for b in 0..blocks {
-                    for side in 0..2 {
-                        let at = ((j * blocks + b) * 2 + side) * k;
-                        let list = if side == 0 { &mut out.largest[j] } else { &mut out.smallest[j] };
-                        for t in 0..k {
-                            let row = index[at + t] as usize;
-                            if row < m {
-                                list.push((start + row, scores[at + t]));
-                            }
-                        }
+            merge_candidates(&mut out, &scores, &index, Chunk { start, rows: m, blocks }, k);
+        }
+        out
+    }
+}
+
+/// Where a chunk of rows sits: its first row, its number of rows and of kernel blocks.
+struct Chunk {
+    start: usize,
+    rows: usize,
+    blocks: usize,
+}
+
+/// Adds a chunk's candidates (the kernel's `scores` and `index`, laid out as [`block_top_k`]
+/// writes them) to each query's lists and keeps the k best at each end.
+fn merge_candidates(out: &mut TopK, scores: &[f32], index: &[u32], chunk: Chunk, k: usize) {
+    let q = out.largest.len();
+    for j in 0..q {
+        for b in 0..chunk.blocks {
+            for side in 0..2 {
+                let at = ((j * chunk.blocks + b) * 2 + side) * k;
+                let list = if side == 0 { &mut out.largest[j] } else { &mut out.smallest[j] };
+                for t in 0..k {
+                    let row = index[at + t] as usize;
+                    if row < chunk.rows {
+                        list.push((chunk.start + row, scores[at + t]));
                     }
                 }
             }
-            for j in 0..q {
-                keep_best(&mut out.largest[j], k, true);
-                keep_best(&mut out.smallest[j], k, false);
-            }
         }
-        out
+        keep_best(&mut out.largest[j], k, true);
+        keep_best(&mut out.smallest[j], k, false);
     }
 }
 

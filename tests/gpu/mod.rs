@@ -314,8 +314,10 @@ fn gpt2_on_the_gpu_gives_the_cpu_log_probabilities_and_gradients() {
     }
 }
 
-/// The command line: `--backend wgpu --device D` runs train, cache, fit and trace of a small GPT
-/// trained here, and its per-token trace gives the CPU's scores; an unknown device is a clear error.
+/// The command line: `--backend wgpu --device D` runs train, cache (exact and kron:16x8 stores),
+/// fit (EK-FAC, identity, projected) and trace of a small GPT trained here, and each trace gives
+/// the CPU's documents and scores (within 1e-3 of the largest, 3e-3 for the projected curvature);
+/// an unknown device is a clear error.
 #[test]
 fn a_language_model_through_the_cli_on_the_gpu_gives_the_cpu_trace() {
     if gpu().is_none() {
@@ -327,9 +329,14 @@ fn a_language_model_through_the_cli_on_the_gpu_gives_the_cpu_trace() {
     let corpus = crate::lm::pipeline::corpus(dir);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let queries = crate::lm::pipeline::completion_query(dir);
+    // (store, curvature): exact gradients with EK-FAC and the identity; LoGra kron:16x8 rows
+    // (the fused projection kernel or burn's matmuls on the GPU) with EK-FAC and the projected
+    // curvature fitted on that store.
+    let plans = [("none", "ekfac"), ("none", "identity"), ("kron:16x8", "ekfac"), ("kron:16x8", "projected")];
     let mut reports = Vec::new();
     for backend in [vec!["--backend", "flex"], vec!["--backend", "wgpu", "--device", device.as_str()]] {
         let run = dir.join(format!("run-{}", backend[1]));
+        let kron = dir.join(format!("kron-{}", backend[1]));
         let with = |args: &[&str]| {
             let mut all: Vec<&str> = backend.clone();
             all.extend(args);
@@ -337,44 +344,63 @@ fn a_language_model_through_the_cli_on_the_gpu_gives_the_cpu_trace() {
         };
         with(&crate::lm::pipeline::small_gpt(&corpus, &run, 1).iter().map(String::as_str).collect::<Vec<_>>());
         with(&["cache", "--run", &s(&run), "--project", "none"]);
+        with(&["cache", "--run", &s(&run), "--project", "kron:16x8", "--store", &s(&kron)]);
         with(&["fit", "--run", &s(&run), "--curvature", "ekfac"]);
-        let out = dir.join(format!("trace-{}.json", backend[1]));
-        with(&[
-            "trace",
-            "--run",
-            &s(&run),
-            "--data",
-            &s(&queries),
-            "--index",
-            "0",
-            "--measure",
-            "completion",
-            "--curvature",
-            "ekfac",
-            "--top",
-            "30",
-            "--format",
-            "json",
-            "--out",
-            &s(&out),
-        ]);
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-        let mut scores: Vec<(u64, f64)> = report["proponents"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .chain(report["opponents"][0].as_array().unwrap())
-            .map(|i| (i["train_index"].as_u64().unwrap(), i["score"].as_f64().unwrap()))
-            .collect();
-        scores.sort_by_key(|(i, _)| *i);
-        scores.dedup_by_key(|(i, _)| *i);
-        reports.push(scores);
+        with(&["fit", "--run", &s(&run), "--curvature", "identity"]);
+        with(&["fit", "--run", &s(&run), "--curvature", "projected", "--store", &s(&kron)]);
+        let mut per_plan = Vec::new();
+        for (store, curvature) in plans {
+            let out = dir.join(format!("trace-{}-{}-{curvature}.json", backend[1], store.replace(':', "-")));
+            let mut args = vec![
+                "trace".to_string(),
+                "--run".into(),
+                s(&run),
+                "--data".into(),
+                s(&queries),
+                "--index".into(),
+                "0".into(),
+                "--measure".into(),
+                "completion".into(),
+                "--curvature".into(),
+                curvature.into(),
+                "--top".into(),
+                "30".into(),
+                "--format".into(),
+                "json".into(),
+                "--out".into(),
+                s(&out),
+            ];
+            if store != "none" {
+                args.extend(["--store".to_string(), s(&kron)]);
+            }
+            with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+            let mut scores: Vec<(u64, f64)> = report["proponents"][0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(report["opponents"][0].as_array().unwrap())
+                .map(|i| (i["train_index"].as_u64().unwrap(), i["score"].as_f64().unwrap()))
+                .collect();
+            scores.sort_by_key(|(i, _)| *i);
+            scores.dedup_by_key(|(i, _)| *i);
+            per_plan.push(scores);
+        }
+        reports.push(per_plan);
     }
     let ids = |r: &[(u64, f64)]| r.iter().map(|(i, _)| *i).collect::<Vec<_>>();
-    assert_eq!(ids(&reports[0]), ids(&reports[1]), "the same documents ranked");
     let values = |r: &[(u64, f64)]| r.iter().map(|(_, v)| *v).collect::<Vec<_>>();
-    let e = relative(&values(&reports[1]), &values(&reports[0]));
-    assert!(e < 1e-3, "per-document scores differ by {e:e} of the largest");
+    for (p, (store, curvature)) in plans.iter().enumerate() {
+        let (cpu, gpu) = (&reports[0][p], &reports[1][p]);
+        assert_eq!(ids(cpu), ids(gpu), "{store} {curvature}: the same documents ranked");
+        let e = relative(&values(gpu), &values(cpu));
+        // Each backend trains its own GPT in f32; the projected curvature inverts the damped Gram
+        // of the store's rows, whose conditioning amplifies that difference (measured on lavapipe:
+        // 3e-5 exact EK-FAC, 3e-4 kron EK-FAC, 1.3e-3 kron projected).
+        let tolerance = if *curvature == "projected" { 3e-3 } else { 1e-3 };
+        assert!(e < tolerance, "{store} {curvature}: per-document scores differ by {e:e} of the largest");
+        eprintln!("small GPT, {store} store, {curvature}: GPU scores within {e:.1e} of the CPU's");
+    }
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_culprit"))
         .args(["--backend", "wgpu", "--device", "discrete:7", "demo"])
         .output()
