@@ -9,10 +9,12 @@
 //!
 //! The plain-burn route projects both factors of the whole batch (two batched matmuls writing
 //! B·L·(k_in + k_out) values) and then multiplies them (a third). The kernel does it in one
-//! launch: one cube per example takes the positions in chunks, projects a chunk's ãₜ and δ̃ₜ into
-//! shared memory (a unit takes one column of P and four consecutive positions at a time, so each
-//! P value read serves four multiply-adds) and adds the chunk's outer products to the k_in·k_out
-//! cells of the row it owns, so nothing but the rows is written to device memory. A side whose
+//! launch: one cube per example (or per up to 16 examples, when an example has at most four
+//! positions and would leave most of the cube's 256 units idle) takes the positions in chunks,
+//! projects a chunk's ãₜ and δ̃ₜ into shared memory (a unit takes one column of P and four
+//! consecutive positions at a time, so each P value read serves four multiply-adds) and adds the
+//! chunk's outer products to the k_in·k_out cells of the rows it owns, so nothing but the rows is
+//! written to device memory. A side whose
 //! projection is the identity (k at least the dimension) is read as is.
 //!
 //! Which route `cache` takes is measured, not assumed: [`kron_project_tuned`] times both on the
@@ -45,10 +47,13 @@ const SHARED_VALUES: usize = 3072;
 /// The largest k_in + k_out the kernel takes (a chunk of one position must fit in shared memory).
 pub const MAX_FACTOR_LEN: usize = SHARED_VALUES;
 
-/// One example's projected gradient per cube (module docs). `input` is `[b, inputs, L]`,
-/// `output_grad` `[b, outputs, L]`, `p_in` `inputs × k_in`, `p_bias` the bias row `k_in` (read
-/// only with `bias`), `p_out` `outputs × k_out`; `out` `[b, k_in·k_out]`. Without `project_in` the
-/// input side is the identity (k_in = inputs, plus 1 with `bias`), likewise `project_out`.
+/// The projected gradients of `examples` consecutive examples per cube (module docs; more than
+/// one only when an example has too few positions to keep the cube's units busy). `input` is
+/// `[batch, inputs, L]`, `output_grad` `[batch, outputs, L]`, `p_in` `inputs × k_in`, `p_bias`
+/// the bias row `k_in` (read only with `bias`), `p_out` `outputs × k_out`; `out`
+/// `[batch, k_in·k_out]`. Without `project_in` the input side is the identity (k_in = inputs,
+/// plus 1 with `bias`), likewise `project_out`. Shared memory: `a_values` = examples·chunk·k_in
+/// and `d_values` = examples·chunk·k_out.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn kron_project_kernel(
@@ -58,11 +63,13 @@ fn kron_project_kernel(
     p_bias: &[f32],
     p_out: &[f32],
     out: &mut [f32],
+    batch: u32,
     inputs: u32,
     outputs: u32,
     positions: u32,
     #[comptime] k_in: usize,
     #[comptime] k_out: usize,
+    #[comptime] examples: usize,
     #[comptime] chunk: usize,
     #[comptime] a_values: usize,
     #[comptime] d_values: usize,
@@ -70,12 +77,14 @@ fn kron_project_kernel(
     #[comptime] project_in: bool,
     #[comptime] project_out: bool,
 ) {
-    let e = CUBE_POS_X as usize;
+    let first = CUBE_POS_X as usize * examples;
+    let mut count = batch as usize - first;
+    if count > examples {
+        count = examples;
+    }
     let unit = UNIT_POS as usize;
     let units = CUBE_DIM as usize;
     let l = positions as usize;
-    let m = inputs as usize;
-    let o = outputs as usize;
     let cells = k_in * k_out;
     let mut sa = Shared::<[f32]>::new_slice(a_values);
     let mut sd = Shared::<[f32]>::new_slice(d_values);
@@ -85,19 +94,22 @@ fn kron_project_kernel(
         if c > chunk {
             c = chunk;
         }
-        // ãₜ and δ̃ₜ for the chunk's positions: sa[t·k_in + k], sd[t·k_out + k].
-        project_positions(input, p_in, p_bias, &mut sa, e * m * l + t0, m, l, c, unit, units, k_in, bias, project_in);
-        project_positions(output_grad, p_out, p_bias, &mut sd, e * o * l + t0, o, l, c, unit, units, k_out, false, project_out);
+        // ãₜ and δ̃ₜ of the chunk's positions: sa[(e·c + t)·k_in + k], sd[(e·c + t)·k_out + k].
+        let a_side = Side { first, count, features: inputs as usize, positions: l, t0, c, unit, units };
+        project_positions(input, p_in, p_bias, &mut sa, a_side, k_in, bias, project_in);
+        let d_side = Side { first, count, features: outputs as usize, positions: l, t0, c, unit, units };
+        project_positions(output_grad, p_out, p_bias, &mut sd, d_side, k_out, false, project_out);
         sync_cube();
         let mut cell = unit;
-        while cell < cells {
-            let i = cell / k_out;
+        while cell < count * cells {
+            let e = cell / cells;
+            let i = (cell % cells) / k_out;
             let j = cell % k_out;
             let mut acc = 0.0f32;
             for t in 0..c {
-                acc += sa[t * k_in + i] * sd[t * k_out + j];
+                acc += sa[(e * c + t) * k_in + i] * sd[(e * c + t) * k_out + j];
             }
-            let at = e * cells + cell;
+            let at = first * cells + cell;
             if t0 == 0 {
                 out[at] = acc;
             } else {
@@ -110,13 +122,27 @@ fn kron_project_kernel(
     }
 }
 
-/// One side's projected factors for `c` consecutive positions into `dst` (dst[t·k + j]): the
-/// source holds `features` rows of `positions` values from `base` (one example's `[features, L]`
-/// slab, shifted to the chunk's first position). A work item is one column j of P and four
-/// consecutive positions, so each P value read serves four multiply-adds and the four source
-/// reads are contiguous (positions are the source's inner dimension); positions past the chunk
-/// reread its last one and are not stored. Without `project` the side is the identity (the
-/// source itself, then the bias's constant 1 where `bias`).
+/// Where one side's chunk lies: the cube's examples first..first + count, each a `[features,
+/// positions]` slab of the source, and the chunk's positions t0..t0 + c; the unit and how many
+/// units share the work.
+#[derive(CubeType, Clone, Copy)]
+struct Side {
+    first: usize,
+    count: usize,
+    features: usize,
+    positions: usize,
+    t0: usize,
+    c: usize,
+    unit: usize,
+    units: usize,
+}
+
+/// One side's projected factors for a chunk of positions of the cube's examples into `dst`
+/// (dst[(e·c + t)·k + j]). A work item is one example, one column j of P and four consecutive
+/// positions, so each P value read serves four multiply-adds and the four source reads are
+/// contiguous (positions are the source's inner dimension); positions past the chunk reread its
+/// last one and are not stored. Without `project` the side is the identity (the source itself,
+/// then the bias's constant 1 where `bias`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn project_positions(
@@ -124,21 +150,19 @@ fn project_positions(
     p: &[f32],
     p_bias: &[f32],
     dst: &mut Shared<[f32]>,
-    base: usize,
-    features: usize,
-    positions: usize,
-    c: usize,
-    unit: usize,
-    units: usize,
+    side: Side,
     #[comptime] k: usize,
     #[comptime] bias: bool,
     #[comptime] project: bool,
 ) {
+    let c = side.c;
     let groups = c.div_ceil(4);
-    let mut item = unit;
-    while item < groups * k {
-        let t = (item / k) * 4;
+    let mut item = side.unit;
+    while item < side.count * groups * k {
+        let e = item / (groups * k);
+        let t = ((item / k) % groups) * 4;
         let j = item % k;
+        let base = (side.first + e) * side.features * side.positions + side.t0;
         let mut t1 = t + 1;
         if t1 >= c {
             t1 = c - 1;
@@ -156,9 +180,9 @@ fn project_positions(
         let mut v2 = 0.0f32;
         let mut v3 = 0.0f32;
         if project {
-            for i in 0..features {
+            for i in 0..side.features {
                 let w = p[i * k + j];
-                let row = base + i * positions;
+                let row = base + i * side.positions;
                 v0 += src[row + t] * w;
                 v1 += src[row + t1] * w;
                 v2 += src[row + t2] * w;
@@ -172,8 +196,8 @@ fn project_positions(
                 v3 += w;
             }
         } else {
-            if j < features {
-                let row = base + j * positions;
+            if j < side.features {
+                let row = base + j * side.positions;
                 v0 = src[row + t];
                 v1 = src[row + t1];
                 v2 = src[row + t2];
@@ -185,17 +209,18 @@ fn project_positions(
                 v3 = 1.0f32;
             }
         }
-        dst[t * k + j] = v0;
+        let at = e * c;
+        dst[(at + t) * k + j] = v0;
         if t + 1 < c {
-            dst[(t + 1) * k + j] = v1;
+            dst[(at + t + 1) * k + j] = v1;
         }
         if t + 2 < c {
-            dst[(t + 2) * k + j] = v2;
+            dst[(at + t + 2) * k + j] = v2;
         }
         if t + 3 < c {
-            dst[(t + 3) * k + j] = v3;
+            dst[(at + t + 3) * k + j] = v3;
         }
-        item += units;
+        item += side.units;
     }
 }
 
@@ -268,16 +293,21 @@ impl KroneckerProjectionBackend for CubeBackend {
         if b == 0 || cells == 0 {
             return out;
         }
-        let chunk = (SHARED_VALUES / (k_in + k_out)).clamp(1, l.max(1));
+        // Several examples a cube where one has too few positions to keep its units busy (four
+        // positions make one work item per column of P), then as many positions a chunk as
+        // shared memory holds.
+        let examples = if l <= 4 { (UNITS / k_in.max(k_out)).clamp(1, 16) } else { 1 };
+        let examples = examples.min((SHARED_VALUES / (l.max(1) * (k_in + k_out))).max(1));
+        let chunk = (SHARED_VALUES / (examples * (k_in + k_out))).clamp(1, l.max(1));
         let len = |t: &CubeTensor| t.meta.shape().num_elements();
         // SAFETY: the kernel reads input[(e·m + i)·l + t] and output_grad[(e·o + i)·l + t] for
         // e < b, i < m (o), t < l; P_in, the bias row and P_out within the sizes checked above, and
-        // only where their flags say; it writes out[e·cells + c] for c < cells; shared memory
-        // chunk·k_in and chunk·k_out values.
+        // only where their flags say; it writes out[e·cells + c] for e < b, c < cells; shared
+        // memory examples·chunk·k_in and examples·chunk·k_out values.
         unsafe {
             kron_project_kernel::launch_unchecked(
                 &client,
-                CubeCount::Static(b as u32, 1, 1),
+                CubeCount::Static(b.div_ceil(examples) as u32, 1, 1),
                 CubeDim::new_1d(UNITS as u32),
                 BufferArg::from_raw_parts(input.handle.clone(), len(&input)),
                 BufferArg::from_raw_parts(output_grad.handle.clone(), len(&output_grad)),
@@ -285,14 +315,16 @@ impl KroneckerProjectionBackend for CubeBackend {
                 BufferArg::from_raw_parts(p_bias.handle.clone(), len(&p_bias)),
                 BufferArg::from_raw_parts(p_out.handle.clone(), len(&p_out)),
                 BufferArg::from_raw_parts(out.handle.clone(), b * cells),
+                b as u32,
                 m as u32,
                 o as u32,
                 l as u32,
                 k_in,
                 k_out,
+                examples,
                 chunk,
-                chunk * k_in,
-                chunk * k_out,
+                examples * chunk * k_in,
+                examples * chunk * k_out,
                 bias,
                 project_in,
                 project_out,

@@ -490,8 +490,9 @@ fn the_fused_kernel_scores_factored_rows_as_their_expanded_outer_products() {
 
 /// The fused Kronecker projection kernel against its plain-burn reference (two batched matmuls
 /// projecting the factors, a third for Σₜ ãₜδ̃ₜᵀ) computed on the CPU: both sides projected with a
-/// bias row, an exact input side (the bias's 1 appended), an exact output side without bias, and
-/// enough positions for several shared-memory chunks; values within 1e-5 of the largest.
+/// bias row, an exact input side (the bias's 1 appended), an exact output side without bias,
+/// enough positions for several shared-memory chunks, and few enough for several examples a cube;
+/// values within 1e-5 of the largest.
 #[test]
 fn the_kronecker_projection_kernel_equals_its_plain_burn_reference() {
     use culprit::gradients::projection::{Entries, random_matrix};
@@ -512,6 +513,9 @@ fn the_kronecker_projection_kernel_equals_its_plain_burn_reference() {
         (3, 100, 6, 40, None, Some(4), true),
         (5, 11, 5, 9, Some(6), None, false),
         (2, 30, 70, 50, Some(16), Some(16), true),
+        // Few positions: several examples a cube, the last cube partly empty.
+        (37, 20, 9, 3, Some(8), Some(4), true),
+        (20, 50, 30, 4, None, Some(8), true),
     ];
     for (b, m, o, l, k_in, k_out, bias) in cases {
         let on = |device: &Device| {
