@@ -298,7 +298,9 @@ impl KroneckerProjectionBackend for CubeBackend {
         // shared memory holds.
         let examples = if l <= 4 { (UNITS / k_in.max(k_out)).clamp(1, 16) } else { 1 };
         let examples = examples.min((SHARED_VALUES / (l.max(1) * (k_in + k_out))).max(1));
-        let chunk = (SHARED_VALUES / (examples * (k_in + k_out))).clamp(1, l.max(1));
+        // Not clamped to L: the kernel stops at the last position by itself, and one shader then
+        // serves every sequence length above four (batches of documents vary in length).
+        let chunk = (SHARED_VALUES / (examples * (k_in + k_out))).max(1);
         let len = |t: &CubeTensor| t.meta.shape().num_elements();
         // SAFETY: the kernel reads input[(e·m + i)·l + t] and output_grad[(e·o + i)·l + t] for
         // e < b, i < m (o), t < l; P_in, the bias row and P_out within the sizes checked above, and
@@ -394,24 +396,27 @@ fn side_widths(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSide
     (k_in, sides.p_out.map_or(o, |p| p.dims()[1]))
 }
 
-/// Whether [`kron_project`] takes these tensors: f32 on a cubecl (wgpu) device, and
-/// k_in + k_out ≤ [`MAX_FACTOR_LEN`].
+/// Whether [`kron_project`] takes these tensors: f32 on a cubecl (wgpu) device, k_in + k_out ≤
+/// [`MAX_FACTOR_LEN`], and at least one position (with none the rows are zeros, which the plain
+/// route gives).
 fn kernel_applies(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> bool {
     let (k_in, k_out) = side_widths(input, output_grad, sides);
     let on_cube = format!("{:?}", input.device()).contains("Cube(");
     let all_f32 = [input.dtype(), output_grad.dtype()].iter().all(|d| *d == DType::F32)
         && sides.p_in.is_none_or(|(w, b)| w.dtype() == DType::F32 && b.is_none_or(|b| b.dtype() == DType::F32))
         && sides.p_out.is_none_or(|p| p.dtype() == DType::F32);
-    on_cube && all_f32 && k_in + k_out <= MAX_FACTOR_LEN
+    let positions = input.dims()[2];
+    on_cube && all_f32 && k_in + k_out <= MAX_FACTOR_LEN && positions > 0
 }
 
 /// Which route projects a layer of one shape faster on one device: the fused kernel (`true`) or
-/// burn's three matmuls, keyed by (device, inputs, outputs, positions, k_in, k_out, sides).
+/// burn's three matmuls, keyed by (device, inputs, outputs, positions rounded up to a power of two
+/// (batches of documents vary in length), k_in, k_out, sides).
 type RouteKey = (String, [usize; 5], [bool; 3]);
 static FASTER_ROUTE: std::sync::Mutex<Option<std::collections::HashMap<RouteKey, bool>>> = std::sync::Mutex::new(None);
 
 /// The route [`kron_project_tuned`] chose for each shape it has seen, as (inputs, outputs,
-/// positions, k_in, k_out, fused).
+/// positions rounded up to a power of two, k_in, k_out, fused).
 pub fn tuned_routes() -> Vec<(usize, usize, usize, usize, usize, bool)> {
     let routes = FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut out: Vec<_> =
@@ -425,7 +430,9 @@ pub fn tuned_routes() -> Vec<(usize, usize, usize, usize, usize, bool)> {
 /// runs each route twice and times the second run (the first pays shader compilation and burn's
 /// own matmul autotune), then keeps the faster; later calls take it directly. `None` where the
 /// kernel does not apply (see [`kron_project`]); the caller then takes the plain route itself.
-/// The first call for a shape costs four projections instead of one.
+/// The first call for a shape costs four projections instead of one. `CULPRIT_KRON_PROJECTION`
+/// = `fused` or `matmul` takes that route without timing (tests use it to run each route inside
+/// `cache`); anything else, or unset, times.
 pub fn kron_project_tuned(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> Option<Tensor<2>> {
     if !kernel_applies(input, output_grad, sides) {
         return None;
@@ -435,9 +442,14 @@ pub fn kron_project_tuned(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &Kr
     let (k_in, k_out) = side_widths(input, output_grad, sides);
     let key: RouteKey = (
         format!("{:?}", input.device()),
-        [m, o, l, k_in, k_out],
+        [m, o, l.next_power_of_two(), k_in, k_out],
         [sides.bias, sides.p_in.is_some(), sides.p_out.is_some()],
     );
+    match std::env::var("CULPRIT_KRON_PROJECTION").as_deref() {
+        Ok("fused") => return kron_project(input, output_grad, sides),
+        Ok("matmul") => return Some(reference_kron_project(input, output_grad, sides)),
+        _ => {}
+    }
     let known = FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().and_then(|r| r.get(&key).copied());
     match known {
         Some(true) => kron_project(input, output_grad, sides),

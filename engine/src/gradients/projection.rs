@@ -545,8 +545,6 @@ impl Projector {
     }
 }
 
-/// The projected factors P_inᵀ [a; 1] (`[batch, L, k_in]`) and P_outᵀ δ (`[batch, L, k_out]`);
-/// a layer's projected gradient is the sum over positions of their outer products.
 /// A `kron` layer's rows Σₜ ãₜδ̃ₜᵀ where the factors live on a wgpu device, by culprit-kernels'
 /// fused Kronecker projection or burn's matmuls, whichever ran faster for the layer's shape on
 /// this device (`culprit_kernels::projection::kron_project_tuned`); `None` elsewhere.
@@ -570,6 +568,8 @@ fn kron_rows_on_gpu(
     None
 }
 
+/// The projected factors P_inᵀ [a; 1] (`[batch, L, k_in]`) and P_outᵀ δ (`[batch, L, k_out]`);
+/// a layer's projected gradient is the sum over positions of their outer products.
 fn projected_factors(
     f: &LayerFactors,
     p_in: Option<&(Tensor<2>, Option<Tensor<2>>)>,

@@ -15,12 +15,12 @@ use super::{ScoreResult, Scored, TopK};
 use crate::gradients::projection::{BlockLayout, is_factored};
 use crate::store::GradientStore;
 
-/// The kernel's view of a row laid out as `layout`: one plain block for rows that are gradients
-/// (projected or not), one block per layer for factored rows (plain blocks stay plain).
-pub fn row_blocks(layout: &[BlockLayout]) -> Vec<RowBlock> {
+/// The kernel's view of a row of `row_len` values laid out as `layout`: one plain block for rows
+/// that are gradients (projected or not, or with no layout recorded), one block per layer for
+/// factored rows (plain blocks stay plain).
+pub fn row_blocks(layout: &[BlockLayout], row_len: usize) -> Vec<RowBlock> {
     if !is_factored(layout) {
-        let len = layout.iter().map(|b| b.len).sum();
-        return vec![RowBlock::Plain { row_offset: 0, query_offset: 0, len }];
+        return vec![RowBlock::Plain { row_offset: 0, query_offset: 0, len: row_len }];
     }
     let mut query_offset = 0;
     layout
@@ -36,9 +36,10 @@ pub fn row_blocks(layout: &[BlockLayout]) -> Vec<RowBlock> {
         .collect()
 }
 
-/// The length of a query vector for `layout` (Σ k_in·k_out over factored blocks).
-fn query_len(layout: &[BlockLayout]) -> usize {
-    layout.iter().map(BlockLayout::query_len).sum()
+/// The length of a query vector for rows of `row_len` laid out as `layout`: Σ k_in·k_out over
+/// factored blocks, else the row's length (also where no layout was recorded).
+fn query_len(layout: &[BlockLayout], row_len: usize) -> usize {
+    if is_factored(layout) { layout.iter().map(BlockLayout::query_len).sum() } else { row_len }
 }
 
 /// Whether [`score_on_gpu`] can score `store` for `queries` query vectors and the top `k`: f32
@@ -47,7 +48,7 @@ fn query_len(layout: &[BlockLayout]) -> usize {
 pub fn can_score(store: &GradientStore, queries: usize, k: usize) -> bool {
     use culprit_kernels::scoring::{BLOCK, MAX_UPLOAD_BYTES};
     k <= BLOCK
-        && queries * query_len(&store.manifest.layout) * 4 <= MAX_UPLOAD_BYTES
+        && queries * query_len(&store.manifest.layout, store.row_len()) * 4 <= MAX_UPLOAD_BYTES
         && store.shards.iter().all(|s| s.as_f32().is_some())
         && culprit_models::device::wgpu_adapter().is_some()
 }
@@ -64,8 +65,8 @@ pub fn score_on_gpu(store: &GradientStore, queries: &[Vec<f32>], scale: f64, k: 
     };
     let scoring = TopKScoring::new(&device(kind));
     let (nq, len) = (queries.len(), store.row_len());
-    let layout = row_blocks(&store.manifest.layout);
-    let width = query_len(&store.manifest.layout);
+    let layout = row_blocks(&store.manifest.layout, len);
+    let width = query_len(&store.manifest.layout, len);
     let flat: Vec<f32> = queries.concat();
     assert_eq!(flat.len(), nq * width, "queries live in the store's query space");
     let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
