@@ -60,7 +60,8 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("top-{k} scoring, {n} factored rows {f}×{f}, {q} queries"));
     group.sample_size(10);
     group.throughput(Throughput::Bytes(bytes));
-    group.bench_function("fused kernel", |b| b.iter(|| scoring.top_k_blocks(&rows, 2 * f, &queries, f * f, &layout, k)));
+    group
+        .bench_function("fused kernel", |b| b.iter(|| scoring.top_k_blocks(&rows, 2 * f, &queries, f * f, &layout, k)));
     group.bench_function("plain burn (outer products, matmul, host top-k)", |b| {
         b.iter(|| reference_top_k_blocks(&burn_device, &rows, 2 * f, &queries, f * f, &layout, k))
     });

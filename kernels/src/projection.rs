@@ -271,7 +271,10 @@ impl KroneckerProjectionBackend for CubeBackend {
         let [b2, o, l2] = dims3(&output_grad);
         assert!(b == b2 && l == l2, "inputs and output gradients of different batches or positions");
         assert!(k_in + k_out <= MAX_FACTOR_LEN, "k_in + k_out = {} exceeds {MAX_FACTOR_LEN}", k_in + k_out);
-        assert!(project_in || k_in == m + usize::from(bias), "an identity input side has k_in = inputs (+1 for the bias)");
+        assert!(
+            project_in || k_in == m + usize::from(bias),
+            "an identity input side has k_in = inputs (+1 for the bias)"
+        );
         assert!(project_out || k_out == o, "an identity output side has k_out = outputs");
         let [input, output_grad, p_in, p_bias, p_out] =
             [input, output_grad, p_in, p_bias, p_out].map(|t| into_contiguous(t));
@@ -293,14 +296,7 @@ impl KroneckerProjectionBackend for CubeBackend {
         if b == 0 || cells == 0 {
             return out;
         }
-        // Several examples a cube where one has too few positions to keep its units busy (four
-        // positions make one work item per column of P), then as many positions a chunk as
-        // shared memory holds.
-        let examples = if l <= 4 { (UNITS / k_in.max(k_out)).clamp(1, 16) } else { 1 };
-        let examples = examples.min((SHARED_VALUES / (l.max(1) * (k_in + k_out))).max(1));
-        // Not clamped to L: the kernel stops at the last position by itself, and one shader then
-        // serves every sequence length above four (batches of documents vary in length).
-        let chunk = (SHARED_VALUES / (examples * (k_in + k_out))).max(1);
+        let (examples, chunk) = cube_shape(l, k_in, k_out);
         let len = |t: &CubeTensor| t.meta.shape().num_elements();
         // SAFETY: the kernel reads input[(e·m + i)·l + t] and output_grad[(e·o + i)·l + t] for
         // e < b, i < m (o), t < l; P_in, the bias row and P_out within the sizes checked above, and
@@ -336,6 +332,17 @@ impl KroneckerProjectionBackend for CubeBackend {
     }
 }
 
+/// (examples a cube, positions a chunk) for L positions: several examples a cube where one has
+/// too few positions to keep its units busy (four positions make one work item per column of
+/// P), then as many positions a chunk as shared memory holds. The chunk is not clamped to L: the
+/// kernel stops at the last position by itself, and one shader then serves every sequence length
+/// above four (batches of documents vary in length).
+fn cube_shape(l: usize, k_in: usize, k_out: usize) -> (usize, usize) {
+    let examples = if l <= 4 { (UNITS / k_in.max(k_out)).clamp(1, 16) } else { 1 };
+    let examples = examples.min((SHARED_VALUES / (l.max(1) * (k_in + k_out))).max(1));
+    (examples, (SHARED_VALUES / (examples * (k_in + k_out))).max(1))
+}
+
 fn dims3(t: &CubeTensor) -> [usize; 3] {
     let shape = t.meta.shape();
     assert_eq!(shape.num_dims(), 3, "factors are [batch, features, positions]");
@@ -358,10 +365,7 @@ pub struct KroneckerSides<'a> {
 /// wgpu device (a cubecl one), k_in + k_out ≤ [`MAX_FACTOR_LEN`]. `None` otherwise: the caller
 /// takes the plain route. The tensors lose their autodiff association (values only).
 pub fn kron_project(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> Option<Tensor<2>> {
-    if !kernel_applies(input, output_grad, sides) {
-        return None;
-    }
-    let (k_in, k_out) = side_widths(input, output_grad, sides);
+    let (k_in, k_out) = kernel_widths(input, output_grad, sides)?;
     let plain = |t: &Tensor<2>| t.clone().inner().into_dispatch();
     let placeholder = || input.clone().inner().into_dispatch();
     let (p_in, p_bias) = match sides.p_in {
@@ -388,39 +392,38 @@ pub fn kron_project(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &Kronecke
     Some(Tensor::<2>::from_dispatch(out))
 }
 
-/// (k_in, k_out) of a layer's projected factors.
-fn side_widths(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> (usize, usize) {
-    let [_, m, _] = input.dims();
+/// (k_in, k_out) of the layer's projected factors where [`kron_project`] takes these tensors: f32
+/// on a cubecl (wgpu) device, k_in + k_out ≤ [`MAX_FACTOR_LEN`], and at least one position (with
+/// none the rows are zeros, which the plain route gives); `None` otherwise.
+fn kernel_widths(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> Option<(usize, usize)> {
+    let [_, m, positions] = input.dims();
     let [_, o, _] = output_grad.dims();
     let k_in = sides.p_in.map_or(m + usize::from(sides.bias), |(w, _)| w.dims()[1]);
-    (k_in, sides.p_out.map_or(o, |p| p.dims()[1]))
-}
-
-/// Whether [`kron_project`] takes these tensors: f32 on a cubecl (wgpu) device, k_in + k_out ≤
-/// [`MAX_FACTOR_LEN`], and at least one position (with none the rows are zeros, which the plain
-/// route gives).
-fn kernel_applies(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> bool {
-    let (k_in, k_out) = side_widths(input, output_grad, sides);
+    let k_out = sides.p_out.map_or(o, |p| p.dims()[1]);
     let on_cube = format!("{:?}", input.device()).contains("Cube(");
     let all_f32 = [input.dtype(), output_grad.dtype()].iter().all(|d| *d == DType::F32)
         && sides.p_in.is_none_or(|(w, b)| w.dtype() == DType::F32 && b.is_none_or(|b| b.dtype() == DType::F32))
         && sides.p_out.is_none_or(|p| p.dtype() == DType::F32);
-    let positions = input.dims()[2];
-    on_cube && all_f32 && k_in + k_out <= MAX_FACTOR_LEN && positions > 0
+    (on_cube && all_f32 && k_in + k_out <= MAX_FACTOR_LEN && positions > 0).then_some((k_in, k_out))
 }
 
 /// Which route projects a layer of one shape faster on one device: the fused kernel (`true`) or
 /// burn's three matmuls, keyed by (device, inputs, outputs, positions rounded up to a power of two
 /// (batches of documents vary in length), k_in, k_out, sides).
 type RouteKey = (String, [usize; 5], [bool; 3]);
-static FASTER_ROUTE: std::sync::Mutex<Option<std::collections::HashMap<RouteKey, bool>>> = std::sync::Mutex::new(None);
+static FASTER_ROUTE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<RouteKey, bool>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The routes chosen so far (a poisoned lock still holds valid choices).
+fn faster_route() -> std::sync::MutexGuard<'static, std::collections::HashMap<RouteKey, bool>> {
+    FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The route [`kron_project_tuned`] chose for each shape it has seen, as (inputs, outputs,
 /// positions rounded up to a power of two, k_in, k_out, fused).
 pub fn tuned_routes() -> Vec<(usize, usize, usize, usize, usize, bool)> {
-    let routes = FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut out: Vec<_> =
-        routes.iter().flatten().map(|((_, [m, o, l, ki, ko], _), fused)| (*m, *o, *l, *ki, *ko, *fused)).collect();
+        faster_route().iter().map(|((_, [m, o, l, ki, ko], _), fused)| (*m, *o, *l, *ki, *ko, *fused)).collect();
     out.sort_unstable();
     out
 }
@@ -434,12 +437,9 @@ pub fn tuned_routes() -> Vec<(usize, usize, usize, usize, usize, bool)> {
 /// = `fused` or `matmul` takes that route without timing (tests use it to run each route inside
 /// `cache`); anything else, or unset, times.
 pub fn kron_project_tuned(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &KroneckerSides) -> Option<Tensor<2>> {
-    if !kernel_applies(input, output_grad, sides) {
-        return None;
-    }
+    let (k_in, k_out) = kernel_widths(input, output_grad, sides)?;
     let [_, m, l] = input.dims();
     let [_, o, _] = output_grad.dims();
-    let (k_in, k_out) = side_widths(input, output_grad, sides);
     let key: RouteKey = (
         format!("{:?}", input.device()),
         [m, o, l.next_power_of_two(), k_in, k_out],
@@ -450,10 +450,10 @@ pub fn kron_project_tuned(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &Kr
         Ok("matmul") => return Some(reference_kron_project(input, output_grad, sides)),
         _ => {}
     }
-    let known = FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().and_then(|r| r.get(&key).copied());
+    let known = faster_route().get(&key).copied();
     match known {
         Some(true) => kron_project(input, output_grad, sides),
-        Some(false) => kernel_applies(input, output_grad, sides).then(|| reference_kron_project(input, output_grad, sides)),
+        Some(false) => Some(reference_kron_project(input, output_grad, sides)),
         None => {
             // Timed between device syncs (burn's `into_data` reads lazily: it does not wait).
             let device = input.device();
@@ -471,7 +471,7 @@ pub fn kron_project_tuned(input: &Tensor<3>, output_grad: &Tensor<3>, sides: &Kr
             timed(&plain);
             let (plain_time, plain_out) = timed(&plain);
             let take_fused = fused_time < plain_time;
-            FASTER_ROUTE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_default().insert(key, take_fused);
+            faster_route().insert(key, take_fused);
             Some(if take_fused { fused_out } else { plain_out })
         }
     }

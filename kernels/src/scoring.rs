@@ -199,6 +199,11 @@ pub enum RowBlock {
 }
 
 impl RowBlock {
+    /// The whole of a row of `len` values against the whole of a query of the same length.
+    pub fn whole(len: usize) -> Self {
+        Self::Plain { row_offset: 0, query_offset: 0, len }
+    }
+
     /// The kernel's table entry: (row offset, query offset, a, b, factored).
     fn entry(self) -> [u32; 5] {
         let small = |v: usize| u32::try_from(v).expect("offsets and lengths below 2³²");
@@ -255,7 +260,7 @@ impl TopKScoring {
     /// `queries` (q × d). k ≤ [`BLOCK`]; q·d·4 bytes ≤ [`MAX_UPLOAD_BYTES`] (rows of any number
     /// upload in chunks of at most that size).
     pub fn top_k(&self, rows: &[f32], queries: &[f32], d: usize, k: usize) -> TopK {
-        self.top_k_blocks(rows, d, queries, d, &[RowBlock::Plain { row_offset: 0, query_offset: 0, len: d }], k)
+        self.top_k_blocks(rows, d, queries, d, &[RowBlock::whole(d)], k)
     }
 
     /// [`TopKScoring::top_k`] for rows of length `row_len` and queries of length `query_len` laid
@@ -276,7 +281,10 @@ impl TopKScoring {
         assert!((1..=BLOCK).contains(&k), "k must be in 1..={BLOCK}");
         for block in layout {
             let (r, q) = block.spans();
-            assert!(r.end <= row_len && q.end <= query_len, "{block:?} lies outside a row of {row_len} or a query of {query_len}");
+            assert!(
+                r.end <= row_len && q.end <= query_len,
+                "{block:?} lies outside a row of {row_len} or a query of {query_len}"
+            );
         }
         let (n, q) = (rows.len() / d, queries.len() / query_len);
         let mut out = TopK { largest: vec![Vec::new(); q], smallest: vec![Vec::new(); q] };
@@ -372,7 +380,7 @@ fn keep_best(list: &mut Vec<(usize, f32)>, k: usize, largest: bool) {
 /// The plain-burn reference: S = Q Gᵀ by burn's matmul on the same device, the top k of each row
 /// of S selected on the host. Writes the whole q × n matrix: for tests and benches only.
 pub fn reference_top_k(device: &burn::tensor::Device, rows: &[f32], queries: &[f32], d: usize, k: usize) -> TopK {
-    reference_top_k_blocks(device, rows, d, queries, d, &[RowBlock::Plain { row_offset: 0, query_offset: 0, len: d }], k)
+    reference_top_k_blocks(device, rows, d, queries, d, &[RowBlock::whole(d)], k)
 }
 
 /// The plain-burn reference of [`TopKScoring::top_k_blocks`]: every factored block expanded to

@@ -424,27 +424,34 @@ fn the_fused_top_k_scoring_kernel_equals_its_plain_burn_reference() {
     if gpu().is_none() {
         return;
     }
-    let kind = match std::env::var("CULPRIT_TEST_GPU_DEVICE").as_deref().unwrap_or("cpu") {
-        "cpu" => Some(culprit_kernels::scoring::WgpuDeviceKind::Cpu),
-        _ => None,
-    };
     let (n, d, q) = (1000, 37, 3);
     // Deterministic, tie-free values.
     let rows: Vec<f32> = (0..n * d).map(|i| ((i as f32) * 0.618_034).sin() + 1e-4 * (i % 97) as f32).collect();
     let queries: Vec<f32> = (0..q * d).map(|i| ((i as f32) * 0.377).cos()).collect();
-    let mut scoring = TopKScoring::new(&device(kind));
+    let mut scoring = TopKScoring::new(&device(kernel_device_kind()));
     for (chunk, k) in [(1 << 16, 10), (300, 10), (256, 1), (4096, 64)] {
         scoring.chunk_rows = chunk;
         let got = scoring.top_k(&rows, &queries, d, k);
         let want = reference_top_k(&Device::flex(), &rows, &queries, d, k);
-        for (g, w) in got.largest.iter().chain(&got.smallest).zip(want.largest.iter().chain(&want.smallest)) {
-            assert_eq!(g.len(), k);
-            let rows_of = |l: &[(usize, f32)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
-            assert_eq!(rows_of(g), rows_of(w), "chunk {chunk}, k {k}");
-            let scale = w.iter().fold(0.0f32, |m, x| m.max(x.1.abs()));
-            for (a, b) in g.iter().zip(w) {
-                assert!((a.1 - b.1).abs() <= 1e-5 * scale, "row {}: {} vs {}", a.0, a.1, b.1);
-            }
+        assert_same_top_lists(&got, &want, k, &format!("chunk {chunk}, k {k}"));
+    }
+}
+
+/// The kernel's top lists against the reference's: k entries each, the same rows in the same
+/// order, scores within 1e-5 of the largest listed.
+fn assert_same_top_lists(
+    got: &culprit_kernels::scoring::TopK,
+    want: &culprit_kernels::scoring::TopK,
+    k: usize,
+    context: &str,
+) {
+    for (g, w) in got.largest.iter().chain(&got.smallest).zip(want.largest.iter().chain(&want.smallest)) {
+        assert_eq!(g.len(), k, "{context}");
+        let rows_of = |l: &[(usize, f32)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(rows_of(g), rows_of(w), "{context}");
+        let scale = w.iter().fold(0.0f32, |m, x| m.max(x.1.abs()));
+        for (a, b) in g.iter().zip(w) {
+            assert!((a.1 - b.1).abs() <= 1e-5 * scale, "{context}, row {}: {} vs {}", a.0, a.1, b.1);
         }
     }
 }
@@ -482,15 +489,7 @@ fn the_fused_kernel_scores_factored_rows_as_their_expanded_outer_products() {
         scoring.chunk_rows = chunk;
         let got = scoring.top_k_blocks(&rows, row_len, &queries, query_len, &layout, k);
         let want = reference_top_k_blocks(&Device::flex(), &rows, row_len, &queries, query_len, &layout, k);
-        for (g, w) in got.largest.iter().chain(&got.smallest).zip(want.largest.iter().chain(&want.smallest)) {
-            assert_eq!(g.len(), k);
-            let rows_of = |l: &[(usize, f32)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
-            assert_eq!(rows_of(g), rows_of(w), "chunk {chunk}, k {k}");
-            let scale = w.iter().fold(0.0f32, |m, x| m.max(x.1.abs()));
-            for (a, b) in g.iter().zip(w) {
-                assert!((a.1 - b.1).abs() <= 1e-5 * scale, "row {}: {} vs {}", a.0, a.1, b.1);
-            }
-        }
+        assert_same_top_lists(&got, &want, k, &format!("chunk {chunk}, k {k}"));
     }
 }
 

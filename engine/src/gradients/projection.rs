@@ -14,8 +14,9 @@
 //!   positions of such products). P_in, P_out are independent N(0, 1/k) matrices, so
 //!   E[(P_in ⊗ P_out)(P_in ⊗ P_out)ᵀ] = I. A side whose k is at least its dimension is left
 //!   exact (identity). Row of Σ_layers k_in·k_out. Cost: B·(in·k_in + out·k_out + k_in·k_out)·L.
-//!   Memory for P: Σ_layers (in·k_in + out·k_out). On a wgpu device one fused kernel of
-//!   culprit-kernels (`projection`) computes a layer's rows without writing the projected factors.
+//!   Memory for P: Σ_layers (in·k_in + out·k_out). On a wgpu device a layer's rows come from
+//!   culprit-kernels' fused kernel (`projection`, no projected factors written) or from these
+//!   matmuls, whichever ran faster for the layer's shape.
 //! - `factors:KINxKOUT` (or `factors`, exact factors): the same Kronecker projection, but the row
 //!   keeps the two projected factors [P_inᵀaᵢ; P_outᵀδᵢ] (k_in + k_out values per layer) instead
 //!   of their k_in·k_out outer product, so the store shrinks by k_in·k_out/(k_in + k_out) (16× at

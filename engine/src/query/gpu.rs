@@ -20,7 +20,7 @@ use crate::store::GradientStore;
 /// factored rows (plain blocks stay plain).
 pub fn row_blocks(layout: &[BlockLayout], row_len: usize) -> Vec<RowBlock> {
     if !is_factored(layout) {
-        return vec![RowBlock::Plain { row_offset: 0, query_offset: 0, len: row_len }];
+        return vec![RowBlock::whole(row_len)];
     }
     let mut query_offset = 0;
     layout
