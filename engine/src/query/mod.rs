@@ -24,13 +24,14 @@
 //! queries with the AVX-512 kernels, and at 100%, 97% and 70% with the AVX2 ones (`benches/`,
 //! group `scoring`, 2 GiB store); from about 8 queries the multiply-adds bound it (16 queries:
 //! 40%). Rows are prefetched a few rows ahead, since each row is its own stream for the
-//! hardware prefetcher. `factors` stores are scored per layer as ãᵀQδ̃
-//! ([`kernel::factored_dots`]).
+//! hardware prefetcher; [`kernel`] has the loop order and its measurements on an Intel Xeon.
+//! `factors` stores are scored per layer as ãᵀQδ̃ ([`kernel::factored_dots`]).
 
 pub mod attribute;
 pub mod ensemble;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod kernel;
 pub mod per_token;
 
 use std::cmp::Ordering;
@@ -122,6 +123,41 @@ impl TopK {
         if self.smallest.len() == self.k {
             self.enter_smallest = self.smallest.peek().expect("full").0.score;
         }
+    }
+
+    /// Offers the products `⟨query, row⟩` of rows `first`, `first + 1`, …, each scored as
+    /// product · `weight`. Most products enter neither end, and are turned away by two f32
+    /// comparisons against the entry bounds mapped back to products (the interval shrunk by one
+    /// f32 step at each end, so no product that could enter is turned away; a NaN is offered,
+    /// as by [`Self::push`]). The bounds are mapped again after each entry.
+    fn offer_products(&mut self, products: impl Iterator<Item = f32>, first: usize, weight: f64) {
+        if self.k == 0 {
+            return;
+        }
+        let mut inside = self.products_inside(weight);
+        for (i, v) in products.enumerate() {
+            if !inside.is_some_and(|(low, high)| v > low && v < high) {
+                let score = f64::from(v) * weight;
+                if self.may_enter(score) {
+                    self.push(Scored { row: first + i, score });
+                    inside = self.products_inside(weight);
+                }
+            }
+        }
+    }
+
+    /// Products strictly inside `(low, high)` score strictly between the entry bounds for
+    /// `weight` (so enter neither end); `None` when no such interval is known (a zero weight).
+    fn products_inside(&self, weight: f64) -> Option<(f32, f32)> {
+        let (a, b) = (self.enter_smallest / weight, self.enter_largest / weight);
+        let (low, high) = match weight {
+            w if w > 0.0 => (a, b),
+            w if w < 0.0 => (b, a),
+            _ => return None,
+        };
+        // Shrunk by one f32 step, beyond the rounding of the conversion; ±∞ stay (nothing is
+        // inside while an end still has room).
+        Some(((low as f32).next_up(), (high as f32).next_down()))
     }
 
     /// Adds another worker's (disjoint) rows. A row may sit in both of `other`'s heaps (when it
@@ -298,8 +334,15 @@ pub fn score_store_part(
     // end), and, for `keep_all`, the blocks' scores.
     type Partial = (Vec<TopK>, Vec<(usize, Vec<f32>)>);
     let fresh = || -> Partial { ((0..nq).map(|_| TopK::new(k)).collect(), Vec::new()) };
-    let (merged, blocks): Partial = work_items(store, part)
+    let items = work_items(store, part);
+    // A fresh set of top lists fills anew (about k·(1 + ln(rows/k)) entries a query, each
+    // O(log k)), so each worker's lists should see many blocks: at most 4 runs of consecutive
+    // blocks a thread. With one set a block (rayon's split of 128 blocks), the lists took 6% of
+    // the workers' time at 8 queries, top-100; with one a 16 blocks, 4%.
+    let min_blocks = items.len() / (4 * rayon::current_num_threads()).max(1);
+    let (merged, blocks): Partial = items
         .par_iter()
+        .with_min_len(min_blocks.max(1))
         .fold(fresh, |(mut tops, mut kept), &(s, start, rows)| {
             let shard = &store.shards[s];
             let first = shard.header.first_row + start;
@@ -314,16 +357,7 @@ pub fn score_store_part(
                 }
             };
             let out = packed.dots(block, rows, &store.manifest.layout);
-            for (i, row) in out.chunks_exact(nq).enumerate() {
-                let w = weight(first + i);
-                for (top, v) in tops.iter_mut().zip(row) {
-                    let score = f64::from(*v) * w;
-                    // Most scores enter neither end: one comparison pair, no call.
-                    if top.may_enter(score) {
-                        top.push(Scored { row: first + i, score });
-                    }
-                }
-            }
+            offer_block(&mut tops, &out, nq, first, scale, row_weights);
             if keep_all {
                 let mut scores = vec![0.0f32; rows * nq];
                 for (i, row) in out.chunks_exact(nq).enumerate() {
@@ -344,6 +378,31 @@ pub fn score_store_part(
     let all = keep_all.then(|| columns(blocks, n, nq));
     let (largest, smallest) = merged.into_iter().map(TopK::finish).unzip();
     ScoreResult { largest, smallest, all, rows: n, bytes: n * len * store.manifest.dtype.size() }
+}
+
+/// Offers a block's products (`rows × nq`, row-major; row i is store row `first + i`) to the
+/// queries' top lists, scored as product · `scale` (· `row_weights[row]` when given).
+fn offer_block(tops: &mut [TopK], out: &[f32], nq: usize, first: usize, scale: f64, row_weights: Option<&[f64]>) {
+    match row_weights {
+        // One weight for every row: each query's products against its bounds in f32.
+        None => {
+            for (j, top) in tops.iter_mut().enumerate() {
+                top.offer_products(out.iter().skip(j).step_by(nq).copied(), first, scale);
+            }
+        }
+        Some(weights) => {
+            for (i, row) in out.chunks_exact(nq).enumerate() {
+                let w = scale * weights[first + i];
+                for (top, v) in tops.iter_mut().zip(row) {
+                    let score = f64::from(*v) * w;
+                    // Most scores enter neither end: one comparison pair, no call.
+                    if top.may_enter(score) {
+                        top.push(Scored { row: first + i, score });
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The queries laid out for the kernels.
@@ -417,393 +476,45 @@ fn columns(blocks: Vec<(usize, Vec<f32>)>, n: usize, nq: usize) -> Vec<Vec<f32>>
     all
 }
 
-/// The inner products of a block of rows with the queries: `rows × nq`, row-major.
-///
-/// Hand-written kernels read every row once for all the queries, from cache-resident sub-blocks
-/// of rows, with fused multiply-adds, which keeps the pass close to memory bandwidth. The
-/// queries are split into groups of 8, 4, 2 and 1 (greedily: 11 queries are 8 + 2 + 1), so no
-/// multiply-add is spent on padding; each group is one register-blocked pass over the
-/// sub-block: R rows × Q queries of accumulators a step, every query chunk loaded once for R
-/// rows. On CPUs with AVX-512F (32 registers of 16 lanes) Q × R is 8×3, 4×5, 2×8 or 1×8; on
-/// CPUs with AVX2 and FMA only (16 registers of 8 lanes), 4×2 (a group of 8 is two such
-/// passes), 2×4 or 1×6. Elsewhere faer's matrix product does the same work. The path is chosen
-/// at run time ([`Path::chosen`]); `CULPRIT_SCORING_KERNEL=avx512|avx2|portable` forces one
-/// the CPU supports (for benchmarks).
-///
-/// Cost: rows · len · nq multiply-adds and one read of the rows from memory. Up to a few queries
-/// the pass is bound by memory bandwidth; beyond that by the multiply-adds (each query costs one
-/// per element read: 8 queries need 2 multiply-adds per byte). f32 accumulation in lanes,
-/// tolerance about 1e-6 · len relative.
-pub mod kernel {
-    use faer::{Mat, MatRef, Par};
-
-    use crate::simd::InstructionSet;
-
-    /// Rows per cache-resident sub-block of the hand-written paths.
-    const SUB_ROWS: usize = 48;
-
-    /// A scoring path.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Path {
-        /// AVX-512F, 16 lanes.
-        Avx512,
-        /// AVX2 with FMA, 8 lanes.
-        Avx2,
-        /// faer's matrix product.
-        Portable,
-    }
-
-    impl Path {
-        /// The fastest path this CPU supports, or the one `CULPRIT_SCORING_KERNEL` (else
-        /// `CULPRIT_KERNEL`, [`crate::simd`]) names when the CPU supports it; decided once.
-        pub fn chosen() -> Self {
-            static CHOSEN: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-            *CHOSEN.get_or_init(|| {
-                let supported = Self::supported();
-                let named = |variable: &str| std::env::var(variable).ok().and_then(|v| InstructionSet::named(&v));
-                let forced = named("CULPRIT_SCORING_KERNEL").or_else(|| named(crate::simd::KERNEL_VARIABLE)).map(
-                    |set| match set {
-                        InstructionSet::Avx512 => Self::Avx512,
-                        InstructionSet::Avx2 => Self::Avx2,
-                        InstructionSet::Portable => Self::Portable,
-                    },
-                );
-                forced.filter(|p| supported.contains(p)).unwrap_or(supported[0])
-            })
-        }
-
-        /// The paths this CPU supports, fastest first (the portable one always).
-        pub fn supported() -> Vec<Self> {
-            let mut out = Vec::new();
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    out.push(Self::Avx512);
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    out.push(Self::Avx2);
-                }
-            }
-            out.push(Self::Portable);
-            out
-        }
-
-        /// The widest query group of this path's kernels.
-        fn widest_group(self) -> usize {
-            match self {
-                Self::Avx512 => 8,
-                _ => 4,
-            }
-        }
-    }
-
-    /// The query groups `(first query, width)` of `nq` queries: widths of 8 (at most `widest`),
-    /// 4, 2 and 1, greedily.
-    pub fn groups(nq: usize, widest: usize) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        let mut first = 0;
-        while first < nq {
-            let width = [8, 4, 2, 1].into_iter().find(|&w| w <= widest && w <= nq - first).expect("1 fits");
-            out.push((first, width));
-            first += width;
-        }
-        out
-    }
-
-    /// `rows × nq` inner products; `q` is `len × nq` (column per query), `packed` the queries
-    /// query-major (`nq · len`); by [`Path::chosen`].
-    pub fn dots(block: &[f32], rows: usize, len: usize, q: &Mat<f32>, packed: &[f32], nq: usize) -> Vec<f32> {
-        dots_with(Path::chosen(), block, rows, len, q, packed, nq)
-    }
-
-    /// [`dots`] by `path`, which the CPU must support ([`Path::supported`]).
-    pub fn dots_with(
-        path: Path,
-        block: &[f32],
-        rows: usize,
-        len: usize,
-        q: &Mat<f32>,
-        packed: &[f32],
-        nq: usize,
-    ) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if path != Path::Portable {
-            assert!(Path::supported().contains(&path), "the CPU lacks the {path:?} scoring path");
-            assert!(packed.len() >= nq * len, "one packed query of the row length per query");
-            let mut out = vec![0.0f32; rows * nq];
-            let mut group_out = vec![0.0f32; SUB_ROWS * 8];
-            let groups = groups(nq, path.widest_group());
-            // Sub-blocks small enough to stay in cache while every group of queries passes over
-            // them, so rows come from memory once however many queries there are.
-            for sub in (0..rows).step_by(SUB_ROWS) {
-                let n = SUB_ROWS.min(rows - sub);
-                let rows_here = &block[sub * len..(sub + n) * len];
-                for &(first, width) in &groups {
-                    let queries = &packed[first * len..(first + width) * len];
-                    group_out[..n * width].fill(0.0);
-                    // The rows in spans of columns whose slice of the group's queries stays in
-                    // the first-level cache (16 KiB): a group of 8 queries of 2048 values is
-                    // 64 KiB, more than that cache, and would be read from the next one.
-                    let span = (4096 / width).max(16);
-                    for start in (0..len).step_by(span) {
-                        let span = (start, (start + span).min(len));
-                        // SAFETY: the CPU has the path's features (checked above); the slices are
-                        // sized as the kernels need (each asserts it).
-                        unsafe {
-                            match (path, width) {
-                                (Path::Avx512, 8) => {
-                                    group_avx512::<8, 3>(rows_here, n, len, queries, span, &mut group_out)
-                                }
-                                (Path::Avx512, 4) => {
-                                    group_avx512::<4, 5>(rows_here, n, len, queries, span, &mut group_out)
-                                }
-                                (Path::Avx512, 2) => {
-                                    group_avx512::<2, 8>(rows_here, n, len, queries, span, &mut group_out)
-                                }
-                                (Path::Avx512, _) => {
-                                    group_avx512::<1, 8>(rows_here, n, len, queries, span, &mut group_out)
-                                }
-                                (_, 4) => group_avx2::<4, 2>(rows_here, n, len, queries, span, &mut group_out),
-                                (_, 2) => group_avx2::<2, 4>(rows_here, n, len, queries, span, &mut group_out),
-                                (_, _) => group_avx2::<1, 6>(rows_here, n, len, queries, span, &mut group_out),
-                            }
-                        };
-                    }
-                    for i in 0..n {
-                        out[(sub + i) * nq + first..(sub + i) * nq + first + width]
-                            .copy_from_slice(&group_out[i * width..(i + 1) * width]);
-                    }
-                }
-            }
-            return out;
-        }
-        dots_faer(block, rows, len, q)
-    }
-
-    /// Scores of factored rows (`factors` stores): per layer, with Ã the rows' input factors
-    /// (rows × k_in) and Δ̃ their output factors (rows × k_out), score(r, q) = Σ_l (Ã Q_l)_{r,q} · Δ̃_r,
-    /// i.e. ãᵀ Q δ̃ = ⟨Q, ã ⊗ δ̃⟩ without forming the outer product. `query_blocks[l]` holds the
-    /// queries' blocks of layer l side by side (k_in × k_out·nq). Cost: rows·k_in·k_out·nq
-    /// multiply-adds per layer (one faer product) plus rows·k_out·nq.
-    pub fn factored_dots(
-        block: &[f32],
-        rows: usize,
-        len: usize,
-        layout: &[crate::gradients::projection::BlockLayout],
-        query_blocks: &[Mat<f32>],
-        nq: usize,
-    ) -> Vec<f32> {
-        // Query-major partial scores; each inner loop runs over contiguous rows.
-        let mut by_query = vec![0.0f32; nq * rows];
-        let mut d_t = Vec::new();
-        for (b, qm) in layout.iter().zip(query_blocks) {
-            let (ki, ko) = b.kron.expect("factored blocks are Kronecker blocks");
-            let a = MatRef::from_row_major_slice_with_stride(&block[b.offset..], rows, ki, len);
-            let mut t = Mat::<f32>::zeros(rows, ko * nq);
-            faer::linalg::matmul::matmul(t.as_mut(), faer::Accum::Replace, a, qm.as_ref(), 1.0f32, Par::Seq);
-            // The rows' output factors transposed: k_out × rows.
-            d_t.clear();
-            d_t.resize(ko * rows, 0.0);
-            for r in 0..rows {
-                for o in 0..ko {
-                    d_t[o * rows + r] = block[r * len + b.offset + ki + o];
-                }
-            }
-            for j in 0..nq {
-                let s = &mut by_query[j * rows..(j + 1) * rows];
-                for o in 0..ko {
-                    let column = t.col_as_slice(j * ko + o);
-                    let d = &d_t[o * rows..(o + 1) * rows];
-                    for ((s, c), d) in s.iter_mut().zip(column).zip(d) {
-                        *s += c * d;
-                    }
-                }
-            }
-        }
-        let mut out = vec![0.0f32; rows * nq];
-        for j in 0..nq {
-            for r in 0..rows {
-                out[r * nq + j] = by_query[j * rows + r];
-            }
-        }
-        out
-    }
-
-    /// The portable path: one faer matrix product.
-    pub fn dots_faer(block: &[f32], rows: usize, len: usize, q: &Mat<f32>) -> Vec<f32> {
-        let nq = q.ncols();
-        let r = MatRef::from_row_major_slice(block, rows, len);
-        let mut out = Mat::<f32>::zeros(rows, nq);
-        faer::linalg::matmul::matmul(out.as_mut(), faer::Accum::Replace, r, q.as_ref(), 1.0f32, Par::Seq);
-        (0..rows * nq).map(|k| out[(k / nq, k % nq)]).collect()
-    }
-
-    /// `out[i·Q + j] += ⟨row i, query j⟩` over the columns `span` of the rows (and of the Q
-    /// queries stored query-major in `queries`), with AVX-512F: R rows × Q queries of 16-lane accumulators a step (Q·R + R + 1 of the 32
-    /// registers), the next R rows prefetched while these are computed.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F. (The slices' sizes are asserted.)
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn group_avx512<const Q: usize, const R: usize>(
-        block: &[f32],
-        rows: usize,
-        len: usize,
-        queries: &[f32],
-        span: (usize, usize),
-        out: &mut [f32],
-    ) {
-        use std::arch::x86_64::*;
-        assert!(block.len() >= rows * len && queries.len() >= Q * len && out.len() >= rows * Q);
-        assert!(span.0 <= span.1 && span.1 <= len, "a span within the rows");
-        let (first, chunks) = (span.0, (span.1 - span.0) / 16);
-        let tail = |row: &[f32], j: usize| -> f32 {
-            (first + chunks * 16..span.1).map(|k| row[k] * queries[j * len + k]).sum()
-        };
-        let q = queries.as_ptr();
-        let mut r = 0;
-        // SAFETY: every pointer offset stays inside the slices checked by the assert above.
-        unsafe {
-            while r < rows {
-                let here = R.min(rows - r);
-                let base = block.as_ptr().add(r * len);
-                let p: [*const f32; R] = std::array::from_fn(|k| base.add(k.min(here - 1) * len));
-                // The next R rows, fetched into cache while these are computed: rows are separate
-                // 4·len-byte streams, and hardware prefetchers ramp up on each anew. Prefetching
-                // past the block's end is harmless (a hint; the address is never dereferenced).
-                let next = base.wrapping_add(R * len) as *const i8;
-                let mut acc = [[_mm512_setzero_ps(); Q]; R];
-                for c in 0..chunks {
-                    for k in 0..R {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + first + c * 16)));
-                    }
-                    let x: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(p[k].add(first + c * 16)));
-                    for j in 0..Q {
-                        let y = _mm512_loadu_ps(q.add(j * len + first + c * 16));
-                        for k in 0..R {
-                            acc[k][j] = _mm512_fmadd_ps(x[k], y, acc[k][j]);
-                        }
-                    }
-                }
-                for k in 0..here {
-                    let row = &block[(r + k) * len..(r + k + 1) * len];
-                    for j in 0..Q {
-                        out[(r + k) * Q + j] += _mm512_reduce_add_ps(acc[k][j]) + tail(row, j);
-                    }
-                }
-                r += here;
-            }
-        }
-    }
-
-    /// `out[i·Q + j] += ⟨row i, query j⟩` over the columns `span` of the rows (and of the Q
-    /// queries stored query-major in `queries`), with AVX2 and FMA: R rows × Q queries of 8-lane accumulators a step (Q·R + R + 1 of the 16
-    /// registers), the next R rows prefetched while these are computed.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA. (The slices' sizes are asserted.)
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn group_avx2<const Q: usize, const R: usize>(
-        block: &[f32],
-        rows: usize,
-        len: usize,
-        queries: &[f32],
-        span: (usize, usize),
-        out: &mut [f32],
-    ) {
-        use std::arch::x86_64::*;
-        assert!(block.len() >= rows * len && queries.len() >= Q * len && out.len() >= rows * Q);
-        assert!(span.0 <= span.1 && span.1 <= len, "a span within the rows");
-        let (first, chunks) = (span.0, (span.1 - span.0) / 8);
-        let tail = |row: &[f32], j: usize| -> f32 {
-            (first + chunks * 8..span.1).map(|k| row[k] * queries[j * len + k]).sum()
-        };
-        /// The sum of a register's 8 lanes.
-        #[target_feature(enable = "avx2,fma")]
-        fn sum8(v: __m256) -> f32 {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-        }
-        let q = queries.as_ptr();
-        let mut r = 0;
-        // SAFETY: every pointer offset stays inside the slices checked by the assert above.
-        unsafe {
-            while r < rows {
-                let here = R.min(rows - r);
-                let base = block.as_ptr().add(r * len);
-                let p: [*const f32; R] = std::array::from_fn(|k| base.add(k.min(here - 1) * len));
-                // The next rows, fetched while these are computed (a hint past the end is harmless).
-                let next = base.wrapping_add(R * len) as *const i8;
-                let mut acc = [[_mm256_setzero_ps(); Q]; R];
-                for c in 0..chunks {
-                    for k in 0..R {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(4 * (k * len + first + c * 8)));
-                    }
-                    let x: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(p[k].add(first + c * 8)));
-                    for j in 0..Q {
-                        let y = _mm256_loadu_ps(q.add(j * len + first + c * 8));
-                        for k in 0..R {
-                            acc[k][j] = _mm256_fmadd_ps(x[k], y, acc[k][j]);
-                        }
-                    }
-                }
-                for k in 0..here {
-                    let row = &block[(r + k) * len..(r + k + 1) * len];
-                    for j in 0..Q {
-                        out[(r + k) * Q + j] += sum8(acc[k][j]) + tail(row, j);
-                    }
-                }
-                r += here;
-            }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        /// Every path this CPU supports against an f64 reference, with odd sizes (tails, an odd
-        /// row count).
-        #[test]
-        fn kernels_match_a_plain_dot_product() {
-            for (rows, len, nq) in [(7, 37, 11), (101, 300, 16), (50, 8, 3), (61, 77, 15), (9, 16, 1), (3, 50, 2)] {
-                kernels_match_at(rows, len, nq);
-            }
-        }
-
-        fn kernels_match_at(rows: usize, len: usize, nq: usize) {
-            let block: Vec<f32> = (0..rows * len).map(|k| ((k * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-            let queries: Vec<Vec<f32>> =
-                (0..nq).map(|j| (0..len).map(|k| ((j * 31 + k * 17) % 43) as f32 / 21.0 - 1.0).collect()).collect();
-            let q = Mat::<f32>::from_fn(len, nq, |i, j| queries[j][i]);
-            let mut packed = vec![0.0f32; nq * len];
-            for (j, query) in queries.iter().enumerate() {
-                packed[j * len..(j + 1) * len].copy_from_slice(query);
-            }
-            let reference: Vec<f64> = (0..rows * nq)
-                .map(|k| {
-                    let (i, j) = (k / nq, k % nq);
-                    (0..len).map(|t| f64::from(block[i * len + t]) * f64::from(queries[j][t])).sum()
-                })
-                .collect();
-            let paths = Path::supported();
-            eprintln!("scoring paths on this CPU: {paths:?}");
-            for path in paths {
-                let got = dots_with(path, &block, rows, len, &q, &packed, nq);
-                for (g, w) in got.iter().zip(&reference) {
-                    assert!((f64::from(*g) - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod top_k_tests {
     use super::{Scored, TopK};
+
+    /// Products offered with their f32 prefilter keep the same lists as every score pushed, for
+    /// positive, negative and zero weights, ties and values one f32 step apart.
+    #[test]
+    fn offered_products_keep_the_lists_of_every_score_pushed() {
+        let mut state = 12345u64;
+        let products: Vec<f32> = (0..5000)
+            .map(|i| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0;
+                // Ties and neighbours one step apart.
+                if i % 7 == 0 {
+                    (v * 8.0).round() / 8.0
+                } else if i % 11 == 0 {
+                    v.next_up()
+                } else {
+                    v
+                }
+            })
+            .collect();
+        for weight in [1.0, 3.7e-4, -2.5, 0.0] {
+            for k in [0, 1, 10, 100] {
+                let mut pushed = TopK::new(k);
+                for (row, v) in products.iter().enumerate() {
+                    pushed.push(Scored { row: 100 + row, score: f64::from(*v) * weight });
+                }
+                let mut offered = TopK::new(k);
+                offered.offer_products(products[..2500].iter().copied(), 100, weight);
+                offered.offer_products(products[2500..].iter().copied(), 2600, weight);
+                let rows = |l: Vec<Scored>| l.iter().map(|s| (s.row, s.score)).collect::<Vec<_>>();
+                let (a, b) = (pushed.finish(), offered.finish());
+                assert_eq!(rows(a.0), rows(b.0), "largest, weight {weight}, k {k}");
+                assert_eq!(rows(a.1), rows(b.1), "smallest, weight {weight}, k {k}");
+            }
+        }
+    }
 
     /// Two workers' lists merged when k is at least the rows each saw (every row sits in both
     /// heaps): every row is kept once at each end, against a sort of all of them. Without the
