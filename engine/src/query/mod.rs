@@ -145,11 +145,8 @@ impl TopK {
         let mut inside = self.products_inside(weight);
         for (i, v) in products.enumerate() {
             if !inside.is_some_and(|(low, high)| v > low && v < high) {
-                let score = f64::from(v) * weight;
-                if self.may_enter(score) {
-                    self.push(Scored { row: first + i, score });
-                    inside = self.products_inside(weight);
-                }
+                self.push(Scored { row: first + i, score: f64::from(v) * weight });
+                inside = self.products_inside(weight);
             }
         }
     }
@@ -168,8 +165,9 @@ impl TopK {
         Some(((low as f32).next_up(), (high as f32).next_down()))
     }
 
-    /// Adds another worker's (disjoint) rows. A row may sit in both of `other`'s heaps (when it
-    /// saw fewer than 2k rows); it enters once, or its copy would push out another row.
+    /// Adds another worker's (disjoint) rows. A row may sit in both of `other`'s buffers (a
+    /// score that could still enter either end); it enters once, or its copy would push out
+    /// another row.
     fn merge(mut self, other: TopK) -> TopK {
         let mut entries: Vec<Scored> = other.largest.into_iter().chain(other.smallest).collect();
         entries.sort_by_key(|s| s.row);
@@ -538,7 +536,7 @@ mod top_k_tests {
     }
 
     /// Two workers' lists merged when k is at least the rows each saw (every row sits in both
-    /// heaps): every row is kept once at each end, against a sort of all of them. Without the
+    /// buffers): every row is kept once at each end, against a sort of all of them. Without the
     /// deduplication in `merge`, copies pushed out the least extreme rows.
     #[test]
     fn merged_top_lists_keep_every_row_once_when_k_covers_them() {
