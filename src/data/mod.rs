@@ -94,17 +94,53 @@ impl RawData {
 /// Reads a whole file, gunzipping it when it starts with the gzip magic; returns the
 /// (decompressed) bytes and the SHA-256 of the file as stored.
 pub fn read_file(path: &Path) -> Result<(Vec<u8>, String)> {
+    let (stored, sha) = read_stored(path)?;
+    Ok((contents(path, stored, None)?, sha))
+}
+
+/// A file's bytes as stored and their SHA-256 (hex).
+pub fn read_stored(path: &Path) -> Result<(Vec<u8>, String)> {
     let stored = std::fs::read(path).map_err(Error::io(path))?;
     let sha = hex(&Sha256::digest(&stored));
-    if stored.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(stored.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| Error::data(path, None, format!("corrupt or truncated gzip stream: {e}")))?;
-        Ok((out, sha))
+    Ok((stored, sha))
+}
+
+/// The contents of a stored file (`path` names it in errors), gunzipped when it starts with the
+/// gzip magic: all of them, or with `Some(n)` the first `n` bytes only (fewer when the contents
+/// are shorter), decompressing no further. Only the whole contents are checked against gzip's
+/// own CRC-32 and length, at the stream's end.
+pub fn contents(path: &Path, stored: Vec<u8>, at_most: Option<usize>) -> Result<Vec<u8>> {
+    if is_gzip(&stored) {
+        gunzip(path, &stored, at_most)
     } else {
-        Ok((stored, sha))
+        let mut stored = stored;
+        stored.truncate(at_most.unwrap_or(usize::MAX));
+        Ok(stored)
     }
+}
+
+/// The first `n` bytes of a stored file's contents (fewer when they are shorter), as
+/// [`contents`] gives them, leaving `stored` whole.
+pub fn head(path: &Path, stored: &[u8], n: usize) -> Result<Vec<u8>> {
+    if is_gzip(stored) { gunzip(path, stored, Some(n)) } else { Ok(stored[..n.min(stored.len())].to_vec()) }
+}
+
+fn is_gzip(stored: &[u8]) -> bool {
+    stored.starts_with(&[0x1f, 0x8b])
+}
+
+/// `stored` gunzipped (every member), whole or its first `at_most` bytes.
+fn gunzip(path: &Path, stored: &[u8], at_most: Option<usize>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let decoder = flate2::read::MultiGzDecoder::new(stored);
+    if let Some(n) = at_most {
+        out.reserve_exact(n);
+    }
+    decoder
+        .take(at_most.map_or(u64::MAX, |n| n as u64))
+        .read_to_end(&mut out)
+        .map_err(|e| Error::data(path, None, format!("corrupt or truncated gzip stream: {e}")))?;
+    Ok(out)
 }
 
 /// Lower-case hex of bytes.
@@ -121,9 +157,25 @@ pub fn load_raw(kind: SourceKind, path: &Path, split: Split, buckets: usize) -> 
 /// the first. An IDX folder converts only the selected images to f32 (MNIST's 60,000 images are
 /// 188 MB as f32, 47 MB as stored bytes); a table or JSON lines are parsed whole, then cut.
 pub fn load_selected(kind: SourceKind, spec: &DataSpec, buckets: usize) -> Result<(RawData, usize)> {
+    load_selected_of(kind, spec, buckets, &[])
+}
+
+/// [`load_selected`], told the files a run was trained on (`checked`, from its manifest): an
+/// IDX file whose stored bytes have one of their SHA-256 was read whole and checked against its
+/// header when the run was trained, so only as much of it is decompressed as the selected rows
+/// reach ([`idx::load_selected`]).
+pub fn load_selected_of(
+    kind: SourceKind,
+    spec: &DataSpec,
+    buckets: usize,
+    checked: &[FileDigest],
+) -> Result<(RawData, usize)> {
     let path = &spec.path;
     let mut raw = match kind {
-        SourceKind::Idx => return idx::load_selected(path, spec.split, spec.skip, spec.limit),
+        SourceKind::Idx => {
+            let checked: Vec<&str> = checked.iter().map(|f| f.sha256.as_str()).collect();
+            return idx::load_selected(path, spec.split, spec.skip, spec.limit, &checked);
+        }
         SourceKind::Csv => csv::load(path)?,
         SourceKind::Jsonl => text::load(path, buckets)?,
         SourceKind::Corpus => {
@@ -551,7 +603,11 @@ impl Dataset {
             Preprocessing::Fit { buckets, .. } => buckets,
             Preprocessing::Reuse(m) => m.buckets.unwrap_or(text::DEFAULT_BUCKETS),
         };
-        let (mut raw, start) = load_selected(kind, spec, buckets)?;
+        let checked = match preprocessing {
+            Preprocessing::Fit { .. } => &[][..],
+            Preprocessing::Reuse(m) => &m.files[..],
+        };
+        let (mut raw, start) = load_selected_of(kind, spec, buckets, checked)?;
         if let Preprocessing::Reuse(DataManifest { columns: Some(trained), .. }) = preprocessing {
             raw.match_columns(&spec.path, trained)?;
         }

@@ -175,6 +175,66 @@ fn jsonl_loads_plain_and_gzipped_and_rejects_lines_without_text() {
     assert!(e.contains("row 2") && e.contains("not a JSON object"), "{e}");
 }
 
+/// A run's training files (their SHA-256 in its manifest) are decompressed only as far as the
+/// selected rows reach: the rows come out as the pixel formula says and as a whole read gives
+/// them; past the rows, a file the manifest vouches for is not read (a defect there goes
+/// unseen), while the same file unvouched for is refused; rows the contents do not hold are an
+/// error naming the file.
+#[test]
+fn idx_files_a_run_was_trained_on_are_read_only_as_far_as_the_selected_rows() {
+    use culprit::data::{FileDigest, read_stored};
+    let dir = tempfile::tempdir().unwrap();
+    let labels: Vec<u8> = (0..40).map(|i| (i % 10) as u8).collect();
+    write(dir.path(), "train-images-idx3-ubyte.gz", &gzip(&idx_images(40, 3, 4)));
+    write(dir.path(), "train-labels-idx1-ubyte.gz", &gzip(&idx_labels(&labels)));
+    let trained = Dataset::load(&spec(dir.path()), fit()).unwrap();
+    let mut unvouched = trained.manifest.clone();
+    unvouched.files.clear();
+    for (skip, limit) in [(0, Some(5)), (7, Some(1)), (33, None), (0, None)] {
+        let selected = DataSpec { skip, limit, ..spec(dir.path()) };
+        let part = Dataset::load(&selected, Preprocessing::Reuse(&trained.manifest)).unwrap();
+        let whole = Dataset::load(&selected, Preprocessing::Reuse(&unvouched)).unwrap();
+        let rows: Vec<usize> = (skip..limit.map_or(40, |l| skip + l)).collect();
+        assert_eq!(part.ids, rows);
+        assert_eq!(part.labels(), rows.iter().map(|&i| (i % 10) as u32).collect::<Vec<_>>());
+        for (k, &i) in rows.iter().enumerate() {
+            for p in 0..12 {
+                let want = (i + p / 4 + p % 4) as f32 / 255.0;
+                assert_eq!(part.examples.features()[k * 12 + p], want, "row {i}, pixel {p}");
+            }
+        }
+        assert_eq!(part.examples.features(), whole.examples.features());
+        assert_eq!(part.manifest.files, whole.manifest.files, "the digests are of the whole files");
+    }
+
+    // Contents past the header's 40 images, or 15 images where it promises 40.
+    let vouched_for = |images: &[u8]| {
+        let path = write(dir.path(), "train-images-idx3-ubyte.gz", &gzip(images));
+        let mut m = trained.manifest.clone();
+        m.files[0] = FileDigest { path: path.clone(), sha256: read_stored(&path).unwrap().1 };
+        m
+    };
+    let mut long = idx_images(40, 3, 4);
+    long.extend_from_slice(&[7; 5]);
+    let m = vouched_for(&long);
+    let first_ten = DataSpec { limit: Some(10), ..spec(dir.path()) };
+    assert_eq!(Dataset::load(&first_ten, Preprocessing::Reuse(&m)).unwrap().len(), 10);
+    let e = Dataset::load(&first_ten, Preprocessing::Reuse(&unvouched)).unwrap_err().to_string();
+    assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("promises 480 bytes"), "{e}");
+
+    let mut short = idx_images(40, 3, 4);
+    short.truncate(16 + 15 * 12);
+    let m = vouched_for(&short);
+    assert_eq!(Dataset::load(&first_ten, Preprocessing::Reuse(&m)).unwrap().len(), 10);
+    let twenty = DataSpec { limit: Some(20), ..spec(dir.path()) };
+    let e = Dataset::load(&twenty, Preprocessing::Reuse(&m)).unwrap_err().to_string();
+    assert!(
+        e.contains("train-images-idx3-ubyte.gz")
+            && e.contains("truncated IDX file: 20 rows need 256 bytes, it holds 196"),
+        "{e}"
+    );
+}
+
 #[test]
 fn reusing_a_manifest_rejects_data_that_does_not_fit_the_model() {
     let dir = tempfile::tempdir().unwrap();
