@@ -15,8 +15,9 @@ use crate::model::Batch;
 /// `len` examples of `dim` features each, row-major, with one label each.
 #[derive(Clone, Debug)]
 pub struct Features {
-    values: Arc<[f32]>,
-    labels: Arc<[u32]>,
+    // `Arc<Vec<_>>`, not `Arc<[_]>`: wrapping a vector moves it, where making a slice copies it.
+    values: Arc<Vec<f32>>,
+    labels: Arc<Vec<u32>>,
     dim: usize,
     start: usize,
     len: usize,
@@ -27,7 +28,7 @@ impl Features {
     pub fn new(values: Vec<f32>, labels: Vec<u32>, dim: usize) -> Self {
         assert_eq!(values.len(), labels.len() * dim, "one row of {dim} features per label");
         let len = labels.len();
-        Self { values: values.into(), labels: labels.into(), dim, start: 0, len }
+        Self { values: Arc::new(values), labels: Arc::new(labels), dim, start: 0, len }
     }
 
     /// The features, `len × dim` row-major.
@@ -80,7 +81,10 @@ impl Batch for Features {
     }
 
     fn gather(&self, rows: &[usize]) -> Self {
-        let values = rows.iter().flat_map(|&r| self.row(r).iter().copied()).collect();
+        let mut values = Vec::with_capacity(rows.len() * self.dim);
+        for &r in rows {
+            values.extend_from_slice(self.row(r));
+        }
         let labels = rows.iter().map(|&r| Features::labels(self)[r]).collect();
         Self::new(values, labels, self.dim)
     }

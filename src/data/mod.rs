@@ -726,6 +726,9 @@ impl<B: Batch> Dataset<B> {
     /// Leaves out the examples with these ids (source rows) and records them in the manifest.
     /// Every id must be one of the selected examples. Cost O(len + ids).
     pub fn exclude(&mut self, ids: &[usize]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(()); // every run without a purge: nothing to copy
+        }
         let mut drop: Vec<usize> = ids.to_vec();
         drop.sort_unstable();
         drop.dedup();
