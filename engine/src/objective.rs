@@ -10,6 +10,8 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use culprit_models::model::{
     Batch, Model, ROWS_PER_CHUNK, RowGroups, TrackedLayer, UnitLink, extend, restrict, tracked_len,
@@ -157,7 +159,9 @@ impl<M: Model> Objective<M> {
                 }
                 let chunk = self.len().div_ceil(8 * rayon::current_num_threads()).clamp(64, 1024);
                 let ranges = self.data.groups().chunks(self.len(), chunk, ROWS_PER_CHUNK);
-                Some(ranges.into_iter().map(|range| ChunkFactors::of(self, &self.data.slice(range))).collect())
+                // A chunk's forward and backward passes are small (a few hundred rows): run the
+                // chunks side by side, one per core (the headline's 16: 107 → 61–69 ms).
+                Some(ranges.into_par_iter().map(|range| ChunkFactors::of(self, &self.data.slice(range))).collect())
             })
             .as_deref()
     }

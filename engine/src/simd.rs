@@ -9,7 +9,9 @@
 //! Sapphire Rapids or Zen 4/5 (AVX-512). `CULPRIT_KERNEL=avx512|avx2|portable` narrows the choice
 //! (a set the CPU lacks is never chosen), so that both paths can be measured and tested on one
 //! machine; scoring has its own `CULPRIT_SCORING_KERNEL` ([`crate::query::kernel::Path`]) and
-//! falls back to this one.
+//! falls back to this one. Neither reaches the matrix products of burn's CPU backends (the `gemm`
+//! crate, built with its `x86-v4` feature by culprit-models) or of faer: those choose their own
+//! AVX-512 or AVX2 kernels at run time.
 
 use std::sync::OnceLock;
 
