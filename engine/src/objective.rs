@@ -150,20 +150,27 @@ impl<M: Model> Objective<M> {
     /// for models with several predictions per example or when they would not fit. Chunks are
     /// small enough to keep every thread busy.
     pub(crate) fn cached_factors(&self) -> Option<&[ChunkFactors]> {
-        self.factors
-            .get_or_init(|| {
-                let classes = self.model.num_classes();
-                let bytes = ChunkFactors::bytes_per_example(self.model.layers(), classes) * self.len();
-                if self.data.groups() != RowGroups::OnePerExample || bytes > FACTOR_CACHE_BYTES {
-                    return None;
-                }
-                let chunk = self.len().div_ceil(8 * rayon::current_num_threads()).clamp(64, 1024);
-                let ranges = self.data.groups().chunks(self.len(), chunk, ROWS_PER_CHUNK);
-                // A chunk's forward and backward passes are small (a few hundred rows): run the
-                // chunks side by side, one per core (the headline's 16: 107 → 61–69 ms).
-                Some(ranges.into_par_iter().map(|range| ChunkFactors::of(self, &self.data.slice(range))).collect())
-            })
-            .as_deref()
+        if self.factors.get().is_none() {
+            // Computed outside the cell, not in `get_or_init`: the chunks run on rayon's workers,
+            // and a worker waiting inside the cell's initialisation may pick up a task that asks
+            // for the same cell, which would wait on itself. Two first callers at once both
+            // compute; the first to finish is kept.
+            let _ = self.factors.set(self.factors_of_chunks());
+        }
+        self.factors.get().and_then(Option::as_deref)
+    }
+
+    fn factors_of_chunks(&self) -> Option<Vec<ChunkFactors>> {
+        let classes = self.model.num_classes();
+        let bytes = ChunkFactors::bytes_per_example(self.model.layers(), classes) * self.len();
+        if self.data.groups() != RowGroups::OnePerExample || bytes > FACTOR_CACHE_BYTES {
+            return None;
+        }
+        let chunk = self.len().div_ceil(8 * rayon::current_num_threads()).clamp(64, 1024);
+        let ranges = self.data.groups().chunks(self.len(), chunk, ROWS_PER_CHUNK);
+        // A chunk's forward and backward passes are small (a few hundred rows): the chunks run
+        // side by side, one per core (the headline's 16 chunks: 107 → 61–69 ms).
+        Some(ranges.into_par_iter().map(|range| ChunkFactors::of(self, &self.data.slice(range))).collect())
     }
 
     /// Class probabilities of every prediction row of `batch`, `rows × classes` row-major.
