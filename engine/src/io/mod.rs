@@ -129,7 +129,7 @@ impl AtomicFile {
         let (from, to) = (self.unsent, self.written);
         let writer = self.writer();
         writer.flush()?;
-        start_writeback(writer.get_ref(), from, to - from);
+        hint_writeback(writer.get_ref(), from, to - from);
         self.unsent = to;
         Ok(())
     }
@@ -175,7 +175,7 @@ impl Write for AtomicFile {
 /// without waiting. Only a hint: a failure is ignored, since [`AtomicFile::commit`]'s `fsync`
 /// writes and checks every byte anyway.
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
+fn hint_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
     // SAFETY: the descriptor is open for the life of `file`; the call reads no memory of ours.
@@ -185,7 +185,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+fn hint_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, synced, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
