@@ -14,6 +14,7 @@
 //! in another order.
 
 use crate::simd::InstructionSet;
+use crate::simd::narrow;
 
 /// Lines per tile.
 pub const LINES: usize = 4;
@@ -84,7 +85,7 @@ impl BlockedSparse {
             for j in 0..width {
                 let v = at(i, j);
                 if v != 0.0 {
-                    emit(j, v as f32);
+                    emit(j, narrow(v));
                 }
             }
         });
@@ -92,7 +93,7 @@ impl BlockedSparse {
             for i in 0..rows {
                 let v = at(i, j);
                 if v != 0.0 {
-                    emit(i, v as f32);
+                    emit(i, narrow(v));
                 }
             }
         });

@@ -23,6 +23,7 @@ use faer::{Accum, Mat, Par, Side};
 use culprit_models::model::TrackedLayer;
 
 use super::operators::LinearOperator;
+use crate::simd::narrow;
 
 /// Layers with at most this many parameters get their exact block (a dense f64 matrix of
 /// (this)² entries while it is built: 134 MB at 4096).
@@ -140,7 +141,7 @@ impl InverseBlock {
         Some(Self {
             spec: spec.clone(),
             start,
-            inverse: Mat::<f32>::from_fn(size, size, |i, j| inverse[(i, j)] as f32),
+            inverse: Mat::<f32>::from_fn(size, size, |i, j| narrow(inverse[(i, j)])),
         })
     }
 }
@@ -161,7 +162,7 @@ impl LinearOperator for ExactLayers<'_> {
             let size = block.inverse.nrows();
             let views: Vec<Vec<f64>> =
                 vs.iter().map(|v| block.spec.to_view(&v[block.start..block.start + len])).collect();
-            let rhs = Mat::<f32>::from_fn(size, vs.len(), |i, j| views[j][i] as f32);
+            let rhs = Mat::<f32>::from_fn(size, vs.len(), |i, j| narrow(views[j][i]));
             let mut solved = Mat::<f32>::zeros(size, vs.len());
             matmul(solved.as_mut(), Accum::Replace, block.inverse.as_ref(), rhs.as_ref(), 1.0f32, Par::rayon(0));
             for (j, out) in outs.iter_mut().enumerate() {

@@ -37,6 +37,7 @@ use super::{CurvatureError, CurvatureSource, FisherSample, Fitted, LoadContext, 
 use crate::error::Result;
 use crate::gradients::{LayerFactors, read_f64};
 use crate::io::container::Arrays;
+use crate::simd::narrow;
 
 /// One layer's factors.
 #[derive(Clone, Debug)]
@@ -249,9 +250,9 @@ impl KroneckerFactors {
             .layers
             .iter()
             .map(|k| SingleLayer {
-                q_a: Mat::<f32>::from_fn(k.m, k.m, |i, j| k.q_a[(i, j)] as f32),
-                q_s: Mat::<f32>::from_fn(k.o, k.o, |i, j| k.q_s[(i, j)] as f32),
-                inverse: k.eigenvalues.iter().map(|e| (1.0 / (e + self.l2 + damping)) as f32).collect(),
+                q_a: Mat::<f32>::from_fn(k.m, k.m, |i, j| narrow(k.q_a[(i, j)])),
+                q_s: Mat::<f32>::from_fn(k.o, k.o, |i, j| narrow(k.q_s[(i, j)])),
+                inverse: k.eigenvalues.iter().map(|e| narrow(1.0 / (e + self.l2 + damping))).collect(),
             })
             .collect();
         SinglePrecisionInverse { layers, tracked: &self.tracked }
@@ -382,7 +383,7 @@ impl LinearOperator for SinglePrecisionInverse<'_> {
                 let block = &v[offset..offset + spec.num_params()];
                 for i in 0..m {
                     let column = vt.col_mut(q * m + i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
-                    view_row(spec, block, i, |j, x| column[j] = x as f32);
+                    view_row(spec, block, i, |j, x| column[j] = narrow(x));
                 }
             }
             let mut left = Mat::<f32>::zeros(o, k * m);

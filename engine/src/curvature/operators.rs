@@ -31,6 +31,7 @@ use crate::gradients::{LayerFactors, factors_from_taps, read_f64};
 use crate::objective::Objective;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::InstructionSet;
+use crate::simd::narrow;
 
 /// A symmetric linear operator on ℝᵈ (the shape of a Hessian-vector product).
 pub trait LinearOperator: Sync {
@@ -206,10 +207,10 @@ impl LayerChunk {
             matmul(MatMut::from_column_major_slice_mut(&mut out, rows, cols), Accum::Replace, x, b, 1.0, par);
             return out;
         }
-        let inputs32 = self.inputs32.get_or_init(|| self.inputs.iter().map(|v| *v as f32).collect());
+        let inputs32 = self.inputs32.get_or_init(|| self.inputs.iter().map(|v| narrow(*v)).collect());
         let x = MatRef::from_column_major_slice(inputs32, r, self.width);
         let x = if transpose { x.transpose() } else { x };
-        let b32: Vec<f32> = b.iter().map(|v| *v as f32).collect();
+        let b32: Vec<f32> = b.iter().map(|v| narrow(*v)).collect();
         let mut out = vec![0.0f32; rows * cols];
         let b = MatRef::from_column_major_slice(&b32, inner, cols);
         matmul(MatMut::from_column_major_slice_mut(&mut out, rows, cols), Accum::Replace, x, b, 1.0, par);

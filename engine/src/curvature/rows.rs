@@ -34,6 +34,7 @@ use super::operators::ChunkFactors;
 use super::sparse::DENSITY;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::InstructionSet;
+use crate::simd::narrow;
 
 /// A layer's inputs for the row-major products.
 enum RowInputs {
@@ -85,7 +86,7 @@ impl RowChunk {
                 let mut dense = vec![0.0f32; r * width];
                 for (j, column) in layer.inputs.chunks_exact(r).enumerate() {
                     for (i, &row) in order.iter().enumerate() {
-                        dense[i * width + j] = column[row] as f32;
+                        dense[i * width + j] = narrow(column[row]);
                     }
                 }
                 RowInputs::Dense(dense)
@@ -94,14 +95,15 @@ impl RowChunk {
             for (c, g) in layer.logit_grads.iter().enumerate() {
                 for (o, column) in g.chunks_exact(r).enumerate() {
                     for (i, &row) in order.iter().enumerate() {
-                        grads[(i * classes + c) * out + o] = column[row] as f32;
+                        grads[(i * classes + c) * out + o] = narrow(column[row]);
                     }
                 }
             }
             layers.push(RowLayer { inputs, grads, width, out });
         }
-        let probabilities =
-            order.iter().flat_map(|&row| f.probabilities[row * classes..(row + 1) * classes].iter().map(|p| *p as f32));
+        let probabilities = order
+            .iter()
+            .flat_map(|&row| f.probabilities[row * classes..(row + 1) * classes].iter().map(|p| narrow(*p)));
         Some(Self { rows: r, probabilities: probabilities.collect(), layers })
     }
 
@@ -210,29 +212,35 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]]) -> Vec<RowDirections> {
         let panels = Panels::new(k * out);
         let lanes = panels.lanes;
         let mut weights = vec![0.0f32; panels.count * inputs * lanes];
-        let mut biases = spec.bias.then(|| vec![0.0f32; panels.count * lanes]);
-        for (q, v) in vs.iter().enumerate() {
-            let w = &v[offset..offset + spec.weight_len()];
-            for (panel, lane, o0, len) in panels.pieces(q * out, out) {
-                let base = panel * inputs * lanes + lane;
-                for j in 0..inputs {
-                    let target = &mut weights[base + j * lanes..base + j * lanes + len];
-                    match spec.layout {
-                        WeightLayout::InputMajor => target
-                            .iter_mut()
-                            .zip(&w[j * out + o0..j * out + o0 + len])
-                            .for_each(|(t, x)| *t = *x as f32),
-                        WeightLayout::OutputMajor => {
-                            target.iter_mut().enumerate().for_each(|(t, x)| *x = w[(o0 + t) * inputs + j] as f32)
+        // The panels side by side on the threads, each filled from the directions it holds.
+        weights.par_chunks_mut(inputs * lanes).enumerate().for_each(|(panel, block)| {
+            for (q, v) in vs.iter().enumerate() {
+                let w = &v[offset..offset + spec.weight_len()];
+                for (_, lane, o0, len) in panels.pieces(q * out, out).into_iter().filter(|piece| piece.0 == panel) {
+                    for j in 0..inputs {
+                        let target = &mut block[j * lanes + lane..j * lanes + lane + len];
+                        match spec.layout {
+                            WeightLayout::InputMajor => target
+                                .iter_mut()
+                                .zip(&w[j * out + o0..j * out + o0 + len])
+                                .for_each(|(t, x)| *t = narrow(*x)),
+                            WeightLayout::OutputMajor => {
+                                target.iter_mut().enumerate().for_each(|(t, x)| *x = narrow(w[(o0 + t) * inputs + j]))
+                            }
                         }
                     }
                 }
-                if let Some(b) = biases.as_mut() {
+            }
+        });
+        let mut biases = spec.bias.then(|| vec![0.0f32; panels.count * lanes]);
+        if let Some(b) = biases.as_mut() {
+            for (q, v) in vs.iter().enumerate() {
+                for (panel, lane, o0, len) in panels.pieces(q * out, out) {
                     let bias = &v[offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
                     b[panel * lanes + lane..panel * lanes + lane + len]
                         .iter_mut()
                         .zip(bias)
-                        .for_each(|(t, x)| *t = *x as f32);
+                        .for_each(|(t, x)| *t = narrow(*x));
                 }
             }
         }
@@ -242,39 +250,42 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]]) -> Vec<RowDirections> {
     dirs
 }
 
-/// The sums back in the tracked layout, one f64 vector per direction.
+/// The sums back in the tracked layout, one f64 vector per direction (the directions side by
+/// side on the threads: these copies are as long as the parameters, once per product).
 fn gather_directions(layers: &[TrackedLayer], dirs: &[RowDirections], sums: &Sums, k: usize) -> Vec<Vec<f64>> {
     let dim: usize = layers.iter().map(TrackedLayer::num_params).sum();
     let mut outs = vec![vec![0.0f64; dim]; k];
+    outs.par_iter_mut().enumerate().for_each(|(q, target)| gather_direction(layers, dirs, sums, q, target));
+    outs
+}
+
+/// Direction q of the sums, written into `target` in the tracked layout.
+fn gather_direction(layers: &[TrackedLayer], dirs: &[RowDirections], sums: &Sums, q: usize, target: &mut [f64]) {
     let mut offset = 0;
     for (((spec, dir), weights), biases) in layers.iter().zip(dirs).zip(&sums.weights).zip(&sums.biases) {
         let (inputs, out, lanes) = (spec.inputs, spec.outputs, dir.panels.lanes);
-        for (q, target) in outs.iter_mut().enumerate() {
-            for (panel, lane, o0, len) in dir.panels.pieces(q * out, out) {
-                let base = panel * inputs * lanes + lane;
-                let w = &mut target[offset..offset + spec.weight_len()];
-                for j in 0..inputs {
-                    let source = &weights[base + j * lanes..base + j * lanes + len];
-                    match spec.layout {
-                        WeightLayout::InputMajor => w[j * out + o0..j * out + o0 + len]
-                            .iter_mut()
-                            .zip(source)
-                            .for_each(|(t, s)| *t = f64::from(*s)),
-                        WeightLayout::OutputMajor => {
-                            source.iter().enumerate().for_each(|(t, s)| w[(o0 + t) * inputs + j] = f64::from(*s))
-                        }
+        for (panel, lane, o0, len) in dir.panels.pieces(q * out, out) {
+            let base = panel * inputs * lanes + lane;
+            let w = &mut target[offset..offset + spec.weight_len()];
+            for j in 0..inputs {
+                let source = &weights[base + j * lanes..base + j * lanes + len];
+                match spec.layout {
+                    WeightLayout::InputMajor => {
+                        w[j * out + o0..j * out + o0 + len].iter_mut().zip(source).for_each(|(t, s)| *t = f64::from(*s))
+                    }
+                    WeightLayout::OutputMajor => {
+                        source.iter().enumerate().for_each(|(t, s)| w[(o0 + t) * inputs + j] = f64::from(*s))
                     }
                 }
-                if spec.bias {
-                    let b = &mut target[offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
-                    let source = &biases[panel * lanes + lane..panel * lanes + lane + len];
-                    b.iter_mut().zip(source).for_each(|(t, s)| *t = f64::from(*s));
-                }
+            }
+            if spec.bias {
+                let b = &mut target[offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
+                let source = &biases[panel * lanes + lane..panel * lanes + lane + len];
+                b.iter_mut().zip(source).for_each(|(t, s)| *t = f64::from(*s));
             }
         }
         offset += spec.num_params();
     }
-    outs
 }
 
 /// One chunk's contribution, by the fastest instruction set the CPU has (the contractions with Γ

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::simd::InstructionSet;
+use crate::simd::narrow;
 
 /// The largest share of non-zero inputs for which a layer is held sparse.
 pub const DENSITY: f64 = 0.3;
@@ -59,7 +60,7 @@ impl Element for f64 {
 
 impl Element for f32 {
     fn of(v: f64) -> Self {
-        v as f32
+        narrow(v)
     }
     fn wide(self) -> f64 {
         f64::from(self)

@@ -39,6 +39,7 @@ use rayon::prelude::*;
 
 use super::blocks::well_conditioned_inverse;
 use super::operators::LinearOperator;
+use crate::simd::narrow;
 
 /// Mixing directions of a linear link are all kept up to this many (H² for H units); past it,
 /// only the H rescalings.
@@ -397,7 +398,7 @@ impl Gauge {
         let gram_out = &w_out * w_out.transpose();
         let e = coarse_operator(&rows, &units, &w_out, &gram_in, &gram_out, n, shift);
         let inverse = well_conditioned_inverse(&e)?;
-        let coarse = Mat::<f32>::from_fn(l * l, l * l, |i, j| inverse[(i, j)] as f32);
+        let coarse = Mat::<f32>::from_fn(l * l, l * l, |i, j| narrow(inverse[(i, j)]));
         let ein = gram_in.self_adjoint_eigen(Side::Lower).ok()?;
         let eout = gram_out.self_adjoint_eigen(Side::Lower).ok()?;
         let values = |s: faer::diag::DiagRef<'_, f64>| (0..s.dim()).map(|i| s[i].max(0.0)).collect::<Vec<f64>>();
@@ -495,7 +496,7 @@ impl Gauge {
     /// E⁻¹ Gᵀrⱼ for every adjoint Gᵀrⱼ (one GEMM with E⁻¹ for all of them), as l × l matrices.
     fn coarse_coefficients(&self, adjoints: &[Mat<f64>]) -> Vec<Mat<f64>> {
         let l = self.units.len();
-        let rhs = Mat::<f32>::from_fn(l * l, adjoints.len(), |k, j| adjoints[j][(k / l, k % l)] as f32);
+        let rhs = Mat::<f32>::from_fn(l * l, adjoints.len(), |k, j| narrow(adjoints[j][(k / l, k % l)]));
         let mut y = Mat::<f32>::zeros(l * l, adjoints.len());
         matmul(y.as_mut(), Accum::Replace, self.coarse.as_ref(), rhs.as_ref(), 1.0f32, Par::rayon(0));
         (0..adjoints.len()).map(|j| Mat::<f64>::from_fn(l, l, |a, b| f64::from(y[(a * l + b, j)]))).collect()
@@ -618,7 +619,7 @@ fn add_disagreements(chunk: &Rows, units: &[usize], w_out: &Mat<f64>, scale: f64
             for b in 0..l {
                 if (pre[a] > 0.0) != (pre[b] > 0.0) {
                     let e = if pre[b] > 0.0 { pre[a] } else { -pre[a] };
-                    pairs.push((a * l + b, (scale.sqrt() * e) as f32, b));
+                    pairs.push((a * l + b, narrow(scale.sqrt() * e), b));
                 }
             }
         }
@@ -629,7 +630,7 @@ fn add_disagreements(chunk: &Rows, units: &[usize], w_out: &Mat<f64>, scale: f64
         for b in 0..l {
             for d in 0..l {
                 let s: f64 = (0..classes).map(|c| p[c] * y[c][(i, b)] * y[c][(i, d)]).sum();
-                k[d * l + b] = (s - py[b] * py[d]) as f32;
+                k[d * l + b] = narrow(s - py[b] * py[d]);
             }
         }
         for (n2, &(column, e2, d)) in pairs.iter().enumerate() {
