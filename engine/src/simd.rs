@@ -20,7 +20,8 @@
 //! 1e-40 where the factor's pixel never lights up): on the MNIST MLP the f32 EK-FAC GEMMs ran at
 //! half speed because of 5% of such entries in Q_A (27 → 14 ms a product once flushed). Every
 //! f32 copy that the single-precision products read is made by [`narrow`], which flushes them
-//! to zero; f64 data stays as it is (its subnormals, below 2.2e-308, do not occur here).
+//! to zero, and so are the scoring kernel's queries and the rows a gradient store keeps
+//! ([`flushed`]); f64 data stays as it is (its subnormals, below 2.2e-308, do not occur here).
 
 use std::sync::OnceLock;
 
@@ -84,13 +85,19 @@ impl InstructionSet {
 /// anything they are added to.
 #[inline(always)]
 pub fn narrow(x: f64) -> f32 {
-    let y = x as f32;
-    if y.abs() < f32::MIN_POSITIVE { 0.0f32.copysign(y) } else { y }
+    flushed(x as f32)
+}
+
+/// x, or (signed) zero when x is subnormal: for f32 values that become operands of a kernel
+/// (the scoring queries, the rows a store keeps), as [`narrow`] for f64 ones.
+#[inline(always)]
+pub fn flushed(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE { 0.0f32.copysign(x) } else { x }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::narrow;
+    use super::{flushed, narrow};
 
     #[test]
     fn narrowing_flushes_what_f32_could_only_hold_as_subnormal_and_keeps_the_rest() {
@@ -104,5 +111,11 @@ mod tests {
             assert!(narrow(x) == 0.0 || narrow(x).is_normal(), "{x:e}");
         }
         assert!(narrow(1e39).is_infinite() && narrow(f64::NAN).is_nan());
+        for x in [1e-39f32, -1e-45, f32::MIN_POSITIVE / 2.0] {
+            assert_eq!(flushed(x).to_bits(), 0.0f32.copysign(x).to_bits(), "{x:e}");
+        }
+        for x in [f32::MIN_POSITIVE, -1e-30, 1.0, f32::MAX, f32::INFINITY] {
+            assert_eq!(flushed(x), x, "{x:e}");
+        }
     }
 }

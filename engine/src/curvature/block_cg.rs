@@ -37,6 +37,7 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
+use rayon::prelude::*;
 
 use super::CurvatureError;
 use super::iterative::{ConjugateGradient, Preconditioner, SolveInfo};
@@ -125,12 +126,12 @@ fn columns(m: &Mat<f64>) -> Vec<&[f64]> {
     (0..m.ncols()).map(|j| m.col(j).try_as_col_major().expect("contiguous").as_slice()).collect()
 }
 
-/// A d × k matrix with the given columns.
+/// A d × k matrix with the given columns (copied side by side on the threads).
 fn matrix(d: usize, cols: &[Vec<f64>]) -> Mat<f64> {
     let mut m = Mat::<f64>::zeros(d, cols.len());
-    for (j, c) in cols.iter().enumerate() {
-        m.col_mut(j).try_as_col_major_mut().expect("contiguous").as_slice_mut().copy_from_slice(c);
-    }
+    m.par_col_iter_mut().zip(cols).for_each(|(mut column, c)| {
+        column.as_mut().try_as_col_major_mut().expect("contiguous").as_slice_mut().copy_from_slice(c)
+    });
     m
 }
 

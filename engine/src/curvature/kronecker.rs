@@ -31,6 +31,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use culprit_models::model::{TrackedLayer, WeightLayout};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par, Side};
+use rayon::prelude::*;
 
 use super::operators::LinearOperator;
 use super::{CurvatureError, CurvatureSource, FisherSample, Fitted, LoadContext, Solution};
@@ -378,58 +379,65 @@ impl LinearOperator for SinglePrecisionInverse<'_> {
         for (spec, layer) in self.tracked.iter().zip(&self.layers) {
             let (m, o) = (spec.view_rows(), spec.outputs);
             // Vᵀ of every vector side by side: column q·m + i is input row i of vector q's view.
+            // The copies in and out, and between layouts, run on every thread (one vector, or one
+            // column, a task): each is as long as the layer's parameters times k.
             let mut vt = Mat::<f32>::zeros(o, k * m);
-            for (q, v) in qs.iter().enumerate() {
+            vt.par_col_chunks_mut(m).zip(qs.par_iter()).for_each(|(mut columns, v)| {
                 let block = &v[offset..offset + spec.num_params()];
                 for i in 0..m {
-                    let column = vt.col_mut(q * m + i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
+                    let column = columns.as_mut().col_mut(i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
                     view_row(spec, block, i, |j, x| column[j] = narrow(x));
                 }
-            }
+            });
             let mut left = Mat::<f32>::zeros(o, k * m);
             matmul(left.as_mut(), Accum::Replace, layer.q_s.transpose(), vt.as_ref(), 1.0f32, Par::rayon(0));
             let mut stacked = Mat::<f32>::zeros(k * o, m);
-            restack(&mut left, &mut stacked, k, o, m, true);
+            to_stacked(&left, &mut stacked, o, m);
             let mut inner = Mat::<f32>::zeros(k * o, m);
             matmul(inner.as_mut(), Accum::Replace, stacked.as_ref(), layer.q_a.as_ref(), 1.0f32, Par::rayon(0));
-            for i in 0..m {
+            inner.par_col_iter_mut().enumerate().for_each(|(i, mut column)| {
                 let weights = &layer.inverse[i * o..(i + 1) * o];
-                let column = inner.col_mut(i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
+                let column = column.as_mut().try_as_col_major_mut().expect("contiguous").as_slice_mut();
                 for block in column.chunks_exact_mut(o) {
                     block.iter_mut().zip(weights).for_each(|(t, w)| *t *= w);
                 }
-            }
+            });
             matmul(stacked.as_mut(), Accum::Replace, inner.as_ref(), layer.q_a.transpose(), 1.0f32, Par::rayon(0));
-            restack(&mut left, &mut stacked, k, o, m, false);
+            from_stacked(&stacked, &mut left, o, m);
             matmul(vt.as_mut(), Accum::Replace, layer.q_s.as_ref(), left.as_ref(), 1.0f32, Par::rayon(0));
-            for (q, out) in outs.iter_mut().enumerate() {
+            outs.par_iter_mut().enumerate().for_each(|(q, out)| {
                 let block = &mut out[offset..offset + spec.num_params()];
                 for i in 0..m {
                     let column = vt.col(q * m + i).try_as_col_major().expect("contiguous").as_slice();
                     view_row_mut(spec, block, i, |j| f64::from(column[j]));
                 }
-            }
+            });
             offset += spec.num_params();
         }
         outs
     }
 }
 
-/// Between the side-by-side layout (o × k·m, block q in columns q·m..) and the stacked one
-/// (k·o × m, block q in rows q·o..): `to_stacked` copies `wide` into `tall`, else `tall` into
-/// `wide`. Contiguous copies of o values.
-fn restack(wide: &mut Mat<f32>, tall: &mut Mat<f32>, k: usize, o: usize, m: usize, to_stacked: bool) {
-    for i in 0..m {
-        let stacked = tall.col_mut(i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
-        for q in 0..k {
-            let side = wide.col_mut(q * m + i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
-            if to_stacked {
-                stacked[q * o..(q + 1) * o].copy_from_slice(side);
-            } else {
-                side.copy_from_slice(&stacked[q * o..(q + 1) * o]);
-            }
+/// The side-by-side layout (o × k·m, block q in columns q·m..) copied into the stacked one
+/// (k·o × m, block q in rows q·o..): contiguous copies of o values, a column of `tall` a task.
+fn to_stacked(wide: &Mat<f32>, tall: &mut Mat<f32>, o: usize, m: usize) {
+    tall.par_col_iter_mut().enumerate().for_each(|(i, mut column)| {
+        let stacked = column.as_mut().try_as_col_major_mut().expect("contiguous").as_slice_mut();
+        for (q, target) in stacked.chunks_exact_mut(o).enumerate() {
+            target.copy_from_slice(wide.col(q * m + i).try_as_col_major().expect("contiguous").as_slice());
         }
-    }
+    });
+}
+
+/// The stacked layout copied back into the side-by-side one ([`to_stacked`]'s inverse), a
+/// block q of `wide` a task.
+fn from_stacked(tall: &Mat<f32>, wide: &mut Mat<f32>, o: usize, m: usize) {
+    wide.par_col_chunks_mut(m).enumerate().for_each(|(q, mut columns)| {
+        for i in 0..m {
+            let side = columns.as_mut().col_mut(i).try_as_col_major_mut().expect("contiguous").as_slice_mut();
+            side.copy_from_slice(&tall.col(i).try_as_col_major().expect("contiguous").as_slice()[q * o..(q + 1) * o]);
+        }
+    });
 }
 
 /// Calls `f(j, value)` for every output j of input row i (the bias as the last row) of a

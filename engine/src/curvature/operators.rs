@@ -89,9 +89,9 @@ impl<A: LinearOperator + ?Sized> LinearOperator for Damped<'_, A> {
     }
     fn apply_many(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
         let mut outs = self.inner.apply_many(vs);
-        for (out, v) in outs.iter_mut().zip(vs) {
-            out.iter_mut().zip(*v).for_each(|(o, x)| *o += self.damping * x);
-        }
+        outs.par_iter_mut()
+            .zip(vs)
+            .for_each(|(out, v)| out.iter_mut().zip(*v).for_each(|(o, x)| *o += self.damping * x));
         outs
     }
 }
@@ -596,7 +596,7 @@ impl<'a, M: Model> GaussNewton<'a, M> {
 
     /// λv_q for every direction: where the products add up.
     fn regularised(&self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
-        vs.iter().map(|v| v.iter().map(|x| self.objective.l2 * x).collect()).collect()
+        vs.par_iter().map(|v| v.iter().map(|x| self.objective.l2 * x).collect()).collect()
     }
 }
 
@@ -626,7 +626,7 @@ impl<M: Model> LinearOperator for GaussNewton<'_, M> {
             let row_chunks: Option<Vec<&RowChunk>> = chunks.iter().map(ChunkFactors::rows32).collect();
             if let Some(row_chunks) = row_chunks {
                 let sums = rows::products(&row_chunks, self.objective.model.layers(), vs, scale);
-                outs.iter_mut().zip(&sums).for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(x, y)| *x += y));
+                outs.par_iter_mut().zip(&sums).for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(x, y)| *x += y));
                 return outs;
             }
         }

@@ -37,6 +37,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::LayerFactors;
 use crate::error::{Error, Result};
+use crate::simd::{flushed, narrow};
 
 /// Largest JL matrix culprit will build (bytes).
 const MAX_JL_BYTES: usize = 4 << 30;
@@ -337,10 +338,11 @@ impl Projector {
     /// projected, so that ⟨project_vector(x), row(g)⟩ estimates ⟨x, g⟩ without bias. For
     /// Kronecker blocks the layer's view X (m×o, see [`TrackedLayer::to_view`]) becomes
     /// P_inᵀ X P_out, which for a rank-one gradient ã ⊗ δ is exactly (P_inᵀã) ⊗ (P_outᵀδ).
+    /// The result is [`flushed`] of subnormals: it is the scoring kernel's operand.
     pub fn project_vector(&self, x: &[f64]) -> Vec<f32> {
         let specs = &self.tracked;
-        match self.spec {
-            ProjectionSpec::None => x.iter().map(|v| *v as f32).collect(),
+        let projected: Vec<f32> = match self.spec {
+            ProjectionSpec::None => x.iter().map(|v| narrow(*v)).collect(),
             ProjectionSpec::Jl { dim, .. } => {
                 let mut total = vec![0.0f32; dim];
                 let mut offset = 0;
@@ -348,7 +350,7 @@ impl Projector {
                     let LayerProjection::Jl { weight, bias } = p else { unreachable!("jl layers") };
                     for (len, matrix) in [(spec.weight_len(), Some(weight)), (spec.bias_len(), bias.as_ref())] {
                         if let Some(m) = matrix.filter(|_| len > 0) {
-                            let v: Vec<f32> = x[offset..offset + len].iter().map(|v| *v as f32).collect();
+                            let v: Vec<f32> = x[offset..offset + len].iter().map(|v| narrow(*v)).collect();
                             let row = Tensor::<2>::from_data(TensorData::new(v, [1, len]), (&m.device(), DType::F32));
                             let projected = super::read_f32(row.matmul(m.clone()));
                             total.iter_mut().zip(projected).for_each(|(t, v)| *t += v);
@@ -375,7 +377,7 @@ impl Projector {
                         (None, None) => Device::default(),
                     };
                     let xv = Tensor::<2>::from_data(
-                        TensorData::new(view.iter().map(|v| *v as f32).collect::<Vec<_>>(), [m, o]),
+                        TensorData::new(view.iter().map(|v| narrow(*v)).collect::<Vec<_>>(), [m, o]),
                         (&device, DType::F32),
                     );
                     let left = match p_in {
@@ -399,7 +401,8 @@ impl Projector {
                 }
                 out
             }
-        }
+        };
+        projected.into_iter().map(flushed).collect()
     }
 
     /// Projects a batch's per-layer factors into host rows `batch × row_len`.

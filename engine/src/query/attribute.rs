@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::gradients::projection::{Projector, expand_row};
 use crate::gradients::{Measurement, gradient_rows_f64, per_example_gradients, read_f32};
 use crate::objective::Objective;
+use crate::simd::narrow;
 use crate::store::GradientStore;
 
 /// How to attribute.
@@ -187,7 +188,7 @@ fn scored_vectors<M: Model>(
             let raw: Vec<Vec<f64>> =
                 gradients.iter().map(|g| projector.project_vector(g).into_iter().map(f64::from).collect()).collect();
             let solved = curvature.solve(objective, &raw)?;
-            Ok(solved.into_iter().map(|(x, _)| x.into_iter().map(|v| v as f32).collect()).collect())
+            Ok(solved.into_iter().map(|(x, _)| x.into_iter().map(narrow).collect()).collect())
         }
         Space::Tracked => {
             let solved = curvature.solve(objective, gradients)?;

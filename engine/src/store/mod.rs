@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::gradients::projection::BlockLayout;
 use crate::io::container::Format;
 use crate::io::write_atomic;
+use crate::simd::flushed;
 
 /// Version of the shard and manifest format.
 pub const STORE_VERSION: u32 = 1;
@@ -62,13 +63,18 @@ impl Dtype {
         }
     }
 
-    /// Appends `values` encoded little-endian.
+    /// Appends `values` encoded little-endian. f32 and bf16 values below f32's smallest normal
+    /// magnitude (1.2e-38) are stored as zero: read back they would be subnormal f32 operands of
+    /// the scoring kernel, each a microcode assist ([`crate::simd`]). f16 keeps its own
+    /// subnormals, which are normal once widened to f32.
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
-            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&flushed(*v).to_le_bytes())),
             Self::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            Self::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            Self::Bf16 => {
+                values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(flushed(*v)).to_le_bytes()))
+            }
         }
     }
 
@@ -466,5 +472,40 @@ impl GradientStore {
                 start += rows;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dtype;
+
+    fn round_trip(dtype: Dtype, values: &[f32]) -> Vec<f32> {
+        let mut bytes = Vec::new();
+        dtype.encode(values, &mut bytes);
+        assert_eq!(bytes.len(), values.len() * dtype.size());
+        let mut out = vec![f32::NAN; values.len()];
+        dtype.decode(&bytes, &mut out);
+        out
+    }
+
+    #[test]
+    fn stored_values_read_back_without_subnormals_and_otherwise_as_their_dtype_rounds_them() {
+        let values = [1e-39f32, -1e-40, -1e-45, f32::MIN_POSITIVE, -1.5e-38, 3.0e-30, 0.25, -7.0, 0.0];
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let back = round_trip(dtype, &values);
+            for (v, b) in values.iter().zip(&back) {
+                assert!(*b == 0.0 || b.is_normal(), "{dtype:?}: {v:e} read back as the subnormal {b:e}");
+                if v.is_normal() || *v == 0.0 {
+                    // bf16 keeps 8 significant bits: within 2⁻⁸ relative.
+                    assert!((b - v).abs() <= v.abs() / 256.0, "{dtype:?}: {v:e} read back as {b:e}");
+                } else {
+                    assert_eq!(b.to_bits(), 0.0f32.copysign(*v).to_bits(), "{dtype:?}: {v:e}");
+                }
+            }
+        }
+        // f16's own subnormals (down to 6e-8) are normal f32 once decoded, and are kept.
+        let back = round_trip(Dtype::F16, &[1e-5, -3e-7, 0.5]);
+        assert!((back[0] - 1e-5).abs() < 1e-7 && (back[1] + 3e-7).abs() < 6e-8 && back[2] == 0.5, "{back:?}");
+        assert!(back.iter().all(|b| b.is_normal()));
     }
 }

@@ -36,8 +36,10 @@
 //! tolerance 1e-6, 10 triggered queries; Intel Xeon with AVX-512, 2 cores): block iterations
 //! 538 with EK-FAC alone → ~300 with (1) → ~175 with (2) → 128–140 with (3); a whole trace
 //! 594.7 s → 52.0 s with the f32 row products (58.4 s with the AVX2 kernels), top-200 unchanged
-//! for every query (scores within 7·10⁻⁴ relative). Cost per solve: iterations × (one product + one
-//! preconditioner apply) + O(n·64²) for the coarse space.
+//! for every query (scores within 7·10⁻⁴ relative); 51.6 → 46.6–48.0 s once the f32 operands
+//! were narrowed without subnormals ([`crate::simd::narrow`]: EK-FAC's GEMMs had run at half
+//! speed). Cost per solve: iterations × (one product + one preconditioner apply) + O(n·64²) for
+//! the coarse space.
 //!
 //! Measured on MNIST logistic regression (5000 images, λ = 1e-3, 10 test points, `benches/peers.sh`):
 //! plain CG needs 136 iterations to 1e-8; with EK-FAC 6–9 per query reach 1e-1, which already
