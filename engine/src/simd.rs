@@ -88,6 +88,12 @@ pub fn narrow(x: f64) -> f32 {
     flushed(x as f32)
 }
 
+/// An f64 matrix in f32, every entry [`narrow`]ed: the f32 copies of factors and inverses that
+/// the single-precision products multiply by.
+pub fn narrow_matrix(m: &faer::Mat<f64>) -> faer::Mat<f32> {
+    faer::Mat::from_fn(m.nrows(), m.ncols(), |i, j| narrow(m[(i, j)]))
+}
+
 /// x, or (signed) zero when x is subnormal: for f32 values that become operands of a kernel
 /// (the scoring queries, the rows a store keeps), as [`narrow`] for f64 ones.
 #[inline(always)]

@@ -23,7 +23,7 @@ use faer::{Accum, Mat, Par, Side};
 use culprit_models::model::TrackedLayer;
 
 use super::operators::LinearOperator;
-use crate::simd::narrow;
+use crate::simd::{narrow, narrow_matrix};
 
 /// Layers with at most this many parameters get their exact block (a dense f64 matrix of
 /// (this)² entries while it is built: 134 MB at 4096).
@@ -137,12 +137,7 @@ impl InverseBlock {
     /// conditioned ([`well_conditioned_inverse`]).
     pub fn new(spec: &TrackedLayer, start: usize, block: &Mat<f64>) -> Option<Self> {
         let inverse = well_conditioned_inverse(block)?;
-        let size = inverse.nrows();
-        Some(Self {
-            spec: spec.clone(),
-            start,
-            inverse: Mat::<f32>::from_fn(size, size, |i, j| narrow(inverse[(i, j)])),
-        })
+        Some(Self { spec: spec.clone(), start, inverse: narrow_matrix(&inverse) })
     }
 }
 

@@ -38,7 +38,7 @@ use super::{CurvatureError, CurvatureSource, FisherSample, Fitted, LoadContext, 
 use crate::error::Result;
 use crate::gradients::{LayerFactors, read_f64};
 use crate::io::container::Arrays;
-use crate::simd::narrow;
+use crate::simd::{narrow, narrow_matrix};
 
 /// One layer's factors.
 #[derive(Clone, Debug)]
@@ -251,8 +251,8 @@ impl KroneckerFactors {
             .layers
             .iter()
             .map(|k| SingleLayer {
-                q_a: Mat::<f32>::from_fn(k.m, k.m, |i, j| narrow(k.q_a[(i, j)])),
-                q_s: Mat::<f32>::from_fn(k.o, k.o, |i, j| narrow(k.q_s[(i, j)])),
+                q_a: narrow_matrix(&k.q_a),
+                q_s: narrow_matrix(&k.q_s),
                 inverse: k.eigenvalues.iter().map(|e| narrow(1.0 / (e + self.l2 + damping))).collect(),
             })
             .collect();

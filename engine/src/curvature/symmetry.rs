@@ -39,7 +39,7 @@ use rayon::prelude::*;
 
 use super::blocks::well_conditioned_inverse;
 use super::operators::LinearOperator;
-use crate::simd::narrow;
+use crate::simd::{narrow, narrow_matrix};
 
 /// Mixing directions of a linear link are all kept up to this many (H² for H units); past it,
 /// only the H rescalings.
@@ -398,7 +398,7 @@ impl Gauge {
         let gram_out = &w_out * w_out.transpose();
         let e = coarse_operator(&rows, &units, &w_out, &gram_in, &gram_out, n, shift);
         let inverse = well_conditioned_inverse(&e)?;
-        let coarse = Mat::<f32>::from_fn(l * l, l * l, |i, j| narrow(inverse[(i, j)]));
+        let coarse = narrow_matrix(&inverse);
         let ein = gram_in.self_adjoint_eigen(Side::Lower).ok()?;
         let eout = gram_out.self_adjoint_eigen(Side::Lower).ok()?;
         let values = |s: faer::diag::DiagRef<'_, f64>| (0..s.dim()).map(|i| s[i].max(0.0)).collect::<Vec<f64>>();

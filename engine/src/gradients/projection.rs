@@ -342,7 +342,8 @@ impl Projector {
     pub fn project_vector(&self, x: &[f64]) -> Vec<f32> {
         let specs = &self.tracked;
         let projected: Vec<f32> = match self.spec {
-            ProjectionSpec::None => x.iter().map(|v| narrow(*v)).collect(),
+            // Flushed with the other arms' results below.
+            ProjectionSpec::None => x.iter().map(|v| *v as f32).collect(),
             ProjectionSpec::Jl { dim, .. } => {
                 let mut total = vec![0.0f32; dim];
                 let mut offset = 0;
