@@ -231,6 +231,49 @@ fn single_precision_products_of_sparse_inputs_equal_the_dense_ggn() {
     }
 }
 
+/// Dead ReLU units (5 of 20, their biases at −10³ so that no digit activates them) leave the
+/// columns of the single-precision products; the products still equal the dense GGN within
+/// 1e-5, on the digits as they are (about half non-zero: one GEMM a layer) and sparsified (the
+/// tiles), one direction and three at once. The dense GGN's rows of those units' weights and
+/// biases are λ's alone, so the dropped columns were all zero.
+#[test]
+fn single_precision_products_drop_dead_units_and_stay_exact() {
+    const DEAD: [usize; 5] = [0, 3, 4, 11, 19];
+    let data = digits(90);
+    for sparsify in [false, true] {
+        let x: Vec<f32> =
+            data.examples.features().iter().map(|v| if sparsify && *v < 0.6 { 0.0 } else { *v }).collect();
+        let features = Features::new(x, data.examples.labels().to_vec(), data.examples.dim());
+        let o = untrained(90, Architecture::Mlp, vec![20], Activation::Relu);
+        let layer = o.layers()[0].clone();
+        let mut theta = o.theta();
+        for unit in DEAD {
+            theta[layer.weight_len() + unit] = -1e3;
+        }
+        let device = o.device.clone();
+        let net = o.model.with_flat(&theta, &device, DType::F64).unwrap();
+        let o = Objective::new(&net, features, 1e-3, &device);
+        let g = dense_ggn(&o, 16);
+        let dead_rows: Vec<usize> = (0..layer.inputs)
+            .flat_map(|j| DEAD.map(|u| j * layer.outputs + u))
+            .chain(DEAD.map(|u| layer.weight_len() + u))
+            .collect();
+        let l2 = o.l2;
+        let only_l2 = |i: usize| (0..o.dim()).all(|j| g[(i, j)] == if i == j { l2 } else { 0.0 });
+        assert!(dead_rows.iter().all(|&i| only_l2(i)), "dead units' curvature is λI alone");
+        let single = o.gauss_newton_single(16).unwrap();
+        let probes: Vec<Vec<f64>> = (0..3).map(|s| probe(o.dim(), 40 + s)).collect();
+        let directions: Vec<&[f64]> = probes.iter().map(Vec::as_slice).collect();
+        for (v, together) in probes.iter().zip(single.apply_many(&directions)) {
+            let want = times(&g, v);
+            let (one, three) = (rel(&single.apply(v), &want), rel(&together, &want));
+            assert!(one < 1e-5 && three < 1e-5, "sparse {sparsify}: one direction {one:e}, three at once {three:e}");
+            let only_l2 = dead_rows.iter().all(|&i| (together[i] - l2 * v[i]).abs() <= 1e-12 * (l2 * v[i]).abs());
+            assert!(only_l2, "sparse {sparsify}: dead units' products are λv alone");
+        }
+    }
+}
+
 /// The narrower compiled copies of the product kernels (AVX2 on an AVX-512 CPU, the portable
 /// one everywhere: row panels of 24 or 16 lanes, their tiles, the sparse gathers, the f64 sweeps)
 /// pass the same tests as the widest: each test below reruns in a child process of this test
@@ -247,6 +290,7 @@ fn narrower_instruction_sets_pass_the_product_tests() {
         let name = format!("{set:?}").to_lowercase();
         for test in [
             "curvature::symmetry::single_precision_products_of_sparse_inputs_equal_the_dense_ggn",
+            "curvature::symmetry::single_precision_products_drop_dead_units_and_stay_exact",
             "curvature::ggn_products_equal_the_dense_ggn_for_every_layer_kind",
             "curvature::single_precision_cg_reaches_f64_tolerances_with_reliable_updates",
         ] {

@@ -13,13 +13,15 @@
 //! Δ_ℓ[i][q][o]  = Σ_c u[i][c][q] Γ_ℓ[i][c][o];   (Gv)_ℓq = X_ℓᵀ Δ_ℓq,  bias Σᵢ Δ_ℓ[i][q]
 //! ```
 //!
-//! Everything here is f32, and the k directions' outputs (k·out columns) are cut into panels of
-//! [`panel_lanes`] columns, each held row-major (`[panel][row][lane]`): the two big products X·V
-//! and Xᵀ·Δ run one panel at a time, on sparse inputs as tiles of rows and of columns
-//! ([`super::blocked`], the chunk's examples reordered so that similar ones share tiles) and on
-//! dense ones as faer GEMMs, with no transposition; the contractions with Γ read each example's
-//! row of Γ once. Cost per product: Σ_ℓ (4·nnz(X_ℓ)/fill + 4·r·C)·k·out_ℓ flops (fill the share
-//! of a tile's multiply-adds that are non-zero; nnz = r·in and fill 1 for dense inputs);
+//! Everything here is f32, and the k directions' live outputs (k·out_live columns; an output is
+//! dead when Γ_ℓ is zero for every example, a ReLU unit that no example activates, and its
+//! columns are zero in every product) are held row-major in panels (`[panel][row][lane]`): on
+//! sparse inputs panels of [`panel_lanes`] columns, X·V and Xᵀ·Δ one panel at a time as tiles of
+//! rows and of columns ([`super::blocked`], the chunk's examples reordered so that similar ones
+//! share tiles); on dense inputs one panel, so each is one faer GEMM per chunk, with no
+//! transposition. The contractions with Γ read each example's row of Γ once. Cost per product:
+//! Σ_ℓ (4·nnz(X_ℓ)/fill·out_live + 4·r·C·out)·k flops (fill the share of a tile's multiply-adds
+//! that are non-zero; nnz = r·in and fill 1 for dense inputs);
 //! memory: the f32 copies of X (tiles both ways) and Γ. Within 1e-5 relative of the f64 operator
 //! (tested); the solvers confirm every result with f64 products.
 
@@ -49,6 +51,9 @@ struct RowLayer {
     inputs: RowInputs,
     /// Γ, `[r][C][out]`.
     grads: Vec<f32>,
+    /// Whether output o's Γ is non-zero for some example of the chunk (a ReLU unit that no
+    /// example of the chunk activates is not).
+    live: Vec<bool>,
     width: usize,
     out: usize,
 }
@@ -99,7 +104,11 @@ impl RowChunk {
                     }
                 }
             }
-            layers.push(RowLayer { inputs, grads, width, out });
+            let mut live = vec![false; out];
+            for row in grads.chunks_exact(out) {
+                live.iter_mut().zip(row).for_each(|(l, g)| *l |= *g != 0.0);
+            }
+            layers.push(RowLayer { inputs, grads, live, width, out });
         }
         let probabilities = order
             .iter()
@@ -118,30 +127,63 @@ fn nonzero_share(x: &[f64]) -> f64 {
     x.iter().filter(|v| **v != 0.0).count() as f64 / x.len().max(1) as f64
 }
 
-/// Columns cut into panels: k·out columns, `lanes` a panel, the last padded with zeros.
-#[derive(Clone, Copy)]
+/// How the products hold a layer's k·out columns: only its live outputs (those that some
+/// example's Γ reaches; a dead ReLU unit's columns are zero in every product, and on a
+/// Fashion-MNIST MLP an eighth of the hidden units are dead), direction after direction, cut
+/// into panels of `lanes` columns, the last padded with zeros.
 struct Panels {
     lanes: usize,
     count: usize,
+    /// The layer's outputs.
+    out: usize,
+    /// The live outputs as runs (first, length).
+    runs: Vec<(usize, usize)>,
+    /// How many outputs are live.
+    live: usize,
 }
 
 impl Panels {
-    fn new(columns: usize) -> Self {
-        let lanes = panel_lanes();
-        Self { lanes, count: columns.div_ceil(lanes) }
+    /// The live columns of k directions in panels of [`panel_lanes`] (what the sparse tiles hold
+    /// in registers), or, when the layer's inputs are dense in every chunk, in one panel: X·V and
+    /// Xᵀ·Δ are then one GEMM each per chunk, which faer blocks for the caches itself, where
+    /// narrow panels streamed X once per panel (54 times for k·out = 2560).
+    fn new(k: usize, live: &[bool], dense: bool) -> Self {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (o, _) in live.iter().enumerate().filter(|(_, live)| **live) {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == o => *len += 1,
+                _ => runs.push((o, 1)),
+            }
+        }
+        let count_live = runs.iter().map(|r| r.1).sum::<usize>();
+        let columns = k * count_live;
+        let lanes = if dense { columns.max(1) } else { panel_lanes() };
+        Self { lanes, count: columns.div_ceil(lanes), out: live.len(), runs, live: count_live }
     }
 
-    /// The pieces of columns `first..first + len` as (panel, first lane, offset, length).
-    fn pieces(&self, first: usize, len: usize) -> Vec<(usize, usize, usize, usize)> {
+    /// Direction q's live outputs as pieces (panel, first lane, first output, length): outputs
+    /// `o..o + length` of direction q sit in `panel` from `lane` on.
+    fn pieces(&self, q: usize) -> Vec<(usize, usize, usize, usize)> {
         let mut pieces = Vec::new();
-        let mut column = first;
-        while column < first + len {
-            let (panel, lane) = (column / self.lanes, column % self.lanes);
-            let take = (self.lanes - lane).min(first + len - column);
-            pieces.push((panel, lane, column - first, take));
-            column += take;
+        let mut column = q * self.live;
+        for &(first, len) in &self.runs {
+            let mut o = first;
+            while o < first + len {
+                let (panel, lane) = (column / self.lanes, column % self.lanes);
+                let take = (self.lanes - lane).min(first + len - o);
+                pieces.push((panel, lane, o, take));
+                (column, o) = (column + take, o + take);
+            }
         }
         pieces
+    }
+
+    /// Every direction's pieces, their outputs offset into a `[k][out]` row (q·out + o).
+    fn all_pieces(&self, k: usize) -> Vec<(usize, usize, usize, usize)> {
+        let out = self.out;
+        (0..k)
+            .flat_map(|q| self.pieces(q).into_iter().map(move |(p, lane, o, len)| (p, lane, q * out + o, len)))
+            .collect()
     }
 }
 
@@ -173,7 +215,13 @@ pub(crate) fn products(chunks: &[&RowChunk], layers: &[TrackedLayer], vs: &[&[f6
     if chunks.is_empty() {
         return vec![vec![0.0; dim]; k];
     }
-    let dirs = split(layers, vs);
+    let dense: Vec<bool> =
+        (0..layers.len()).map(|l| chunks.iter().all(|c| matches!(c.layers[l].inputs, RowInputs::Dense(_)))).collect();
+    // Live outputs: those whose Γ is non-zero for some example of some chunk.
+    let live: Vec<Vec<bool>> = (0..layers.len())
+        .map(|l| (0..layers[l].outputs).map(|o| chunks.iter().any(|c| c.layers[l].live[o])).collect())
+        .collect();
+    let dirs = split(layers, vs, &dense, &live);
     let zero = || Sums {
         weights: layers
             .iter()
@@ -202,31 +250,33 @@ pub(crate) fn products(chunks: &[&RowChunk], layers: &[TrackedLayer], vs: &[&[f6
     gather_directions(layers, &dirs, &sums, k)
 }
 
-/// The directions split by layer, panel-major f32.
-fn split(layers: &[TrackedLayer], vs: &[&[f64]]) -> Vec<RowDirections> {
+/// The directions' `live` columns split by layer, panel-major f32 (one panel for a layer whose
+/// inputs are `dense` in every chunk).
+fn split(layers: &[TrackedLayer], vs: &[&[f64]], dense: &[bool], live: &[Vec<bool>]) -> Vec<RowDirections> {
     let k = vs.len();
     let mut offset = 0;
     let mut dirs = Vec::with_capacity(layers.len());
-    for spec in layers {
+    for ((spec, &dense), live) in layers.iter().zip(dense).zip(live) {
         let (inputs, out) = (spec.inputs, spec.outputs);
-        let panels = Panels::new(k * out);
+        let panels = Panels::new(k, live, dense);
         let lanes = panels.lanes;
         let mut weights = vec![0.0f32; panels.count * inputs * lanes];
-        // The panels side by side on the threads, each filled from the directions it holds.
-        weights.par_chunks_mut(inputs * lanes).enumerate().for_each(|(panel, block)| {
-            for (q, v) in vs.iter().enumerate() {
+        // Each direction's pieces, found once; then the panels' rows side by side on the
+        // threads (a row j of panel p is `[p][j][..]`), each filled from every piece in its panel.
+        let pieces: Vec<Vec<(usize, usize, usize, usize)>> = (0..k).map(|q| panels.pieces(q)).collect();
+        weights.par_chunks_mut(lanes).with_min_len(16).enumerate().for_each(|(line, target)| {
+            let (panel, j) = (line / inputs, line % inputs);
+            for (v, pieces) in vs.iter().zip(&pieces) {
                 let w = &v[offset..offset + spec.weight_len()];
-                for (_, lane, o0, len) in panels.pieces(q * out, out).into_iter().filter(|piece| piece.0 == panel) {
-                    for j in 0..inputs {
-                        let target = &mut block[j * lanes + lane..j * lanes + lane + len];
-                        match spec.layout {
-                            WeightLayout::InputMajor => target
-                                .iter_mut()
-                                .zip(&w[j * out + o0..j * out + o0 + len])
-                                .for_each(|(t, x)| *t = narrow(*x)),
-                            WeightLayout::OutputMajor => {
-                                target.iter_mut().enumerate().for_each(|(t, x)| *x = narrow(w[(o0 + t) * inputs + j]))
-                            }
+                for &(_, lane, o0, len) in pieces.iter().filter(|piece| piece.0 == panel) {
+                    let target = &mut target[lane..lane + len];
+                    match spec.layout {
+                        WeightLayout::InputMajor => target
+                            .iter_mut()
+                            .zip(&w[j * out + o0..j * out + o0 + len])
+                            .for_each(|(t, x)| *t = narrow(*x)),
+                        WeightLayout::OutputMajor => {
+                            target.iter_mut().enumerate().for_each(|(t, x)| *x = narrow(w[(o0 + t) * inputs + j]))
                         }
                     }
                 }
@@ -235,7 +285,7 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]]) -> Vec<RowDirections> {
         let mut biases = spec.bias.then(|| vec![0.0f32; panels.count * lanes]);
         if let Some(b) = biases.as_mut() {
             for (q, v) in vs.iter().enumerate() {
-                for (panel, lane, o0, len) in panels.pieces(q * out, out) {
+                for (panel, lane, o0, len) in panels.pieces(q) {
                     let bias = &v[offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
                     b[panel * lanes + lane..panel * lanes + lane + len]
                         .iter_mut()
@@ -264,7 +314,7 @@ fn gather_direction(layers: &[TrackedLayer], dirs: &[RowDirections], sums: &Sums
     let mut offset = 0;
     for (((spec, dir), weights), biases) in layers.iter().zip(dirs).zip(&sums.weights).zip(&sums.biases) {
         let (inputs, out, lanes) = (spec.inputs, spec.outputs, dir.panels.lanes);
-        for (panel, lane, o0, len) in dir.panels.pieces(q * out, out) {
+        for (panel, lane, o0, len) in dir.panels.pieces(q) {
             let base = panel * inputs * lanes + lane;
             let w = &mut target[offset..offset + spec.weight_len()];
             for j in 0..inputs {
@@ -370,7 +420,7 @@ fn jacobian_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize) -> Vec<
     let mut jv = vec![0.0f32; r * classes * k];
     let mut xw = Vec::new();
     for (layer, dir) in chunk.layers.iter().zip(dirs) {
-        let (out, panels) = (layer.out, dir.panels);
+        let (out, panels) = (layer.out, &dir.panels);
         let lanes = panels.lanes;
         let panel_len = r * lanes;
         xw.resize(panels.count * panel_len, 0.0f32);
@@ -385,7 +435,8 @@ fn jacobian_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize) -> Vec<
                 }
             }
         }
-        let pieces = panels.pieces(0, k * out);
+        let pieces = panels.all_pieces(k);
+        // Dead outputs stay zero (Γ is zero there too).
         let mut row = vec![0.0f32; k * out];
         for (i, (grads, target)) in
             layer.grads.chunks_exact(classes * out).zip(jv.chunks_exact_mut(classes * k)).enumerate()
@@ -412,13 +463,13 @@ fn add_transposed_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize, u
     let mut delta = Vec::new();
     let mut row = Vec::new();
     for ((l, layer), dir) in chunk.layers.iter().enumerate().zip(dirs) {
-        let (out, panels) = (layer.out, dir.panels);
+        let (out, panels) = (layer.out, &dir.panels);
         let lanes = panels.lanes;
         let panel_len = r * lanes;
         // Every real column is written below; padded lanes only feed padded (dropped) outputs.
         delta.resize(panels.count * panel_len, 0.0f32);
         row.resize(k * out, 0.0f32);
-        let pieces = panels.pieces(0, k * out);
+        let pieces = panels.all_pieces(k);
         for (i, (grads, u)) in layer.grads.chunks_exact(classes * out).zip(u.chunks_exact(classes * k)).enumerate() {
             row.iter_mut().for_each(|x| *x = 0.0);
             for (g, uc) in grads.chunks_exact(out).zip(u.chunks_exact(k)) {
