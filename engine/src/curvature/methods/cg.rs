@@ -38,8 +38,9 @@
 //! 594.7 s → 52.0 s with the f32 row products (58.4 s with the AVX2 kernels), top-200 unchanged
 //! for every query (scores within 7·10⁻⁴ relative); 51.6 → 46.6–48.0 s once the f32 operands
 //! were narrowed without subnormals ([`crate::simd::narrow`]: EK-FAC's GEMMs had run at half
-//! speed). Cost per solve: iterations × (one product + one preconditioner apply) + O(n·64²) for
-//! the coarse space.
+//! speed). The same recipe on Fashion-MNIST, whose inputs are dense (half non-zero): 156–169
+//! iterations, 78–80 s, most of it the dense f32 products near the CPU's peak. Cost per solve:
+//! iterations × (one product + one preconditioner apply) + O(n·64²) for the coarse space.
 //!
 //! Measured on MNIST logistic regression (5000 images, λ = 1e-3, 10 test points, `benches/peers.sh`):
 //! plain CG needs 136 iterations to 1e-8; with EK-FAC 6–9 per query reach 1e-1, which already
