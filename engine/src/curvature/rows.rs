@@ -261,32 +261,34 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]], dense: &[bool], live: &[Vec<boo
         let panels = Panels::new(k, live, dense);
         let lanes = panels.lanes;
         let mut weights = vec![0.0f32; panels.count * inputs * lanes];
-        // Each direction's pieces, found once; then the panels' rows side by side on the
-        // threads (a row j of panel p is `[p][j][..]`), each filled from every piece in its panel.
-        let pieces: Vec<Vec<(usize, usize, usize, usize)>> = (0..k).map(|q| panels.pieces(q)).collect();
+        // Each panel's pieces (direction, first lane, first output, length), found once; then
+        // the panels' rows side by side on the threads (row j of panel p is `[p][j][..]`).
+        let mut by_panel: Vec<Vec<(usize, usize, usize, usize)>> = vec![Vec::new(); panels.count];
+        for q in 0..k {
+            for (panel, lane, o0, len) in panels.pieces(q) {
+                by_panel[panel].push((q, lane, o0, len));
+            }
+        }
         weights.par_chunks_mut(lanes).with_min_len(16).enumerate().for_each(|(line, target)| {
             let (panel, j) = (line / inputs, line % inputs);
-            for (v, pieces) in vs.iter().zip(&pieces) {
-                let w = &v[offset..offset + spec.weight_len()];
-                for &(_, lane, o0, len) in pieces.iter().filter(|piece| piece.0 == panel) {
-                    let target = &mut target[lane..lane + len];
-                    match spec.layout {
-                        WeightLayout::InputMajor => target
-                            .iter_mut()
-                            .zip(&w[j * out + o0..j * out + o0 + len])
-                            .for_each(|(t, x)| *t = narrow(*x)),
-                        WeightLayout::OutputMajor => {
-                            target.iter_mut().enumerate().for_each(|(t, x)| *x = narrow(w[(o0 + t) * inputs + j]))
-                        }
+            for &(q, lane, o0, len) in &by_panel[panel] {
+                let w = &vs[q][offset..offset + spec.weight_len()];
+                let target = &mut target[lane..lane + len];
+                match spec.layout {
+                    WeightLayout::InputMajor => {
+                        target.iter_mut().zip(&w[j * out + o0..j * out + o0 + len]).for_each(|(t, x)| *t = narrow(*x))
+                    }
+                    WeightLayout::OutputMajor => {
+                        target.iter_mut().enumerate().for_each(|(t, x)| *x = narrow(w[(o0 + t) * inputs + j]))
                     }
                 }
             }
         });
         let mut biases = spec.bias.then(|| vec![0.0f32; panels.count * lanes]);
         if let Some(b) = biases.as_mut() {
-            for (q, v) in vs.iter().enumerate() {
-                for (panel, lane, o0, len) in panels.pieces(q) {
-                    let bias = &v[offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
+            for (panel, pieces) in by_panel.iter().enumerate() {
+                for &(q, lane, o0, len) in pieces {
+                    let bias = &vs[q][offset + spec.weight_len() + o0..offset + spec.weight_len() + o0 + len];
                     b[panel * lanes + lane..panel * lanes + lane + len]
                         .iter_mut()
                         .zip(bias)
