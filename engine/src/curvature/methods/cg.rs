@@ -39,8 +39,17 @@
 //! for every query (scores within 7·10⁻⁴ relative); 51.6 → 46.6–48.0 s once the f32 operands
 //! were narrowed without subnormals ([`crate::simd::narrow`]: EK-FAC's GEMMs had run at half
 //! speed). The same recipe on Fashion-MNIST, whose inputs are dense (half non-zero): 156–169
-//! iterations, 78–80 s, most of it the dense f32 products near the CPU's peak. Cost per solve:
-//! iterations × (one product + one preconditioner apply) + O(n·64²) for the coarse space.
+//! iterations, 78–80 s, most of it the dense f32 products near the CPU's peak. On an Ice Lake
+//! Xeon (family 6, model 106, AVX-512, 2 cores) the MNIST trace took 68–87 s with the same
+//! iterations: the minute depends on the CPU. Cost per solve: iterations × (one product + one
+//! preconditioner apply) + O(n·64²) for the coarse space.
+//!
+//! What bounds the iterations (measured on the MNIST MLP, Lanczos from preconditioned CG's
+//! coefficients, one query): the preconditioned spectrum spans 0.026 to 16.6 (κ ≈ 640) with a
+//! continuum at its small end, not a few outliers that deflation or a wider block would remove;
+//! one query alone needs about 165 iterations, the block of 10 about 135. All 83 units active on
+//! ≥ 90% in the coarse space instead of [`crate::curvature::symmetry::MAX_GAUGE_UNITS`] took
+//! 121–130 iterations, but 18 s to build instead of 4–5 s.
 //!
 //! Measured on MNIST logistic regression (5000 images, λ = 1e-3, 10 test points, `benches/peers.sh`):
 //! plain CG needs 136 iterations to 1e-8; with EK-FAC 6–9 per query reach 1e-1, which already
