@@ -191,6 +191,8 @@ impl Panels {
 /// `[panel][lane]`.
 struct RowDirections {
     panels: Panels,
+    /// Every direction's pieces ([`Panels::all_pieces`]), found once for all the chunks.
+    pieces: Vec<(usize, usize, usize, usize)>,
     weights: Vec<f32>,
     biases: Option<Vec<f32>>,
 }
@@ -263,11 +265,10 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]], dense: &[bool], live: &[Vec<boo
         let mut weights = vec![0.0f32; panels.count * inputs * lanes];
         // Each panel's pieces (direction, first lane, first output, length), found once; then
         // the panels' rows side by side on the threads (row j of panel p is `[p][j][..]`).
+        let pieces = panels.all_pieces(k);
         let mut by_panel: Vec<Vec<(usize, usize, usize, usize)>> = vec![Vec::new(); panels.count];
-        for q in 0..k {
-            for (panel, lane, o0, len) in panels.pieces(q) {
-                by_panel[panel].push((q, lane, o0, len));
-            }
+        for &(panel, lane, column, len) in &pieces {
+            by_panel[panel].push((column / out, lane, column % out, len));
         }
         weights.par_chunks_mut(lanes).with_min_len(16).enumerate().for_each(|(line, target)| {
             let (panel, j) = (line / inputs, line % inputs);
@@ -297,7 +298,7 @@ fn split(layers: &[TrackedLayer], vs: &[&[f64]], dense: &[bool], live: &[Vec<boo
             }
         }
         offset += spec.num_params();
-        dirs.push(RowDirections { panels, weights, biases });
+        dirs.push(RowDirections { panels, pieces, weights, biases });
     }
     dirs
 }
@@ -437,13 +438,13 @@ fn jacobian_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize) -> Vec<
                 }
             }
         }
-        let pieces = panels.all_pieces(k);
+        let pieces = &dir.pieces;
         // Dead outputs stay zero (Γ is zero there too).
         let mut row = vec![0.0f32; k * out];
         for (i, (grads, target)) in
             layer.grads.chunks_exact(classes * out).zip(jv.chunks_exact_mut(classes * k)).enumerate()
         {
-            for &(panel, lane, o0, len) in &pieces {
+            for &(panel, lane, o0, len) in pieces {
                 row[o0..o0 + len].copy_from_slice(&xw[panel * panel_len + i * lanes + lane..][..len]);
             }
             for (g, t) in grads.chunks_exact(out).zip(target.chunks_exact_mut(k)) {
@@ -471,7 +472,7 @@ fn add_transposed_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize, u
         // Every real column is written below; padded lanes only feed padded (dropped) outputs.
         delta.resize(panels.count * panel_len, 0.0f32);
         row.resize(k * out, 0.0f32);
-        let pieces = panels.all_pieces(k);
+        let pieces = &dir.pieces;
         for (i, (grads, u)) in layer.grads.chunks_exact(classes * out).zip(u.chunks_exact(classes * k)).enumerate() {
             row.iter_mut().for_each(|x| *x = 0.0);
             for (g, uc) in grads.chunks_exact(out).zip(u.chunks_exact(k)) {
@@ -479,7 +480,7 @@ fn add_transposed_products(chunk: &RowChunk, dirs: &[RowDirections], k: usize, u
                     d.iter_mut().zip(g).for_each(|(d, g)| *d = weight.mul_add(*g, *d));
                 }
             }
-            for &(panel, lane, o0, len) in &pieces {
+            for &(panel, lane, o0, len) in pieces {
                 delta[panel * panel_len + i * lanes + lane..][..len].copy_from_slice(&row[o0..o0 + len]);
             }
         }
